@@ -1,0 +1,46 @@
+# raymix: `make serve` serves the embedded default model, `make test` runs the tests.
+# Both set up .venv first on a fresh machine (nothing needed but python3 with venv).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+PYTEST_ARGS ?=
+
+.PHONY: install serve test lint format bench clean
+
+install: $(VENV)/.installed
+
+# Without a GPU, torch is installed first as the CPU build ("+cpu"), never the multi-GB CUDA one;
+# raymix's own `torch>=2.5` is then already satisfied.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	@if command -v nvidia-smi >/dev/null 2>&1; then \
+		$(BIN)/pip install "torch>=2.5"; \
+	else \
+		$(BIN)/pip install "torch==$(TORCH_VERSION)+cpu" 2>/dev/null \
+		|| $(BIN)/pip install "torch==$(TORCH_VERSION)+cpu" --index-url $(TORCH_CPU_INDEX); \
+	fi
+	$(BIN)/pip install -e ".[dev]"
+	touch $@
+
+serve: install
+	$(BIN)/raymix serve
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: lint
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/python benchmarks/engine_bench.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,117 @@
+"""Rotary embeddings and GQA attention over the paged KV cache, for a flat batch of tokens.
+
+A step's batch is the new tokens of B sequences laid end to end ([T] with T = sum of each
+sequence's new tokens: the whole prompt at prefill, one token at decode). `AttentionMetadata`
+is built once per step and shared by every layer: where each new token's K/V is written
+(`slot_mapping`), and for each sequence the cache slots of its whole context (`kv_slots`) with a
+mask that is causal, bounded by the context length and, if the model has one, by the sliding
+window. Attention is then one batched `scaled_dot_product_attention` over [B, max_q] × [B, max_kv].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    positions: torch.Tensor  # [T] position of each new token in its sequence
+    slot_mapping: torch.Tensor  # [T] flat cache slot each new token's K/V is written to
+    q_index: torch.Tensor  # [B, Lq] row of the flat batch for each (sequence, query); pads point at 0
+    q_valid: torch.Tensor  # [B, Lq] bool, False on pads
+    kv_slots: torch.Tensor  # [B, Lk] flat cache slots of each sequence's context; pads point at 0
+    mask: torch.Tensor  # [B, 1, Lq, Lk] bool, True where a query may attend to a key
+    last_index: torch.Tensor  # [B] row of the flat batch holding each sequence's last new token
+
+    @classmethod
+    def build(
+        cls,
+        block_tables: list[list[int]],
+        context_lens: list[int],
+        num_new: list[int],
+        block_size: int,
+        sliding_window: int | None,
+        device: torch.device | str,
+    ) -> AttentionMetadata:
+        """For each sequence b of the step: its block table, its context length after this step
+        (cached + new tokens) and how many of its last positions are new in this step."""
+        b = len(block_tables)
+        lq, lk = max(num_new), max(context_lens)
+        nb = max(len(t) for t in block_tables)
+        tables = torch.zeros(b, nb, dtype=torch.long)
+        for i, t in enumerate(block_tables):
+            tables[i, : len(t)] = torch.tensor(t)
+        k_len = torch.tensor(context_lens)  # [B]
+        n_new = torch.tensor(num_new)  # [B]
+        k_pos = torch.arange(lk)  # [Lk]
+        kv_slots = torch.gather(tables, 1, (k_pos // block_size).clamp(max=nb - 1).expand(b, -1)) * block_size
+        kv_slots += k_pos % block_size  # [B, Lk]
+        kv_slots = torch.where(k_pos[None] < k_len[:, None], kv_slots, 0)
+        j = torch.arange(lq)  # [Lq]
+        q_valid = j[None] < n_new[:, None]  # [B, Lq]
+        q_pos = k_len[:, None] - n_new[:, None] + j[None]  # [B, Lq]
+        starts = torch.cumsum(n_new, 0) - n_new  # [B] first flat row of each sequence
+        q_index = torch.where(q_valid, starts[:, None] + j[None], 0)  # [B, Lq]
+        mask = (k_pos[None, None] <= q_pos[:, :, None]) & (k_pos[None, None] < k_len[:, None, None])
+        if sliding_window is not None:
+            mask &= k_pos[None, None] > q_pos[:, :, None] - sliding_window
+        mask[:, :, 0] |= ~q_valid  # pad queries see key 0 so no row is fully masked (no NaN)
+        positions = q_pos[q_valid]  # [T]
+        slot_mapping = kv_slots.gather(1, q_pos.clamp(max=lk - 1))[q_valid]  # [T]
+        return cls(
+            positions=positions.to(device),
+            slot_mapping=slot_mapping.to(device),
+            q_index=q_index.to(device),
+            q_valid=q_valid.to(device),
+            kv_slots=kv_slots.to(device),
+            mask=mask[:, None].to(device),
+            last_index=(starts + n_new - 1).to(device),
+        )
+
+
+class RotaryEmbedding:
+    """Mixtral's RoPE (rotate-half form), computed in float32 exactly as transformers does."""
+
+    def __init__(self, head_dim: int, theta: float, device: torch.device | str):
+        exponent = torch.arange(0, head_dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / head_dim
+        self.inv_freq = 1.0 / (theta**exponent)  # [D/2]
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions[:, None].float() * self.inv_freq[None, :]  # [T, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, D], cos/sin [T, D]."""
+    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+) -> torch.Tensor:
+    """q [T, Hq, D], k/v [T, Hkv, D] of the new tokens; k_cache/v_cache [slots, Hkv, D] of one
+    layer (written in place) → attention output [T, Hq, D]."""
+    k_cache[meta.slot_mapping] = k
+    v_cache[meta.slot_mapping] = v
+    qb = q[meta.q_index].transpose(1, 2)  # [B, Hq, Lq, D]
+    kb = k_cache[meta.kv_slots].transpose(1, 2)  # [B, Hkv, Lk, D]
+    vb = v_cache[meta.kv_slots].transpose(1, 2)  # [B, Hkv, Lk, D]
+    if kb.shape[1] != qb.shape[1]:  # GQA: each KV head serves Hq / Hkv query heads
+        rep = qb.shape[1] // kb.shape[1]
+        kb, vb = kb.repeat_interleave(rep, dim=1), vb.repeat_interleave(rep, dim=1)
+    out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=meta.mask)  # [B, Hq, Lq, D]
+    return out.transpose(1, 2)[meta.q_valid]  # [T, Hq, D]

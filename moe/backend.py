@@ -1,0 +1,59 @@
+"""Expert backends: where the engine's MoE layers send their tokens.
+
+The dense model calls `backend.forward(layer, x, expert_ids, weights)` at every MoE layer with
+the whole flat batch of the step. `InProcessExperts` holds all experts here, optionally split
+into N in-process "shards" that go through the same dispatch / combine as remote shards do —
+the expert-parallel invariant (any split gives the same output) is tested on it. The cluster's
+remote backend (in deployments/) implements the same protocol.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from moe.checkpoint import CheckpointReader
+from moe.config import MixtralConfig
+from moe.experts import LocalExperts, combine, dispatch, partition_experts
+
+
+class ExpertBackend(Protocol):
+    def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [T, H], expert_ids [T, K], weights [T, K] → the MoE output [T, H]."""
+        ...
+
+
+class InProcessExperts:
+    """All experts in this process, split over `num_shards` groups with the cluster's dispatch."""
+
+    def __init__(self, shards: list[LocalExperts], num_experts: int):
+        self.shards = shards
+        expert_to_shard = torch.full((num_experts,), -1, dtype=torch.long)
+        for s, shard in enumerate(shards):
+            expert_to_shard[shard.expert_ids] = s
+        if (expert_to_shard < 0).any():
+            raise ValueError("every expert must be held by a shard")
+        self.expert_to_shard = expert_to_shard.to(shards[0].device)
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        reader: CheckpointReader,
+        cfg: MixtralConfig,
+        dtype: torch.dtype,
+        device: str | torch.device = "cpu",
+        num_shards: int = 1,
+    ) -> InProcessExperts:
+        groups = partition_experts(cfg.num_local_experts, num_shards)
+        shards = [LocalExperts.from_checkpoint(reader, cfg, g, dtype, device) for g in groups]
+        return cls(shards, cfg.num_local_experts)
+
+    def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if len(self.shards) == 1:
+            return self.shards[0].forward(layer, x, expert_ids, weights)
+        parts = []
+        for shard, b in zip(self.shards, dispatch(expert_ids, weights, self.expert_to_shard), strict=True):
+            if b.token_index.numel():
+                parts.append((b.token_index, shard.forward(layer, x[b.token_index], b.expert_ids, b.weights)))
+        return combine(x.shape, x.dtype, parts)

@@ -1,0 +1,137 @@
+"""The experts: Mixtral routing, SwiGLU experts, and the dispatch / combine of expert parallelism.
+
+Routing is Mixtral's: softmax over all experts (float32), top-k, renormalise the k weights.
+A set of experts held in one place (one shard) is `LocalExperts`: per layer, the stacked weights
+of the experts it holds and an `expert_map` (global expert id → local index, -1 where the expert
+lives elsewhere, as vLLM's expert parallelism does it). `dispatch` groups a flat batch of
+tokens by the shard holding their experts; `combine` adds the shards' weighted outputs back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from moe.checkpoint import CheckpointReader, expert_tensor_name, expert_tensor_shapes
+from moe.config import MixtralConfig
+
+
+def route(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """router_logits [T, E] → (weights [T, K] float32, expert ids [T, K] int64)."""
+    probs = torch.softmax(router_logits.float(), dim=-1)  # [T, E]
+    weights, ids = torch.topk(probs, top_k, dim=-1)  # [T, K]
+    weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
+def partition_experts(num_experts: int, num_shards: int) -> list[list[int]]:
+    """Contiguous, as-even-as-possible split: 8 experts on 3 shards → [0,1,2] [3,4,5] [6,7]."""
+    if not 1 <= num_shards <= num_experts:
+        raise ValueError(f"num_shards must be between 1 and {num_experts}, got {num_shards}")
+    base, extra = divmod(num_experts, num_shards)
+    out, start = [], 0
+    for s in range(num_shards):
+        n = base + (1 if s < extra else 0)
+        out.append(list(range(start, start + n)))
+        start += n
+    return out
+
+
+@dataclass
+class ShardBatch:
+    """The part of a flat batch one shard computes: its tokens and their top-k experts."""
+
+    token_index: torch.Tensor  # [n] rows of the full batch
+    expert_ids: torch.Tensor  # [n, K] global ids; ids the shard does not hold are ignored
+    weights: torch.Tensor  # [n, K] float32
+
+
+def dispatch(expert_ids: torch.Tensor, weights: torch.Tensor, expert_to_shard: torch.Tensor) -> list[ShardBatch]:
+    """Group tokens by shard: a token goes to every shard holding one of its top-k experts,
+    once per shard even when that shard holds both of its experts.
+
+    expert_ids [T, K], weights [T, K], expert_to_shard [E] → one ShardBatch per shard.
+    """
+    num_shards = int(expert_to_shard.max()) + 1
+    shard_of = expert_to_shard[expert_ids]  # [T, K]
+    batches = []
+    for s in range(num_shards):
+        rows = (shard_of == s).any(dim=-1).nonzero().squeeze(-1)  # [n_s]
+        batches.append(ShardBatch(rows, expert_ids[rows], weights[rows]))
+    return batches
+
+
+def combine(hidden_shape: torch.Size, dtype: torch.dtype, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Sum the shards' outputs into a [T, H] tensor. parts: (token_index [n], output [n, H])."""
+    out = torch.zeros(hidden_shape, dtype=dtype, device=parts[0][1].device if parts else "cpu")
+    for rows, y in parts:
+        out.index_add_(0, rows, y.to(dtype))
+    return out
+
+
+class LocalExperts:
+    """The experts with the given global ids, for every layer, held in this process.
+
+    Per layer: gate_up [n, 2I, H] (w1 stacked over w3, one GEMM for both) and down [n, H, I].
+    """
+
+    def __init__(self, cfg: MixtralConfig, expert_ids: list[int], gate_up: list[torch.Tensor], down: list[torch.Tensor]):
+        self.cfg = cfg
+        self.expert_ids = list(expert_ids)
+        self.gate_up = gate_up
+        self.down = down
+        expert_map = torch.full((cfg.num_local_experts,), -1, dtype=torch.long)
+        expert_map[self.expert_ids] = torch.arange(len(self.expert_ids))
+        self.expert_map = expert_map.to(gate_up[0].device)
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        reader: CheckpointReader,
+        cfg: MixtralConfig,
+        expert_ids: list[int],
+        dtype: torch.dtype,
+        device: str | torch.device = "cpu",
+    ) -> LocalExperts:
+        t = reader.load(expert_tensor_shapes(cfg, expert_ids), dtype=dtype, device=device)
+        gate_up, down = [], []
+        for layer in range(cfg.num_hidden_layers):
+            gate_up.append(
+                torch.stack(
+                    [
+                        torch.cat([t[expert_tensor_name(layer, e, "w1")], t[expert_tensor_name(layer, e, "w3")]])
+                        for e in expert_ids
+                    ]
+                )
+            )
+            down.append(torch.stack([t[expert_tensor_name(layer, e, "w2")] for e in expert_ids]))
+            for e in expert_ids:  # free the per-expert copies as we go
+                for w in ("w1", "w2", "w3"):
+                    del t[expert_tensor_name(layer, e, w)]
+        return cls(cfg, expert_ids, gate_up, down)
+
+    def num_parameters(self) -> int:
+        return sum(w.numel() for w in self.gate_up) + sum(w.numel() for w in self.down)
+
+    @property
+    def device(self) -> torch.device:
+        return self.gate_up[0].device
+
+    def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [n, H], expert_ids [n, K] (global), weights [n, K] → sum over the held experts of
+        weight × SwiGLU(x) [n, H]; experts held elsewhere contribute nothing."""
+        out = torch.zeros_like(x)
+        local = self.expert_map[expert_ids]  # [n, K], -1 where not held here
+        inter = self.cfg.intermediate_size
+        for j in range(len(self.expert_ids)):
+            rows, slot = (local == j).nonzero(as_tuple=True)  # [m], [m]
+            if rows.numel() == 0:
+                continue
+            xe = x[rows]  # [m, H]
+            gu = xe @ self.gate_up[layer][j].t()  # [m, 2I]
+            h = F.silu(gu[:, :inter]) * gu[:, inter:]  # [m, I]
+            y = h @ self.down[layer][j].t()  # [m, H]
+            out.index_add_(0, rows, (y * weights[rows, slot, None]).to(x.dtype))
+        return out

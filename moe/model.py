@@ -1,0 +1,130 @@
+"""The dense part of Mixtral: embeddings, RMSNorm, attention, the gates and the LM head.
+
+Everything but the experts, which live behind an `ExpertBackend`: at each layer the model
+computes the gate, routes every token to its top-k experts and hands the flat batch to the
+backend (in this process, or remote expert shards). The forward pass works on a flat batch of
+new tokens from many sequences ([T, H]), as the continuous-batching engine produces it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe.attention import AttentionMetadata, RotaryEmbedding, apply_rotary, paged_attention
+from moe.backend import ExpertBackend
+from moe.checkpoint import CheckpointReader, dense_tensor_shapes
+from moe.config import MixtralConfig
+from moe.experts import route
+from moe.kv_cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: MixtralConfig):
+        super().__init__()
+        d = cfg.attn_head_dim
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, d
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * d, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * d, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * d, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * d, cfg.hidden_size, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [T, H]
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        k_cache: torch.Tensor,  # [slots, Hkv, D]
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        t = x.shape[0]
+        q = self.q_proj(x).view(t, self.n_heads, self.head_dim)  # [T, Hq, D]
+        k = self.k_proj(x).view(t, self.n_kv, self.head_dim)  # [T, Hkv, D]
+        v = self.v_proj(x).view(t, self.n_kv, self.head_dim)  # [T, Hkv, D]
+        q, k = apply_rotary(q, *cos_sin), apply_rotary(k, *cos_sin)
+        out = paged_attention(q, k, v, k_cache, v_cache, meta)  # [T, Hq, D]
+        return self.o_proj(out.reshape(t, -1))  # [T, H]
+
+
+class DecoderLayer(nn.Module):
+    """One layer's dense weights; its experts are elsewhere (the backend)."""
+
+    def __init__(self, cfg: MixtralConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_local_experts, bias=False)
+
+
+class MixtralDense(nn.Module):
+    def __init__(self, cfg: MixtralConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rotary: RotaryEmbedding | None = None
+
+    @classmethod
+    def from_checkpoint(
+        cls, reader: CheckpointReader, cfg: MixtralConfig, dtype: torch.dtype, device: str | torch.device = "cpu"
+    ) -> MixtralDense:
+        with torch.device("meta"):
+            model = cls(cfg)
+        tensors = reader.load(dense_tensor_shapes(cfg), dtype=dtype, device=device)
+        state = {
+            name.removeprefix("model.").replace("block_sparse_moe.gate", "gate"): t for name, t in tensors.items()
+        }
+        if cfg.tie_word_embeddings:
+            state["lm_head.weight"] = state["embed_tokens.weight"]
+        model.load_state_dict(state, assign=True, strict=True)
+        model.rotary = RotaryEmbedding(cfg.attn_head_dim, cfg.rope_theta, device)
+        return model.eval()
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    @torch.inference_mode()
+    def forward(  # type: ignore[override]
+        self,
+        input_ids: torch.Tensor,  # [T]
+        meta: AttentionMetadata,
+        kv_cache: KVCache,
+        experts: ExpertBackend,
+    ) -> torch.Tensor:
+        """→ final hidden states [T, H] (after the last norm)."""
+        assert self.rotary is not None
+        h = self.embed_tokens(input_ids)  # [T, H]
+        cos_sin = self.rotary.cos_sin(meta.positions, h.dtype)
+        for i, layer in enumerate(self.layers):
+            h = h + layer.self_attn(layer.input_layernorm(h), cos_sin, kv_cache.k[i], kv_cache.v[i], meta)
+            x = layer.post_attention_layernorm(h)  # [T, H]
+            weights, ids = route(layer.gate(x), self.cfg.num_experts_per_tok)  # [T, K], [T, K]
+            h = h + experts.forward(i, x, ids, weights)
+        return self.norm(h)
+
+    @torch.inference_mode()
+    def compute_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """h [B, H] → logits [B, V] in float32."""
+        return F.linear(h, self.lm_head.weight).float()

@@ -1,0 +1,127 @@
+"""Sampling parameters and the sampler: per-request logits processing, then greedy or random choice.
+
+The order is vLLM's: penalties (repetition over prompt and output, presence and frequency over
+the output), logit_bias, min_tokens (stop tokens masked until enough are generated), then
+temperature, top_k, top_p, min_p, and a draw from the request's own generator when it has a
+seed. Logprobs are those of the model's raw distribution (log_softmax of the logits).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from moe.errors import RequestError
+
+GREEDY_EPS = 1e-5
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: off
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    include_stop_str_in_output: bool = False
+    logprobs: int | None = None  # None: none; k ≥ 0: the sampled token's and the k most likely
+    skip_special_tokens: bool = True
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_EPS
+
+    def validate(self, vocab_size: int) -> None:
+        """Raise RequestError naming the first out-of-range parameter."""
+        checks = [
+            (self.max_tokens >= 1, "max_tokens", "must be at least 1"),
+            (0.0 <= self.temperature <= 2.0, "temperature", "must be between 0 and 2"),
+            (0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]"),
+            (self.top_k >= -1, "top_k", "must be -1, 0 (off) or a positive integer"),
+            (0.0 <= self.min_p <= 1.0, "min_p", "must be between 0 and 1"),
+            (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", "must be between -2 and 2"),
+            (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", "must be between -2 and 2"),
+            (0.0 < self.repetition_penalty <= 2.0, "repetition_penalty", "must be in (0, 2]"),
+            (0 <= self.min_tokens <= self.max_tokens, "min_tokens", "must be between 0 and max_tokens"),
+            (self.logprobs is None or 0 <= self.logprobs <= 20, "top_logprobs", "must be between 0 and 20"),
+            (all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings"),
+        ]
+        for ok, param, why in checks:
+            if not ok:
+                raise RequestError(f"{param} {why}", param=param)
+        for t in [*self.stop_token_ids, *(self.logit_bias or {})]:
+            if not 0 <= t < vocab_size:
+                raise RequestError(f"token id {t} is out of range [0, {vocab_size})", param="logit_bias")
+        for b in (self.logit_bias or {}).values():
+            if not -100 <= b <= 100:
+                raise RequestError("logit_bias values must be between -100 and 100", param="logit_bias")
+
+
+@dataclass
+class Logprobs:
+    """One sampled position: the chosen token's logprob and the top alternatives."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+def process_logits(
+    logits: torch.Tensor,
+    p: SamplingParams,
+    prompt_ids: list[int],
+    output_ids: list[int],
+    stop_ids: list[int],
+) -> torch.Tensor:
+    """logits [V] float32 → processed logits [V] (a new tensor), before temperature."""
+    logits = logits.clone()
+    if p.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), device=logits.device, dtype=torch.long)
+        x = logits[seen]
+        logits[seen] = torch.where(x > 0, x / p.repetition_penalty, x * p.repetition_penalty)
+    if (p.presence_penalty or p.frequency_penalty) and output_ids:
+        counts = torch.bincount(torch.tensor(output_ids, device=logits.device), minlength=logits.shape[0])
+        logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+    if p.logit_bias:
+        ids = torch.tensor(list(p.logit_bias), device=logits.device, dtype=torch.long)
+        logits[ids] += torch.tensor(list(p.logit_bias.values()), device=logits.device, dtype=logits.dtype)
+    if len(output_ids) < p.min_tokens and stop_ids:
+        logits[torch.tensor(stop_ids, device=logits.device)] = float("-inf")
+    return logits
+
+
+def sample_from(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> int:
+    """processed logits [V] → one token id."""
+    if p.greedy:
+        return int(torch.argmax(logits))
+    logits = logits / p.temperature
+    if p.top_k > 0 and p.top_k < logits.shape[0]:
+        kth = torch.topk(logits, p.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)  # [V]
+    if p.top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True)
+        cum = torch.cumsum(sorted_p, dim=-1)
+        drop_sorted = cum - sorted_p > p.top_p  # keep the smallest prefix whose mass reaches top_p
+        probs = probs.masked_fill(torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted), 0.0)
+    if p.min_p > 0.0:
+        probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def logprobs_of(logits: torch.Tensor, token_id: int, k: int) -> Logprobs:
+    """Raw-model logprobs of the chosen token and the k most likely, from logits [V]."""
+    lp = torch.log_softmax(logits, dim=-1)
+    top = torch.topk(lp, k) if k > 0 else None
+    top_list = list(zip(top.indices.tolist(), top.values.tolist(), strict=True)) if top is not None else []
+    return Logprobs(token_id, float(lp[token_id]), top_list)

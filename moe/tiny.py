@@ -1,0 +1,187 @@
+"""The embedded default model: a tiny Mixtral-format checkpoint generated from a seed.
+
+`make_tiny(dir)` writes what a Hugging Face Mixtral checkpoint holds — config.json,
+generation_config.json, safetensors under the Hub tensor names (one file, or several with
+model.safetensors.index.json), the tokenizer (tokenizer.model + tokenizer.json +
+tokenizer_config.json with a chat template) — so transformers' `MixtralForCausalLM` loads the
+same directory. The tokenizer is Mistral's real one, shipped in the mistral-common package:
+v3 (Mixtral 8x22B's, with the tool-call control tokens) by default, or v1 (Mixtral 8x7B's). The
+v3 file is also written as `tokenizer.model.v3`, which selects the mistral-common chat format.
+Nothing is downloaded. The weights are random, scaled so that routing spreads over all experts
+and greedy choices are well separated (token-exact comparisons are meaningful).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from moe.checkpoint import INDEX_FILE, SINGLE_FILE, dense_tensor_shapes, expert_tensor_shapes
+from moe.config import MixtralConfig
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILES = {
+    "v1": "tokenizer.model.v1",
+    "v3": "mistral_instruct_tokenizer_240323.model.v3",
+}
+VOCAB_SIZES = {"v1": 32000, "v3": 32768}
+
+# Mistral's instruct format: [INST] user [/INST] answer</s>; a system prompt goes in front of
+# the last user message, as mistral-common does it.
+CHAT_TEMPLATE = (
+    "{%- set ns = namespace(system='', last_user=-1) -%}"
+    "{%- for m in messages -%}"
+    "{%- if m['role'] == 'system' -%}{%- set ns.system = m['content'] -%}"
+    "{%- elif m['role'] == 'user' -%}{%- set ns.last_user = loop.index0 -%}{%- endif -%}"
+    "{%- endfor -%}"
+    "{{ bos_token }}"
+    "{%- for m in messages -%}"
+    "{%- if m['role'] == 'user' -%}"
+    "{%- if loop.index0 == ns.last_user and ns.system -%}"
+    "{{ '[INST] ' + ns.system + '\\n\\n' + m['content'] + '[/INST]' }}"
+    "{%- else -%}{{ '[INST] ' + m['content'] + '[/INST]' }}{%- endif -%}"
+    "{%- elif m['role'] == 'assistant' -%}{{ ' ' + m['content'] + eos_token }}"
+    "{%- elif m['role'] != 'system' -%}{{ raise_exception('unsupported role: ' + m['role']) }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
+
+TINY = MixtralConfig(
+    vocab_size=32768,
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    num_local_experts=8,
+    num_experts_per_tok=2,
+    max_position_embeddings=4096,
+    rope_theta=1e6,
+    rms_norm_eps=1e-5,
+    sliding_window=None,
+    torch_dtype="float32",
+)
+
+
+def tokenizer_source(version: str) -> Path:
+    import mistral_common
+
+    path = Path(mistral_common.__file__).parent / "data" / TOKENIZER_FILES[version]
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: the installed mistral-common does not ship the {version} tokenizer")
+    return path
+
+
+def random_weights(cfg: MixtralConfig, seed: int) -> dict[str, torch.Tensor]:
+    """Deterministic weights: the same (config, seed) always gives the same tensors."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = dense_tensor_shapes(cfg) | expert_tensor_shapes(cfg, range(cfg.num_local_experts))
+    out = {}
+    for name, shape in shapes.items():
+        if name.endswith("norm.weight"):
+            t = 1.0 + 0.1 * torch.randn(shape, generator=g)
+        elif name == "model.embed_tokens.weight":
+            t = torch.randn(shape, generator=g)
+        else:  # linear weights [out, in]: unit-variance outputs for unit-variance inputs
+            t = torch.randn(shape, generator=g) / shape[1] ** 0.5
+            if name == "lm_head.weight":
+                t *= 3.0  # logits of std ~3: a peaked, well-separated next-token distribution
+        out[name] = t.to(getattr(torch, cfg.torch_dtype)).contiguous()
+    return out
+
+
+def write_weights(tensors: dict[str, torch.Tensor], out: Path, num_files: int) -> None:
+    if num_files == 1:
+        save_file(tensors, str(out / SINGLE_FILE), metadata={"format": "pt"})
+        return
+    names = list(tensors)
+    per = -(-len(names) // num_files)
+    weight_map, total = {}, 0
+    for k in range(num_files):
+        fname = f"model-{k + 1:05d}-of-{num_files:05d}.safetensors"
+        part = {n: tensors[n] for n in names[k * per : (k + 1) * per]}
+        save_file(part, str(out / fname), metadata={"format": "pt"})
+        weight_map |= {n: fname for n in part}
+        total += sum(t.numel() * t.element_size() for t in part.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / INDEX_FILE).write_text(json.dumps(index, indent=2))
+
+
+def write_tokenizer(out: Path, version: str) -> None:
+    from transformers import AutoTokenizer
+
+    src = tokenizer_source(version)
+    shutil.copyfile(src, out / "tokenizer.model")
+    shutil.copyfile(src, out / f"tokenizer.model.{version}")
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "LlamaTokenizer",
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "unk_token": "<unk>",
+                "add_bos_token": True,
+                "add_eos_token": False,
+                "legacy": False,
+                "model_max_length": 1_000_000,
+                "chat_template": CHAT_TEMPLATE,
+            }
+        )
+    )
+    # Convert the SentencePiece model to tokenizer.json once here, so loading is fast later.
+    tok = AutoTokenizer.from_pretrained(str(out))
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(str(out))
+
+
+def make_tiny(
+    out_dir: str | Path,
+    seed: int = 0,
+    tokenizer: str = "v3",
+    num_files: int = 1,
+    **overrides,
+) -> Path:
+    """Write a tiny Mixtral checkpoint to `out_dir`; `overrides` change MixtralConfig fields."""
+    if tokenizer not in TOKENIZER_FILES:
+        raise ValueError(f"tokenizer must be one of {sorted(TOKENIZER_FILES)}, got {tokenizer!r}")
+    cfg = replace(TINY, vocab_size=VOCAB_SIZES[tokenizer], **overrides)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    log.info("writing a tiny Mixtral checkpoint (seed %d, tokenizer %s) to %s", seed, tokenizer, out)
+    (out / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2))
+    (out / "generation_config.json").write_text(
+        json.dumps({"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}, indent=2)
+    )
+    write_weights(random_weights(cfg, seed), out, num_files)
+    write_tokenizer(out, tokenizer)
+    return out
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("RAYMIX_CACHE", Path.home() / ".cache" / "raymix"))
+
+
+def default_model_dir() -> Path:
+    """The embedded default model, generated once into the cache and reused after."""
+    key = hashlib.sha256(json.dumps([TINY.to_hf_dict(), CHAT_TEMPLATE, 0, "v3"]).encode()).hexdigest()[:12]
+    target = cache_dir() / f"tiny-mixtral-{key}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    make_tiny(tmp)
+    try:
+        tmp.rename(target)  # atomic: concurrent processes agree on one complete copy
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

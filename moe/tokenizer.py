@@ -1,0 +1,132 @@
+"""Tokenizers and chat formatting, and incremental detokenization for streaming.
+
+Two modes, named as vLLM names them: `hf` uses the checkpoint's own tokenizer files and
+`chat_template` through transformers; `mistral` uses mistral-common (Mistral's reference
+tokenizer and chat format, with tool calls) from a `tokenizer.model.v*` file. `auto` picks
+`mistral` when the directory holds such a file, else `hf`.
+
+`IncrementalDetokenizer` turns a growing list of token ids into text deltas without ever
+emitting half a character (a byte-fallback token that is only part of a UTF-8 sequence is held
+back until the rest arrives) and without losing SentencePiece's leading spaces.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Protocol
+
+from moe.errors import CheckpointError, RequestError
+
+MISTRAL_FILE = re.compile(r"^(tokenizer\.model\.v\d+m?\d*|tekken\.json)$")
+
+
+class Tokenizer(Protocol):
+    mode: str
+    bos_token_id: int | None
+    eos_token_id: int
+    vocab_size: int
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str: ...
+
+    def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]: ...
+
+
+class HFTokenizer:
+    mode = "hf"
+
+    def __init__(self, model_dir: str | Path):
+        from transformers import AutoTokenizer
+
+        try:
+            self.tok = AutoTokenizer.from_pretrained(str(model_dir))
+        except Exception as e:
+            raise CheckpointError(f"{model_dir}: cannot load the tokenizer ({e})") from None
+        self.bos_token_id = self.tok.bos_token_id
+        self.eos_token_id = self.tok.eos_token_id
+        self.vocab_size = len(self.tok)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.tok.encode(text, add_special_tokens=add_special_tokens))
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
+        if not self.tok.chat_template:
+            raise RequestError("this model has no chat template; use /v1/completions", param="messages")
+        try:
+            out = self.tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+        except Exception as e:  # jinja's raise_exception and template errors
+            raise RequestError(f"messages do not fit the model's chat template: {e}", param="messages") from None
+        ids = out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out
+        return list(ids)
+
+
+class MistralTokenizer:
+    mode = "mistral"
+
+    def __init__(self, path: str | Path):
+        from mistral_common.tokens.tokenizers.mistral import MistralTokenizer as _MT
+
+        try:
+            self.mt = _MT.from_file(str(path))
+        except Exception as e:
+            raise CheckpointError(f"{path}: cannot load the Mistral tokenizer ({e})") from None
+        self.raw = self.mt.instruct_tokenizer.tokenizer
+        self.bos_token_id = self.raw.bos_id
+        self.eos_token_id = self.raw.eos_id
+        self.vocab_size = self.raw.n_words
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.raw.encode(text, bos=add_special_tokens, eos=False))
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
+
+        policy = SpecialTokenPolicy.IGNORE if skip_special_tokens else SpecialTokenPolicy.KEEP
+        return self.raw.decode(ids, special_token_policy=policy)
+
+    def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
+        from mistral_common.protocol.instruct.request import ChatCompletionRequest
+
+        try:
+            req = ChatCompletionRequest.from_openai(messages)
+            return list(self.mt.encode_chat_completion(req).tokens)
+        except Exception as e:  # mistral-common validates roles and their order
+            raise RequestError(f"invalid messages: {e}", param="messages") from None
+
+
+def load_tokenizer(model_dir: str | Path, mode: str = "auto") -> Tokenizer:
+    model_dir = Path(model_dir)
+    mistral_files = sorted(p for p in model_dir.iterdir() if MISTRAL_FILE.match(p.name)) if model_dir.is_dir() else []
+    if mode == "mistral" or (mode == "auto" and mistral_files):
+        if not mistral_files:
+            raise CheckpointError(f"{model_dir}: tokenizer_mode 'mistral' needs a tokenizer.model.v* or tekken.json")
+        return MistralTokenizer(mistral_files[-1])
+    if mode not in ("auto", "hf"):
+        raise ValueError(f"tokenizer_mode must be auto, hf or mistral, got {mode!r}")
+    return HFTokenizer(model_dir)
+
+
+class IncrementalDetokenizer:
+    """Text deltas from a growing token list (the prefix/read-offset scheme vLLM uses)."""
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], skip_special_tokens: bool = True):
+        self.tok = tokenizer
+        self.skip = skip_special_tokens
+        self.ids = list(prompt_ids[-6:])  # a little context so the first token's space survives
+        self.prefix_offset = 0
+        self.read_offset = len(self.ids)
+
+    def add(self, token_id: int) -> str:
+        """Append one token; return the new complete text (possibly empty)."""
+        self.ids.append(token_id)
+        prefix = self.tok.decode(self.ids[self.prefix_offset : self.read_offset], self.skip)
+        full = self.tok.decode(self.ids[self.prefix_offset :], self.skip)
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            return full[len(prefix) :]
+        return ""

@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny checkpoints written once per test session, and their transformers twins."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moe.tiny import make_tiny
+
+# A second shape, different in every size: no GQA sharing ratio of the default, 4 experts,
+# Mixtral 8x7B's v1 tokenizer, a sliding window shorter than the prompts, a sharded checkpoint.
+OTHER = dict(
+    hidden_size=128,
+    intermediate_size=320,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=1,
+    num_local_experts=4,
+    sliding_window=7,
+    rope_theta=10000.0,
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    return make_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def other_dir(tmp_path_factory):
+    return make_tiny(tmp_path_factory.mktemp("other"), seed=1, tokenizer="v1", num_files=3, **OTHER)
+
+
+@pytest.fixture(scope="session", params=["tiny", "other"])
+def model_dir(request, tiny_dir, other_dir):
+    return tiny_dir if request.param == "tiny" else other_dir
+
+
+def hf_model(path):
+    from transformers import MixtralForCausalLM
+
+    return MixtralForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def hf_models():
+    cache = {}
+
+    def get(path):
+        if path not in cache:
+            cache[path] = hf_model(path)
+        return cache[path]
+
+    return get
