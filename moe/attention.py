@@ -76,7 +76,9 @@ class RotaryEmbedding:
     """Mixtral's RoPE (rotate-half form), computed in float32 exactly as transformers does."""
 
     def __init__(self, head_dim: int, theta: float, device: torch.device | str):
-        exponent = torch.arange(0, head_dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / head_dim
+        exponent = (
+            torch.arange(0, head_dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / head_dim
+        )
         self.inv_freq = 1.0 / (theta**exponent)  # [D/2]
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

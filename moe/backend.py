@@ -19,7 +19,9 @@ from moe.experts import LocalExperts, combine, dispatch, partition_experts
 
 
 class ExpertBackend(Protocol):
-    def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
         """x [T, H], expert_ids [T, K], weights [T, K] → the MoE output [T, H]."""
         ...
 
@@ -49,7 +51,9 @@ class InProcessExperts:
         shards = [LocalExperts.from_checkpoint(reader, cfg, g, dtype, device) for g in groups]
         return cls(shards, cfg.num_local_experts)
 
-    def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
         if len(self.shards) == 1:
             return self.shards[0].forward(layer, x, expert_ids, weights)
         parts = []

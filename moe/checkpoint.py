@@ -103,12 +103,18 @@ class CheckpointReader:
             return wm
         files = sorted(self.model_dir.glob("*.safetensors"))
         if not files:
-            pickles = [p.name for p in self.model_dir.glob("*.bin")] + [p.name for p in self.model_dir.glob("*.pt")]
-            hint = f" (found {pickles[0]}: pickle checkpoints are refused, convert to safetensors)" if pickles else ""
+            pickles = [p.name for p in self.model_dir.glob("*.bin")] + [
+                p.name for p in self.model_dir.glob("*.pt")
+            ]
+            hint = (
+                f" (found {pickles[0]}: pickle checkpoints are refused, convert to safetensors)"
+                if pickles
+                else ""
+            )
             raise CheckpointError(f"{self.model_dir}: no *.safetensors weights{hint}")
         wm = {}
         for f in files:
-            for name in self._open(f).keys():
+            for name in self._open(f):
                 wm[name] = f
         return wm
 
@@ -128,7 +134,9 @@ class CheckpointReader:
         missing = [n for n in shapes if n not in self.weight_map]
         if missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-            raise CheckpointError(f"{self.model_dir}: tensor {missing[0]!r} is missing from the checkpoint{more}")
+            raise CheckpointError(
+                f"{self.model_dir}: tensor {missing[0]!r} is missing from the checkpoint{more}"
+            )
         by_file: dict[Path, list[str]] = defaultdict(list)
         for name in shapes:
             by_file[self.weight_map[name]].append(name)
@@ -147,7 +155,9 @@ class CheckpointReader:
                             f"{path}: tensor {name!r} has shape {tuple(t.shape)}, expected {tuple(shapes[name])}"
                         )
                     if not t.is_floating_point():
-                        raise CheckpointError(f"{path}: tensor {name!r} has dtype {t.dtype}, expected a float type")
+                        raise CheckpointError(
+                            f"{path}: tensor {name!r} has dtype {t.dtype}, expected a float type"
+                        )
                     out[name] = t.to(device=device, dtype=dtype or t.dtype)
                     self.tensors_read.append(name)
             log.info(

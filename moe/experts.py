@@ -48,7 +48,9 @@ class ShardBatch:
     weights: torch.Tensor  # [n, K] float32
 
 
-def dispatch(expert_ids: torch.Tensor, weights: torch.Tensor, expert_to_shard: torch.Tensor) -> list[ShardBatch]:
+def dispatch(
+    expert_ids: torch.Tensor, weights: torch.Tensor, expert_to_shard: torch.Tensor
+) -> list[ShardBatch]:
     """Group tokens by shard: a token goes to every shard holding one of its top-k experts,
     once per shard even when that shard holds both of its experts.
 
@@ -63,7 +65,9 @@ def dispatch(expert_ids: torch.Tensor, weights: torch.Tensor, expert_to_shard: t
     return batches
 
 
-def combine(hidden_shape: torch.Size, dtype: torch.dtype, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+def combine(
+    hidden_shape: torch.Size, dtype: torch.dtype, parts: list[tuple[torch.Tensor, torch.Tensor]]
+) -> torch.Tensor:
     """Sum the shards' outputs into a [T, H] tensor. parts: (token_index [n], output [n, H])."""
     out = torch.zeros(hidden_shape, dtype=dtype, device=parts[0][1].device if parts else "cpu")
     for rows, y in parts:
@@ -77,7 +81,9 @@ class LocalExperts:
     Per layer: gate_up [n, 2I, H] (w1 stacked over w3, one GEMM for both) and down [n, H, I].
     """
 
-    def __init__(self, cfg: MixtralConfig, expert_ids: list[int], gate_up: list[torch.Tensor], down: list[torch.Tensor]):
+    def __init__(
+        self, cfg: MixtralConfig, expert_ids: list[int], gate_up: list[torch.Tensor], down: list[torch.Tensor]
+    ):
         self.cfg = cfg
         self.expert_ids = list(expert_ids)
         self.gate_up = gate_up
@@ -101,7 +107,9 @@ class LocalExperts:
             gate_up.append(
                 torch.stack(
                     [
-                        torch.cat([t[expert_tensor_name(layer, e, "w1")], t[expert_tensor_name(layer, e, "w3")]])
+                        torch.cat(
+                            [t[expert_tensor_name(layer, e, "w1")], t[expert_tensor_name(layer, e, "w3")]]
+                        )
                         for e in expert_ids
                     ]
                 )
@@ -119,7 +127,9 @@ class LocalExperts:
     def device(self) -> torch.device:
         return self.gate_up[0].device
 
-    def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
         """x [n, H], expert_ids [n, K] (global), weights [n, K] → sum over the held experts of
         weight × SwiGLU(x) [n, H]; experts held elsewhere contribute nothing."""
         out = torch.zeros_like(x)

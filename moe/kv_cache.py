@@ -17,7 +17,12 @@ from moe.config import MixtralConfig
 
 class KVCache:
     def __init__(
-        self, cfg: MixtralConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: str | torch.device
+        self,
+        cfg: MixtralConfig,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: str | torch.device,
     ):
         shape = (cfg.num_hidden_layers, num_blocks * block_size, cfg.num_key_value_heads, cfg.attn_head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, slots, Hkv, D]

@@ -8,6 +8,8 @@ new tokens from many sequences ([T, H]), as the continuous-batching engine produ
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -83,13 +85,18 @@ class MixtralDense(nn.Module):
 
     @classmethod
     def from_checkpoint(
-        cls, reader: CheckpointReader, cfg: MixtralConfig, dtype: torch.dtype, device: str | torch.device = "cpu"
+        cls,
+        reader: CheckpointReader,
+        cfg: MixtralConfig,
+        dtype: torch.dtype,
+        device: str | torch.device = "cpu",
     ) -> MixtralDense:
         with torch.device("meta"):
             model = cls(cfg)
         tensors = reader.load(dense_tensor_shapes(cfg), dtype=dtype, device=device)
         state = {
-            name.removeprefix("model.").replace("block_sparse_moe.gate", "gate"): t for name, t in tensors.items()
+            name.removeprefix("model.").replace("block_sparse_moe.gate", "gate"): t
+            for name, t in tensors.items()
         }
         if cfg.tie_word_embeddings:
             state["lm_head.weight"] = state["embed_tokens.weight"]
@@ -117,7 +124,7 @@ class MixtralDense(nn.Module):
         assert self.rotary is not None
         h = self.embed_tokens(input_ids)  # [T, H]
         cos_sin = self.rotary.cos_sin(meta.positions, h.dtype)
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(cast(list[DecoderLayer], self.layers)):
             h = h + layer.self_attn(layer.input_layernorm(h), cos_sin, kv_cache.k[i], kv_cache.v[i], meta)
             x = layer.post_attention_layernorm(h)  # [T, H]
             weights, ids = route(layer.gate(x), self.cfg.num_experts_per_tok)  # [T, K], [T, K]

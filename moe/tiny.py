@@ -106,7 +106,8 @@ def write_weights(tensors: dict[str, torch.Tensor], out: Path, num_files: int) -
         return
     names = list(tensors)
     per = -(-len(names) // num_files)
-    weight_map, total = {}, 0
+    weight_map: dict[str, str] = {}
+    total = 0
     for k in range(num_files):
         fname = f"model-{k + 1:05d}-of-{num_files:05d}.safetensors"
         part = {n: tensors[n] for n in names[k * per : (k + 1) * per]}

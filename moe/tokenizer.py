@@ -44,7 +44,7 @@ class HFTokenizer:
             self.tok = AutoTokenizer.from_pretrained(str(model_dir))
         except Exception as e:
             raise CheckpointError(f"{model_dir}: cannot load the tokenizer ({e})") from None
-        self.bos_token_id = self.tok.bos_token_id
+        self.bos_token_id: int | None = self.tok.bos_token_id
         self.eos_token_id = self.tok.eos_token_id
         self.vocab_size = len(self.tok)
 
@@ -52,17 +52,19 @@ class HFTokenizer:
         return list(self.tok.encode(text, add_special_tokens=add_special_tokens))
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
+        return str(self.tok.decode(ids, skip_special_tokens=skip_special_tokens))
 
     def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
         if not self.tok.chat_template:
             raise RequestError("this model has no chat template; use /v1/completions", param="messages")
         try:
-            out = self.tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+            out: Any = self.tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
         except Exception as e:  # jinja's raise_exception and template errors
-            raise RequestError(f"messages do not fit the model's chat template: {e}", param="messages") from None
-        ids = out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out
-        return list(ids)
+            raise RequestError(
+                f"messages do not fit the model's chat template: {e}", param="messages"
+            ) from None
+        ids = out["input_ids"] if hasattr(out, "keys") else out  # a BatchEncoding in transformers 5
+        return [int(t) for t in ids]
 
 
 class MistralTokenizer:
@@ -76,7 +78,7 @@ class MistralTokenizer:
         except Exception as e:
             raise CheckpointError(f"{path}: cannot load the Mistral tokenizer ({e})") from None
         self.raw = self.mt.instruct_tokenizer.tokenizer
-        self.bos_token_id = self.raw.bos_id
+        self.bos_token_id: int | None = self.raw.bos_id
         self.eos_token_id = self.raw.eos_id
         self.vocab_size = self.raw.n_words
 
@@ -101,10 +103,14 @@ class MistralTokenizer:
 
 def load_tokenizer(model_dir: str | Path, mode: str = "auto") -> Tokenizer:
     model_dir = Path(model_dir)
-    mistral_files = sorted(p for p in model_dir.iterdir() if MISTRAL_FILE.match(p.name)) if model_dir.is_dir() else []
+    mistral_files = (
+        sorted(p for p in model_dir.iterdir() if MISTRAL_FILE.match(p.name)) if model_dir.is_dir() else []
+    )
     if mode == "mistral" or (mode == "auto" and mistral_files):
         if not mistral_files:
-            raise CheckpointError(f"{model_dir}: tokenizer_mode 'mistral' needs a tokenizer.model.v* or tekken.json")
+            raise CheckpointError(
+                f"{model_dir}: tokenizer_mode 'mistral' needs a tokenizer.model.v* or tekken.json"
+            )
         return MistralTokenizer(mistral_files[-1])
     if mode not in ("auto", "hf"):
         raise ValueError(f"tokenizer_mode must be auto, hf or mistral, got {mode!r}")

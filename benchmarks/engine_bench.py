@@ -1,0 +1,138 @@
+"""In-process engine throughput vs transformers `generate` on the same checkpoint.
+
+Output tokens per second of the engine (all experts in this process) at 1, 8 and 32 concurrent
+sequences, against `MixtralForCausalLM.generate` one request at a time and as a static batch.
+Median of --runs runs; figures are printed, written to JSON and plotted to PNG. Compare the
+ratios of one run: this machine is noisy.
+
+    .venv/bin/python benchmarks/engine_bench.py [--model DIR] [--tokens 64] [--runs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from moe.engine import EngineConfig, LLMEngine
+from moe.sampling import SamplingParams
+from moe.tiny import default_model_dir
+
+OUT = Path(__file__).parent / "results"
+
+
+def prompts(tok, n: int) -> list[list[int]]:
+    words = [
+        "the",
+        "cat",
+        "sat",
+        "on",
+        "a",
+        "mat",
+        "while",
+        "experts",
+        "routed",
+        "every",
+        "token",
+        "to",
+        "two",
+        "of",
+        "eight",
+    ]
+    return [tok.encode(" ".join(words[: 4 + (i * 5) % len(words)])) for i in range(n)]
+
+
+def engine_tok_s(eng: LLMEngine, batch: list[list[int]], n: int) -> float:
+    params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+    t = time.perf_counter()
+    seqs = eng.generate(batch, params)
+    return sum(s.num_output_tokens for s in seqs) / (time.perf_counter() - t)
+
+
+def hf_tok_s(hf, batch: list[list[int]], n: int, pad_id: int) -> float:
+    width = max(map(len, batch))
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in batch])  # left padding
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+    t = time.perf_counter()
+    with torch.inference_mode():
+        hf.generate(
+            ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=pad_id
+        )
+    return len(batch) * n / (time.perf_counter() - t)
+
+
+def median_of(runs: int, f, label: str) -> float:
+    vals = []
+    for r in range(runs):
+        vals.append(f())
+        print(f"  {label}: run {r + 1}/{runs}: {vals[-1]:.1f} tok/s", flush=True)
+    return statistics.median(vals)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="checkpoint directory (default: the embedded tiny model)")
+    ap.add_argument("--tokens", type=int, default=64, help="output tokens per sequence")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    args = ap.parse_args()
+    model = Path(args.model) if args.model else default_model_dir()
+    from transformers import MixtralForCausalLM
+
+    print(
+        f"model {model}; torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor()}"
+    )
+    eng = LLMEngine.from_pretrained(model, EngineConfig(max_num_seqs=max(args.concurrency)))
+    hf = MixtralForCausalLM.from_pretrained(str(model), dtype=torch.float32).eval()
+    pad = eng.tokenizer.eos_token_id
+    engine_tok_s(eng, prompts(eng.tokenizer, 2), 4)  # warm-up
+    results: dict[str, dict[int, float]] = {"raymix engine": {}, "transformers static batch": {}}
+    for c in args.concurrency:
+        batch = prompts(eng.tokenizer, c)
+        results["raymix engine"][c] = median_of(
+            args.runs, lambda b=batch: engine_tok_s(eng, b, args.tokens), f"engine x{c}"
+        )
+        results["transformers static batch"][c] = median_of(
+            args.runs, lambda b=batch: hf_tok_s(hf, b, args.tokens, pad), f"transformers batch {c}"
+        )
+    print(f"\noutput tok/s, {args.tokens} tokens per sequence, median of {args.runs} runs")
+    print(f"{'concurrency':>12} {'engine':>10} {'hf static':>10} {'ratio':>7}")
+    for c in args.concurrency:
+        e, h = results["raymix engine"][c], results["transformers static batch"][c]
+        print(f"{c:>12} {e:>10.1f} {h:>10.1f} {e / h:>6.2f}x")
+    print(
+        f"engine at {args.concurrency[-1]} vs transformers one at a time: "
+        f"{results['raymix engine'][args.concurrency[-1]] / results['transformers static batch'][1]:.2f}x"
+    )
+    OUT.mkdir(exist_ok=True)
+    (OUT / "engine_bench.json").write_text(
+        json.dumps({"model": str(model), "tokens": args.tokens, "results": results}, indent=2)
+    )
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, r in results.items():
+        ax.plot(list(r), list(r.values()), marker="o", label=name)
+    ax.set(
+        xscale="log",
+        xlabel="concurrent sequences",
+        ylabel="output tok/s",
+        title="In-process engine vs transformers",
+    )
+    ax.set_xticks(args.concurrency, [str(c) for c in args.concurrency])
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(OUT / "engine_bench.png", dpi=100)
+    print(f"wrote {OUT / 'engine_bench.json'} and {OUT / 'engine_bench.png'}")
+
+
+if __name__ == "__main__":
+    main()

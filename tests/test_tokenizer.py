@@ -1,0 +1,55 @@
+"""Tokenizers and chat formatting (transformers and mistral-common) and streaming detokenization."""
+
+from __future__ import annotations
+
+import pytest
+
+from moe.errors import RequestError
+from moe.tokenizer import HFTokenizer, IncrementalDetokenizer, MistralTokenizer, load_tokenizer
+
+TEXTS = ["Hello, world!", "naïve café — 東京タワー 😀👍🏽 done", "  leading spaces\nand\ttabs  ", "Ⅻ ∑ ∫ ≠"]
+CHAT = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Hello!"},
+    {"role": "user", "content": "What is 2+2?"},
+]
+
+
+@pytest.fixture(scope="module", params=["hf", "mistral"])
+def tok(request, tiny_dir):
+    return load_tokenizer(tiny_dir, request.param)
+
+
+def test_auto_mode_picks_mistral_for_a_v3_file(tiny_dir, other_dir):
+    assert isinstance(load_tokenizer(tiny_dir), MistralTokenizer)
+    assert isinstance(load_tokenizer(other_dir, "hf"), HFTokenizer)
+
+
+def test_round_trip(tok):
+    for text in TEXTS:
+        assert tok.decode(tok.encode(text)) == text
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_incremental_detokenization_never_breaks_characters(tok, text):
+    prompt = tok.encode("Answer:")
+    ids = tok.encode(text, add_special_tokens=False)
+    detok = IncrementalDetokenizer(tok, prompt)
+    deltas = [detok.add(t) for t in ids]
+    assert all("\ufffd" not in d for d in deltas)
+    assert "".join(deltas).strip() == text.strip()
+
+
+def test_chat_template_and_mistral_format_agree(tiny_dir):
+    hf, mistral = load_tokenizer(tiny_dir, "hf"), load_tokenizer(tiny_dir, "mistral")
+    assert hf.apply_chat_template(CHAT) == mistral.apply_chat_template(CHAT)
+    ids = mistral.apply_chat_template(CHAT)
+    assert ids[0] == mistral.bos_token_id
+    assert "What is 2+2?" in mistral.decode(ids)
+
+
+def test_bad_roles_are_request_errors(tok):
+    with pytest.raises(RequestError) as e:
+        tok.apply_chat_template([{"role": "wizard", "content": "hi"}])
+    assert e.value.param == "messages"
