@@ -114,7 +114,7 @@ class CheckpointReader:
             raise CheckpointError(f"{self.model_dir}: no *.safetensors weights{hint}")
         wm = {}
         for f in files:
-            for name in self._open(f):
+            for name in self._open(f).keys():  # noqa: SIM118 (safe_open is not iterable)
                 wm[name] = f
         return wm
 

@@ -1,0 +1,136 @@
+"""The `raymix` command line. The flags of `serve` are generated from RaymixSettings, so the
+CLI, environment variables and YAML files can never drift apart.
+
+    raymix serve [--model DIR] [--expert-shards N] [--port 8000] [--config raymix.yaml] ...
+    raymix make-tiny DIR [--seed 0] [--tokenizer v3|v1] [--num-files 1]
+    raymix generate [--model DIR] --prompt "..." [--max-tokens 64]   (one process, no Ray)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import time
+import typing
+from typing import Any
+
+from pydantic import ValidationError
+
+from cluster.config import RaymixSettings
+
+
+def add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    for name, field in RaymixSettings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        ann = field.annotation
+        help_ = f"{field.description} (env RAYMIX_{name.upper()})"
+        origin, args = typing.get_origin(ann), typing.get_args(ann)
+        if ann is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
+        elif origin is list or (origin is typing.Annotated and typing.get_origin(args[0]) is list):
+            parser.add_argument(flag, action="append", default=None, help=help_ + "; repeatable")
+        elif origin is typing.Literal:
+            parser.add_argument(flag, choices=list(args), default=None, help=help_)
+        else:
+            inner = [a for a in args if a is not type(None)] or [ann]
+            kind = inner[0] if inner[0] in (int, float) else str
+            parser.add_argument(flag, type=kind, default=None, help=help_)
+    parser.add_argument("--config", default=None, help="YAML file of settings (keys as the flag names)")
+
+
+def settings_from(ns: argparse.Namespace) -> RaymixSettings:
+    cli = {k: v for k, v in vars(ns).items() if k in RaymixSettings.model_fields}
+    return RaymixSettings.load(cli, ns.config)
+
+
+def cmd_serve(ns: argparse.Namespace) -> int:
+    from cluster import bringup
+
+    s = settings_from(ns)
+    print(
+        f"raymix: starting {s.expert_shards} expert shards + router + ingress for {s.model_dir()} ...",
+        flush=True,
+    )
+    t = time.monotonic()
+    url = bringup.start(s)
+    print(f"raymix: serving {', '.join(s.model_names())} at {url}/v1 (ready in {time.monotonic() - t:.0f}s)")
+    print(f"try:\n  {bringup.curl_example(s, url)}", flush=True)
+    stop = False
+
+    def on_signal(*_: Any) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    while not stop:
+        time.sleep(0.5)
+    print("raymix: shutting down", flush=True)
+    bringup.shutdown()
+    return 0
+
+
+def cmd_make_tiny(ns: argparse.Namespace) -> int:
+    from moe.tiny import make_tiny
+
+    out = make_tiny(ns.dir, seed=ns.seed, tokenizer=ns.tokenizer, num_files=ns.num_files)
+    print(f"wrote a tiny Mixtral checkpoint to {out}")
+    return 0
+
+
+def cmd_generate(ns: argparse.Namespace) -> int:
+    from moe.engine import EngineConfig, LLMEngine
+    from moe.sampling import SamplingParams
+    from moe.tiny import default_model_dir
+
+    model = ns.model or default_model_dir()
+    eng = LLMEngine.from_pretrained(model, EngineConfig(max_model_len=2048), num_shards=ns.shards)
+    assert eng.tokenizer is not None
+    prompt = eng.tokenizer.apply_chat_template([{"role": "user", "content": ns.prompt}])
+    params = SamplingParams(max_tokens=ns.max_tokens, temperature=ns.temperature, seed=ns.seed)
+    eng.add_request("cli", prompt, params)
+    t = time.monotonic()
+    n = 0
+    while eng.has_unfinished():
+        for out in eng.step():
+            n += len(out.new_token_ids)
+            print(out.new_text, end="", flush=True)
+    print(f"\n[{n} tokens in {time.monotonic() - t:.2f}s]")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    parser = argparse.ArgumentParser(prog="raymix", description="Expert-parallel Mixtral serving on Ray")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("serve", help="serve the OpenAI API from a Ray cluster")
+    add_settings_flags(p)
+    p.set_defaults(func=cmd_serve)
+    p = sub.add_parser("make-tiny", help="write the tiny Mixtral-format checkpoint")
+    p.add_argument("dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokenizer", choices=["v3", "v1"], default="v3")
+    p.add_argument(
+        "--num-files", type=int, default=1, help="split the weights over this many safetensors files"
+    )
+    p.set_defaults(func=cmd_make_tiny)
+    p = sub.add_parser("generate", help="generate in this process (no Ray): a quick check of a checkpoint")
+    p.add_argument("--model", default=None)
+    p.add_argument("--prompt", default="Tell me about mixtures of experts.")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--shards", type=int, default=1, help="in-process expert shards")
+    p.set_defaults(func=cmd_generate)
+    ns = parser.parse_args(argv)
+    try:
+        return ns.func(ns)
+    except ValidationError as e:
+        print(f"raymix: invalid settings:\n{e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""The one configuration object: every setting of a raymix deployment, with its bounds.
+
+CLI flags (`raymix serve --expert-shards 4`), environment variables (`RAYMIX_EXPERT_SHARDS=4`)
+and a YAML file (`--config raymix.yaml`, keys as the field names) all come from `RaymixSettings`;
+a KubeRay serveConfigV2 passes the same keys as `args` to `deployments.app:build_app`.
+Precedence: CLI over environment over YAML over defaults.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from moe.engine import EngineConfig
+
+
+class RaymixSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RAYMIX_", extra="forbid", validate_default=True)
+
+    model: str | None = Field(
+        default=None,
+        description="Checkpoint directory in the Hugging Face Mixtral format (default: the embedded tiny model)",
+    )
+    served_model_name: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Name(s) the API serves the model under; the first is the main one (default: the directory name)",
+    )
+    host: str = Field(default="127.0.0.1", description="Address the HTTP API listens on")
+    port: int = Field(default=8000, ge=1, le=65535, description="Port of the HTTP API")
+    address: str | None = Field(
+        default=None,
+        description="Ray cluster to join (e.g. 'auto' or ray://host:10001); default: start a local one",
+    )
+    expert_shards: int = Field(
+        default=2, ge=1, le=256, description="Number of expert-shard deployments the experts are split over"
+    )
+    api_key: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Accepted API key(s) (Bearer); none: no authentication"
+    )
+    max_num_seqs: int = Field(
+        default=64, ge=1, le=4096, description="Most sequences in the running batch at once"
+    )
+    max_num_batched_tokens: int = Field(
+        default=2048,
+        ge=16,
+        le=1_000_000,
+        description="Most tokens in one engine step (longer prompts are prefilled in chunks)",
+    )
+    max_model_len: int | None = Field(
+        default=None,
+        ge=16,
+        description="Context length (prompt + output); default: the model's, bounded by the KV cache",
+    )
+    block_size: int = Field(default=16, ge=1, le=256, description="Tokens per KV-cache block")
+    kv_cache_memory_mb: int = Field(default=512, ge=1, description="Memory for the router's KV cache, in MiB")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="Compute dtype; auto: float32 on CPU, the checkpoint's on GPU"
+    )
+    tokenizer_mode: Literal["auto", "hf", "mistral"] = Field(
+        default="auto",
+        description="auto: mistral-common when the checkpoint has tokenizer.model.v*, else transformers",
+    )
+    data_plane: Literal["auto", "gloo", "nccl"] = Field(
+        default="auto",
+        description="Transport of the per-layer expert traffic; auto: nccl with GPUs, else gloo",
+    )
+    data_plane_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="How long the router waits for a shard's answer before failing the step",
+    )
+    max_request_body_bytes: int = Field(
+        default=4 * 2**20, ge=1024, description="Largest accepted HTTP request body (413 above)"
+    )
+    router_cpus: float = Field(
+        default=0.0,
+        ge=0,
+        description="CPUs the router reserves in Ray (0 lets everything fit a small machine)",
+    )
+    shard_cpus: float = Field(default=0.0, ge=0, description="CPUs each expert shard reserves in Ray")
+    torch_threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="torch intra-op threads per process; default: cores / processes on the node",
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="Log level")
+
+    @field_validator("served_model_name", "api_key", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [s for s in v.split(",") if s] if isinstance(v, str) else v
+
+    def model_dir(self) -> Path:
+        from moe.tiny import default_model_dir
+
+        return Path(self.model) if self.model else default_model_dir()
+
+    def model_names(self) -> list[str]:
+        if self.served_model_name:
+            return self.served_model_name
+        return [Path(self.model).name if self.model else "raymix-tiny-mixtral"]
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            max_model_len=self.max_model_len,
+            block_size=self.block_size,
+            kv_cache_memory_bytes=self.kv_cache_memory_mb * 2**20,
+            dtype=self.dtype,
+            tokenizer_mode=self.tokenizer_mode,
+        )
+
+    @classmethod
+    def load(cls, cli: dict[str, Any] | None = None, config_file: str | Path | None = None) -> RaymixSettings:
+        """Defaults < YAML file < environment < CLI."""
+        merged: dict[str, Any] = {}
+        if config_file:
+            data = yaml.safe_load(Path(config_file).read_text()) or {}
+            if not isinstance(data, dict):
+                raise ValueError(f"{config_file}: expected a mapping of setting names to values")
+            merged |= {k.replace("-", "_"): v for k, v in data.items()}
+        from_env = cls()
+        merged |= {k: getattr(from_env, k) for k in from_env.model_fields_set}
+        merged |= {k: v for k, v in (cli or {}).items() if v is not None}
+        return cls(**merged)

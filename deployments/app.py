@@ -1,0 +1,53 @@
+"""`build_app`: the raymix Serve application from one settings object.
+
+Importable as `deployments.app:build_app`, so the same app starts from `raymix serve`, from
+Python (`serve.run(build_app({...}))`) and from a KubeRay serveConfigV2 (`import_path` with
+`args`). The graph: Ingress → Router → ExpertShard0..N-1 (one deployment per shard, each one
+replica, since each holds different experts).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from cluster.config import RaymixSettings
+from cluster.placement import cluster_gpus, plan
+from deployments.ingress import Ingress
+from deployments.router import Router
+from deployments.shard import ExpertShard
+from moe.config import MixtralConfig
+
+
+def build_app(args: dict[str, Any] | RaymixSettings | None = None) -> Application:
+    s = args if isinstance(args, RaymixSettings) else RaymixSettings(**(args or {}))
+    cfg = MixtralConfig.from_pretrained(s.model_dir())
+    p = plan(s, cfg, cluster_gpus())
+    settings = s.model_dump()
+    shards = [
+        serve.deployment(
+            ExpertShard,
+            name=f"ExpertShard{k}",
+            num_replicas=1,
+            ray_actor_options=p.shard_options,
+            max_ongoing_requests=16,
+            health_check_period_s=5,
+        ).bind(settings, k, group, p.torch_threads)
+        for k, group in enumerate(p.expert_groups)
+    ]
+    router = serve.deployment(
+        Router,
+        name="Router",
+        num_replicas=1,
+        ray_actor_options=p.router_options,
+        max_ongoing_requests=100_000,
+        health_check_period_s=5,
+    ).bind(settings, shards, p.expert_groups, p.torch_threads)
+    return serve.deployment(
+        Ingress,
+        name="Ingress",
+        ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=100_000,
+    ).bind(settings, router)

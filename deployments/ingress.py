@@ -1,0 +1,497 @@
+"""Ingress: the OpenAI-compatible HTTP API (FastAPI inside a Ray Serve deployment).
+
+It validates requests, applies the chat template, tokenizes, and forwards each choice to the
+router as one streaming call; outputs come back one engine step at a time and leave as JSON or
+as Server-Sent Events (sse-starlette). Errors are OpenAI-shaped. A client that goes away
+mid-stream has its requests aborted in the router, which frees their KV blocks.
+"""
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
+from ray import serve
+from sse_starlette.sse import EventSourceResponse
+
+from cluster.config import RaymixSettings
+from deployments.metrics import ServingMetrics
+from deployments.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    SamplingFields,
+    TokenizeRequest,
+    error_body,
+    validation_param,
+)
+from moe.errors import RequestError
+from moe.tokenizer import load_tokenizer
+
+log = logging.getLogger("ray.serve")
+app = FastAPI(title="raymix", description="OpenAI-compatible API for expert-parallel Mixtral serving")
+VERSION = "0.1.0"
+OPEN_PATHS = {"/health", "/version", "/metrics"}
+
+
+class HTTPError(Exception):
+    def __init__(
+        self, status: int, message: str, type_: str, param: str | None = None, code: str | None = None
+    ):
+        self.status, self.body = status, error_body(message, type_, param, code)
+
+
+def bad_request(e: RequestError) -> HTTPError:
+    return HTTPError(400, e.message, "invalid_request_error", e.param, e.code)
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+@app.exception_handler(HTTPError)
+async def _http_error(_: Request, e: HTTPError) -> JSONResponse:
+    return JSONResponse(e.body, status_code=e.status)
+
+
+@app.exception_handler(RequestError)
+async def _request_error(_: Request, e: RequestError) -> JSONResponse:
+    return JSONResponse(bad_request(e).body, status_code=400)
+
+
+@app.exception_handler(Exception)
+async def _server_error(_: Request, e: Exception) -> JSONResponse:
+    log.exception("unhandled error")
+    return JSONResponse(error_body("internal server error", "server_error"), status_code=500)
+
+
+@serve.ingress(app)
+class Ingress:
+    def __init__(self, settings: dict[str, Any], router: Any):
+        self.settings = s = RaymixSettings(**settings)
+        self.router = router
+        self.names = s.model_names()
+        self.tokenizer = load_tokenizer(s.model_dir(), s.tokenizer_mode)
+        self.keys = [k.encode() for k in s.api_key]
+        self.metrics = ServingMetrics()
+        self.max_model_len: int | None = None
+
+    # ---- plumbing ----
+
+    def _check_auth(self, request: Request) -> None:
+        if not self.keys or request.url.path in OPEN_PATHS:
+            return
+        header = request.headers.get("authorization", "")
+        token = header[7:].encode() if header.lower().startswith("bearer ") else b""
+        if not any(hmac.compare_digest(token, k) for k in self.keys):
+            raise HTTPError(
+                401, "Incorrect API key provided.", "invalid_request_error", None, "invalid_api_key"
+            )
+
+    async def _body(self, request: Request, model_cls: type) -> Any:
+        self._check_auth(request)
+        limit = self.settings.max_request_body_bytes
+        if int(request.headers.get("content-length") or 0) > limit:
+            raise HTTPError(
+                413,
+                f"Request body is larger than {limit} bytes.",
+                "invalid_request_error",
+                None,
+                "request_too_large",
+            )
+        raw = bytearray()
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > limit:
+                raise HTTPError(
+                    413,
+                    f"Request body is larger than {limit} bytes.",
+                    "invalid_request_error",
+                    None,
+                    "request_too_large",
+                )
+        try:
+            data = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise HTTPError(
+                400, f"Invalid JSON body: {e}", "invalid_request_error", None, "invalid_json"
+            ) from None
+        if not isinstance(data, dict):
+            raise HTTPError(
+                400, "The request body must be a JSON object.", "invalid_request_error", None, "invalid_json"
+            )
+        try:
+            return model_cls.model_validate(data)
+        except ValidationError as e:
+            param, msg = validation_param(e)
+            raise HTTPError(400, msg, "invalid_request_error", param, None) from None
+
+    def _model_name(self, requested: str | None) -> str:
+        if requested is None or requested in self.names:
+            return requested or self.names[0]
+        raise HTTPError(
+            404,
+            f"The model `{requested}` does not exist.",
+            "invalid_request_error",
+            "model",
+            "model_not_found",
+        )
+
+    async def _context_len(self) -> int:
+        if self.max_model_len is None:
+            info = await self.router.model_info.remote()
+            if not info["ready"]:
+                raise HTTPError(503, "The model is still loading.", "service_unavailable")
+            self.max_model_len = info["max_model_len"]
+        return self.max_model_len  # type: ignore[return-value]
+
+    async def _max_tokens(self, requested: int | None, prompt_len: int) -> int:
+        if requested is not None:
+            return requested
+        return max(1, await self._context_len() - prompt_len)
+
+    async def _start(
+        self, rid: str, prompts: list[list[int]], req: SamplingFields, max_tokens: int, logprobs: int | None
+    ):
+        """Submit one router request per choice (choice i: prompts[i], seed + i) and wait for each
+        one's first output, where refusals show. → [(router stream, first output)] per choice."""
+        streams = []
+        for i, prompt in enumerate(prompts):
+            try:
+                params = req.sampling_params(max_tokens, logprobs, i)
+            except RequestError as e:
+                raise bad_request(e) from None
+            payload = {"request_id": f"{rid}-{i}", "prompt_token_ids": prompt, "params": params.__dict__}
+            streams.append(self.router.options(stream=True).generate.remote(payload))
+        started = []
+        try:
+            for st in streams:
+                first = await st.__anext__()
+                if "error" in first:
+                    e = first["error"]
+                    raise HTTPError(400, e["message"], "invalid_request_error", e["param"], e["code"])
+                started.append((st, first))
+        except BaseException:
+            await self._abort(rid, streams)
+            raise
+        return started
+
+    async def _abort(self, rid: str, streams: list) -> None:
+        for i, st in enumerate(streams):
+            st.cancel()
+            await self.router.abort.remote(f"{rid}-{i}")
+
+    async def _merged(self, rid: str, started: list) -> AsyncIterator[tuple[int, dict[str, Any]]]:
+        """(choice index, output) from all choices as they come; aborts all if the consumer leaves."""
+        q: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, st, first) -> None:
+            try:
+                await q.put((i, first))
+                if not first["finished"]:
+                    async for item in st:
+                        await q.put((i, item))
+                        if item["finished"]:
+                            break
+            except Exception as e:
+                await q.put((i, e))
+
+        tasks = [asyncio.create_task(pump(i, st, f)) for i, (st, f) in enumerate(started)]
+        done = 0
+        try:
+            while done < len(started):
+                i, item = await q.get()
+                if isinstance(item, Exception):
+                    raise item
+                if item["finished"]:
+                    done += 1
+                yield i, item
+        finally:
+            for t in tasks:
+                t.cancel()
+            if done < len(started):
+                await self._abort(rid, [st for st, _ in started])
+
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False) or " "
+
+    # ---- endpoints ----
+
+    @app.get("/health")
+    async def health(self) -> Response:
+        stats = await self.router.stats.remote()
+        return Response(status_code=200 if stats["ready"] else 503)
+
+    @app.get("/version")
+    async def version(self) -> dict[str, str]:
+        return {"version": VERSION}
+
+    @app.get("/v1/models")
+    async def models(self, request: Request) -> dict[str, Any]:
+        self._check_auth(request)
+        created = int(time.time())
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": n,
+                    "object": "model",
+                    "created": created,
+                    "owned_by": "raymix",
+                    "root": self.names[0],
+                    "max_model_len": self.max_model_len,
+                }
+                for n in self.names
+            ],
+        }
+
+    @app.get("/metrics")
+    async def metrics(self) -> Response:
+        stats = await self.router.stats.remote()
+        body, content_type = self.metrics.render(stats)
+        return Response(body, media_type=content_type)
+
+    @app.post("/tokenize")
+    async def tokenize(self, request: Request) -> dict[str, Any]:
+        req: TokenizeRequest = await self._body(request, TokenizeRequest)
+        self._model_name(req.model)
+        if req.messages is not None:
+            tokens = self.tokenizer.apply_chat_template([m.to_template() for m in req.messages])
+        elif req.prompt is not None:
+            tokens = self.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        else:
+            raise HTTPError(400, "Either prompt or messages is required.", "invalid_request_error", "prompt")
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": await self._context_len()}
+
+    @app.post("/detokenize")
+    async def detokenize(self, request: Request) -> dict[str, Any]:
+        req: DetokenizeRequest = await self._body(request, DetokenizeRequest)
+        self._model_name(req.model)
+        if any(not 0 <= t < self.tokenizer.vocab_size for t in req.tokens):
+            raise HTTPError(
+                400,
+                f"token ids must be in [0, {self.tokenizer.vocab_size})",
+                "invalid_request_error",
+                "tokens",
+            )
+        return {"prompt": self.tokenizer.decode(req.tokens)}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        start = time.monotonic()
+        req: ChatCompletionRequest = await self._body(request, ChatCompletionRequest)
+        model = self._model_name(req.model)
+        prompt = self.tokenizer.apply_chat_template([m.to_template() for m in req.messages])
+        max_tokens = await self._max_tokens(req.requested_max_tokens(), len(prompt))
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        started = await self._start(rid, [prompt] * req.n, req, max_tokens, req.logprobs_k())
+        outputs = self._merged(rid, started)
+        created = int(time.time())
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return EventSourceResponse(
+                self._chat_stream(rid, model, created, len(prompt), req.n, outputs, include_usage, start),
+                ping=15,
+            )
+        texts, reasons, logprobs = [""] * req.n, [None] * req.n, [[] for _ in range(req.n)]
+        completion_tokens = 0
+        async for i, out in outputs:
+            texts[i] += out["new_text"]
+            logprobs[i] += out["new_logprobs"]
+            if out["finished"]:
+                reasons[i] = out["finish_reason"]
+                completion_tokens += out["num_output_tokens"]
+        self.metrics.observe_request(len(prompt), completion_tokens, time.monotonic() - start, reasons)
+        return JSONResponse(
+            {
+                "id": rid,
+                "object": "chat.completion",
+                "created": created,
+                "model": model,
+                "choices": [
+                    {
+                        "index": i,
+                        "message": {"role": "assistant", "content": texts[i]},
+                        "logprobs": self._chat_logprobs(logprobs[i]) if req.logprobs else None,
+                        "finish_reason": reasons[i],
+                    }
+                    for i in range(req.n)
+                ],
+                "usage": usage(len(prompt), completion_tokens),
+            }
+        )
+
+    async def _chat_stream(
+        self, rid, model, created, prompt_len, n, outputs, include_usage, start
+    ) -> AsyncIterator[str]:
+        def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
+            body = {
+                "id": rid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "choices": choices,
+            }
+            if include_usage:
+                body["usage"] = None
+            return json.dumps(body | extra)
+
+        completion_tokens, reasons = 0, [None] * n
+        first_token = True
+        for i in range(n):
+            yield chunk(
+                [
+                    {
+                        "index": i,
+                        "delta": {"role": "assistant", "content": ""},
+                        "logprobs": None,
+                        "finish_reason": None,
+                    }
+                ]
+            )
+        async for i, out in outputs:
+            if first_token:
+                self.metrics.observe_first_token(time.monotonic() - start)
+                first_token = False
+            lp = self._chat_logprobs(out["new_logprobs"]) if out["new_logprobs"] else None
+            if out["new_text"] or lp:
+                yield chunk(
+                    [
+                        {
+                            "index": i,
+                            "delta": {"content": out["new_text"]},
+                            "logprobs": lp,
+                            "finish_reason": None,
+                        }
+                    ]
+                )
+            if out["finished"]:
+                reasons[i] = out["finish_reason"]
+                completion_tokens += out["num_output_tokens"]
+                yield chunk(
+                    [{"index": i, "delta": {}, "logprobs": None, "finish_reason": out["finish_reason"]}]
+                )
+        self.metrics.observe_request(prompt_len, completion_tokens, time.monotonic() - start, reasons)
+        if include_usage:
+            yield chunk([], usage=usage(prompt_len, completion_tokens))
+        yield "[DONE]"
+
+    def _chat_logprobs(self, lps: list[dict[str, Any]]) -> dict[str, Any]:
+        def entry(token_id: int, logprob: float) -> dict[str, Any]:
+            text = self._token_text(token_id)
+            return {"token": text, "logprob": max(logprob, -9999.0), "bytes": list(text.encode())}
+
+        return {
+            "content": [
+                entry(lp["token_id"], lp["logprob"]) | {"top_logprobs": [entry(t, v) for t, v in lp["top"]]}
+                for lp in lps
+            ]
+        }
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request) -> Response:
+        start = time.monotonic()
+        req: CompletionRequest = await self._body(request, CompletionRequest)
+        model = self._model_name(req.model)
+        prompts = [p if isinstance(p, list) else self.tokenizer.encode(p) for p in req.prompts()]
+        if len(prompts) > 1 and req.stream:
+            raise HTTPError(400, "Streaming takes a single prompt.", "invalid_request_error", "prompt")
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        per_choice = [p for p in prompts for _ in range(req.n)]  # choice k: prompt k // n
+        outputs = self._merged(rid, await self._start(rid, per_choice, req, req.max_tokens, req.logprobs))
+        prompt_tokens = sum(len(p) for p in prompts)
+        if req.stream:
+            return EventSourceResponse(
+                self._completion_stream(rid, model, created, prompt_tokens, req, outputs, start), ping=15
+            )
+        k = len(per_choice)
+        texts, reasons, lps = [""] * k, [None] * k, [[] for _ in range(k)]
+        completion_tokens = 0
+        async for i, out in outputs:
+            texts[i] += out["new_text"]
+            lps[i] += out["new_logprobs"]
+            if out["finished"]:
+                reasons[i] = out["finish_reason"]
+                completion_tokens += out["num_output_tokens"]
+        self.metrics.observe_request(prompt_tokens, completion_tokens, time.monotonic() - start, reasons)
+        choices = [
+            {
+                "index": i,
+                "text": (self.tokenizer.decode(per_choice[i]) if req.echo else "") + texts[i],
+                "logprobs": self._completion_logprobs(lps[i]) if req.logprobs is not None else None,
+                "finish_reason": reasons[i],
+            }
+            for i in range(k)
+        ]
+        return JSONResponse(
+            {
+                "id": rid,
+                "object": "text_completion",
+                "created": created,
+                "model": model,
+                "choices": choices,
+                "usage": usage(prompt_tokens, completion_tokens),
+            }
+        )
+
+    async def _completion_stream(
+        self, rid, model, created, prompt_len, req, outputs, start
+    ) -> AsyncIterator[str]:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        completion_tokens, reasons = 0, [None] * req.n
+        first_token = True
+
+        def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
+            body = {
+                "id": rid,
+                "object": "text_completion",
+                "created": created,
+                "model": model,
+                "choices": choices,
+            }
+            if include_usage:
+                body["usage"] = None
+            return json.dumps(body | extra)
+
+        async for i, out in outputs:
+            if first_token:
+                self.metrics.observe_first_token(time.monotonic() - start)
+                first_token = False
+            lp = self._completion_logprobs(out["new_logprobs"]) if req.logprobs is not None else None
+            if out["finished"]:
+                reasons[i] = out["finish_reason"]
+                completion_tokens += out["num_output_tokens"]
+            if out["new_text"] or out["finished"]:
+                yield chunk(
+                    [
+                        {
+                            "index": i,
+                            "text": out["new_text"],
+                            "logprobs": lp,
+                            "finish_reason": out["finish_reason"] if out["finished"] else None,
+                        }
+                    ]
+                )
+        self.metrics.observe_request(prompt_len, completion_tokens, time.monotonic() - start, reasons)
+        if include_usage:
+            yield chunk([], usage=usage(prompt_len, completion_tokens))
+        yield "[DONE]"
+
+    def _completion_logprobs(self, lps: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "tokens": [self._token_text(lp["token_id"]) for lp in lps],
+            "token_logprobs": [lp["logprob"] for lp in lps],
+            "top_logprobs": [{self._token_text(t): v for t, v in lp["top"]} for lp in lps],
+        }

@@ -1,0 +1,86 @@
+"""ExpertShard: a Ray Serve deployment holding a subset of the experts of every layer.
+
+It loads only its experts from the checkpoint (on its own GPU when the cluster has GPUs), then
+waits for the router to call `connect`, after which its data-plane thread answers layer batches
+over a torch.distributed pair group (moe.data_plane). Serve's health check fails if that thread
+has died, so Serve restarts the replica.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import time
+from typing import Any
+
+import torch
+
+from cluster.config import RaymixSettings
+from moe.checkpoint import CheckpointReader
+from moe.config import MixtralConfig
+from moe.data_plane import Rendezvous, ShardServer
+from moe.engine import pick_device, pick_dtype
+from moe.experts import LocalExperts
+
+log = logging.getLogger("ray.serve")
+
+
+class ExpertShard:
+    def __init__(
+        self, settings: dict[str, Any], shard_id: int, expert_ids: list[int], num_threads: int | None
+    ):
+        s = RaymixSettings(**settings)
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.shard_id = shard_id
+        self.expert_ids = expert_ids
+        model_dir = s.model_dir()
+        cfg = MixtralConfig.from_pretrained(model_dir)
+        self.device = pick_device("auto")
+        dtype = pick_dtype(s.dtype, cfg, self.device)
+        start = time.perf_counter()
+        self.reader = CheckpointReader(model_dir)
+        self.experts = LocalExperts.from_checkpoint(self.reader, cfg, expert_ids, dtype, self.device)
+        log.info(
+            "expert shard %d: experts %s of %d layers loaded on %s in %.1fs",
+            shard_id,
+            expert_ids,
+            cfg.num_hidden_layers,
+            self.device,
+            time.perf_counter() - start,
+        )
+        self.server: ShardServer | None = None
+        self.connect_timeout = datetime.timedelta(seconds=s.data_plane_timeout_s)
+
+    def connect(self, rendezvous: dict[str, Any]) -> None:
+        """Join the router's pair group (blocks until both ends are up), then serve batches."""
+        server = ShardServer(self.experts, Rendezvous(**rendezvous), self.connect_timeout)
+        server.connect()
+        server.start()
+        self.server = server
+
+    def info(self) -> dict[str, Any]:
+        import ray
+
+        ctx = ray.get_runtime_context()
+        return {
+            "shard_id": self.shard_id,
+            "expert_ids": self.expert_ids,
+            "num_parameters": self.experts.num_parameters(),
+            "tensors_read": len(self.reader.tensors_read),
+            "experts_read": sorted(
+                {int(n.split(".experts.")[1].split(".")[0]) for n in self.reader.tensors_read}
+            ),
+            "device": str(self.device),
+            "gpu_ids": [str(g) for g in ctx.get_accelerator_ids().get("GPU", [])],
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "node_id": ctx.get_node_id(),
+            "node_ip": ray.util.get_node_ip_address(),
+            "pid": os.getpid(),
+            "batches_served": self.server.batches_served if self.server else 0,
+        }
+
+    def check_health(self) -> None:
+        if self.server is not None and not self.server.alive:
+            raise RuntimeError(f"expert shard {self.shard_id}: data plane stopped ({self.server.error})")
