@@ -224,7 +224,7 @@ class Ingress:
                 await self._abort(rid, [st for st, _ in started])
 
     def _token_text(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id], skip_special_tokens=False) or " "
+        return self.tokenizer.token_text(token_id)
 
     # ---- endpoints ----
 

@@ -33,6 +33,8 @@ class Tokenizer(Protocol):
 
     def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]: ...
 
+    def token_text(self, token_id: int) -> str: ...
+
 
 class HFTokenizer:
     mode = "hf"
@@ -65,6 +67,10 @@ class HFTokenizer:
             ) from None
         ids = out["input_ids"] if hasattr(out, "keys") else out  # a BatchEncoding in transformers 5
         return [int(t) for t in ids]
+
+    def token_text(self, token_id: int) -> str:
+        """One token as text for logprobs: its piece, with SentencePiece's '▁' as a space."""
+        return str(self.tok.convert_ids_to_tokens(token_id)).replace("\u2581", " ")
 
 
 class MistralTokenizer:
@@ -99,6 +105,9 @@ class MistralTokenizer:
             return list(self.mt.encode_chat_completion(req).tokens)
         except Exception as e:  # mistral-common validates roles and their order
             raise RequestError(f"invalid messages: {e}", param="messages") from None
+
+    def token_text(self, token_id: int) -> str:
+        return str(self.raw.id_to_piece(token_id)).replace("\u2581", " ")
 
 
 def load_tokenizer(model_dir: str | Path, mode: str = "auto") -> Tokenizer:

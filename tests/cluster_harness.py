@@ -1,0 +1,82 @@
+"""Starting raymix on a real local Ray cluster for integration tests (one cluster per module)."""
+
+from __future__ import annotations
+
+import socket
+import time
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def ray_cluster(**init_kwargs: Any):
+    """A local Ray on 127.0.0.1 for this module; shut down (with Serve) at the end."""
+    import ray
+    from ray import serve
+
+    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, **init_kwargs)
+    try:
+        yield ray
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+
+
+class Raymix:
+    """Deploys (and redeploys) the raymix app on the module's Ray cluster."""
+
+    def __init__(self, port: int):
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.settings: dict[str, Any] | None = None
+
+    def deploy(self, **settings: Any) -> str:
+        from cluster import bringup
+        from cluster.config import RaymixSettings
+
+        settings = {"port": self.port, **settings}
+        if settings != self.settings:
+            s = RaymixSettings(**settings)
+            from ray import serve
+
+            from deployments.app import build_app
+
+            serve.start(http_options={"host": "127.0.0.1", "port": self.port})
+            serve.run(build_app(s), name=bringup.APP_NAME, route_prefix="/", blocking=False)
+            bringup.wait_healthy(self.url, timeout=300)
+            self.settings = settings
+        return self.url
+
+    def router_stats(self) -> dict[str, Any]:
+        from ray import serve
+
+        return serve.get_deployment_handle("Router", app_name="raymix").stats.remote().result()
+
+    def wait_idle(self, timeout: float = 20.0) -> dict[str, Any]:
+        """Poll until no request runs or waits and no KV block is used; → the last stats."""
+        deadline = time.monotonic() + timeout
+        while True:
+            stats = self.router_stats()
+            idle = stats["num_requests_running"] == 0 and stats["num_requests_waiting"] == 0
+            if (idle and stats["num_used_kv_blocks"] == 0) or time.monotonic() > deadline:
+                return stats
+            time.sleep(0.2)
+
+
+def metric(url: str, name: str, headers: dict[str, str] | None = None) -> float:
+    """The value of an unlabelled sample in /metrics."""
+    text = httpx.get(f"{url}/metrics", headers=headers or {}).text
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise KeyError(name)

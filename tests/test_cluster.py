@@ -1,0 +1,267 @@
+"""The cluster end to end: a real local Ray cluster, real HTTP, the official openai client.
+
+One Ray cluster for the module; the app is redeployed with 1, 2 and 4 expert shards."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+
+import httpx
+import openai
+import pytest
+import torch
+
+from moe.engine import EngineConfig, LLMEngine
+from moe.sampling import SamplingParams
+from moe.tiny import default_model_dir
+from tests.cluster_harness import Raymix, free_port, metric, ray_cluster
+
+KEY = "sk-raymix-test"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+SETTINGS = dict(api_key=[KEY], max_model_len=512, kv_cache_memory_mb=64, max_request_body_bytes=65536)
+QUESTIONS = [
+    "Hi",
+    "What is a mixture of experts?",
+    "Count from one to ten.",
+    "Write a haiku about routers.",
+    "Why is the sky blue? Explain briefly.",
+    "Translate 'hello' into French.",
+    "x",
+    "Tell me a very long story about eight experts who each only see a quarter of the tokens.",
+]
+
+
+@pytest.fixture(scope="module")
+def raymix():
+    with ray_cluster():
+        yield Raymix(free_port())
+
+
+@pytest.fixture
+def client(raymix):
+    url = raymix.deploy(expert_shards=2, **SETTINGS)
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """Greedy outputs of the in-process engine and transformers on the same checkpoint."""
+    from transformers import MixtralForCausalLM
+
+    model_dir = default_model_dir()
+    eng = LLMEngine.from_pretrained(model_dir, EngineConfig(max_model_len=512))
+    hf = MixtralForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    prompts = [eng.tokenizer.apply_chat_template([{"role": "user", "content": q}]) for q in QUESTIONS]
+    seqs = eng.generate(prompts, SamplingParams(max_tokens=16, temperature=0.0))
+    for p, s in zip(prompts, seqs, strict=True):
+        out = hf.generate(torch.tensor([p]), max_new_tokens=16, do_sample=False)[0, len(p) :].tolist()
+        assert s.output_token_ids == out  # the in-process engine is transformers, token for token
+    return [s.text for s in seqs]
+
+
+@pytest.mark.parametrize("shards", [1, 2, 4])
+def test_greedy_http_equals_engine_and_transformers(raymix, reference, shards):
+    url = raymix.deploy(expert_shards=shards, **SETTINGS)
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=120)
+
+    def ask(q: str) -> str:
+        r = client.chat.completions.create(
+            model="raymix-tiny-mixtral",
+            messages=[{"role": "user", "content": q}],
+            max_tokens=16,
+            temperature=0,
+        )
+        return r.choices[0].message.content
+
+    with cf.ThreadPoolExecutor(len(QUESTIONS)) as pool:  # 8 concurrent requests share the batch
+        answers = list(pool.map(ask, QUESTIONS))
+    assert answers == reference
+
+
+def test_stream_equals_non_stream_and_usage(client):
+    kw = dict(
+        model="raymix-tiny-mixtral",
+        messages=[{"role": "user", "content": "Stream me"}],
+        max_tokens=12,
+        temperature=0,
+    )
+    full = client.chat.completions.create(**kw)
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == [full.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    assert full.usage.total_tokens == full.usage.prompt_tokens + full.usage.completion_tokens
+    assert full.usage.completion_tokens <= 12
+
+
+def test_max_tokens_gives_length_and_max_completion_tokens(client):
+    r = client.chat.completions.create(
+        model="raymix-tiny-mixtral",
+        messages=[{"role": "user", "content": "go"}],
+        max_completion_tokens=5,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 5
+
+
+def test_n2_streaming_and_not(client):
+    kw = dict(
+        model="raymix-tiny-mixtral",
+        messages=[{"role": "user", "content": "two please"}],
+        max_tokens=8,
+        n=2,
+        seed=5,
+        extra_body={"ignore_eos": True},
+    )
+    r = client.chat.completions.create(**kw)
+    assert [c.index for c in r.choices] == [0, 1]
+    assert r.choices[0].message.content != r.choices[1].message.content  # seeds 5 and 6
+    texts = {0: "", 1: ""}
+    for c in client.chat.completions.create(stream=True, **kw):
+        for ch in c.choices:
+            texts[ch.index] += ch.delta.content or ""
+    assert texts == {0: r.choices[0].message.content, 1: r.choices[1].message.content}
+    assert r.usage.completion_tokens == 16  # counted over both choices
+
+
+def test_stop_strings(client):
+    kw = dict(model="raymix-tiny-mixtral", messages=[{"role": "user", "content": "stop test"}], temperature=0)
+    full = (
+        client.chat.completions.create(max_tokens=20, extra_body={"ignore_eos": True}, **kw)
+        .choices[0]
+        .message.content
+    )
+    stop = full[6:9]
+    r = client.chat.completions.create(
+        max_tokens=20, stop=[stop, "never-appears"], extra_body={"ignore_eos": True}, **kw
+    )
+    assert r.choices[0].finish_reason == "stop"
+    assert r.choices[0].message.content == full[: full.index(stop)]
+    streamed = "".join(
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(
+            max_tokens=20, stop=stop, stream=True, extra_body={"ignore_eos": True}, **kw
+        )
+        if c.choices
+    )
+    assert streamed == r.choices[0].message.content
+
+
+def test_logprobs(client):
+    r = client.chat.completions.create(
+        model="raymix-tiny-mixtral",
+        messages=[{"role": "user", "content": "lp"}],
+        max_tokens=4,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+    )
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    for e in content:
+        assert len(e.top_logprobs) == 3 and e.top_logprobs[0].token == e.token  # greedy: the top one
+        assert e.logprob == pytest.approx(e.top_logprobs[0].logprob)
+    assert "".join(e.token for e in content).strip() == r.choices[0].message.content.strip()
+
+
+def test_seed_reproducible(client):
+    kw = dict(
+        model="raymix-tiny-mixtral",
+        messages=[{"role": "user", "content": "seeded"}],
+        max_tokens=10,
+        temperature=1.0,
+    )
+    a = client.chat.completions.create(seed=42, **kw).choices[0].message.content
+    b = client.chat.completions.create(seed=42, **kw).choices[0].message.content
+    c = client.chat.completions.create(seed=43, **kw).choices[0].message.content
+    assert a == b != c
+
+
+def test_completions_models_tokenize(client, raymix):
+    r = client.completions.create(
+        model="raymix-tiny-mixtral", prompt="Once upon a time", max_tokens=6, temperature=0, logprobs=2
+    )
+    assert r.object == "text_completion" and r.choices[0].finish_reason in ("stop", "length")
+    assert len(r.choices[0].logprobs.token_logprobs) == r.usage.completion_tokens
+    batch = client.completions.create(
+        model="raymix-tiny-mixtral", prompt=["Once upon a time", "x"], max_tokens=6, temperature=0
+    )
+    assert batch.choices[0].text == r.choices[0].text and len(batch.choices) == 2
+    assert [m.id for m in client.models.list().data] == ["raymix-tiny-mixtral"]
+    tok = httpx.post(f"{raymix.url}/tokenize", json={"prompt": "Hello world"}, headers=AUTH).json()
+    assert tok["count"] == len(tok["tokens"]) and tok["max_model_len"] == 512
+    back = httpx.post(f"{raymix.url}/detokenize", json={"tokens": tok["tokens"]}, headers=AUTH).json()
+    assert back["prompt"] == "Hello world"
+    assert httpx.get(f"{raymix.url}/version").json()["version"]
+
+
+def post(url: str, body, headers=AUTH, path="/v1/chat/completions") -> httpx.Response:
+    content = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return httpx.post(
+        url + path, content=content, headers={"Content-Type": "application/json", **headers}, timeout=60
+    )
+
+
+GOOD = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+
+
+@pytest.mark.parametrize(
+    "body,status,param,code",
+    [
+        (b"{not json", 400, None, "invalid_json"),
+        ({"max_tokens": 3}, 400, "messages", None),
+        ({"messages": [], "max_tokens": 3}, 400, "messages", None),
+        ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role", None),
+        ({**GOOD, "temperature": 7}, 400, "temperature", None),
+        ({**GOOD, "top_p": 0}, 400, "top_p", None),
+        ({**GOOD, "max_tokens": 0}, 400, "max_tokens", None),
+        ({**GOOD, "n": 0}, 400, "n", None),
+        ({**GOOD, "max_tokens": 100000}, 400, "messages", "context_length_exceeded"),
+        ({**GOOD, "model": "gpt-17"}, 404, "model", "model_not_found"),
+        (b"[" + b"1," * 40000 + b"1]", 413, None, "request_too_large"),
+    ],
+)
+def test_bad_input_gets_openai_errors(client, raymix, body, status, param, code):
+    r = post(raymix.url, body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert err["param"] == param and err["code"] == code
+    if code == "context_length_exceeded":
+        assert "maximum context length is 512 tokens" in err["message"]
+    assert post(raymix.url, GOOD).status_code == 200  # and the server keeps serving
+
+
+def test_api_keys(client, raymix):
+    assert post(raymix.url, GOOD, headers={}).status_code == 401
+    r = post(raymix.url, GOOD, headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(f"{raymix.url}/v1/models").status_code == 401
+    assert httpx.get(f"{raymix.url}/health").status_code == 200  # open
+    assert post(raymix.url, GOOD).status_code == 200
+
+
+def test_disconnect_mid_stream_frees_everything(client, raymix):
+    body = {
+        "messages": [{"role": "user", "content": "never ending"}],
+        "max_tokens": 400,
+        "stream": True,
+        "ignore_eos": True,
+    }
+    with httpx.stream("POST", raymix.url + "/v1/chat/completions", json=body, headers=AUTH, timeout=60) as r:
+        lines = 0
+        for line in r.iter_lines():
+            lines += line.startswith("data:")
+            if lines == 5:
+                assert raymix.router_stats()["num_requests_running"] == 1
+                break  # the client goes away mid-stream
+    stats = raymix.wait_idle()
+    assert stats["num_requests_running"] == 0 and stats["num_used_kv_blocks"] == 0
+    assert metric(raymix.url, "raymix:num_requests_running") == 0
+    assert metric(raymix.url, "raymix:kv_cache_usage_perc") == 0
+    assert post(raymix.url, GOOD).status_code == 200
