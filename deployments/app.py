@@ -28,26 +28,23 @@ def build_app(args: dict[str, Any] | RaymixSettings | None = None) -> Applicatio
     settings = s.model_dump()
     shards = [
         serve.deployment(
-            ExpertShard,
             name=f"ExpertShard{k}",
             num_replicas=1,
             ray_actor_options=p.shard_options,
             max_ongoing_requests=16,
             health_check_period_s=5,
-        ).bind(settings, k, group, p.torch_threads)
+        )(ExpertShard).bind(settings, k, group, p.torch_threads)
         for k, group in enumerate(p.expert_groups)
     ]
     router = serve.deployment(
-        Router,
         name="Router",
         num_replicas=1,
         ray_actor_options=p.router_options,
         max_ongoing_requests=100_000,
         health_check_period_s=5,
-    ).bind(settings, shards, p.expert_groups, p.torch_threads)
+    )(Router).bind(settings, shards, p.expert_groups, p.torch_threads)
     return serve.deployment(
-        Ingress,
         name="Ingress",
         ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=100_000,
-    ).bind(settings, router)
+    )(Ingress).bind(settings, router)

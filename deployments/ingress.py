@@ -17,7 +17,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from ray import serve
 from sse_starlette.sse import EventSourceResponse
 
@@ -84,7 +84,7 @@ class Ingress:
         self.names = s.model_names()
         self.tokenizer = load_tokenizer(s.model_dir(), s.tokenizer_mode)
         self.keys = [k.encode() for k in s.api_key]
-        self.metrics = ServingMetrics()
+        self.serving_metrics = ServingMetrics()
         self.max_model_len: int | None = None
 
     # ---- plumbing ----
@@ -99,7 +99,7 @@ class Ingress:
                 401, "Incorrect API key provided.", "invalid_request_error", None, "invalid_api_key"
             )
 
-    async def _body(self, request: Request, model_cls: type) -> Any:
+    async def _body(self, request: Request, model_cls: type[BaseModel]) -> Any:
         self._check_auth(request)
         limit = self.settings.max_request_body_bytes
         if int(request.headers.get("content-length") or 0) > limit:
@@ -179,8 +179,8 @@ class Ingress:
             for st in streams:
                 first = await st.__anext__()
                 if "error" in first:
-                    e = first["error"]
-                    raise HTTPError(400, e["message"], "invalid_request_error", e["param"], e["code"])
+                    err = first["error"]
+                    raise HTTPError(400, err["message"], "invalid_request_error", err["param"], err["code"])
                 started.append((st, first))
         except BaseException:
             await self._abort(rid, streams)
@@ -259,7 +259,7 @@ class Ingress:
     @app.get("/metrics")
     async def metrics(self) -> Response:
         stats = await self.router.stats.remote()
-        body, content_type = self.metrics.render(stats)
+        body, content_type = self.serving_metrics.render(stats)
         return Response(body, media_type=content_type)
 
     @app.post("/tokenize")
@@ -304,7 +304,8 @@ class Ingress:
                 self._chat_stream(rid, model, created, len(prompt), req.n, outputs, include_usage, start),
                 ping=15,
             )
-        texts, reasons, logprobs = [""] * req.n, [None] * req.n, [[] for _ in range(req.n)]
+        texts, reasons = [""] * req.n, [None] * req.n
+        logprobs: list[list[dict[str, Any]]] = [[] for _ in range(req.n)]
         completion_tokens = 0
         async for i, out in outputs:
             texts[i] += out["new_text"]
@@ -312,7 +313,9 @@ class Ingress:
             if out["finished"]:
                 reasons[i] = out["finish_reason"]
                 completion_tokens += out["num_output_tokens"]
-        self.metrics.observe_request(len(prompt), completion_tokens, time.monotonic() - start, reasons)
+        self.serving_metrics.observe_request(
+            len(prompt), completion_tokens, time.monotonic() - start, reasons
+        )
         return JSONResponse(
             {
                 "id": rid,
@@ -362,7 +365,7 @@ class Ingress:
             )
         async for i, out in outputs:
             if first_token:
-                self.metrics.observe_first_token(time.monotonic() - start)
+                self.serving_metrics.observe_first_token(time.monotonic() - start)
                 first_token = False
             lp = self._chat_logprobs(out["new_logprobs"]) if out["new_logprobs"] else None
             if out["new_text"] or lp:
@@ -382,7 +385,7 @@ class Ingress:
                 yield chunk(
                     [{"index": i, "delta": {}, "logprobs": None, "finish_reason": out["finish_reason"]}]
                 )
-        self.metrics.observe_request(prompt_len, completion_tokens, time.monotonic() - start, reasons)
+        self.serving_metrics.observe_request(prompt_len, completion_tokens, time.monotonic() - start, reasons)
         if include_usage:
             yield chunk([], usage=usage(prompt_len, completion_tokens))
         yield "[DONE]"
@@ -417,7 +420,8 @@ class Ingress:
                 self._completion_stream(rid, model, created, prompt_tokens, req, outputs, start), ping=15
             )
         k = len(per_choice)
-        texts, reasons, lps = [""] * k, [None] * k, [[] for _ in range(k)]
+        texts, reasons = [""] * k, [None] * k
+        lps: list[list[dict[str, Any]]] = [[] for _ in range(k)]
         completion_tokens = 0
         async for i, out in outputs:
             texts[i] += out["new_text"]
@@ -425,7 +429,9 @@ class Ingress:
             if out["finished"]:
                 reasons[i] = out["finish_reason"]
                 completion_tokens += out["num_output_tokens"]
-        self.metrics.observe_request(prompt_tokens, completion_tokens, time.monotonic() - start, reasons)
+        self.serving_metrics.observe_request(
+            prompt_tokens, completion_tokens, time.monotonic() - start, reasons
+        )
         choices = [
             {
                 "index": i,
@@ -467,7 +473,7 @@ class Ingress:
 
         async for i, out in outputs:
             if first_token:
-                self.metrics.observe_first_token(time.monotonic() - start)
+                self.serving_metrics.observe_first_token(time.monotonic() - start)
                 first_token = False
             lp = self._completion_logprobs(out["new_logprobs"]) if req.logprobs is not None else None
             if out["finished"]:
@@ -484,7 +490,7 @@ class Ingress:
                         }
                     ]
                 )
-        self.metrics.observe_request(prompt_len, completion_tokens, time.monotonic() - start, reasons)
+        self.serving_metrics.observe_request(prompt_len, completion_tokens, time.monotonic() - start, reasons)
         if include_usage:
             yield chunk([], usage=usage(prompt_len, completion_tokens))
         yield "[DONE]"

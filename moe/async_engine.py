@@ -98,16 +98,7 @@ class AsyncEngine:
         self.stats = engine.stats()
         self.ready.set()
         while True:
-            cmds = []
-            try:
-                cmds.append(self._inbox.get(timeout=None if not engine.has_unfinished() else 0))
-            except queue.Empty:
-                pass
-            while True:
-                try:
-                    cmds.append(self._inbox.get_nowait())
-                except queue.Empty:
-                    break
+            cmds = self._drain(block=not engine.has_unfinished())
             for cmd in cmds:
                 if cmd[0] == "stop":
                     self._shutdown(engine)
@@ -123,6 +114,15 @@ class AsyncEngine:
             if engine.has_unfinished():
                 self._step(engine)
             self.stats = engine.stats()
+
+    def _drain(self, block: bool) -> list[tuple[Any, ...]]:
+        """Everything in the inbox; when idle, first wait for something to arrive."""
+        cmds = [self._inbox.get()] if block else []
+        while True:
+            try:
+                cmds.append(self._inbox.get_nowait())
+            except queue.Empty:
+                return cmds
 
     def _step(self, engine: LLMEngine) -> None:
         try:

@@ -20,6 +20,7 @@ import datetime
 import logging
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -52,7 +53,7 @@ def open_store(url: str, is_master: bool, timeout: datetime.timedelta) -> dist.S
 
 def pair_group(
     store: dist.Store, prefix: str, rank: int, backend: str, timeout: datetime.timedelta, host: str
-) -> dist.ProcessGroup:
+) -> Any:
     """A two-rank process group on its own key prefix (independent of any default group).
     gloo listens on `host` only (127.0.0.1 on one node)."""
     prefixed = dist.PrefixStore(prefix, store)
@@ -60,7 +61,7 @@ def pair_group(
         nccl_opts = dist.ProcessGroupNCCL.Options()
         nccl_opts._timeout = timeout
         return dist.ProcessGroupNCCL(prefixed, rank, 2, nccl_opts)
-    opts = dist.ProcessGroupGloo._Options()
+    opts = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]
     opts._timeout = timeout
     opts._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
     return dist.ProcessGroupGloo(prefixed, rank, 2, opts)
