@@ -81,6 +81,11 @@ class RaymixSettings(BaseSettings):
         ge=0,
         description="CPUs the router reserves in Ray (0 lets everything fit a small machine)",
     )
+    router_gpus: float | None = Field(
+        default=None,
+        ge=0,
+        description="GPUs the router asks for; default: 1 when the cluster has GPUs, else 0",
+    )
     shard_cpus: float = Field(default=0.0, ge=0, description="CPUs each expert shard reserves in Ray")
     torch_threads: int | None = Field(
         default=None,

@@ -41,12 +41,13 @@ def plan(settings: RaymixSettings, cfg: MixtralConfig, gpus: float) -> Placement
     groups = partition_experts(cfg.num_local_experts, settings.expert_shards)
     use_gpus = gpus > 0
     gpu = {"num_gpus": 1} if use_gpus else {}
+    router_gpus = settings.router_gpus if settings.router_gpus is not None else (1 if use_gpus else 0)
     processes = settings.expert_shards + 1
     threads = settings.torch_threads or max(1, (os.cpu_count() or 1) // processes)
     return Placement(
         expert_groups=groups,
         use_gpus=use_gpus,
         shard_options={"num_cpus": settings.shard_cpus, **gpu},
-        router_options={"num_cpus": settings.router_cpus, **gpu},
+        router_options={"num_cpus": settings.router_cpus, "num_gpus": router_gpus},
         torch_threads=threads,
     )

@@ -1,0 +1,206 @@
+"""Per-layer dispatch + combine round trip, router → expert shards → router, per transport.
+
+For 1, 16, 64 and 256 tokens of the embedded model (hidden 256, top-2 of 8 experts), the median
+time of one MoE layer's dispatch, the shards' expert compute and the combine, over:
+  - the data plane raymix uses (torch.distributed gloo pair groups, moe.data_plane),
+  - a plain Ray actor call per shard (ray.get of .remote() calls to actors holding the experts),
+  - a Ray Serve DeploymentHandle call per shard,
+plus the transport floor (a bare gloo send+recv of the same hidden states, no compute).
+Everything in one run, so the ratios are comparable. Writes JSON and a PNG plot.
+
+    .venv/bin/python benchmarks/dispatch_bench.py [--shards 2] [--iters 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from moe.checkpoint import CheckpointReader
+from moe.config import MixtralConfig
+from moe.data_plane import RemoteExperts, Rendezvous, ShardLink, ShardServer, open_store
+from moe.experts import LocalExperts, combine, dispatch, partition_experts, route
+from moe.tiny import default_model_dir
+
+OUT = Path(__file__).parent / "results"
+TIMEOUT = datetime.timedelta(seconds=60)
+
+
+class ShardActor:
+    """One expert shard as a Ray actor (also used as a Serve deployment)."""
+
+    def __init__(self, model_dir: str, expert_ids: list[int]):
+        torch.set_num_threads(1)
+        cfg = MixtralConfig.from_pretrained(model_dir)
+        self.experts = LocalExperts.from_checkpoint(
+            CheckpointReader(model_dir), cfg, expert_ids, torch.float32
+        )
+        self.server: ShardServer | None = None
+
+    def forward(self, layer: int, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.experts.forward(layer, x, ids, w)
+
+    def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return self.forward(layer, x, ids, w)
+
+    def connect(self, rdv: dict) -> None:
+        self.server = ShardServer(self.experts, Rendezvous(**rdv), TIMEOUT)
+        self.server.connect()
+        self.server.start()
+
+    def echo_floor(self, rdv: dict, iters: int, n: int, hidden: int) -> None:
+        """Bare transport: receive [n, H] and send it back, iters times, on its own pair group."""
+        from moe.data_plane import pair_group
+
+        store = open_store(rdv["store"], False, TIMEOUT)
+        pg = pair_group(store, rdv["prefix"], 1, "gloo", TIMEOUT, "127.0.0.1")
+        x = torch.empty(n, hidden)
+        for _ in range(iters):
+            pg.recv([x], 0, 0).wait()
+            pg.send([x], 0, 0).wait()
+
+
+def median_ms(f, iters: int) -> float:
+    for _ in range(10):
+        f()
+    ts = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        f()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts) * 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shards", type=int, default=2)
+    ap.add_argument("--iters", type=int, default=300)
+    ap.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 64, 256])
+    args = ap.parse_args()
+
+    import ray
+    from ray import serve
+
+    model_dir = str(default_model_dir())
+    cfg = MixtralConfig.from_pretrained(model_dir)
+    groups = partition_experts(cfg.num_local_experts, args.shards)
+    expert_to_shard = torch.empty(cfg.num_local_experts, dtype=torch.long)
+    for k, g in enumerate(groups):
+        expert_to_shard[g] = k
+    torch.set_num_threads(1)
+    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False)
+    print(
+        f"{args.shards} shards, hidden {cfg.hidden_size}, {os.cpu_count()} cores; starting actors ...",
+        flush=True,
+    )
+    Actor = ray.remote(num_cpus=0)(ShardActor)
+    actors = [Actor.remote(model_dir, g) for g in groups]
+    serve.start(http_options={"host": "127.0.0.1", "port": 0})
+    handles = [
+        serve.run(
+            serve.deployment(name=f"S{k}", ray_actor_options={"num_cpus": 0})(ShardActor).bind(model_dir, g),
+            name=f"s{k}",
+            route_prefix=None,
+        )
+        for k, g in enumerate(groups)
+    ]
+    tmp = tempfile.mkdtemp()
+    url = f"file://{tmp}/store"
+    store = open_store(url, True, TIMEOUT)
+    rdvs = [Rendezvous(url, f"shard{k}/", "gloo") for k in range(args.shards)]
+    pending = [a.connect.remote(r.__dict__) for a, r in zip(actors, rdvs, strict=True)]
+    links = [ShardLink(store, r, torch.device("cpu"), TIMEOUT) for r in rdvs]
+    ray.get(pending)
+    remote = RemoteExperts(links, expert_to_shard, cfg.hidden_size, torch.device("cpu"))
+
+    results: dict[str, dict[int, float]] = {
+        "gloo data plane": {},
+        "Ray actor call": {},
+        "Serve handle": {},
+        "gloo floor (echo)": {},
+    }
+    for n in args.tokens:
+        g = torch.Generator().manual_seed(n)
+        x = torch.randn(n, cfg.hidden_size, generator=g)
+        w, ids = route(torch.randn(n, cfg.num_local_experts, generator=g), cfg.num_experts_per_tok)
+
+        def via_actors(call):
+            parts = []
+            batches = dispatch(ids, w, expert_to_shard)
+            outs = [call(k, x[b.token_index], b.expert_ids, b.weights) for k, b in enumerate(batches)]
+            parts = [(b.token_index, y) for b, y in zip(batches, outs, strict=True)]
+            return parts
+
+        def actor_layer():
+            parts = via_actors(lambda k, *a: actors[k].forward.remote(0, *a))
+            return combine(x.shape, x.dtype, [(r, ray.get(y)) for r, y in parts])
+
+        def serve_layer():
+            parts = via_actors(lambda k, *a: handles[k].remote(0, *a))
+            return combine(x.shape, x.dtype, [(r, y.result()) for r, y in parts])
+
+        ref = remote.forward(0, x, ids, w)
+        assert torch.allclose(actor_layer(), ref, atol=1e-5) and torch.allclose(serve_layer(), ref, atol=1e-5)
+        it = args.iters
+        results["gloo data plane"][n] = median_ms(lambda: remote.forward(0, x, ids, w), it)
+        results["Ray actor call"][n] = median_ms(actor_layer, max(it // 3, 30))
+        results["Serve handle"][n] = median_ms(serve_layer, max(it // 6, 20))
+        # the floor: one bare round trip of the hidden states with one shard, no compute
+        frdv = Rendezvous(url, f"floor{n}/", "gloo")
+        done = actors[0].echo_floor.remote(frdv.__dict__, it + 10, n, cfg.hidden_size)
+        from moe.data_plane import pair_group
+
+        pg = pair_group(store, frdv.prefix, 0, "gloo", TIMEOUT, "127.0.0.1")
+        y = torch.empty_like(x)
+
+        def echo():
+            pg.send([x], 1, 0).wait()
+            pg.recv([y], 1, 0).wait()
+
+        results["gloo floor (echo)"][n] = median_ms(echo, it)
+        ray.get(done)
+        print(f"  {n:>4} tokens: " + ", ".join(f"{k} {v[n]:.2f} ms" for k, v in results.items()), flush=True)
+
+    print(f"\nper-layer dispatch + combine round trip, median ms ({args.shards} shards)")
+    print(f"{'tokens':>7} " + " ".join(f"{k:>18}" for k in results))
+    for n in args.tokens:
+        print(f"{n:>7} " + " ".join(f"{results[k][n]:>18.2f}" for k in results))
+    remote.shutdown()
+    serve.shutdown()
+    ray.shutdown()
+    OUT.mkdir(exist_ok=True)
+    (OUT / "dispatch_bench.json").write_text(
+        json.dumps({"shards": args.shards, "results": results}, indent=2)
+    )
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, r in results.items():
+        ax.plot(list(r), list(r.values()), marker="o", label=name)
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="tokens in the layer batch",
+        ylabel="round trip, ms (median)",
+        title=f"Per-layer expert dispatch, {args.shards} shards",
+    )
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(OUT / "dispatch_bench.png", dpi=100)
+    print(f"wrote {OUT / 'dispatch_bench.json'} and {OUT / 'dispatch_bench.png'}")
+
+
+if __name__ == "__main__":
+    main()
