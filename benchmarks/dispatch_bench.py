@@ -80,6 +80,52 @@ def median_ms(f, iters: int) -> float:
     return statistics.median(ts) * 1e3
 
 
+def measure(n, cfg, remote, actors, handles, expert_to_shard, store, url, it) -> dict[str, float]:
+    """One token count: the median round trip of every transport."""
+    import ray
+
+    out: dict[str, float] = {}
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, cfg.hidden_size, generator=g)
+    w, ids = route(torch.randn(n, cfg.num_local_experts, generator=g), cfg.num_experts_per_tok)
+
+    def via_actors(call):
+        parts = []
+        batches = dispatch(ids, w, expert_to_shard)
+        outs = [call(k, x[b.token_index], b.expert_ids, b.weights) for k, b in enumerate(batches)]
+        parts = [(b.token_index, y) for b, y in zip(batches, outs, strict=True)]
+        return parts
+
+    def actor_layer():
+        parts = via_actors(lambda k, *a: actors[k].forward.remote(0, *a))
+        return combine(x.shape, x.dtype, [(r, ray.get(y)) for r, y in parts])
+
+    def serve_layer():
+        parts = via_actors(lambda k, *a: handles[k].remote(0, *a))
+        return combine(x.shape, x.dtype, [(r, y.result()) for r, y in parts])
+
+    ref = remote.forward(0, x, ids, w)
+    assert torch.allclose(actor_layer(), ref, atol=1e-5) and torch.allclose(serve_layer(), ref, atol=1e-5)
+    out["gloo data plane"] = median_ms(lambda: remote.forward(0, x, ids, w), it)
+    out["Ray actor call"] = median_ms(actor_layer, max(it // 3, 30))
+    out["Serve handle"] = median_ms(serve_layer, max(it // 6, 20))
+    # the floor: one bare round trip of the hidden states with one shard, no compute
+    frdv = Rendezvous(url, f"floor{n}/", "gloo")
+    done = actors[0].echo_floor.remote(frdv.__dict__, it + 10, n, cfg.hidden_size)
+    from moe.data_plane import pair_group
+
+    pg = pair_group(store, frdv.prefix, 0, "gloo", TIMEOUT, "127.0.0.1")
+    y = torch.empty_like(x)
+
+    def echo():
+        pg.send([x], 1, 0).wait()
+        pg.recv([y], 1, 0).wait()
+
+    out["gloo floor (echo)"] = median_ms(echo, it)
+    ray.get(done)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shards", type=int, default=2)
@@ -129,45 +175,10 @@ def main() -> None:
         "gloo floor (echo)": {},
     }
     for n in args.tokens:
-        g = torch.Generator().manual_seed(n)
-        x = torch.randn(n, cfg.hidden_size, generator=g)
-        w, ids = route(torch.randn(n, cfg.num_local_experts, generator=g), cfg.num_experts_per_tok)
-
-        def via_actors(call):
-            parts = []
-            batches = dispatch(ids, w, expert_to_shard)
-            outs = [call(k, x[b.token_index], b.expert_ids, b.weights) for k, b in enumerate(batches)]
-            parts = [(b.token_index, y) for b, y in zip(batches, outs, strict=True)]
-            return parts
-
-        def actor_layer():
-            parts = via_actors(lambda k, *a: actors[k].forward.remote(0, *a))
-            return combine(x.shape, x.dtype, [(r, ray.get(y)) for r, y in parts])
-
-        def serve_layer():
-            parts = via_actors(lambda k, *a: handles[k].remote(0, *a))
-            return combine(x.shape, x.dtype, [(r, y.result()) for r, y in parts])
-
-        ref = remote.forward(0, x, ids, w)
-        assert torch.allclose(actor_layer(), ref, atol=1e-5) and torch.allclose(serve_layer(), ref, atol=1e-5)
-        it = args.iters
-        results["gloo data plane"][n] = median_ms(lambda: remote.forward(0, x, ids, w), it)
-        results["Ray actor call"][n] = median_ms(actor_layer, max(it // 3, 30))
-        results["Serve handle"][n] = median_ms(serve_layer, max(it // 6, 20))
-        # the floor: one bare round trip of the hidden states with one shard, no compute
-        frdv = Rendezvous(url, f"floor{n}/", "gloo")
-        done = actors[0].echo_floor.remote(frdv.__dict__, it + 10, n, cfg.hidden_size)
-        from moe.data_plane import pair_group
-
-        pg = pair_group(store, frdv.prefix, 0, "gloo", TIMEOUT, "127.0.0.1")
-        y = torch.empty_like(x)
-
-        def echo():
-            pg.send([x], 1, 0).wait()
-            pg.recv([y], 1, 0).wait()
-
-        results["gloo floor (echo)"][n] = median_ms(echo, it)
-        ray.get(done)
+        for name, ms in measure(
+            n, cfg, remote, actors, handles, expert_to_shard, store, url, args.iters
+        ).items():
+            results[name][n] = ms
         print(f"  {n:>4} tokens: " + ", ".join(f"{k} {v[n]:.2f} ms" for k, v in results.items()), flush=True)
 
     print(f"\nper-layer dispatch + combine round trip, median ms ({args.shards} shards)")

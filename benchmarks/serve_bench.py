@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import platform
@@ -26,7 +27,26 @@ from typing import Any
 import torch
 
 OUT = Path(__file__).parent / "results"
-WORDS = ["the", "experts", "of", "a", "mixture", "each", "see", "only", "the", "tokens", "their", "router", "sends", "them", "while", "attention", "sees", "all"]
+WORDS = [
+    "the",
+    "experts",
+    "of",
+    "a",
+    "mixture",
+    "each",
+    "see",
+    "only",
+    "the",
+    "tokens",
+    "their",
+    "router",
+    "sends",
+    "them",
+    "while",
+    "attention",
+    "sees",
+    "all",
+]
 
 
 def prompt_text(i: int) -> str:
@@ -65,7 +85,7 @@ async def one_request(client, model: str, i: int, max_tokens: int) -> dict[str, 
         "ttft": ttft,
         "e2e": end - start,
         "tokens": tokens,
-        "itl": [b - a for a, b in zip(stamps, stamps[1:], strict=False)],
+        "itl": [b - a for a, b in itertools.pairwise(stamps)],
         "tpot": (end - start - ttft) / max(1, tokens - 1),
     }
 
