@@ -132,6 +132,7 @@ class Router:
             **self.engine.stats,
             "ready": self.engine.ready.is_set() and self.engine.error is None,
             "steps": self.engine.steps,
+            "step_seconds": self.engine.step_seconds,
         }
 
     async def model_info(self) -> dict[str, Any]:

@@ -72,3 +72,18 @@ class RequestOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     text: str = ""  # the whole output text so far
+
+    def merge(self, later: RequestOutput) -> RequestOutput:
+        """This delta followed by a later one of the same request, as one delta."""
+        return RequestOutput(
+            request_id=self.request_id,
+            new_token_ids=self.new_token_ids + later.new_token_ids,
+            new_text=self.new_text + later.new_text,
+            new_logprobs=self.new_logprobs + later.new_logprobs,
+            finished=later.finished,
+            finish_reason=later.finish_reason,
+            stop_reason=later.stop_reason,
+            num_prompt_tokens=later.num_prompt_tokens,
+            num_output_tokens=later.num_output_tokens,
+            text=later.text,
+        )
