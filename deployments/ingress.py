@@ -22,6 +22,7 @@ from ray import serve
 from sse_starlette.sse import EventSourceResponse
 
 from cluster.config import RaymixSettings
+from deployments.channel import RouterChannel, RouterGone
 from deployments.metrics import ServingMetrics
 from deployments.protocol import (
     ChatCompletionRequest,
@@ -81,11 +82,15 @@ class Ingress:
     def __init__(self, settings: dict[str, Any], router: Any):
         self.settings = s = RaymixSettings(**settings)
         self.router = router
+        self.channel = RouterChannel(router)
         self.names = s.model_names()
         self.tokenizer = load_tokenizer(s.model_dir(), s.tokenizer_mode)
         self.keys = [k.encode() for k in s.api_key]
         self.serving_metrics = ServingMetrics()
         self.max_model_len: int | None = None
+
+    def __del__(self) -> None:
+        self.channel.close()
 
     # ---- plumbing ----
 
@@ -165,34 +170,38 @@ class Ingress:
         self, rid: str, prompts: list[list[int]], req: SamplingFields, max_tokens: int, logprobs: int | None
     ):
         """Submit one router request per choice (choice i: prompts[i], seed + i) and wait for each
-        one's first output, where refusals show. → [(router stream, first output)] per choice."""
+        one's first output, where refusals show. → [(output iterator, first output)] per choice."""
         streams = []
         for i, prompt in enumerate(prompts):
             try:
                 params = req.sampling_params(max_tokens, logprobs, i)
             except RequestError as e:
                 raise bad_request(e) from None
-            payload = {"request_id": f"{rid}-{i}", "prompt_token_ids": prompt, "params": params.__dict__}
-            streams.append(self.router.options(stream=True).generate.remote(payload))
+            payload: dict[str, Any] = {
+                "request_id": f"{rid}-{i}",
+                "prompt_token_ids": prompt,
+                "params": params.__dict__,
+            }
+            streams.append(self.channel.outputs(payload["request_id"], self.channel.submit(payload)))
         started = []
         try:
             for st in streams:
                 first = await st.__anext__()
                 if "error" in first:
                     err = first["error"]
+                    if first.get("server_error"):
+                        raise HTTPError(503, err["message"], "service_unavailable")
                     raise HTTPError(400, err["message"], "invalid_request_error", err["param"], err["code"])
                 started.append((st, first))
-        except BaseException:
-            await self._abort(rid, streams)
+        except BaseException as e:
+            for st in streams:
+                await st.aclose()
+            if isinstance(e, RouterGone):
+                raise HTTPError(503, str(e), "service_unavailable") from None
             raise
         return started
 
-    async def _abort(self, rid: str, streams: list) -> None:
-        for i, st in enumerate(streams):
-            st.cancel()
-            await self.router.abort.remote(f"{rid}-{i}")
-
-    async def _merged(self, rid: str, started: list) -> AsyncIterator[tuple[int, dict[str, Any]]]:
+    async def _merged(self, started: list) -> AsyncIterator[tuple[int, dict[str, Any]]]:
         """(choice index, output) from all choices as they come; aborts all if the consumer leaves."""
         q: asyncio.Queue = asyncio.Queue()
 
@@ -202,8 +211,6 @@ class Ingress:
                 if not first["finished"]:
                     async for item in st:
                         await q.put((i, item))
-                        if item["finished"]:
-                            break
             except Exception as e:
                 await q.put((i, e))
 
@@ -214,14 +221,17 @@ class Ingress:
                 i, item = await q.get()
                 if isinstance(item, Exception):
                     raise item
+                if "error" in item:
+                    raise RouterGone(item["error"]["message"])
                 if item["finished"]:
                     done += 1
                 yield i, item
         finally:
             for t in tasks:
                 t.cancel()
-            if done < len(started):
-                await self._abort(rid, [st for st, _ in started])
+            await asyncio.gather(*tasks, return_exceptions=True)  # their streams abort unfinished requests
+            for st, _ in started:
+                await st.aclose()
 
     def _token_text(self, token_id: int) -> str:
         return self.tokenizer.token_text(token_id)
@@ -296,7 +306,7 @@ class Ingress:
         max_tokens = await self._max_tokens(req.requested_max_tokens(), len(prompt))
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         started = await self._start(rid, [prompt] * req.n, req, max_tokens, req.logprobs_k())
-        outputs = self._merged(rid, started)
+        outputs = self._merged(started)
         created = int(time.time())
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -413,7 +423,7 @@ class Ingress:
         rid = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         per_choice = [p for p in prompts for _ in range(req.n)]  # choice k: prompt k // n
-        outputs = self._merged(rid, await self._start(rid, per_choice, req, req.max_tokens, req.logprobs))
+        outputs = self._merged(await self._start(rid, per_choice, req, req.max_tokens, req.logprobs))
         prompt_tokens = sum(len(p) for p in prompts)
         if req.stream:
             return EventSourceResponse(

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from cluster.config import RaymixSettings
-from moe.async_engine import AsyncEngine
+from moe.async_engine import AsyncEngine, Sink
 from moe.checkpoint import CheckpointReader
 from moe.config import MixtralConfig
 from moe.data_plane import RemoteExperts, Rendezvous, ShardLink, comm_device, open_store
@@ -30,15 +30,26 @@ from moe.engine import LLMEngine, pick_device, pick_dtype
 from moe.errors import RequestError
 from moe.model import MixtralDense
 from moe.sampling import SamplingParams
+from moe.sequence import RequestOutput
 from moe.tokenizer import load_tokenizer
 
 log = logging.getLogger("ray.serve")
 
 
-def output_dict(out) -> dict[str, Any]:
-    d = dataclasses.asdict(out)
-    d["new_logprobs"] = [dataclasses.asdict(lp) for lp in out.new_logprobs]
-    return d
+def wire(request_id: str, item: RequestOutput | BaseException) -> dict[str, Any]:
+    """An output or a refusal as the ingress receives it."""
+    if isinstance(item, RequestOutput):
+        return dataclasses.asdict(item)
+    if isinstance(item, RequestError):
+        return {
+            "request_id": request_id,
+            "error": {"message": item.message, "param": item.param, "code": item.code},
+        }
+    return {
+        "request_id": request_id,
+        "error": {"message": str(item), "param": None, "code": None},
+        "server_error": True,
+    }
 
 
 class Router:
@@ -61,6 +72,8 @@ class Router:
             s.data_plane if s.data_plane != "auto" else ("nccl" if self.device.type == "cuda" else "gloo")
         )
         self.timeout = datetime.timedelta(seconds=s.data_plane_timeout_s)
+        self.sinks: dict[str, Sink] = {}  # one per ingress replica's stream
+        self.owned: dict[str, set[str]] = {}  # request ids of each stream still running
         self.engine = AsyncEngine(self._build_engine, name="router-engine")
 
     def _build_engine(self) -> LLMEngine:
@@ -113,19 +126,40 @@ class Router:
             links, expert_to_shard, self.cfg.hidden_size, comm_device(self.backend, self.device)
         )
 
-    # ---- called by the ingress ----
+    # ---- called by the ingress (see deployments/channel.py) ----
 
-    async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Stream a request's outputs. A request the engine refuses yields one {"error": ...}."""
-        params = SamplingParams(**request["params"])
+    async def stream(self, subscriber: str) -> AsyncIterator[list[dict[str, Any]]]:
+        """Every output of one ingress replica's requests: one list per engine step (steps that
+        piled up while the reader was busy come merged). Ending the stream aborts them all."""
+        sink = self._sink(subscriber)
         try:
-            async for out in self.engine.generate(request["request_id"], request["prompt_token_ids"], params):
-                yield output_dict(out)
-        except RequestError as e:
-            yield {"error": {"message": e.message, "param": e.param, "code": e.code}}
+            while True:
+                batch = sink.take_all(await sink.queue.get())
+                for rid, item in batch:
+                    if not isinstance(item, RequestOutput) or item.finished:
+                        self.owned[subscriber].discard(rid)
+                yield [wire(rid, item) for rid, item in batch]
+        finally:
+            self.sinks.pop(subscriber, None)
+            for rid in self.owned.pop(subscriber, set()):
+                self.engine.abort(rid)
 
-    async def abort(self, request_id: str) -> None:
-        self.engine.abort(request_id)
+    async def submit(self, subscriber: str, requests: list[dict[str, Any]]) -> None:
+        """Add requests; their outputs (or refusals) arrive on the subscriber's stream."""
+        sink = self._sink(subscriber)
+        for r in requests:
+            self.owned[subscriber].add(r["request_id"])
+            self.engine.add(r["request_id"], r["prompt_token_ids"], SamplingParams(**r["params"]), sink)
+
+    async def abort(self, request_ids: list[str]) -> None:
+        for rid in request_ids:
+            self.engine.abort(rid)
+
+    def _sink(self, subscriber: str) -> Sink:
+        if subscriber not in self.sinks:
+            self.sinks[subscriber] = Sink()
+            self.owned[subscriber] = set()
+        return self.sinks[subscriber]
 
     async def stats(self) -> dict[str, Any]:
         return {
@@ -133,6 +167,8 @@ class Router:
             "ready": self.engine.ready.is_set() and self.engine.error is None,
             "steps": self.engine.steps,
             "step_seconds": self.engine.step_seconds,
+            "expert_calls": getattr(eng.experts, "calls", 0) if (eng := self.engine.engine) else 0,
+            "expert_seconds": getattr(eng.experts, "seconds", 0.0) if (eng := self.engine.engine) else 0.0,
         }
 
     async def model_info(self) -> dict[str, Any]:

@@ -79,6 +79,7 @@ class ExpertShard:
             "node_ip": ray.util.get_node_ip_address(),
             "pid": os.getpid(),
             "batches_served": self.server.batches_served if self.server else 0,
+            "compute_seconds": self.server.compute_seconds if self.server else 0.0,
         }
 
     def check_health(self) -> None:

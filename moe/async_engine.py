@@ -1,13 +1,15 @@
 """AsyncEngine: the engine on its own thread, driven from asyncio.
 
 The engine is single-threaded and its step blocks (attention, then the experts' round trips),
-so it runs in a dedicated thread; callers on an event loop submit requests and receive their
-outputs through per-request asyncio queues (what vLLM's AsyncLLMEngine does). A caller that
-stops listening — a client gone, a cancelled task — aborts its request at the next step, which
-frees its KV blocks. A caller that reads slower than the engine steps gets the outputs that
-piled up merged into one (fewer, larger messages under load; no added latency when idle).
-If a step fails, every request in it gets the error and is aborted, and
-the loop goes on serving new requests.
+so it runs in a dedicated thread (as vLLM's AsyncLLMEngine runs its loop). Callers on an event
+loop add requests with a `Sink`: an asyncio queue that receives, once per engine step, the list
+of `(request_id, output or error)` of all its requests that produced something. A sink can
+serve one request (`generate`, the per-request stream) or many (the router gives each ingress
+replica one sink, so a step costs one message per ingress, not one per request).
+
+A request that is aborted — a client gone, a cancelled task — is dropped at the next step,
+which frees its KV blocks. If a step fails, every request in it gets the error and is aborted,
+and the loop goes on serving new requests.
 """
 
 from __future__ import annotations
@@ -27,16 +29,44 @@ from moe.sequence import RequestOutput
 
 log = logging.getLogger(__name__)
 
+Item = RequestOutput | BaseException
+
 
 class EngineDeadError(RuntimeError):
     pass
+
+
+class Sink:
+    """Where a group of requests' outputs go: a queue of per-step batches on the caller's loop."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[list[tuple[str, Item]]] = asyncio.Queue()
+
+    def put(self, batch: list[tuple[str, Item]]) -> None:  # from the engine thread
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, batch)
+
+    def take_all(self, first: list[tuple[str, Item]]) -> list[tuple[str, Item]]:
+        """`first` plus every batch already waiting, outputs of one request merged into one."""
+        items = list(first)
+        while not self.queue.empty():
+            items += self.queue.get_nowait()
+        merged: dict[str, Item] = {}
+        for rid, item in items:
+            prev = merged.get(rid)
+            if isinstance(prev, RequestOutput) and isinstance(item, RequestOutput):
+                item = prev.merge(item)
+            elif isinstance(prev, BaseException):
+                item = prev
+            merged[rid] = item
+        return list(merged.items())
 
 
 class AsyncEngine:
     def __init__(self, build: Callable[[], LLMEngine], name: str = "engine-loop"):
         self._build = build
         self._inbox: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._sinks: dict[str, Sink] = {}  # owned by the engine thread
         self.engine: LLMEngine | None = None
         self.error: BaseException | None = None
         self.ready = threading.Event()
@@ -52,47 +82,38 @@ class AsyncEngine:
 
     # ---- the caller's side (any event loop) ----
 
+    def add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, sink: Sink) -> None:
+        if not self.alive:
+            raise EngineDeadError(f"the engine is not running ({self.error})")
+        self._inbox.put(("add", request_id, prompt_token_ids, params, sink))
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
     ) -> AsyncIterator[RequestOutput]:
-        if not self.alive:
-            raise EngineDeadError(f"the engine is not running ({self.error})")
-        q: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = (asyncio.get_running_loop(), q)
-        self._inbox.put(("add", request_id, prompt_token_ids, params))
+        """One request's outputs; what piled up while the caller was busy comes merged."""
+        sink = Sink()
+        self.add(request_id, prompt_token_ids, params, sink)
         finished = False
         try:
-            while True:
-                item = await q.get()
-                while not isinstance(item, BaseException) and not item.finished and not q.empty():
-                    later = q.get_nowait()
-                    item = later if isinstance(later, BaseException) else item.merge(later)
+            while not finished:
+                ((_, item),) = sink.take_all(await sink.queue.get())
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
                 finished = item.finished
                 yield item
-                if finished:
-                    return
         finally:
-            self._streams.pop(request_id, None)
             if not finished:
-                self._inbox.put(("abort", request_id))
-
-    def abort(self, request_id: str) -> None:
-        self._inbox.put(("abort", request_id))
+                self.abort(request_id)
 
     def stop(self, timeout: float = 10.0) -> None:
         self._inbox.put(("stop",))
         self._thread.join(timeout)
 
     # ---- the engine thread ----
-
-    def _emit(self, request_id: str, item: RequestOutput | BaseException) -> None:
-        stream = self._streams.get(request_id)
-        if stream is not None:
-            loop, q = stream
-            loop.call_soon_threadsafe(q.put_nowait, item)
 
     def _run(self) -> None:
         try:
@@ -105,19 +126,23 @@ class AsyncEngine:
         self.stats = engine.stats()
         self.ready.set()
         while True:
-            cmds = self._drain(block=not engine.has_unfinished())
-            for cmd in cmds:
+            for cmd in self._drain(block=not engine.has_unfinished()):
                 if cmd[0] == "stop":
-                    self._shutdown(engine)
+                    self._fail_all(engine, EngineDeadError("the engine is shutting down"))
+                    close = getattr(engine.experts, "shutdown", None)
+                    if close is not None:
+                        close()
                     return
                 if cmd[0] == "add":
-                    _, rid, prompt, params = cmd
+                    _, rid, prompt, params, sink = cmd
                     try:
                         engine.add_request(rid, prompt, params)
+                        self._sinks[rid] = sink
                     except RequestError as e:
-                        self._emit(rid, e)
+                        sink.put([(rid, e)])
                 elif cmd[0] == "abort":
                     engine.abort_request(cmd[1])
+                    self._sinks.pop(cmd[1], None)
             if engine.has_unfinished():
                 self._step(engine)
             self.stats = engine.stats()
@@ -137,19 +162,30 @@ class AsyncEngine:
             outputs = engine.step()
         except Exception as e:
             log.exception("engine step failed; aborting its requests")
-            for rid in list(engine.seqs):
-                engine.abort_request(rid)
-                self._emit(rid, EngineDeadError(f"the engine step failed: {e}"))
+            self._fail_all(engine, EngineDeadError(f"the engine step failed: {e}"))
             return
         self.steps += 1
         self.step_seconds += time.perf_counter() - start
-        for out in outputs:
-            self._emit(out.request_id, out)
+        self._emit([(out.request_id, out) for out in outputs])
 
-    def _shutdown(self, engine: LLMEngine) -> None:
-        for rid in list(engine.seqs):
+    def _emit(self, items: list[tuple[str, Item]]) -> None:
+        """One put per sink per step."""
+        by_sink: dict[int, tuple[Sink, list[tuple[str, Item]]]] = {}
+        for rid, item in items:
+            sink = self._sinks.get(rid)
+            if sink is None:
+                continue
+            by_sink.setdefault(id(sink), (sink, []))[1].append((rid, item))
+            if isinstance(item, BaseException) or item.finished:
+                del self._sinks[rid]
+        for sink, batch in by_sink.values():
+            sink.put(batch)
+
+    def _fail_all(self, engine: LLMEngine, error: BaseException) -> None:
+        rids = list(engine.seqs)
+        for rid in rids:
             engine.abort_request(rid)
-            self._emit(rid, EngineDeadError("the engine is shutting down"))
-        close = getattr(engine.experts, "shutdown", None)
-        if close is not None:
-            close()
+        self._emit([(rid, error) for rid in rids])
+
+
+__all__ = ["AsyncEngine", "EngineDeadError", "Sink"]

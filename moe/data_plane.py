@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,10 +115,13 @@ class RemoteExperts:
         self.expert_to_shard = expert_to_shard.to(device)
         self.hidden_size = hidden_size
         self.device = device
+        self.calls = 0
+        self.seconds = 0.0  # time in forward: dispatch, the shards' round trips, combine
 
     def forward(
         self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
     ) -> torch.Tensor:
+        start = time.perf_counter()
         works, parts = [], []
         for link, b in zip(self.links, dispatch(expert_ids, weights, self.expert_to_shard), strict=True):
             n = b.token_index.numel()
@@ -131,7 +135,10 @@ class RemoteExperts:
         for w in works:
             w.wait(self.links[0].timeout)
         parts = [(rows, y.to(x.device, non_blocking=True)) for rows, y in parts]
-        return combine(x.shape, x.dtype, parts)
+        out = combine(x.shape, x.dtype, parts)
+        self.calls += 1
+        self.seconds += time.perf_counter() - start
+        return out
 
     def shutdown(self) -> None:
         for link in self.links:
@@ -151,6 +158,7 @@ class ShardServer:
         self.device = experts.device
         self.comm = comm_device(rendezvous.backend, self.device)
         self.batches_served = 0
+        self.compute_seconds = 0.0  # expert compute, for the shard's own figures
         self.error: BaseException | None = None
         self.thread: threading.Thread | None = None
 
@@ -182,11 +190,14 @@ class ShardServer:
                 route = torch.empty(n, 2 * k, dtype=torch.float32, device=self.comm)
                 self.pg.recv([x], ROUTER, 0).wait()
                 self.pg.recv([route], ROUTER, 0).wait()
+                start = time.perf_counter()
                 x, route = x.to(self.device), route.to(self.device)
                 with torch.inference_mode():
                     y = self.experts.forward(layer, x, route[:, :k].long(), route[:, k:])
+                self.compute_seconds += time.perf_counter() - start
                 self.pg.send([y.to(self.comm)], ROUTER, 0).wait()
                 self.batches_served += 1
         except BaseException as e:
             self.error = e
-            log.error("expert shard data plane stopped: %s", e)
+            closed = "Connection closed by peer" in str(e)  # the router went away (shutdown, restart)
+            (log.info if closed else log.error)("expert shard data plane stopped: %s", e)
