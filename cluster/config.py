@@ -68,6 +68,10 @@ class RaymixSettings(BaseSettings):
         default="auto",
         description="Transport of the per-layer expert traffic; auto: nccl with GPUs, else gloo",
     )
+    overlap: bool = Field(
+        default=True,
+        description="Two micro-batches per step: the router's attention of one overlaps the shards' experts of the other",
+    )
     data_plane_timeout_s: float = Field(
         default=60.0,
         gt=0,
@@ -118,6 +122,7 @@ class RaymixSettings(BaseSettings):
             kv_cache_memory_bytes=self.kv_cache_memory_mb * 2**20,
             dtype=self.dtype,
             tokenizer_mode=self.tokenizer_mode,
+            overlap=self.overlap,
         )
 
     @classmethod

@@ -1,15 +1,15 @@
 """Expert backends: where the engine's MoE layers send their tokens.
 
-The dense model calls `backend.forward(layer, x, expert_ids, weights)` at every MoE layer with
-the whole flat batch of the step. `InProcessExperts` holds all experts here, optionally split
-into N in-process "shards" that go through the same dispatch / combine as remote shards do —
+The dense model calls `backend.submit(layer, x, expert_ids, weights)` at every MoE layer with a
+(micro-)batch of the step, and later `backend.wait(handle)` for the output. `InProcessExperts`
+holds all experts here, optionally split into N in-process "shards" that go through the same dispatch / combine as remote shards do —
 the expert-parallel invariant (any split gives the same output) is tested on it. The cluster's
-remote backend (in deployments/) implements the same protocol.
+remote backend (moe.data_plane.RemoteExperts) implements the same protocol.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -19,11 +19,14 @@ from moe.experts import LocalExperts, combine, dispatch, partition_experts
 
 
 class ExpertBackend(Protocol):
-    def forward(
-        self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
-    ) -> torch.Tensor:
-        """x [T, H], expert_ids [T, K], weights [T, K] → the MoE output [T, H]."""
+    """submit starts a layer's MoE on a batch; wait returns its output [T, H]. A backend whose
+    experts are remote computes in between, so the caller can do other work meanwhile."""
+
+    def submit(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> Any:
+        """x [T, H], expert_ids [T, K], weights [T, K] → a handle for wait."""
         ...
+
+    def wait(self, handle: Any) -> torch.Tensor: ...
 
 
 class InProcessExperts:
@@ -50,6 +53,14 @@ class InProcessExperts:
         groups = partition_experts(cfg.num_local_experts, num_shards)
         shards = [LocalExperts.from_checkpoint(reader, cfg, g, dtype, device) for g in groups]
         return cls(shards, cfg.num_local_experts)
+
+    def submit(
+        self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        return self.forward(layer, x, expert_ids, weights)  # computed right away: nothing to overlap
+
+    def wait(self, handle: torch.Tensor) -> torch.Tensor:
+        return handle
 
     def forward(
         self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor

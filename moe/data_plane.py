@@ -116,11 +116,10 @@ class RemoteExperts:
         self.hidden_size = hidden_size
         self.device = device
         self.calls = 0
-        self.seconds = 0.0  # time in forward: dispatch, the shards' round trips, combine
+        self.seconds = 0.0  # time in submit + wait: dispatch, waiting for the shards, combine
 
-    def forward(
-        self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
-    ) -> torch.Tensor:
+    def submit(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> Any:
+        """Post the sends to, and the receives from, every shard that has tokens; don't wait."""
         start = time.perf_counter()
         works, parts = [], []
         for link, b in zip(self.links, dispatch(expert_ids, weights, self.expert_to_shard), strict=True):
@@ -132,13 +131,23 @@ class RemoteExperts:
             y = torch.empty(n, self.hidden_size, dtype=x.dtype, device=link.device)  # [n, H]
             works.append(link.recv(y))
             parts.append((b.token_index, y))
+        self.seconds += time.perf_counter() - start
+        return works, parts, x.shape, x.dtype, x.device
+
+    def wait(self, handle: Any) -> torch.Tensor:
+        start = time.perf_counter()
+        works, parts, shape, dtype, device = handle
         for w in works:
             w.wait(self.links[0].timeout)
-        parts = [(rows, y.to(x.device, non_blocking=True)) for rows, y in parts]
-        out = combine(x.shape, x.dtype, parts)
+        out = combine(shape, dtype, [(rows, y.to(device, non_blocking=True)) for rows, y in parts])
         self.calls += 1
         self.seconds += time.perf_counter() - start
         return out
+
+    def forward(
+        self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        return self.wait(self.submit(layer, x, expert_ids, weights))
 
     def shutdown(self) -> None:
         for link in self.links:

@@ -42,6 +42,7 @@ class EngineConfig:
     dtype: str = "auto"  # auto: float32 on CPU, the checkpoint's dtype on GPU
     device: str = "auto"  # auto: cuda if available, else cpu
     tokenizer_mode: str = "auto"
+    overlap: bool = False  # two micro-batches per step, so attention overlaps remote experts
 
 
 def pick_device(device: str) -> torch.device:
@@ -164,8 +165,8 @@ class LLMEngine:
             return []
         logits, sampling = self.execute(scheduled)
         outputs = []
-        for row, seq in enumerate(sampling):
-            self._append_token(seq, logits[row])
+        for row, (seq, token) in enumerate(zip(sampling, self.sample(logits, sampling), strict=True)):
+            self._append_token(seq, token, logits[row])
             outputs.append(self._output(seq))
             if seq.finished:
                 self.seqs.pop(seq.request_id, None)
@@ -174,35 +175,72 @@ class LLMEngine:
     def execute(self, scheduled: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[Sequence]]:
         """Run the model on the step's flat batch → (logits [S, V] for the S sequences that
         sample this step, those sequences)."""
-        input_ids: list[int] = []
-        for seq, n in scheduled:
-            input_ids.extend(seq.token_ids[seq.num_computed : seq.num_computed + n])
-            if seq.first_scheduled_time is None:
-                seq.first_scheduled_time = time.monotonic()
-        meta = AttentionMetadata.build(
-            [self.blocks.tables[s.request_id] for s, _ in scheduled],
-            [s.num_computed + n for s, n in scheduled],
-            [n for _, n in scheduled],
-            self.blocks.block_size,
-            self.cfg.sliding_window,
-            self.device,
-        )
-        ids = torch.tensor(input_ids, dtype=torch.long).to(self.device, non_blocking=True)
-        hidden = self.model(ids, meta, self.kv_cache, self.experts)  # [T, H]
-        rows, sampling = [], []
-        for b, (seq, n) in enumerate(scheduled):
-            seq.num_computed += n
-            if seq.num_computed == len(seq):  # prompt fully in the cache: this step samples
-                rows.append(b)
-                sampling.append(seq)
-        last = meta.last_index[torch.tensor(rows, device=self.device, dtype=torch.long)]
-        return self.model.compute_logits(hidden[last]), sampling  # [S, V]
+        groups = self._micro_batches(scheduled)
+        micro = []
+        for group in groups:
+            input_ids: list[int] = []
+            for seq, n in group:
+                input_ids.extend(seq.token_ids[seq.num_computed : seq.num_computed + n])
+                if seq.first_scheduled_time is None:
+                    seq.first_scheduled_time = time.monotonic()
+            meta = AttentionMetadata.build(
+                [self.blocks.tables[s.request_id] for s, _ in group],
+                [s.num_computed + n for s, n in group],
+                [n for _, n in group],
+                self.blocks.block_size,
+                self.cfg.sliding_window,
+                self.device,
+            )
+            micro.append((torch.tensor(input_ids, dtype=torch.long).to(self.device, non_blocking=True), meta))
+        hidden = self.model(micro, self.kv_cache, self.experts)  # [T_m, H] per micro-batch
+        last, sampling = [], []
+        for group, h, (_, meta) in zip(groups, hidden, micro, strict=True):
+            for b, (seq, n) in enumerate(group):
+                seq.num_computed += n
+                if seq.num_computed == len(seq):  # prompt fully in the cache: this step samples
+                    last.append(h[meta.last_index[b]])
+                    sampling.append(seq)
+        if not last:
+            return torch.empty(0, self.vocab_size, device=self.device), sampling
+        return self.model.compute_logits(torch.stack(last)), sampling  # [S, V]
 
-    def _append_token(self, seq: Sequence, logits: torch.Tensor) -> None:
+    def _micro_batches(self, scheduled: list[tuple[Sequence, int]]) -> list[list[tuple[Sequence, int]]]:
+        """Two halves of about equal token counts when overlap is on, else one batch."""
+        if not self.config.overlap or len(scheduled) < 2:
+            return [scheduled]
+        total, acc = sum(n for _, n in scheduled), 0
+        for k, (_, n) in enumerate(scheduled):
+            acc += n
+            if acc * 2 >= total:
+                cut = min(max(k + 1, 1), len(scheduled) - 1)
+                return [scheduled[:cut], scheduled[cut:]]
+        return [scheduled]
+
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+        """logits [S, V] → one token per sequence. Plain greedy rows (no penalties, bias or
+        min_tokens in force) take one batched argmax; the others go through the per-request
+        processing and sampler."""
+        tokens: list[int] = [0] * len(seqs)
+        plain = [
+            i
+            for i, s in enumerate(seqs)
+            if s.params.greedy and not s.params.needs_processing(s.num_output_tokens)
+        ]
+        if plain:
+            for i, t in zip(plain, logits[plain].argmax(dim=-1).tolist(), strict=True):
+                tokens[i] = t
+        plain_set = set(plain)
+        for i, seq in enumerate(seqs):
+            if i in plain_set:
+                continue
+            p = seq.params
+            stop_ids = ([] if p.ignore_eos else self.eos_token_ids) + p.stop_token_ids
+            processed = process_logits(logits[i], p, seq.prompt_token_ids, seq.output_token_ids, stop_ids)
+            tokens[i] = sample_from(processed, p, seq.generator)
+        return tokens
+
+    def _append_token(self, seq: Sequence, token: int, logits: torch.Tensor) -> None:
         p = seq.params
-        stop_ids = ([] if p.ignore_eos else self.eos_token_ids) + p.stop_token_ids
-        processed = process_logits(logits, p, seq.prompt_token_ids, seq.output_token_ids, stop_ids)
-        token = sample_from(processed, p, seq.generator)
         seq.output_token_ids.append(token)
         if seq.first_token_time is None:
             seq.first_token_time = time.monotonic()

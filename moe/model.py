@@ -115,21 +115,36 @@ class MixtralDense(nn.Module):
     @torch.inference_mode()
     def forward(  # type: ignore[override]
         self,
-        input_ids: torch.Tensor,  # [T]
-        meta: AttentionMetadata,
+        micro_batches: list[tuple[torch.Tensor, AttentionMetadata]],  # ([T_m] ids, metadata) each
         kv_cache: KVCache,
         experts: ExpertBackend,
-    ) -> torch.Tensor:
-        """→ final hidden states [T, H] (after the last norm)."""
+    ) -> list[torch.Tensor]:
+        """→ the final hidden states [T_m, H] of each micro-batch (after the last norm).
+
+        Micro-batches are disjoint sets of sequences run layer by layer in turn: while the
+        experts of one micro-batch's layer are being computed (remote shards), the router runs
+        the attention of the other (two-batch overlap). With one micro-batch this is the plain
+        forward pass; the result is the same either way.
+        """
         assert self.rotary is not None
-        h = self.embed_tokens(input_ids)  # [T, H]
-        cos_sin = self.rotary.cos_sin(meta.positions, h.dtype)
+        hs = [self.embed_tokens(ids) for ids, _ in micro_batches]  # [T_m, H] each
+        cos_sin = [
+            self.rotary.cos_sin(meta.positions, h.dtype)
+            for h, (_, meta) in zip(hs, micro_batches, strict=True)
+        ]
+        pending: list[object | None] = [None] * len(hs)
         for i, layer in enumerate(cast(list[DecoderLayer], self.layers)):
-            h = h + layer.self_attn(layer.input_layernorm(h), cos_sin, kv_cache.k[i], kv_cache.v[i], meta)
-            x = layer.post_attention_layernorm(h)  # [T, H]
-            weights, ids = route(layer.gate(x), self.cfg.num_experts_per_tok)  # [T, K], [T, K]
-            h = h + experts.forward(i, x, ids, weights)
-        return self.norm(h)
+            for m, (_, meta) in enumerate(micro_batches):
+                if pending[m] is not None:
+                    hs[m] = hs[m] + experts.wait(pending[m])  # layer i-1's MoE output
+                h = hs[m] + layer.self_attn(
+                    layer.input_layernorm(hs[m]), cos_sin[m], kv_cache.k[i], kv_cache.v[i], meta
+                )
+                x = layer.post_attention_layernorm(h)  # [T_m, H]
+                weights, ids = route(layer.gate(x), self.cfg.num_experts_per_tok)  # [T_m, K], [T_m, K]
+                hs[m] = h
+                pending[m] = experts.submit(i, x, ids, weights)
+        return [self.norm(h + experts.wait(p)) for h, p in zip(hs, pending, strict=True)]
 
     @torch.inference_mode()
     def compute_logits(self, h: torch.Tensor) -> torch.Tensor:

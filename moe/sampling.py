@@ -41,6 +41,15 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature < GREEDY_EPS
 
+    def needs_processing(self, num_output_tokens: int) -> bool:
+        """Whether process_logits would change anything for the next token."""
+        return (
+            self.repetition_penalty != 1.0
+            or bool(self.presence_penalty or self.frequency_penalty)
+            or bool(self.logit_bias)
+            or num_output_tokens < self.min_tokens
+        )
+
     def validate(self, vocab_size: int) -> None:
         """Raise RequestError naming the first out-of-range parameter."""
         checks = [

@@ -91,11 +91,13 @@ def test_remote_layer_equals_in_process(tiny_dir, remote, tokens):
         )
 
 
-def test_engine_over_remote_shards_is_token_identical(tiny_dir, remote):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_engine_over_remote_shards_is_token_identical(tiny_dir, remote, overlap):
+    """Also with two-micro-batch overlap: both micro-batches' layers are in flight at once."""
     cfg = MixtralConfig.from_pretrained(tiny_dir)
     dense = MixtralDense.from_checkpoint(CheckpointReader(tiny_dir), cfg, torch.float32)
     tok = load_tokenizer(tiny_dir)
-    eng = LLMEngine(cfg, dense, remote, EngineConfig(max_model_len=256), tok)
+    eng = LLMEngine(cfg, dense, remote, EngineConfig(max_model_len=256, overlap=overlap), tok)
     ref = LLMEngine.from_pretrained(tiny_dir, EngineConfig(max_model_len=256))
     prompts = [tok.encode(t) for t in ["expert parallel", "over gloo pair groups", "a"]]
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)

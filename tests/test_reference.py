@@ -65,6 +65,15 @@ def test_expert_parallel_split_gives_identical_outputs(tiny_dir, num_shards):
     assert outs[1] == outs[num_shards]
 
 
+def test_two_micro_batch_overlap_matches(tiny_dir):
+    """Splitting each step into two micro-batches changes nothing in the outputs."""
+    base, overlapped = engine(tiny_dir), engine(tiny_dir, overlap=True)
+    prompts = [base.tokenizer.encode(p) for p in PROMPTS]
+    a = [s.output_token_ids for s in base.generate(prompts, GREEDY, arrival_steps=ARRIVALS)]
+    b = [s.output_token_ids for s in overlapped.generate(prompts, GREEDY, arrival_steps=ARRIVALS)]
+    assert a == b
+
+
 def test_chunked_prefill_matches(tiny_dir):
     """A token budget smaller than a prompt splits its prefill over steps; outputs do not change."""
     base, chunked = engine(tiny_dir), engine(tiny_dir, max_num_batched_tokens=7)

@@ -1,0 +1,111 @@
+"""Capacity model on paper: memory per shard, bytes per dispatch, expected decode step time.
+
+For a Mixtral config and a number of expert shards (one GPU each) plus the router's GPU:
+parameters and bytes per shard, the router's dense weights, KV bytes per token, bytes that cross
+the data plane per MoE layer, and a decode step time from first principles (weights streamed
+from HBM once per step; the dispatch over NVLink or InfiniBand; per-message latency). It is a
+model, not a measurement: docs/performance.md sets it beside what was measured on CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from moe.config import MixtralConfig
+from moe.experts import partition_experts
+
+MIXTRAL_8X7B = MixtralConfig(
+    vocab_size=32000,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    num_local_experts=8,
+    num_experts_per_tok=2,
+)
+MIXTRAL_8X22B = MixtralConfig(
+    vocab_size=32768,
+    hidden_size=6144,
+    intermediate_size=16384,
+    num_hidden_layers=56,
+    num_attention_heads=48,
+    num_key_value_heads=8,
+    num_local_experts=8,
+    num_experts_per_tok=2,
+)
+LINKS = {  # effective one-way bandwidth (bytes/s) and per-message latency (s)
+    "nvlink": (300e9, 10e-6),
+    "infiniband-200g": (25e9, 5e-6),
+}
+
+
+@dataclass
+class Plan:
+    expert_groups: list[list[int]]
+    params_per_expert: int
+    shard_params: list[int]
+    dense_params: int
+    kv_bytes_per_token: int
+    dispatch_bytes_per_token_layer: int
+
+    def shard_bytes(self, dtype_bytes: int = 2) -> list[int]:
+        return [p * dtype_bytes for p in self.shard_params]
+
+
+def plan(cfg: MixtralConfig, num_shards: int, dtype_bytes: int = 2) -> Plan:
+    h, i, L, d = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.attn_head_dim
+    per_expert = 3 * h * i * L  # w1, w3, w2 of one expert id across all layers
+    groups = partition_experts(cfg.num_local_experts, num_shards)
+    attn = h * cfg.num_attention_heads * d * 2 + h * cfg.num_key_value_heads * d * 2
+    dense = (
+        L * (attn + cfg.num_local_experts * h + 2 * h)
+        + cfg.vocab_size * h * (1 if cfg.tie_word_embeddings else 2)
+        + h
+    )
+    kv = 2 * L * cfg.num_key_value_heads * d * dtype_bytes
+    # a token goes to at most top_k shards, and its result comes back: 2 directions
+    dispatch = 2 * cfg.num_experts_per_tok * h * dtype_bytes
+    return Plan(groups, per_expert, [len(g) * per_expert for g in groups], dense, kv, dispatch)
+
+
+def decode_step_seconds(
+    cfg: MixtralConfig,
+    num_shards: int,
+    batch: int,
+    link: str,
+    hbm_bytes_per_s: float = 2.0e12,
+    dtype_bytes: int = 2,
+) -> dict[str, float]:
+    """Memory-bound decode: each shard streams the weights of the experts its tokens hit; the
+    router streams the dense weights; the data plane moves `batch` tokens per layer."""
+    p = plan(cfg, num_shards, dtype_bytes)
+    bw, lat = LINKS[link]
+    per_layer_expert_bytes = 3 * cfg.hidden_size * cfg.intermediate_size * dtype_bytes
+    # the busiest shard reads each of its experts that a token hits (all of them once batch x top_k
+    # covers them); the shards read in parallel
+    hit = min(max(len(g) for g in p.expert_groups), batch * cfg.num_experts_per_tok)
+    expert_s = hit * per_layer_expert_bytes * cfg.num_hidden_layers / hbm_bytes_per_s
+    dense_s = p.dense_params * dtype_bytes / hbm_bytes_per_s
+    # per layer the router's link carries batch x top_k hidden states out and as many back
+    # (full duplex: the two directions overlap), plus a message latency each way
+    one_way = batch * cfg.num_experts_per_tok * cfg.hidden_size * dtype_bytes
+    dispatch_s = cfg.num_hidden_layers * (one_way / bw + 2 * lat)
+    total = expert_s + dense_s + dispatch_s
+    return {
+        "experts_s": expert_s,
+        "dense_s": dense_s,
+        "dispatch_s": dispatch_s,
+        "step_s": total,
+        "tok_s": batch / total,
+    }
+
+
+def gpus_needed(cfg: MixtralConfig, gpu_bytes: float, dtype_bytes: int = 2, headroom: float = 0.8) -> int:
+    """Fewest expert shards whose largest shard fits `headroom` of a GPU, plus the router's GPU."""
+    for n in range(1, cfg.num_local_experts + 1):
+        if max(plan(cfg, n, dtype_bytes).shard_bytes(dtype_bytes)) <= headroom * gpu_bytes:
+            return n + 1
+    raise ValueError(
+        "even one expert per shard does not fit: this model needs tensor parallelism inside a shard"
+    )
