@@ -35,8 +35,8 @@ MIXTRAL_8X22B = MixtralConfig(
     num_experts_per_tok=2,
 )
 LINKS = {  # effective one-way bandwidth (bytes/s) and per-message latency (s)
-    "nvlink": (300e9, 10e-6),
-    "infiniband-200g": (25e9, 5e-6),
+    "nvlink": (300e9, 8e-6),
+    "infiniband-200g": (25e9, 12e-6),
 }
 
 

@@ -101,6 +101,46 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(ns: argparse.Namespace) -> int:
+    from cluster.capacity import MIXTRAL_8X7B, MIXTRAL_8X22B, decode_step_seconds, gpus_needed, plan
+    from moe.config import MixtralConfig
+    from moe.tiny import default_model_dir
+
+    models = {"mixtral-8x7b": MIXTRAL_8X7B, "mixtral-8x22b": MIXTRAL_8X22B}
+    cfg = (
+        models[ns.model]
+        if ns.model in models
+        else MixtralConfig.from_pretrained(ns.model or default_model_dir())
+    )
+    n = ns.expert_shards
+    p = plan(cfg, n, ns.dtype_bytes)
+    gb = 1e9
+    print(
+        f"{cfg.num_hidden_layers} layers x {cfg.num_local_experts} experts, hidden {cfg.hidden_size}; {n} expert shards"
+    )
+    for k, (group, b) in enumerate(zip(p.expert_groups, p.shard_bytes(ns.dtype_bytes), strict=True)):
+        print(f"  ExpertShard{k}: experts {group} of every layer, {b / gb:.2f} GB")
+    print(
+        f"  Router: dense part {p.dense_params * ns.dtype_bytes / gb:.2f} GB + KV cache "
+        f"{p.kv_bytes_per_token / 1e3:.1f} KB per token"
+    )
+    print(
+        f"  data plane: {p.dispatch_bytes_per_token_layer / 1e3:.1f} KB per token per MoE layer (out and back)"
+    )
+    print(
+        f"  GPUs needed (one per shard + the router): {gpus_needed(cfg, ns.gpu_memory_gb * gb, ns.dtype_bytes)} "
+        f"of {ns.gpu_memory_gb:.0f} GB"
+    )
+    for link in ("nvlink", "infiniband-200g"):
+        for batch in (1, 64):
+            r = decode_step_seconds(cfg, n, batch, link, dtype_bytes=ns.dtype_bytes)
+            print(
+                f"  model, {link}, batch {batch}: step {r['step_s'] * 1e3:.1f} ms (experts {r['experts_s'] * 1e3:.1f}, "
+                f"dense {r['dense_s'] * 1e3:.1f}, dispatch {r['dispatch_s'] * 1e3:.2f}) -> {r['tok_s']:.0f} tok/s"
+            )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     parser = argparse.ArgumentParser(prog="raymix", description="Expert-parallel Mixtral serving on Ray")
@@ -124,6 +164,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--shards", type=int, default=1, help="in-process expert shards")
     p.set_defaults(func=cmd_generate)
+    p = sub.add_parser("plan", help="expert -> shard map, memory per shard, GPUs needed, a decode-time model")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="checkpoint dir, or mixtral-8x7b / mixtral-8x22b (default: the tiny model)",
+    )
+    p.add_argument("--expert-shards", type=int, default=8)
+    p.add_argument("--gpu-memory-gb", type=float, default=80.0)
+    p.add_argument("--dtype-bytes", type=int, default=2, help="2 for bf16/fp16")
+    p.set_defaults(func=cmd_plan)
     ns = parser.parse_args(argv)
     try:
         return ns.func(ns)

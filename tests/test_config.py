@@ -1,0 +1,64 @@
+"""Settings (CLI, environment, YAML from one object), placement and the capacity model."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+from pydantic import ValidationError
+
+from cluster.capacity import MIXTRAL_8X7B, MIXTRAL_8X22B, gpus_needed, plan
+from cluster.cli import add_settings_flags, settings_from
+from cluster.config import RaymixSettings
+from cluster.placement import plan as placement
+from moe.config import MixtralConfig
+
+
+def parse(argv: list[str]) -> RaymixSettings:
+    p = argparse.ArgumentParser()
+    add_settings_flags(p)
+    return settings_from(p.parse_args(argv))
+
+
+def test_cli_over_env_over_yaml(tmp_path, monkeypatch):
+    cfg = tmp_path / "raymix.yaml"
+    cfg.write_text("expert_shards: 3\nport: 9100\nmax-num-seqs: 7\napi_key: [a, b]\n")
+    monkeypatch.setenv("RAYMIX_PORT", "9200")
+    s = parse(["--config", str(cfg), "--max-num-seqs", "9", "--api-key", "c", "--no-overlap"])
+    assert (s.expert_shards, s.port, s.max_num_seqs, s.api_key, s.overlap) == (3, 9200, 9, ["c"], False)
+    monkeypatch.setenv("RAYMIX_API_KEY", "k1,k2")
+    assert parse([]).api_key == ["k1", "k2"]
+
+
+def test_every_setting_is_a_flag_with_help():
+    p = argparse.ArgumentParser()
+    add_settings_flags(p)
+    flags = {a.dest: a for a in p._actions}
+    for name, field in RaymixSettings.model_fields.items():
+        assert name in flags and field.description and field.description in flags[name].help
+
+
+@pytest.mark.parametrize("bad", [{"port": 0}, {"expert_shards": 0}, {"dtype": "int4"}, {"nonsense": 1}])
+def test_out_of_range_settings_are_refused(bad):
+    with pytest.raises(ValidationError):
+        RaymixSettings(**bad)
+
+
+def test_placement_asks_for_gpus_only_when_there_are_some():
+    cfg = MixtralConfig(num_local_experts=8)
+    cpu = placement(RaymixSettings(expert_shards=3), cfg, gpus=0)
+    assert cpu.expert_groups == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    assert "num_gpus" not in cpu.shard_options and cpu.router_options["num_gpus"] == 0
+    gpu = placement(RaymixSettings(expert_shards=4), cfg, gpus=8)
+    assert gpu.shard_options["num_gpus"] == 1 and gpu.router_options["num_gpus"] == 1
+    with pytest.raises(ValueError, match="only 8 experts"):
+        placement(RaymixSettings(expert_shards=9), cfg, gpus=0)
+
+
+def test_capacity_model_knows_mixtrals_sizes():
+    # public figures: Mixtral 8x7B has 46.7B parameters, 8x22B 141B
+    for cfg, total in ((MIXTRAL_8X7B, 46.7e9), (MIXTRAL_8X22B, 141e9)):
+        p = plan(cfg, 8)
+        assert sum(p.shard_params) + p.dense_params == pytest.approx(total, rel=0.01)
+    assert plan(MIXTRAL_8X7B, 8).kv_bytes_per_token == 2 * 32 * 8 * 128 * 2
+    assert gpus_needed(MIXTRAL_8X22B, 80e9) == 9  # 8 shards of 33.8 GB + the router
