@@ -174,7 +174,9 @@ def hf_tok_s(hf, tok, batch: int, max_tokens: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--url", default=None, help="a running server; default: start one here")
+    ap.add_argument("--model", default=None, help="checkpoint directory (default: the embedded tiny model)")
     ap.add_argument("--model-name", default=None)
+    ap.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None)
     ap.add_argument("--expert-shards", type=int, default=4)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32, 64])
     ap.add_argument("--requests-per-level", type=int, default=0, help="default: 2 x concurrency (at least 4)")
@@ -184,12 +186,15 @@ def main() -> None:
 
     from cluster.config import RaymixSettings
     from moe.engine import EngineConfig, LLMEngine
-    from moe.tiny import default_model_dir
 
     settings = RaymixSettings(
-        expert_shards=args.expert_shards, max_num_seqs=max(args.concurrency), max_model_len=1024
+        model=args.model,
+        expert_shards=args.expert_shards,
+        max_num_seqs=max(args.concurrency),
+        max_model_len=1024,
+        overlap=args.overlap,
     )
-    model_dir = default_model_dir()
+    model_dir = settings.model_dir()
     started_here = args.url is None
     if started_here:
         from cluster import bringup

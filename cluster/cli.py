@@ -27,7 +27,7 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
         ann = field.annotation
         help_ = f"{field.description} (env RAYMIX_{name.upper()})"
         origin, args = typing.get_origin(ann), typing.get_args(ann)
-        if ann is bool:
+        if ann is bool or ann == (bool | None):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
         elif origin is list or (origin is typing.Annotated and typing.get_origin(args[0]) is list):
             parser.add_argument(flag, action="append", default=None, help=help_ + "; repeatable")
@@ -75,7 +75,16 @@ def cmd_serve(ns: argparse.Namespace) -> int:
 def cmd_make_tiny(ns: argparse.Namespace) -> int:
     from moe.tiny import make_tiny
 
-    out = make_tiny(ns.dir, seed=ns.seed, tokenizer=ns.tokenizer, num_files=ns.num_files)
+    sizes = {
+        k: v
+        for k, v in (
+            ("hidden_size", ns.hidden_size),
+            ("intermediate_size", ns.intermediate_size),
+            ("num_hidden_layers", ns.num_layers),
+        )
+        if v is not None
+    }
+    out = make_tiny(ns.dir, seed=ns.seed, tokenizer=ns.tokenizer, num_files=ns.num_files, **sizes)
     print(f"wrote a tiny Mixtral checkpoint to {out}")
     return 0
 
@@ -155,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--num-files", type=int, default=1, help="split the weights over this many safetensors files"
     )
+    p.add_argument("--hidden-size", type=int, default=None, help="default 256")
+    p.add_argument("--intermediate-size", type=int, default=None, help="default 512")
+    p.add_argument("--num-layers", type=int, default=None, help="default 4")
     p.set_defaults(func=cmd_make_tiny)
     p = sub.add_parser("generate", help="generate in this process (no Ray): a quick check of a checkpoint")
     p.add_argument("--model", default=None)

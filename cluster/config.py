@@ -122,7 +122,7 @@ class RaymixSettings(BaseSettings):
             kv_cache_memory_bytes=self.kv_cache_memory_mb * 2**20,
             dtype=self.dtype,
             tokenizer_mode=self.tokenizer_mode,
-            overlap=self.overlap,
+            overlap=bool(self.overlap),
         )
 
     @classmethod

@@ -61,8 +61,7 @@ class Router:
         num_threads: int | None,
     ):
         self.settings = s = RaymixSettings(**settings)
-        if num_threads:
-            torch.set_num_threads(num_threads)
+        self.num_threads = num_threads
         self.shards = shards
         self.expert_groups = expert_groups
         self.model_dir = s.model_dir()
@@ -77,6 +76,9 @@ class Router:
         self.engine = AsyncEngine(self._build_engine, name="router-engine")
 
     def _build_engine(self) -> LLMEngine:
+        """Runs on the engine thread: OpenMP's thread count is per thread, so it is set here."""
+        if self.num_threads:
+            torch.set_num_threads(self.num_threads)
         s, cfg = self.settings, self.cfg
         start = time.perf_counter()
         dtype = pick_dtype(s.dtype, cfg, self.device)
@@ -90,7 +92,9 @@ class Router:
             len(self.shards),
             self.backend,
         )
-        return LLMEngine(cfg, model, experts, s.engine_config(), tokenizer)
+        config = s.engine_config()
+        config.overlap = s.overlap if s.overlap is not None else self.device.type == "cuda"
+        return LLMEngine(cfg, model, experts, config, tokenizer)
 
     def _connect_shards(self) -> RemoteExperts:
         """Open the rendezvous store, ask every shard to join its pair group, join ours."""

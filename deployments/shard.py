@@ -31,6 +31,7 @@ class ExpertShard:
         self, settings: dict[str, Any], shard_id: int, expert_ids: list[int], num_threads: int | None
     ):
         s = RaymixSettings(**settings)
+        self.num_threads = num_threads
         if num_threads:
             torch.set_num_threads(num_threads)
         self.shard_id = shard_id
@@ -55,7 +56,7 @@ class ExpertShard:
 
     def connect(self, rendezvous: dict[str, Any]) -> None:
         """Join the router's pair group (blocks until both ends are up), then serve batches."""
-        server = ShardServer(self.experts, Rendezvous(**rendezvous), self.connect_timeout)
+        server = ShardServer(self.experts, Rendezvous(**rendezvous), self.connect_timeout, self.num_threads)
         server.connect()
         server.start()
         self.server = server

