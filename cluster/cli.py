@@ -150,6 +150,14 @@ def cmd_plan(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_k8s(ns: argparse.Namespace) -> int:
+    from cluster.k8s import render
+
+    s = settings_from(ns)
+    print(render(s, name=ns.name, image=ns.image, gpus_per_worker=ns.gpus_per_worker), end="")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     parser = argparse.ArgumentParser(prog="raymix", description="Expert-parallel Mixtral serving on Ray")
@@ -186,6 +194,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpu-memory-gb", type=float, default=80.0)
     p.add_argument("--dtype-bytes", type=int, default=2, help="2 for bf16/fp16")
     p.set_defaults(func=cmd_plan)
+    p = sub.add_parser("k8s", help="print the KubeRay RayService for these settings")
+    add_settings_flags(p)
+    p.add_argument("--name", default="raymix")
+    p.add_argument("--image", default="raymix:0.1.0", help="an image with raymix installed (k8s/Dockerfile)")
+    p.add_argument("--gpus-per-worker", type=int, default=8)
+    p.set_defaults(func=cmd_k8s)
     ns = parser.parse_args(argv)
     try:
         return ns.func(ns)

@@ -68,9 +68,10 @@ class RaymixSettings(BaseSettings):
         default="auto",
         description="Transport of the per-layer expert traffic; auto: nccl with GPUs, else gloo",
     )
-    overlap: bool = Field(
-        default=True,
-        description="Two micro-batches per step: the router's attention of one overlaps the shards' experts of the other",
+    overlap: bool | None = Field(
+        default=None,
+        description="Two micro-batches per step, the router's attention of one overlapping the shards' experts of the "
+        "other; default: on with GPUs, off on CPU (measured slower there: docs/performance.md)",
     )
     data_plane_timeout_s: float = Field(
         default=60.0,

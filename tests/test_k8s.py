@@ -1,0 +1,86 @@
+"""k8s/: every manifest validates against KubeRay's RayService CRD schema (offline, no cluster),
+and the checked-in RayService is exactly what `raymix k8s` renders from the settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from cluster.config import RaymixSettings
+from cluster.k8s import rayservice
+
+ROOT = Path(__file__).resolve().parent.parent
+CRD = ROOT.parent / "shared" / "kuberay" / "ray.io_rayservices.yaml"
+# the flags k8s/rayservice.yaml was rendered with (README, "Deploying on Kubernetes")
+DOCUMENTED = dict(
+    model="/models/Mixtral-8x7B-Instruct-v0.1",
+    expert_shards=8,
+    served_model_name=["mixtral-8x7b", "mistralai/Mixtral-8x7B-Instruct-v0.1"],
+    max_model_len=32768,
+    kv_cache_memory_mb=40000,
+)
+
+
+def closed(schema):
+    """KubeRay's own conversion: objects that list their properties admit no others."""
+    if isinstance(schema, dict):
+        schema = {k: closed(v) for k, v in schema.items()}
+        if "properties" in schema and "additionalProperties" not in schema:
+            schema["additionalProperties"] = False
+        return schema
+    if isinstance(schema, list):
+        return [closed(v) for v in schema]
+    return schema
+
+
+@pytest.fixture(scope="module")
+def validator():
+    if not CRD.is_file():
+        pytest.skip(f"{CRD} is not beside the checkout")
+    crd = yaml.safe_load(CRD.read_text())
+    (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    schema = closed(v1["schema"]["openAPIV3Schema"])
+    return jsonschema.Draft7Validator(schema)
+
+
+def manifests():
+    for path in sorted((ROOT / "k8s").glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc and doc.get("kind") == "RayService":
+                yield path.name, doc
+
+
+def test_there_is_a_rayservice():
+    assert [name for name, _ in manifests()] == ["rayservice.yaml"]
+
+
+@pytest.mark.parametrize("name,doc", list(manifests()))
+def test_rayservices_validate_against_the_crd(validator, name, doc):
+    errors = sorted(validator.iter_errors(doc), key=lambda e: list(e.path))
+    assert not errors, f"{name}: " + "; ".join(
+        f"{'/'.join(map(str, e.path))}: {e.message}" for e in errors[:5]
+    )
+
+
+def test_the_validator_catches_mistakes(validator):
+    doc = rayservice(RaymixSettings(**DOCUMENTED))
+    doc["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParams"] = {"num-gpus": 0}  # must be a string
+    doc["spec"]["serveConfigV3"] = "typo"
+    assert len(list(validator.iter_errors(doc))) >= 2
+
+
+def test_checked_in_manifest_is_what_the_settings_render():
+    ((_, doc),) = list(manifests())
+    assert doc == rayservice(RaymixSettings(**DOCUMENTED))
+    serve = yaml.safe_load(doc["spec"]["serveConfigV2"])
+    (app,) = serve["applications"]
+    assert app["import_path"] == "deployments.app:build_app"
+    assert RaymixSettings(**app["args"]).expert_shards == 8  # build_app takes these args as they are
+    workers = doc["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
+    gpus = int(workers["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+    assert gpus * workers["replicas"] >= 8 + 1  # a GPU per shard and one for the router
+    head = doc["spec"]["rayClusterConfig"]["headGroupSpec"]
+    assert head["rayStartParams"]["num-gpus"] == "0"
