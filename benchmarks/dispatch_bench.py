@@ -57,6 +57,10 @@ class ShardActor:
         self.server.connect()
         self.server.start()
 
+    def compute_stats(self) -> tuple[float, int]:
+        assert self.server is not None
+        return self.server.compute_seconds, self.server.batches_served
+
     def echo_floor(self, rdv: dict, iters: int, n: int, hidden: int) -> None:
         """Bare transport: receive [n, H] and send it back, iters times, on its own pair group."""
         from moe.data_plane import pair_group
@@ -106,7 +110,13 @@ def measure(n, cfg, remote, actors, handles, expert_to_shard, store, url, it) ->
 
     ref = remote.forward(0, x, ids, w)
     assert torch.allclose(actor_layer(), ref, atol=1e-5) and torch.allclose(serve_layer(), ref, atol=1e-5)
+    before = ray.get([a.compute_stats.remote() for a in actors])
     out["gloo data plane"] = median_ms(lambda: remote.forward(0, x, ids, w), it)
+    after = ray.get([a.compute_stats.remote() for a in actors])
+    # the busiest shard's mean expert compute per batch: the part of the round trip that is not transport
+    out["shard compute (max)"] = max(
+        (c1 - c0) / max(1, b1 - b0) * 1e3 for (c0, b0), (c1, b1) in zip(before, after, strict=True)
+    )
     out["Ray actor call"] = median_ms(actor_layer, max(it // 3, 30))
     out["Serve handle"] = median_ms(serve_layer, max(it // 6, 20))
     # the floor: one bare round trip of the hidden states with one shard, no compute

@@ -55,6 +55,24 @@ class RaymixSettings(BaseSettings):
         ge=16,
         description="Context length (prompt + output); default: the model's, bounded by the KV cache",
     )
+    max_queued_requests: int = Field(
+        default=256,
+        ge=0,
+        le=1_000_000,
+        description="Requests allowed to wait beyond the running batch; more get 429",
+    )
+    overload_status: Literal[429, 503] = Field(
+        default=429,
+        description="HTTP status for requests refused because the queue is full (with Retry-After)",
+    )
+    retry_after_s: int = Field(
+        default=1, ge=0, le=3600, description="Retry-After seconds sent with an overload refusal"
+    )
+    request_timeout_s: float | None = Field(
+        default=600.0,
+        gt=0,
+        description="A request still running after this long is aborted (408); none: no limit",
+    )
     block_size: int = Field(default=16, ge=1, le=256, description="Tokens per KV-cache block")
     kv_cache_memory_mb: int = Field(default=512, ge=1, description="Memory for the router's KV cache, in MiB")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
@@ -124,6 +142,7 @@ class RaymixSettings(BaseSettings):
             dtype=self.dtype,
             tokenizer_mode=self.tokenizer_mode,
             overlap=bool(self.overlap),
+            max_queued_requests=self.max_queued_requests,
         )
 
     @classmethod

@@ -44,9 +44,15 @@ OPEN_PATHS = {"/health", "/version", "/metrics"}
 
 class HTTPError(Exception):
     def __init__(
-        self, status: int, message: str, type_: str, param: str | None = None, code: str | None = None
+        self,
+        status: int,
+        message: str,
+        type_: str,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
     ):
-        self.status, self.body = status, error_body(message, type_, param, code)
+        self.status, self.body, self.headers = status, error_body(message, type_, param, code), headers
 
 
 def bad_request(e: RequestError) -> HTTPError:
@@ -63,7 +69,7 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 @app.exception_handler(HTTPError)
 async def _http_error(_: Request, e: HTTPError) -> JSONResponse:
-    return JSONResponse(e.body, status_code=e.status)
+    return JSONResponse(e.body, status_code=e.status, headers=e.headers)
 
 
 @app.exception_handler(RequestError)
@@ -188,10 +194,7 @@ class Ingress:
             for st in streams:
                 first = await st.__anext__()
                 if "error" in first:
-                    err = first["error"]
-                    if first.get("server_error"):
-                        raise HTTPError(503, err["message"], "service_unavailable")
-                    raise HTTPError(400, err["message"], "invalid_request_error", err["param"], err["code"])
+                    raise self._refusal(first)
                 started.append((st, first))
         except BaseException as e:
             for st in streams:
@@ -201,8 +204,20 @@ class Ingress:
             raise
         return started
 
+    def _refusal(self, item: dict[str, Any]) -> HTTPError:
+        err = item["error"]
+        if item.get("server_error"):
+            return HTTPError(503, err["message"], "service_unavailable")
+        if err["code"] == "overloaded":
+            retry = {"Retry-After": str(self.settings.retry_after_s)}
+            return HTTPError(
+                self.settings.overload_status, err["message"], "rate_limit_error", None, "overloaded", retry
+            )
+        return HTTPError(400, err["message"], "invalid_request_error", err["param"], err["code"])
+
     async def _merged(self, started: list) -> AsyncIterator[tuple[int, dict[str, Any]]]:
-        """(choice index, output) from all choices as they come; aborts all if the consumer leaves."""
+        """(choice index, output) from all choices as they come; aborts all if the consumer leaves
+        or the request runs past request_timeout_s (408)."""
         q: asyncio.Queue = asyncio.Queue()
 
         async def pump(i: int, st, first) -> None:
@@ -215,10 +230,23 @@ class Ingress:
                 await q.put((i, e))
 
         tasks = [asyncio.create_task(pump(i, st, f)) for i, (st, f) in enumerate(started)]
+        timeout = self.settings.request_timeout_s
+        deadline = None if timeout is None else time.monotonic() + timeout
         done = 0
         try:
             while done < len(started):
-                i, item = await q.get()
+                try:
+                    i, item = await asyncio.wait_for(
+                        q.get(), None if deadline is None else deadline - time.monotonic()
+                    )
+                except TimeoutError:
+                    raise HTTPError(
+                        408,
+                        f"The request did not finish within {timeout:g} seconds.",
+                        "timeout_error",
+                        None,
+                        "request_timeout",
+                    ) from None
                 if isinstance(item, Exception):
                     raise item
                 if "error" in item:
@@ -232,6 +260,18 @@ class Ingress:
             await asyncio.gather(*tasks, return_exceptions=True)  # their streams abort unfinished requests
             for st, _ in started:
                 await st.aclose()
+
+    async def _sse(self, events: AsyncIterator[str]) -> AsyncIterator[str]:
+        """A stream's events; an error after the headers went out becomes an error event + [DONE]."""
+        try:
+            async for event in events:
+                yield event
+        except HTTPError as e:
+            yield json.dumps(e.body)
+            yield "[DONE]"
+        except RouterGone as e:
+            yield json.dumps(error_body(str(e), "service_unavailable"))
+            yield "[DONE]"
 
     def _token_text(self, token_id: int) -> str:
         return self.tokenizer.token_text(token_id)
@@ -311,7 +351,9 @@ class Ingress:
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return EventSourceResponse(
-                self._chat_stream(rid, model, created, len(prompt), req.n, outputs, include_usage, start),
+                self._sse(
+                    self._chat_stream(rid, model, created, len(prompt), req.n, outputs, include_usage, start)
+                ),
                 ping=15,
             )
         texts, reasons = [""] * req.n, [None] * req.n
@@ -427,7 +469,8 @@ class Ingress:
         prompt_tokens = sum(len(p) for p in prompts)
         if req.stream:
             return EventSourceResponse(
-                self._completion_stream(rid, model, created, prompt_tokens, req, outputs, start), ping=15
+                self._sse(self._completion_stream(rid, model, created, prompt_tokens, req, outputs, start)),
+                ping=15,
             )
         k = len(per_choice)
         texts, reasons = [""] * k, [None] * k

@@ -20,7 +20,7 @@ from moe.attention import AttentionMetadata
 from moe.backend import ExpertBackend, InProcessExperts
 from moe.checkpoint import CheckpointReader, parse_dtype
 from moe.config import MixtralConfig
-from moe.errors import RequestError
+from moe.errors import OverloadedError, RequestError
 from moe.kv_cache import BlockManager, KVCache
 from moe.model import MixtralDense
 from moe.sampling import SamplingParams, draw, filter_probs, logprobs_of, process_logits
@@ -43,6 +43,7 @@ class EngineConfig:
     device: str = "auto"  # auto: cuda if available, else cpu
     tokenizer_mode: str = "auto"
     overlap: bool = False  # two micro-batches per step, so attention overlaps remote experts
+    max_queued_requests: int = 1024  # waiting requests beyond the running batch; more are refused
 
 
 def pick_device(device: str) -> torch.device:
@@ -107,6 +108,11 @@ class LLMEngine:
     # ---- requests in and out ----
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        if len(self.scheduler.waiting) >= self.config.max_queued_requests:
+            raise OverloadedError(
+                f"The server is at capacity ({len(self.scheduler.running)} running, "
+                f"{len(self.scheduler.waiting)} waiting). Please retry shortly."
+            )
         if request_id in self.seqs:
             raise RequestError(f"request id {request_id!r} is already running", param="request_id")
         if not prompt_token_ids:

@@ -13,3 +13,10 @@ class RequestError(ValueError):
         self.message = message
         self.param = param
         self.code = code
+
+
+class OverloadedError(RequestError):
+    """The engine's queue is full: try again later (HTTP 429 with Retry-After)."""
+
+    def __init__(self, message: str):
+        super().__init__(message, param=None, code="overloaded")

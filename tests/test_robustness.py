@@ -1,0 +1,159 @@
+"""Hostile and heavy traffic against a live cluster: nothing else is disturbed.
+
+Anchored on TensorRT-LLM's negative suite for its OpenAI server (invalid requests in a row,
+concurrently, mixed with valid ones; /health 200 throughout) and vLLM's cancellation tests
+(requests cut mid-stream: running, waiting and KV usage back to 0, then a fresh request
+succeeds). Bounded in count and time; everything on 127.0.0.1."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import threading
+import time
+
+import httpx
+import pytest
+
+from tests.cluster_harness import Raymix, free_port, ray_cluster
+
+SETTINGS = dict(
+    expert_shards=2,
+    max_model_len=512,
+    kv_cache_memory_mb=64,
+    max_num_seqs=4,
+    max_queued_requests=4,
+    request_timeout_s=4.0,
+)
+GOOD = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+BAD = [
+    b"{not json",
+    b"[]",
+    json.dumps({"messages": []}).encode(),
+    json.dumps({"messages": [{"role": "user"}], "temperature": -3}).encode(),
+    json.dumps({"messages": [{"role": "robot", "content": "x"}]}).encode(),
+    json.dumps({**GOOD, "max_tokens": -1}).encode(),
+    json.dumps({**GOOD, "n": 1000}).encode(),
+    json.dumps({**GOOD, "logit_bias": {"abc": 1}}).encode(),
+    json.dumps({**GOOD, "stop": ["x"] * 100}).encode(),
+    json.dumps({**GOOD, "model": "nope"}).encode(),
+    json.dumps({**GOOD, "max_tokens": 10**6}).encode(),
+    json.dumps({"messages": [{"role": "user", "content": "x"}] * 5000}).encode(),
+]
+
+
+@pytest.fixture(scope="module")
+def rm():
+    with ray_cluster():
+        rm = Raymix(free_port())
+        rm.deploy(**SETTINGS)
+        yield rm
+
+
+def post(url: str, body: bytes, timeout: float = 60) -> httpx.Response:
+    return httpx.post(
+        f"{url}/v1/chat/completions",
+        content=body,
+        headers={"Content-Type": "application/json"},
+        timeout=timeout,
+    )
+
+
+class HealthWatch:
+    """Polls /health in the background; every answer must be 200."""
+
+    def __init__(self, url: str):
+        self.url, self.codes, self.stop = url, [], threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                self.codes.append(httpx.get(f"{self.url}/health", timeout=10).status_code)
+            except httpx.HTTPError as e:
+                self.codes.append(repr(e))
+            time.sleep(0.1)
+
+    def close(self) -> list:
+        self.stop.set()
+        self.thread.join()
+        return self.codes
+
+
+def check_error(r: httpx.Response) -> None:
+    assert 400 <= r.status_code < 500, (r.status_code, r.text)
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert "Traceback" not in r.text and "/work/" not in r.text and ".py" not in r.text
+
+
+def test_negative_suite(rm):
+    health = HealthWatch(rm.url)
+    for k in range(100):  # 100 invalid in a row, then a valid one
+        check_error(post(rm.url, BAD[k % len(BAD)]))
+    assert post(rm.url, json.dumps(GOOD).encode()).status_code == 200
+    with cf.ThreadPoolExecutor(16) as pool:  # 50 invalid at once
+        for r in pool.map(lambda k: post(rm.url, BAD[k % len(BAD)]), range(50)):
+            check_error(r)
+    with cf.ThreadPoolExecutor(8) as pool:  # a 75/25 mix of valid and invalid
+        bodies = [json.dumps(GOOD).encode() if k % 4 else BAD[k % len(BAD)] for k in range(40)]
+        for body, r in zip(bodies, pool.map(lambda b: post(rm.url, b), bodies), strict=True):
+            if body == json.dumps(GOOD).encode():
+                assert r.status_code in (200, 429), r.text  # 429 only if the queue is full
+            else:
+                check_error(r)
+    assert set(health.close()) == {200}
+    stats = rm.wait_idle()
+    assert stats["num_used_kv_blocks"] == 0
+
+
+def test_overload_gets_429_with_retry_after_then_normal_service(rm):
+    body = json.dumps({**GOOD, "max_tokens": 60, "ignore_eos": True}).encode()
+    with cf.ThreadPoolExecutor(16) as pool:
+        codes = list(pool.map(lambda _: post(rm.url, body), range(16)))
+    refused = [r for r in codes if r.status_code == 429]
+    assert refused and all(r.headers["retry-after"] == "1" for r in refused)
+    assert refused[0].json()["error"]["code"] == "overloaded"
+    assert all(r.status_code in (200, 429) for r in codes)
+    assert sum(r.status_code == 200 for r in codes) >= SETTINGS["max_num_seqs"]
+    rm.wait_idle()
+    assert post(rm.url, json.dumps(GOOD).encode()).status_code == 200
+
+
+def test_request_timeout_is_408_and_frees_the_request(rm):
+    long = {**GOOD, "max_tokens": 400, "ignore_eos": True}
+    r = post(rm.url, json.dumps(long).encode())
+    assert r.status_code == 408 and r.json()["error"]["code"] == "request_timeout"
+    with httpx.stream(
+        "POST", f"{rm.url}/v1/chat/completions", json={**long, "stream": True}, timeout=60
+    ) as s:
+        events = [line[6:] for line in s.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "request_timeout"
+    stats = rm.wait_idle()
+    assert stats["num_requests_running"] == 0 and stats["num_used_kv_blocks"] == 0
+
+
+def test_cancelled_streams_release_everything(rm):
+    """vLLM's test_request_cancellation and test_abort_metrics_reset, scaled to this machine."""
+    body = {**GOOD, "max_tokens": 300, "ignore_eos": True, "stream": True}
+
+    def cut() -> None:
+        try:
+            with httpx.stream("POST", f"{rm.url}/v1/chat/completions", json=body, timeout=0.5) as s:
+                for _ in s.iter_lines():
+                    pass
+        except httpx.HTTPError:
+            pass  # the client gives up after 0.5 s
+
+    with cf.ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda _: cut(), range(8)))
+    start = time.monotonic()
+    assert post(rm.url, json.dumps(GOOD).encode(), timeout=5).status_code == 200
+    assert time.monotonic() - start < 5
+    stats = rm.wait_idle()
+    assert (stats["num_requests_running"], stats["num_requests_waiting"], stats["num_used_kv_blocks"]) == (
+        0,
+        0,
+        0,
+    )
