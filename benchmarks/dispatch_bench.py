@@ -180,6 +180,7 @@ def main() -> None:
 
     results: dict[str, dict[int, float]] = {
         "gloo data plane": {},
+        "shard compute (max)": {},
         "Ray actor call": {},
         "Serve handle": {},
         "gloo floor (echo)": {},
