@@ -96,6 +96,9 @@ class RaymixSettings(BaseSettings):
         gt=0,
         description="How long the router waits for a shard's answer before failing the step",
     )
+    shard_recovery_timeout_s: float = Field(
+        default=180.0, gt=0, description="How long the router waits for a failed expert shard's replacement"
+    )
     max_request_body_bytes: int = Field(
         default=4 * 2**20, ge=1024, description="Largest accepted HTTP request body (413 above)"
     )

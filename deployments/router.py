@@ -97,38 +97,58 @@ class Router:
         return LLMEngine(cfg, model, experts, config, tokenizer)
 
     def _connect_shards(self) -> RemoteExperts:
-        """Open the rendezvous store, ask every shard to join its pair group, join ours."""
+        """Open the rendezvous store, then have every shard join its own pair group with us."""
         import ray
 
         infos = [h.info.remote().result() for h in self.shards]
         here = ray.get_runtime_context().get_node_id()
-        same_node = all(i["node_id"] == here for i in infos)
-        host = "127.0.0.1" if same_node else ray.util.get_node_ip_address()
-        generation = uuid.uuid4().hex[:8]
-        if same_node:  # nothing listens on the network: a FileStore in a fresh directory
+        self._same_node = all(i["node_id"] == here for i in infos)
+        self._host = "127.0.0.1" if self._same_node else ray.util.get_node_ip_address()
+        if self._same_node:  # nothing listens on the network: a FileStore in a fresh directory
             self._store_dir = tempfile.mkdtemp(prefix="raymix-store-")
-            url = f"file://{os.path.join(self._store_dir, 'store')}"
+            self._url = f"file://{os.path.join(self._store_dir, 'store')}"
         else:
-            url = f"tcp://{host}:{_free_port()}"
-        store = open_store(url, is_master=True, timeout=self.timeout)
-        rdvs = [
-            Rendezvous(
-                url, f"shard{k}/{generation}/", self.backend, "127.0.0.1" if same_node else info["node_ip"]
-            )
-            for k, info in enumerate(infos)
-        ]
-        pending = [h.connect.remote(dataclasses.asdict(r)) for h, r in zip(self.shards, rdvs, strict=True)]
-        links = [ShardLink(store, r, self.device, self.timeout, host) for r in rdvs]
-        for p in pending:
-            p.result()
-        self._store = store
+            self._url = f"tcp://{self._host}:{_free_port()}"
+        self._store = open_store(self._url, is_master=True, timeout=self.timeout)
+        links = [self._join(k) for k in range(len(self.shards))]
         expert_to_shard = torch.empty(self.cfg.num_local_experts, dtype=torch.long)
         for k, group in enumerate(self.expert_groups):
             expert_to_shard[group] = k
-        log.info("data plane up: %d shards, %s via %s", len(links), self.backend, url.split("://")[0])
+        log.info("data plane up: %d shards, %s via %s", len(links), self.backend, self._url.split("://")[0])
         return RemoteExperts(
-            links, expert_to_shard, self.cfg.hidden_size, comm_device(self.backend, self.device)
+            links,
+            expert_to_shard,
+            self.cfg.hidden_size,
+            comm_device(self.backend, self.device),
+            reconnect=self._rejoin,
         )
+
+    def _join(self, k: int) -> ShardLink:
+        """Ask shard k (the replica Serve routes to) to join a fresh pair group, and join it."""
+        info = self.shards[k].info.remote().result()
+        interface = "127.0.0.1" if self._same_node else info["node_ip"]
+        rdv = Rendezvous(self._url, f"shard{k}/{uuid.uuid4().hex[:8]}/", self.backend, interface)
+        pending = self.shards[k].connect.remote(dataclasses.asdict(rdv))
+        link = ShardLink(self._store, rdv, self.device, self.timeout, self._host)
+        pending.result()
+        return link
+
+    def _rejoin(self, k: int) -> ShardLink:
+        """Shard k failed: wait for Serve's replacement replica and connect to it."""
+        start = time.monotonic()
+        deadline = start + self.settings.shard_recovery_timeout_s
+        while True:
+            try:
+                link = self._join(k)
+                log.warning("expert shard %d reconnected after %.1fs", k, time.monotonic() - start)
+                return link
+            except Exception as e:  # the old replica is still being replaced
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"expert shard {k} did not come back within the recovery timeout"
+                    ) from e
+                log.info("expert shard %d not back yet: %s", k, e)
+                time.sleep(0.5)
 
     # ---- called by the ingress (see deployments/channel.py) ----
 
@@ -171,6 +191,7 @@ class Router:
             "ready": self.engine.ready.is_set() and self.engine.error is None,
             "steps": self.engine.steps,
             "step_seconds": self.engine.step_seconds,
+            "shard_recoveries": getattr(eng.experts, "recoveries", 0) if (eng := self.engine.engine) else 0,
             "expert_calls": getattr(eng.experts, "calls", 0) if (eng := self.engine.engine) else 0,
             "expert_seconds": getattr(eng.experts, "seconds", 0.0) if (eng := self.engine.engine) else 0.0,
         }

@@ -20,6 +20,7 @@ import datetime
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,40 +107,79 @@ class ShardLink:
 
 
 class RemoteExperts:
-    """An ExpertBackend whose experts live in other processes, reached over ShardLinks."""
+    """An ExpertBackend whose experts live in other processes, reached over ShardLinks.
+
+    Experts hold no per-request state, so a shard that dies costs no request: when a layer's
+    exchange with shard k fails (its process is gone: the connection closes; or it stops
+    answering within the timeout), `reconnect(k)` is called to get a link to its replacement
+    (Ray restarts the replica; the router hands it a fresh rendezvous) and that shard's part
+    of the layer is sent again. The step waits meanwhile; its outputs do not change.
+    """
 
     def __init__(
-        self, links: list[ShardLink], expert_to_shard: torch.Tensor, hidden_size: int, device: torch.device
+        self,
+        links: list[ShardLink],
+        expert_to_shard: torch.Tensor,
+        hidden_size: int,
+        device: torch.device,
+        reconnect: Callable[[int], ShardLink] | None = None,
+        max_retries: int = 3,
     ):
         self.links = links
         self.expert_to_shard = expert_to_shard.to(device)
         self.hidden_size = hidden_size
         self.device = device
+        self.reconnect = reconnect
+        self.max_retries = max_retries
         self.calls = 0
         self.seconds = 0.0  # time in submit + wait: dispatch, waiting for the shards, combine
+        self.recoveries = 0
+
+    def _exchange(self, k: int, layer: int, xs: torch.Tensor, route: torch.Tensor, y: torch.Tensor) -> tuple:
+        """Post one shard's part of a layer → (the link used, its works, or None if posting failed)."""
+        link = self.links[k]
+        try:
+            return link, [*link.send(layer, xs, route), link.recv(y)]
+        except RuntimeError:  # the pair group is already broken: wait() recovers
+            return link, None
 
     def submit(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> Any:
         """Post the sends to, and the receives from, every shard that has tokens; don't wait."""
         start = time.perf_counter()
-        works, parts = [], []
-        for link, b in zip(self.links, dispatch(expert_ids, weights, self.expert_to_shard), strict=True):
+        pending = []
+        for k, b in enumerate(dispatch(expert_ids, weights, self.expert_to_shard)):
             n = b.token_index.numel()
             if n == 0:
                 continue
+            xs = x[b.token_index]  # [n, H]
             route = torch.cat([b.expert_ids.float(), b.weights.float()], dim=1)  # [n, 2K]
-            works += link.send(layer, x[b.token_index], route)
-            y = torch.empty(n, self.hidden_size, dtype=x.dtype, device=link.device)  # [n, H]
-            works.append(link.recv(y))
-            parts.append((b.token_index, y))
+            y = torch.empty(n, self.hidden_size, dtype=x.dtype, device=self.links[k].device)  # [n, H]
+            pending.append((k, b.token_index, xs, route, y, *self._exchange(k, layer, xs, route, y)))
         self.seconds += time.perf_counter() - start
-        return works, parts, x.shape, x.dtype, x.device
+        return layer, pending, x.shape, x.dtype, x.device
 
     def wait(self, handle: Any) -> torch.Tensor:
         start = time.perf_counter()
-        works, parts, shape, dtype, device = handle
-        for w in works:
-            w.wait(self.links[0].timeout)
-        out = combine(shape, dtype, [(rows, y.to(device, non_blocking=True)) for rows, y in parts])
+        layer, pending, shape, dtype, device = handle
+        parts = []
+        for k, rows, xs, route, y, link, works in pending:
+            for attempt in range(self.max_retries + 1):
+                try:
+                    if works is None:
+                        raise RuntimeError("could not post to the shard")
+                    for w in works:
+                        w.wait(link.timeout)
+                    break
+                except RuntimeError as e:  # gloo/NCCL: peer gone, or no answer within the timeout
+                    if self.reconnect is None or attempt == self.max_retries:
+                        raise
+                    if self.links[k] is link:  # not yet replaced (by another micro-batch's wait)
+                        log.warning("expert shard %d failed at layer %d (%s); reconnecting", k, layer, e)
+                        self.links[k] = self.reconnect(k)
+                        self.recoveries += 1
+                    link, works = self._exchange(k, layer, xs, route, y)
+            parts.append((rows, y.to(device, non_blocking=True)))
+        out = combine(shape, dtype, parts)
         self.calls += 1
         self.seconds += time.perf_counter() - start
         return out
