@@ -94,8 +94,9 @@ class ShardLink:
         header = torch.tensor([FORWARD, layer, x.shape[0], 0], dtype=torch.long, device=self.device)
         return [
             self.pg.send([header], SHARD, 0),
-            self.pg.send([x.to(self.device, non_blocking=True).contiguous()], SHARD, 0),
-            self.pg.send([route.to(self.device, non_blocking=True).contiguous()], SHARD, 0),
+            # blocking copies: a non_blocking GPU->CPU copy could still be in flight when gloo reads it
+            self.pg.send([x.to(self.device).contiguous()], SHARD, 0),
+            self.pg.send([route.to(self.device).contiguous()], SHARD, 0),
         ]
 
     def recv(self, out: torch.Tensor):
