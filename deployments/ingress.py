@@ -72,6 +72,11 @@ async def _http_error(_: Request, e: HTTPError) -> JSONResponse:
     return JSONResponse(e.body, status_code=e.status, headers=e.headers)
 
 
+@app.exception_handler(RouterGone)
+async def _router_gone(_: Request, e: RouterGone) -> JSONResponse:
+    return JSONResponse(error_body(f"The model is unavailable: {e}", "service_unavailable"), status_code=503)
+
+
 @app.exception_handler(RequestError)
 async def _request_error(_: Request, e: RequestError) -> JSONResponse:
     return JSONResponse(bad_request(e).body, status_code=400)
@@ -161,7 +166,10 @@ class Ingress:
 
     async def _context_len(self) -> int:
         if self.max_model_len is None:
-            info = await self.router.model_info.remote()
+            try:
+                info = await asyncio.wait_for(self.router.model_info.remote(), timeout=30)
+            except Exception as e:
+                raise RouterGone(str(e) or type(e).__name__) from None
             if not info["ready"]:
                 raise HTTPError(503, "The model is still loading.", "service_unavailable")
             self.max_model_len = info["max_model_len"]
@@ -280,7 +288,11 @@ class Ingress:
 
     @app.get("/health")
     async def health(self) -> Response:
-        stats = await self.router.stats.remote()
+        """200 only when the router has its model loaded and its shards connected."""
+        try:
+            stats = await asyncio.wait_for(self.router.stats.remote(), timeout=5)
+        except Exception:  # the router is down, restarting or stuck
+            return Response(status_code=503)
         return Response(status_code=200 if stats["ready"] else 503)
 
     @app.get("/version")

@@ -110,7 +110,7 @@ class Router:
         else:
             self._url = f"tcp://{self._host}:{_free_port()}"
         self._store = open_store(self._url, is_master=True, timeout=self.timeout)
-        links = [self._join(k) for k in range(len(self.shards))]
+        links = [self._rejoin(k) for k in range(len(self.shards))]  # retried: shards may still be starting
         expert_to_shard = torch.empty(self.cfg.num_local_experts, dtype=torch.long)
         for k, group in enumerate(self.expert_groups):
             expert_to_shard[group] = k
@@ -134,13 +134,14 @@ class Router:
         return link
 
     def _rejoin(self, k: int) -> ShardLink:
-        """Shard k failed: wait for Serve's replacement replica and connect to it."""
+        """Connect to shard k, retrying while its replica is (re)starting: at start-up, and after
+        a shard failed (Serve replaces the replica; the new one is connected here)."""
         start = time.monotonic()
         deadline = start + self.settings.shard_recovery_timeout_s
         while True:
             try:
                 link = self._join(k)
-                log.warning("expert shard %d reconnected after %.1fs", k, time.monotonic() - start)
+                log.info("expert shard %d connected after %.1fs", k, time.monotonic() - start)
                 return link
             except Exception as e:  # the old replica is still being replaced
                 if time.monotonic() > deadline:
@@ -199,7 +200,11 @@ class Router:
     async def model_info(self) -> dict[str, Any]:
         self.engine.ready.wait(timeout=0)
         eng = self.engine.engine
-        return {"max_model_len": eng.max_model_len if eng else None, "ready": eng is not None}
+        return {
+            "max_model_len": eng.max_model_len if eng else None,
+            "ready": eng is not None,
+            "pid": os.getpid(),
+        }
 
     def check_health(self) -> None:
         if self.engine.error is not None:

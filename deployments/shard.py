@@ -84,5 +84,8 @@ class ExpertShard:
         }
 
     def check_health(self) -> None:
-        if self.server is not None and not self.server.alive:
-            raise RuntimeError(f"expert shard {self.shard_id}: data plane stopped ({self.server.error})")
+        """Unhealthy only if the data plane broke on this side; a router that went away will
+        connect again (its replacement calls `connect`), and the experts are still good."""
+        s = self.server
+        if s is not None and not s.alive and not s.router_gone:
+            raise RuntimeError(f"expert shard {self.shard_id}: data plane stopped ({s.error})")

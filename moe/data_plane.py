@@ -217,6 +217,7 @@ class ShardServer:
         self.batches_served = 0
         self.compute_seconds = 0.0  # expert compute, for the shard's own figures
         self.error: BaseException | None = None
+        self.router_gone = False  # the router closed the connection: it will connect anew
         self.thread: threading.Thread | None = None
 
     def connect(self) -> None:
@@ -258,5 +259,5 @@ class ShardServer:
                 self.batches_served += 1
         except BaseException as e:
             self.error = e
-            closed = "Connection closed by peer" in str(e)  # the router went away (shutdown, restart)
-            (log.info if closed else log.error)("expert shard data plane stopped: %s", e)
+            self.router_gone = "Connection closed by peer" in str(e)  # router restarted or shut down
+            (log.info if self.router_gone else log.error)("expert shard data plane stopped: %s", e)

@@ -82,3 +82,45 @@ def test_service_continues_after_recovery(rm):
     r = httpx.post(f"{rm.url}/v1/completions", json={"prompt": "after", "max_tokens": 4}, timeout=60)
     assert r.status_code == 200
     assert httpx.get(f"{rm.url}/health").status_code == 200
+
+
+def test_router_killed_clear_errors_then_recovers_by_itself(rm):
+    """In-flight streams end with an error event and [DONE]; requests while the router is down get
+    503 (or wait for it); /health tells the truth; then service resumes with no operator."""
+    import json
+
+    from ray import serve
+
+    router_pid = serve.get_deployment_handle("Router", app_name="raymix").model_info.remote().result()["pid"]
+    body = {
+        "messages": [{"role": "user", "content": "long"}],
+        "max_tokens": 200,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    events: list[str] = []
+
+    def consume() -> None:
+        with httpx.stream("POST", f"{rm.url}/v1/chat/completions", json=body, timeout=120) as r:
+            events.extend(line[6:] for line in r.iter_lines() if line.startswith("data: "))
+
+    with cf.ThreadPoolExecutor(1) as pool:
+        f = pool.submit(consume)
+        while len(events) < 5:
+            time.sleep(0.05)
+        os.kill(router_pid, signal.SIGKILL)
+        f.result()
+    assert events[-1] == "[DONE]"
+    err = json.loads(events[-2])
+    assert "error" in err and err["error"]["type"] == "service_unavailable"
+    saw_unhealthy = False
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        code = httpx.get(f"{rm.url}/health", timeout=10).status_code
+        saw_unhealthy |= code == 503
+        if code == 200 and saw_unhealthy:
+            break
+        time.sleep(0.5)
+    r = httpx.post(f"{rm.url}/v1/completions", json={"prompt": "back", "max_tokens": 4}, timeout=120)
+    assert r.status_code == 200, r.text
+    assert saw_unhealthy
