@@ -96,6 +96,16 @@ class RaymixSettings(BaseSettings):
         gt=0,
         description="How long the router waits for a shard's answer before failing the step",
     )
+    drain_timeout_s: float = Field(
+        default=30.0,
+        ge=0,
+        le=3600,
+        description="On shutdown (SIGTERM, redeploy, scale-down): stop accepting, let in-flight requests finish this long",
+    )
+    cors_allow_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Origins allowed by CORS (e.g. https://app.example.com); none: CORS off",
+    )
     shard_recovery_timeout_s: float = Field(
         default=180.0, gt=0, description="How long the router waits for a failed expert shard's replacement"
     )
@@ -120,7 +130,7 @@ class RaymixSettings(BaseSettings):
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="Log level")
 
-    @field_validator("served_model_name", "api_key", mode="before")
+    @field_validator("served_model_name", "api_key", "cors_allow_origins", mode="before")
     @classmethod
     def _one_or_many(cls, v: Any) -> Any:
         return [s for s in v.split(",") if s] if isinstance(v, str) else v

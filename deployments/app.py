@@ -33,6 +33,7 @@ def build_app(args: dict[str, Any] | RaymixSettings | None = None) -> Applicatio
             ray_actor_options=p.shard_options,
             max_ongoing_requests=16,
             health_check_period_s=5,
+            graceful_shutdown_timeout_s=s.drain_timeout_s + 15,
         )(ExpertShard).bind(settings, k, group, p.torch_threads)
         for k, group in enumerate(p.expert_groups)
     ]
@@ -42,9 +43,12 @@ def build_app(args: dict[str, Any] | RaymixSettings | None = None) -> Applicatio
         ray_actor_options=p.router_options,
         max_ongoing_requests=100_000,
         health_check_period_s=5,
+        # its ongoing requests are the ingress replicas' streams: it drains as long as they do
+        graceful_shutdown_timeout_s=s.drain_timeout_s + 5,
     )(Router).bind(settings, shards, p.expert_groups, p.torch_threads)
     return serve.deployment(
         name="Ingress",
         ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=100_000,
+        graceful_shutdown_timeout_s=s.drain_timeout_s,
     )(Ingress).bind(settings, router)

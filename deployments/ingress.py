@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from ray import serve
@@ -67,6 +68,54 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
+def stream_chunk(
+    rid: str,
+    obj: str,
+    created: int,
+    model: str,
+    include_usage: bool,
+    choices: list[dict[str, Any]],
+    **extra: Any,
+) -> str:
+    """One SSE event's JSON; with include_usage every chunk carries "usage" (null until the last)."""
+    body: dict[str, Any] = {"id": rid, "object": obj, "created": created, "model": model, "choices": choices}
+    if include_usage:
+        body["usage"] = None
+    return json.dumps(body | extra)
+
+
+BODIES: dict[str, type[BaseModel]] = {
+    "/v1/chat/completions": ChatCompletionRequest,
+    "/v1/completions": CompletionRequest,
+    "/tokenize": TokenizeRequest,
+    "/detokenize": DetokenizeRequest,
+}
+
+
+def openapi() -> dict[str, Any]:
+    """FastAPI's document plus the request bodies (the endpoints read their bodies themselves,
+    to answer malformed JSON and oversized bodies the OpenAI way)."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    from fastapi.openapi.utils import get_openapi
+
+    doc = get_openapi(title=app.title, version=VERSION, description=app.description, routes=app.routes)
+    components = doc.setdefault("components", {}).setdefault("schemas", {})
+    for path, model in BODIES.items():
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(schema.pop("$defs", {}))
+        components[model.__name__] = schema
+        doc["paths"][path]["post"]["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}},
+        }
+    app.openapi_schema = doc
+    return doc
+
+
+app.openapi = openapi  # type: ignore[method-assign]
+
+
 @app.exception_handler(HTTPError)
 async def _http_error(_: Request, e: HTTPError) -> JSONResponse:
     return JSONResponse(e.body, status_code=e.status, headers=e.headers)
@@ -94,6 +143,10 @@ class Ingress:
         self.settings = s = RaymixSettings(**settings)
         self.router = router
         self.channel = RouterChannel(router)
+        if s.cors_allow_origins:  # off unless configured
+            app.add_middleware(
+                CORSMiddleware, allow_origins=s.cors_allow_origins, allow_methods=["*"], allow_headers=["*"]
+            )
         self.names = s.model_names()
         self.tokenizer = load_tokenizer(s.model_dir(), s.tokenizer_mode)
         self.keys = [k.encode() for k in s.api_key]
@@ -403,16 +456,7 @@ class Ingress:
         self, rid, model, created, prompt_len, n, outputs, include_usage, start
     ) -> AsyncIterator[str]:
         def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
-            body = {
-                "id": rid,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": model,
-                "choices": choices,
-            }
-            if include_usage:
-                body["usage"] = None
-            return json.dumps(body | extra)
+            return stream_chunk(rid, "chat.completion.chunk", created, model, include_usage, choices, **extra)
 
         completion_tokens, reasons = 0, [None] * n
         first_token = True
@@ -525,16 +569,7 @@ class Ingress:
         first_token = True
 
         def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
-            body = {
-                "id": rid,
-                "object": "text_completion",
-                "created": created,
-                "model": model,
-                "choices": choices,
-            }
-            if include_usage:
-                body["usage"] = None
-            return json.dumps(body | extra)
+            return stream_chunk(rid, "text_completion", created, model, include_usage, choices, **extra)
 
         async for i, out in outputs:
             if first_token:

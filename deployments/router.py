@@ -179,6 +179,8 @@ class Router:
     async def abort(self, request_ids: list[str]) -> None:
         for rid in request_ids:
             self.engine.abort(rid)
+            for owned in self.owned.values():
+                owned.discard(rid)
 
     def _sink(self, subscriber: str) -> Sink:
         if subscriber not in self.sinks:

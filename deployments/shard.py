@@ -53,6 +53,7 @@ class ExpertShard:
         )
         self.server: ShardServer | None = None
         self.connect_timeout = datetime.timedelta(seconds=s.data_plane_timeout_s)
+        self.drain_timeout_s = s.drain_timeout_s
 
     def connect(self, rendezvous: dict[str, Any]) -> None:
         """Join the router's pair group (blocks until both ends are up), then serve batches."""
@@ -82,6 +83,13 @@ class ExpertShard:
             "batches_served": self.server.batches_served if self.server else 0,
             "compute_seconds": self.server.compute_seconds if self.server else 0.0,
         }
+
+    def __del__(self) -> None:
+        """Shutting down: serve layer batches until the router has drained its requests and said
+        goodbye (or the drain timeout passes), so in-flight generations keep their experts."""
+        server = self.server
+        if server is not None and server.thread is not None:
+            server.thread.join(timeout=self.drain_timeout_s + 10)
 
     def check_health(self) -> None:
         """Unhealthy only if the data plane broke on this side; a router that went away will

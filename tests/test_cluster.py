@@ -19,7 +19,13 @@ from tests.cluster_harness import Raymix, free_port, metric, ray_cluster
 
 KEY = "sk-raymix-test"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-SETTINGS = dict(api_key=[KEY], max_model_len=512, kv_cache_memory_mb=64, max_request_body_bytes=65536)
+SETTINGS = dict(
+    api_key=[KEY],
+    max_model_len=512,
+    kv_cache_memory_mb=64,
+    max_request_body_bytes=65536,
+    cors_allow_origins=["https://app.example"],
+)
 QUESTIONS = [
     "Hi",
     "What is a mixture of experts?",
@@ -265,3 +271,15 @@ def test_disconnect_mid_stream_frees_everything(client, raymix):
     assert metric(raymix.url, "raymix:num_requests_running") == 0
     assert metric(raymix.url, "raymix:kv_cache_usage_perc") == 0
     assert post(raymix.url, GOOD).status_code == 200
+
+
+def test_cors_only_for_configured_origins(client, raymix):
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"}
+    ok = httpx.options(
+        f"{raymix.url}/v1/chat/completions", headers={"Origin": "https://app.example", **preflight}
+    )
+    assert ok.headers.get("access-control-allow-origin") == "https://app.example"
+    other = httpx.options(
+        f"{raymix.url}/v1/chat/completions", headers={"Origin": "https://evil.example", **preflight}
+    )
+    assert "access-control-allow-origin" not in other.headers

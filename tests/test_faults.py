@@ -124,3 +124,27 @@ def test_router_killed_clear_errors_then_recovers_by_itself(rm):
     r = httpx.post(f"{rm.url}/v1/completions", json={"prompt": "back", "max_tokens": 4}, timeout=120)
     assert r.status_code == 200, r.text
     assert saw_unhealthy
+
+
+def test_graceful_drain_finishes_in_flight_requests(rm):
+    """Deleting the app (what SIGTERM, a redeploy or a scale-down do) lets in-flight requests
+    finish within drain_timeout_s, and accepts nothing new. Runs last: it takes the app down."""
+    from ray import serve
+
+    body = {"prompt": "drain", "max_tokens": 60, "ignore_eos": True}
+    with cf.ThreadPoolExecutor(1) as pool:
+        f = pool.submit(lambda: httpx.post(f"{rm.url}/v1/completions", json=body, timeout=120))
+        deadline = time.monotonic() + 30
+        while rm.router_stats()["num_requests_running"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        serve.delete("raymix")  # graceful: blocks until the replicas have drained and stopped
+        r = f.result()
+    assert r.status_code == 200, r.text
+    assert (
+        r.json()["usage"]["completion_tokens"] == 60 and r.json()["choices"][0]["finish_reason"] == "length"
+    )
+    try:
+        after = httpx.post(f"{rm.url}/v1/completions", json=body, timeout=10).status_code
+    except httpx.HTTPError:
+        after = "refused"
+    assert after in (404, 503, "refused")

@@ -157,3 +157,10 @@ def test_cancelled_streams_release_everything(rm):
         0,
         0,
     )
+
+
+def test_cors_is_off_unless_configured(rm):
+    r = httpx.post(
+        f"{rm.url}/v1/chat/completions", json=GOOD, headers={"Origin": "https://anywhere.example"}, timeout=60
+    )
+    assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
