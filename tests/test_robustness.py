@@ -164,3 +164,11 @@ def test_cors_is_off_unless_configured(rm):
         f"{rm.url}/v1/chat/completions", json=GOOD, headers={"Origin": "https://anywhere.example"}, timeout=60
     )
     assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+
+
+def test_non_streaming_client_that_gives_up_is_aborted(rm):
+    body = {**GOOD, "max_tokens": 300, "ignore_eos": True}
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{rm.url}/v1/chat/completions", json=body, timeout=1.0)  # the client leaves after 1 s
+    stats = rm.wait_idle(timeout=20)
+    assert (stats["num_requests_running"], stats["num_used_kv_blocks"]) == (0, 0)
