@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import statistics
 import tempfile
 import time
-from pathlib import Path
 
 import torch
+from report import save  # benchmarks/report.py
 
 from moe.checkpoint import CheckpointReader
 from moe.config import MixtralConfig
@@ -30,7 +29,6 @@ from moe.data_plane import RemoteExperts, Rendezvous, ShardLink, ShardServer, op
 from moe.experts import LocalExperts, combine, dispatch, partition_experts, route
 from moe.tiny import default_model_dir
 
-OUT = Path(__file__).parent / "results"
 TIMEOUT = datetime.timedelta(seconds=60)
 
 
@@ -199,29 +197,16 @@ def main() -> None:
     remote.shutdown()
     serve.shutdown()
     ray.shutdown()
-    OUT.mkdir(exist_ok=True)
-    (OUT / "dispatch_bench.json").write_text(
-        json.dumps({"shards": args.shards, "results": results}, indent=2)
-    )
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, r in results.items():
-        ax.plot(list(r), list(r.values()), marker="o", label=name)
-    ax.set(
+    save(
+        "dispatch_bench",
+        {"shards": args.shards, "results": results},
+        results,
         xscale="log",
         yscale="log",
         xlabel="tokens in the layer batch",
         ylabel="round trip, ms (median)",
         title=f"Per-layer expert dispatch, {args.shards} shards",
     )
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(OUT / "dispatch_bench.png", dpi=100)
-    print(f"wrote {OUT / 'dispatch_bench.json'} and {OUT / 'dispatch_bench.png'}")
 
 
 if __name__ == "__main__":

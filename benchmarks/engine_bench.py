@@ -11,19 +11,17 @@ ratios of one run: this machine is noisy.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from report import save  # benchmarks/report.py
 
 from moe.engine import EngineConfig, LLMEngine
 from moe.sampling import SamplingParams
 from moe.tiny import default_model_dir
-
-OUT = Path(__file__).parent / "results"
 
 
 def prompts(tok, n: int) -> list[list[int]]:
@@ -109,29 +107,15 @@ def main() -> None:
         f"engine at {args.concurrency[-1]} vs transformers one at a time: "
         f"{results['raymix engine'][args.concurrency[-1]] / results['transformers static batch'][1]:.2f}x"
     )
-    OUT.mkdir(exist_ok=True)
-    (OUT / "engine_bench.json").write_text(
-        json.dumps({"model": str(model), "tokens": args.tokens, "results": results}, indent=2)
-    )
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, r in results.items():
-        ax.plot(list(r), list(r.values()), marker="o", label=name)
-    ax.set(
+    save(
+        "engine_bench",
+        {"model": str(model), "tokens": args.tokens, "results": results},
+        results,
         xscale="log",
         xlabel="concurrent sequences",
         ylabel="output tok/s",
         title="In-process engine vs transformers",
     )
-    ax.set_xticks(args.concurrency, [str(c) for c in args.concurrency])
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(OUT / "engine_bench.png", dpi=100)
-    print(f"wrote {OUT / 'engine_bench.json'} and {OUT / 'engine_bench.png'}")
 
 
 if __name__ == "__main__":

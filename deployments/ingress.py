@@ -68,6 +68,20 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
+async def collect(outputs: AsyncIterator[tuple[int, dict[str, Any]]], n: int) -> tuple[list, list, list, int]:
+    """A non-streaming answer: per choice its text, finish reason and logprobs; total tokens."""
+    texts, reasons = [""] * n, [None] * n
+    logprobs: list[list[dict[str, Any]]] = [[] for _ in range(n)]
+    completion_tokens = 0
+    async for i, out in outputs:
+        texts[i] += out["new_text"]
+        logprobs[i] += out["new_logprobs"]
+        if out["finished"]:
+            reasons[i] = out["finish_reason"]
+            completion_tokens += out["num_output_tokens"]
+    return texts, reasons, logprobs, completion_tokens
+
+
 def stream_chunk(
     rid: str,
     obj: str,
@@ -421,15 +435,7 @@ class Ingress:
                 ),
                 ping=15,
             )
-        texts, reasons = [""] * req.n, [None] * req.n
-        logprobs: list[list[dict[str, Any]]] = [[] for _ in range(req.n)]
-        completion_tokens = 0
-        async for i, out in outputs:
-            texts[i] += out["new_text"]
-            logprobs[i] += out["new_logprobs"]
-            if out["finished"]:
-                reasons[i] = out["finish_reason"]
-                completion_tokens += out["num_output_tokens"]
+        texts, reasons, logprobs, completion_tokens = await collect(outputs, req.n)
         self.serving_metrics.observe_request(
             len(prompt), completion_tokens, time.monotonic() - start, reasons
         )
@@ -529,15 +535,7 @@ class Ingress:
                 ping=15,
             )
         k = len(per_choice)
-        texts, reasons = [""] * k, [None] * k
-        lps: list[list[dict[str, Any]]] = [[] for _ in range(k)]
-        completion_tokens = 0
-        async for i, out in outputs:
-            texts[i] += out["new_text"]
-            lps[i] += out["new_logprobs"]
-            if out["finished"]:
-                reasons[i] = out["finish_reason"]
-                completion_tokens += out["num_output_tokens"]
+        texts, reasons, lps, completion_tokens = await collect(outputs, k)
         self.serving_metrics.observe_request(
             prompt_tokens, completion_tokens, time.monotonic() - start, reasons
         )
