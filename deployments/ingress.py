@@ -308,6 +308,7 @@ class Ingress:
         timeout = self.settings.request_timeout_s
         deadline = None if timeout is None else time.monotonic() + timeout
         done = 0
+        last: dict[int, float] = {}  # choice -> when its previous output arrived
         try:
             while done < len(started):
                 try:
@@ -326,6 +327,11 @@ class Ingress:
                     raise item
                 if "error" in item:
                     raise RouterGone(item["error"]["message"])
+                now = time.monotonic()
+                self.serving_metrics.observe_output(
+                    now - last[i] if i in last else None, len(item["new_token_ids"]), item.get("queue_time")
+                )
+                last[i] = now
                 if item["finished"]:
                     done += 1
                 yield i, item
@@ -387,8 +393,8 @@ class Ingress:
 
     @app.get("/metrics")
     async def metrics(self) -> Response:
-        stats = await self.router.stats.remote()
-        body, content_type = self.serving_metrics.render(stats)
+        stats, load = await asyncio.gather(self.router.stats.remote(), self.router.expert_load.remote())
+        body, content_type = self.serving_metrics.render(stats, load)
         return Response(body, media_type=content_type)
 
     @app.post("/tokenize")

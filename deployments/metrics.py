@@ -1,7 +1,8 @@
 """Prometheus metrics of the serving path, named as vLLM names them under a `raymix:` prefix.
 
-Counters and histograms are observed by the ingress per request; the engine's gauges (running,
-waiting, KV-cache usage) are read from the router at scrape time. One registry per ingress
+Counters and histograms are observed by the ingress per request and per output; the engine's
+gauges (running, waiting, KV-cache usage) and the expert-parallel metrics (tokens per expert per
+layer, per-shard dispatch latency, shard balancedness) are read from the router at scrape time. One registry per ingress
 process, so several replicas or test apps never collide.
 """
 
@@ -18,6 +19,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 disable_created_metrics()  # no *_created series: they only add noise to dashboards
 
@@ -46,6 +48,20 @@ class ServingMetrics:
         self.kv_usage = Gauge(
             "raymix:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1)", registry=r
         )
+        self.itl = Histogram(
+            "raymix:inter_token_latency_seconds",
+            "Time between output tokens",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_time = Histogram(
+            "raymix:request_queue_time_seconds",
+            "Time from arrival to first scheduled",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.load: dict[str, Any] = {}
+        r.register(ExpertLoadCollector(self))
 
     def observe_first_token(self, seconds: float) -> None:
         self.ttft.observe(seconds)
@@ -60,8 +76,61 @@ class ServingMetrics:
             if reason is not None:
                 self.request_success.labels(finished_reason=reason).inc()
 
-    def render(self, engine_stats: dict[str, Any]) -> tuple[bytes, str]:
+    def observe_output(self, gap_seconds: float | None, new_tokens: int, queue_time: float | None) -> None:
+        """One output of a request: `gap_seconds` since its previous output (None for the first),
+        spread over the tokens it carries, so every token after a request's first is counted
+        once; the queue time comes with the first output."""
+        if gap_seconds is None:  # the first output: tokens after its first arrived with it
+            gaps = [0.0] * max(0, new_tokens - 1)
+        else:
+            gaps = [gap_seconds / new_tokens] * new_tokens
+        for gap in gaps:
+            self.itl.observe(gap)
+        if queue_time is not None:
+            self.queue_time.observe(queue_time)
+
+    def render(self, engine_stats: dict[str, Any], load: dict[str, Any] | None = None) -> tuple[bytes, str]:
+        self.load = load or {}
         self.running.set(engine_stats.get("num_requests_running", 0))
         self.waiting.set(engine_stats.get("num_requests_waiting", 0))
         self.kv_usage.set(engine_stats.get("kv_cache_usage_perc", 0.0))
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class ExpertLoadCollector:
+    """Expert-parallel metrics from the router's counters, at scrape time. Cardinality is bounded
+    by the model: layers x experts series of expert_tokens (256 for Mixtral 8x7B, 448 for 8x22B),
+    one latency histogram per shard, one gauge."""
+
+    def __init__(self, metrics: ServingMetrics):
+        self.metrics = metrics
+
+    def collect(self):
+        load = self.metrics.load
+        if not load:
+            return
+        shard_of = load["expert_to_shard"]
+        tokens = CounterMetricFamily(
+            "raymix:expert_tokens",
+            "Token assignments routed to each expert, per layer",
+            labels=["layer", "expert", "shard"],
+        )
+        for layer, counts in load["expert_tokens"].items():
+            for expert, n in enumerate(counts):
+                tokens.add_metric([str(layer), str(expert), str(shard_of[expert])], n)
+        yield tokens
+        latency = HistogramMetricFamily(
+            "raymix:dispatch_latency_seconds", "Per-layer round trip to each expert shard", labels=["shard"]
+        )
+        for shard, counts in enumerate(load["dispatch_latency_counts"]):
+            cumulative, total = [], 0
+            for bound, c in zip([*load["dispatch_latency_buckets"], float("inf")], counts, strict=True):
+                total += c
+                cumulative.append(("+Inf" if bound == float("inf") else str(bound), total))
+            latency.add_metric([str(shard)], cumulative, sum_value=load["dispatch_latency_sum"][shard])
+        yield latency
+        yield GaugeMetricFamily(
+            "raymix:shard_balancedness",
+            "Mean / max tokens per expert shard over recent layer batches (1 = even)",
+            value=load["balancedness"],
+        )

@@ -188,6 +188,11 @@ class Router:
             self.owned[subscriber] = set()
         return self.sinks[subscriber]
 
+    async def expert_load(self) -> dict[str, Any]:
+        eng = self.engine.engine
+        load = getattr(eng.experts, "load", None) if eng is not None else None
+        return load.snapshot() if load is not None else {}
+
     async def stats(self) -> dict[str, Any]:
         return {
             **self.engine.stats,

@@ -107,6 +107,59 @@ class ShardLink:
         self.pg.send([header], SHARD, 0).wait(self.timeout)
 
 
+LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0)
+
+
+class ExpertLoad:
+    """What the router saw of the experts: token assignments per (layer, expert), per-shard
+    round-trip latencies (histogram counts), and how evenly the last `window` layer batches
+    spread over the shards (mean / max tokens per shard: 1.0 is perfectly even)."""
+
+    def __init__(self, num_shards: int, expert_to_shard: torch.Tensor, window: int = 256):
+        self.expert_to_shard = expert_to_shard.cpu()
+        self.num_experts = len(expert_to_shard)
+        self.tokens: dict[int, torch.Tensor] = {}  # layer -> [E] assignments
+        self.buckets = [[0] * (len(LATENCY_BUCKETS_S) + 1) for _ in range(num_shards)]
+        self.latency_sum = [0.0] * num_shards
+        self.recent: list[torch.Tensor] = []  # [S] tokens per shard, last `window` batches
+        self.window = window
+        self.lock = threading.Lock()  # written by the engine thread, read by the metrics scrape
+
+    def count(self, layer: int, expert_ids: torch.Tensor) -> None:
+        per_expert = torch.bincount(expert_ids.flatten().cpu(), minlength=self.num_experts)  # [E]
+        self.tokens[layer] = self.tokens.get(layer, torch.zeros_like(per_expert)) + per_expert
+        per_shard = torch.zeros(len(self.buckets), dtype=torch.long).index_add_(
+            0, self.expert_to_shard, per_expert
+        )
+        self.recent = [*self.recent[-(self.window - 1) :], per_shard]
+
+    def latency(self, shard: int, seconds: float) -> None:
+        i = next((j for j, b in enumerate(LATENCY_BUCKETS_S) if seconds <= b), len(LATENCY_BUCKETS_S))
+        with self.lock:
+            self.buckets[shard][i] += 1
+            self.latency_sum[shard] += seconds
+
+    def balancedness(self) -> float:
+        if not self.recent:
+            return 1.0
+        per_shard = torch.stack(self.recent).sum(0).float()
+        return float(per_shard.mean() / per_shard.max()) if per_shard.max() > 0 else 1.0
+
+    def snapshot(self) -> dict[str, Any]:
+        with self.lock:
+            return self._snapshot()
+
+    def _snapshot(self) -> dict[str, Any]:
+        return {
+            "expert_tokens": {layer: t.tolist() for layer, t in sorted(self.tokens.items())},
+            "expert_to_shard": self.expert_to_shard.tolist(),
+            "dispatch_latency_buckets": LATENCY_BUCKETS_S,
+            "dispatch_latency_counts": [list(b) for b in self.buckets],
+            "dispatch_latency_sum": list(self.latency_sum),
+            "balancedness": self.balancedness(),
+        }
+
+
 class RemoteExperts:
     """An ExpertBackend whose experts live in other processes, reached over ShardLinks.
 
@@ -135,6 +188,7 @@ class RemoteExperts:
         self.calls = 0
         self.seconds = 0.0  # time in submit + wait: dispatch, waiting for the shards, combine
         self.recoveries = 0
+        self.load = ExpertLoad(len(links), expert_to_shard)
 
     def _exchange(self, k: int, layer: int, xs: torch.Tensor, route: torch.Tensor, y: torch.Tensor) -> tuple:
         """Post one shard's part of a layer → (the link used, its works, or None if posting failed)."""
@@ -147,6 +201,7 @@ class RemoteExperts:
     def submit(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> Any:
         """Post the sends to, and the receives from, every shard that has tokens; don't wait."""
         start = time.perf_counter()
+        self.load.count(layer, expert_ids)
         pending = []
         for k, b in enumerate(dispatch(expert_ids, weights, self.expert_to_shard)):
             n = b.token_index.numel()
@@ -157,11 +212,11 @@ class RemoteExperts:
             y = torch.empty(n, self.hidden_size, dtype=x.dtype, device=self.links[k].device)  # [n, H]
             pending.append((k, b.token_index, xs, route, y, *self._exchange(k, layer, xs, route, y)))
         self.seconds += time.perf_counter() - start
-        return layer, pending, x.shape, x.dtype, x.device
+        return layer, pending, x.shape, x.dtype, x.device, start
 
     def wait(self, handle: Any) -> torch.Tensor:
         start = time.perf_counter()
-        layer, pending, shape, dtype, device = handle
+        layer, pending, shape, dtype, device, posted = handle
         parts = []
         for k, rows, xs, route, y, link, works in pending:
             for attempt in range(self.max_retries + 1):
@@ -179,6 +234,7 @@ class RemoteExperts:
                         self.links[k] = self.reconnect(k)
                         self.recoveries += 1
                     link, works = self._exchange(k, layer, xs, route, y)
+            self.load.latency(k, time.perf_counter() - posted)
             parts.append((rows, y.to(device, non_blocking=True)))
         out = combine(shape, dtype, parts)
         self.calls += 1

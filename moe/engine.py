@@ -301,6 +301,9 @@ class LLMEngine:
             num_prompt_tokens=seq.num_prompt_tokens,
             num_output_tokens=seq.num_output_tokens,
             text=seq.text[:end],
+            queue_time=(seq.first_scheduled_time or seq.arrival_time) - seq.arrival_time
+            if seq.sent_tokens == 0
+            else None,
         )
         seq.sent_tokens, seq.sent_text_len = seq.num_output_tokens, end
         return out

@@ -72,6 +72,7 @@ class RequestOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     text: str = ""  # the whole output text so far
+    queue_time: float | None = None  # seconds from arrival to first scheduled (first output only)
 
     def merge(self, later: RequestOutput) -> RequestOutput:
         """This delta followed by a later one of the same request, as one delta."""
@@ -86,4 +87,5 @@ class RequestOutput:
             num_prompt_tokens=later.num_prompt_tokens,
             num_output_tokens=later.num_output_tokens,
             text=later.text,
+            queue_time=self.queue_time if self.queue_time is not None else later.queue_time,
         )

@@ -283,3 +283,55 @@ def test_cors_only_for_configured_origins(client, raymix):
         f"{raymix.url}/v1/chat/completions", headers={"Origin": "https://evil.example", **preflight}
     )
     assert "access-control-allow-origin" not in other.headers
+
+
+def scrape(url: str) -> dict[str, float]:
+    samples = {}
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    return samples
+
+
+def test_metrics_count_exactly_what_was_sent(client, raymix):
+    from moe.config import MixtralConfig
+
+    cfg = MixtralConfig.from_pretrained(default_model_dir())
+    before = scrape(raymix.url)
+    usages = []
+    for k, stream in enumerate([False, False, False, True, True]):
+        kw = dict(
+            model="raymix-tiny-mixtral",
+            messages=[{"role": "user", "content": "count " * (k + 1)}],
+            max_tokens=6 + k,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
+        if stream:
+            chunks = list(
+                client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw)
+            )
+            usages.append(chunks[-1].usage)
+        else:
+            usages.append(client.chat.completions.create(**kw).usage)
+    after = scrape(raymix.url)
+
+    def delta(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    prompt, completion = sum(u.prompt_tokens for u in usages), sum(u.completion_tokens for u in usages)
+    assert delta("raymix:prompt_tokens_total") == prompt
+    assert delta("raymix:generation_tokens_total") == completion
+    assert delta('raymix:request_success_total{finished_reason="length"}') == 5
+    assert delta("raymix:e2e_request_latency_seconds_count") == 5
+    assert delta("raymix:request_queue_time_seconds_count") == 5
+    assert delta("raymix:time_to_first_token_seconds_count") == 2  # the two streams
+    assert delta("raymix:inter_token_latency_seconds_count") == completion - 5  # every token after a first
+    # every token fed through the model (prompt, then all but the last sampled) goes to top_k experts
+    # in every layer
+    fed = sum(u.prompt_tokens + u.completion_tokens - 1 for u in usages)
+    expert = sum(delta(k) for k in after if k.startswith("raymix:expert_tokens_total{"))
+    assert expert == fed * cfg.num_experts_per_tok * cfg.num_hidden_layers
+    assert sum(delta(k) for k in after if k.startswith("raymix:dispatch_latency_seconds_count{")) > 0
+    assert 0 < after["raymix:shard_balancedness"] <= 1
