@@ -98,6 +98,14 @@ def stream_chunk(
     return json.dumps(body | extra)
 
 
+METRICS: list[ServingMetrics] = []  # the replica's metrics, once its Ingress is built
+
+
+def count_error(status: int) -> None:
+    for m in METRICS:
+        m.errors.labels(status=str(status)).inc()
+
+
 BODIES: dict[str, type[BaseModel]] = {
     "/v1/chat/completions": ChatCompletionRequest,
     "/v1/completions": CompletionRequest,
@@ -131,22 +139,26 @@ app.openapi = openapi  # type: ignore[method-assign]
 
 
 @app.exception_handler(HTTPError)
-async def _http_error(_: Request, e: HTTPError) -> JSONResponse:
+async def _http_error(request: Request, e: HTTPError) -> JSONResponse:
+    count_error(e.status)
     return JSONResponse(e.body, status_code=e.status, headers=e.headers)
 
 
 @app.exception_handler(RouterGone)
 async def _router_gone(_: Request, e: RouterGone) -> JSONResponse:
+    count_error(503)
     return JSONResponse(error_body(f"The model is unavailable: {e}", "service_unavailable"), status_code=503)
 
 
 @app.exception_handler(RequestError)
 async def _request_error(_: Request, e: RequestError) -> JSONResponse:
+    count_error(400)
     return JSONResponse(bad_request(e).body, status_code=400)
 
 
 @app.exception_handler(Exception)
 async def _server_error(_: Request, e: Exception) -> JSONResponse:
+    count_error(500)
     log.exception("unhandled error")
     return JSONResponse(error_body("internal server error", "server_error"), status_code=500)
 
@@ -165,6 +177,7 @@ class Ingress:
         self.tokenizer = load_tokenizer(s.model_dir(), s.tokenizer_mode)
         self.keys = [k.encode() for k in s.api_key]
         self.serving_metrics = ServingMetrics()
+        METRICS[:] = [self.serving_metrics]
         self.max_model_len: int | None = None
 
     def __del__(self) -> None:

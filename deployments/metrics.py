@@ -60,6 +60,13 @@ class ServingMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.errors = Counter(
+            "raymix:request_errors", "Requests answered with an error, by HTTP status", ["status"], registry=r
+        )
+        self.recoveries = Counter(
+            "raymix:shard_recoveries", "Expert shards replaced after a failure", registry=r
+        )
+        self._recoveries_seen = 0
         self.load: dict[str, Any] = {}
         r.register(ExpertLoadCollector(self))
 
@@ -94,6 +101,10 @@ class ServingMetrics:
         self.running.set(engine_stats.get("num_requests_running", 0))
         self.waiting.set(engine_stats.get("num_requests_waiting", 0))
         self.kv_usage.set(engine_stats.get("kv_cache_usage_perc", 0.0))
+        recoveries = engine_stats.get("shard_recoveries", 0)
+        if recoveries > self._recoveries_seen:  # the router's count is cumulative; a new router starts at 0
+            self.recoveries.inc(recoveries - self._recoveries_seen)
+        self._recoveries_seen = recoveries
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 

@@ -300,7 +300,8 @@ class ShardServer:
             while True:
                 self.pg.recv([header], ROUTER, 0).wait()
                 op, layer, n, _ = header.tolist()
-                if op == SHUTDOWN:
+                if op == SHUTDOWN:  # the router said goodbye; a new one may connect later
+                    self.router_gone = True
                     return
                 x = torch.empty(n, hidden, dtype=dtype, device=self.comm)
                 route = torch.empty(n, 2 * k, dtype=torch.float32, device=self.comm)

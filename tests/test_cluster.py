@@ -335,3 +335,32 @@ def test_metrics_count_exactly_what_was_sent(client, raymix):
     assert expert == fed * cfg.num_experts_per_tok * cfg.num_hidden_layers
     assert sum(delta(k) for k in after if k.startswith("raymix:dispatch_latency_seconds_count{")) > 0
     assert 0 < after["raymix:shard_balancedness"] <= 1
+
+
+def test_dashboard_and_alerts_use_only_exported_metrics(client, raymix):
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    k8s = Path(__file__).resolve().parent.parent / "k8s"
+    client.chat.completions.create(
+        model="raymix-tiny-mixtral", messages=[{"role": "user", "content": "m"}], max_tokens=2
+    )
+
+    def base(name: str) -> str:
+        return re.sub(r"_(total|bucket|count|sum)$", "", name)
+
+    scraped = httpx.get(f"{raymix.url}/metrics").text.splitlines()
+    families = {base(line.split()[2]) for line in scraped if line.startswith("# TYPE ")}
+    dashboard = json.loads((k8s / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    rules = [
+        doc
+        for doc in yaml.safe_load_all((k8s / "monitoring.yaml").read_text())
+        if doc["kind"] == "PrometheusRule"
+    ]
+    exprs += [r["expr"] for doc in rules for g in doc["spec"]["groups"] for r in g["rules"]]
+    used = {base(m) for e in exprs for m in re.findall(r"raymix:[a-z0-9_]+", e)}
+    assert len(used) >= 10
+    assert used <= families, used - families
