@@ -198,25 +198,20 @@ class Ingress:
     async def _body(self, request: Request, model_cls: type[BaseModel]) -> Any:
         self._check_auth(request)
         limit = self.settings.max_request_body_bytes
+        too_large = HTTPError(
+            413,
+            f"Request body is larger than {limit} bytes.",
+            "invalid_request_error",
+            None,
+            "request_too_large",
+        )
         if int(request.headers.get("content-length") or 0) > limit:
-            raise HTTPError(
-                413,
-                f"Request body is larger than {limit} bytes.",
-                "invalid_request_error",
-                None,
-                "request_too_large",
-            )
+            raise too_large
         raw = bytearray()
-        async for chunk in request.stream():
+        async for chunk in request.stream():  # a body without (or lying about) Content-Length
             raw += chunk
             if len(raw) > limit:
-                raise HTTPError(
-                    413,
-                    f"Request body is larger than {limit} bytes.",
-                    "invalid_request_error",
-                    None,
-                    "request_too_large",
-                )
+                raise too_large
         try:
             data = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
