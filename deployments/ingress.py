@@ -139,7 +139,7 @@ app.openapi = openapi  # type: ignore[method-assign]
 
 
 @app.exception_handler(HTTPError)
-async def _http_error(request: Request, e: HTTPError) -> JSONResponse:
+async def _http_error(_: Request, e: HTTPError) -> JSONResponse:
     count_error(e.status)
     return JSONResponse(e.body, status_code=e.status, headers=e.headers)
 

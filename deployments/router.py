@@ -188,24 +188,28 @@ class Router:
             self.owned[subscriber] = set()
         return self.sinks[subscriber]
 
-    async def expert_load(self) -> dict[str, Any]:
+    def _experts(self) -> RemoteExperts | None:
+        """The data plane, once the engine thread has built it."""
         eng = self.engine.engine
-        load = getattr(eng.experts, "load", None) if eng is not None else None
-        return load.snapshot() if load is not None else {}
+        return eng.experts if eng is not None and isinstance(eng.experts, RemoteExperts) else None
+
+    async def expert_load(self) -> dict[str, Any]:
+        experts = self._experts()
+        return experts.load.snapshot() if experts else {}
 
     async def stats(self) -> dict[str, Any]:
+        experts = self._experts()
         return {
             **self.engine.stats,
             "ready": self.engine.ready.is_set() and self.engine.error is None,
             "steps": self.engine.steps,
             "step_seconds": self.engine.step_seconds,
-            "shard_recoveries": getattr(eng.experts, "recoveries", 0) if (eng := self.engine.engine) else 0,
-            "expert_calls": getattr(eng.experts, "calls", 0) if (eng := self.engine.engine) else 0,
-            "expert_seconds": getattr(eng.experts, "seconds", 0.0) if (eng := self.engine.engine) else 0.0,
+            "shard_recoveries": experts.recoveries if experts else 0,
+            "expert_calls": experts.calls if experts else 0,
+            "expert_seconds": experts.seconds if experts else 0.0,
         }
 
     async def model_info(self) -> dict[str, Any]:
-        self.engine.ready.wait(timeout=0)
         eng = self.engine.engine
         return {
             "max_model_len": eng.max_model_len if eng else None,

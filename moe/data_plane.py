@@ -20,6 +20,7 @@ import datetime
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -113,25 +114,29 @@ LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.
 class ExpertLoad:
     """What the router saw of the experts: token assignments per (layer, expert), per-shard
     round-trip latencies (histogram counts), and how evenly the last `window` layer batches
-    spread over the shards (mean / max tokens per shard: 1.0 is perfectly even)."""
+    spread over the shards (mean / max tokens per shard: 1.0 is perfectly even).
+
+    Counting stays on the ids' device (no host sync in the per-layer path); the metrics scrape,
+    on another thread, copies out a snapshot under the lock."""
 
     def __init__(self, num_shards: int, expert_to_shard: torch.Tensor, window: int = 256):
-        self.expert_to_shard = expert_to_shard.cpu()
+        self.expert_to_shard = expert_to_shard
         self.num_experts = len(expert_to_shard)
+        self.num_shards = num_shards
         self.tokens: dict[int, torch.Tensor] = {}  # layer -> [E] assignments
         self.buckets = [[0] * (len(LATENCY_BUCKETS_S) + 1) for _ in range(num_shards)]
         self.latency_sum = [0.0] * num_shards
-        self.recent: list[torch.Tensor] = []  # [S] tokens per shard, last `window` batches
-        self.window = window
-        self.lock = threading.Lock()  # written by the engine thread, read by the metrics scrape
+        self.recent: deque[torch.Tensor] = deque(maxlen=window)  # [S] tokens per shard per batch
+        self.lock = threading.Lock()
 
     def count(self, layer: int, expert_ids: torch.Tensor) -> None:
-        per_expert = torch.bincount(expert_ids.flatten().cpu(), minlength=self.num_experts)  # [E]
-        self.tokens[layer] = self.tokens.get(layer, torch.zeros_like(per_expert)) + per_expert
-        per_shard = torch.zeros(len(self.buckets), dtype=torch.long).index_add_(
+        per_expert = torch.bincount(expert_ids.flatten(), minlength=self.num_experts)  # [E]
+        per_shard = per_expert.new_zeros(self.num_shards).index_add_(
             0, self.expert_to_shard, per_expert
-        )
-        self.recent = [*self.recent[-(self.window - 1) :], per_shard]
+        )  # [S]
+        with self.lock:
+            self.tokens[layer] = self.tokens[layer] + per_expert if layer in self.tokens else per_expert
+            self.recent.append(per_shard)
 
     def latency(self, shard: int, seconds: float) -> None:
         i = next((j for j, b in enumerate(LATENCY_BUCKETS_S) if seconds <= b), len(LATENCY_BUCKETS_S))
@@ -139,24 +144,19 @@ class ExpertLoad:
             self.buckets[shard][i] += 1
             self.latency_sum[shard] += seconds
 
-    def balancedness(self) -> float:
-        if not self.recent:
-            return 1.0
-        per_shard = torch.stack(self.recent).sum(0).float()
-        return float(per_shard.mean() / per_shard.max()) if per_shard.max() > 0 else 1.0
-
     def snapshot(self) -> dict[str, Any]:
         with self.lock:
-            return self._snapshot()
-
-    def _snapshot(self) -> dict[str, Any]:
+            tokens = {layer: t.tolist() for layer, t in sorted(self.tokens.items())}
+            recent = torch.stack(list(self.recent)).sum(0).float().cpu() if self.recent else None
+            counts, sums = [list(b) for b in self.buckets], list(self.latency_sum)
+        balanced = float(recent.mean() / recent.max()) if recent is not None and recent.max() > 0 else 1.0
         return {
-            "expert_tokens": {layer: t.tolist() for layer, t in sorted(self.tokens.items())},
+            "expert_tokens": tokens,
             "expert_to_shard": self.expert_to_shard.tolist(),
             "dispatch_latency_buckets": LATENCY_BUCKETS_S,
-            "dispatch_latency_counts": [list(b) for b in self.buckets],
-            "dispatch_latency_sum": list(self.latency_sum),
-            "balancedness": self.balancedness(),
+            "dispatch_latency_counts": counts,
+            "dispatch_latency_sum": sums,
+            "balancedness": balanced,
         }
 
 
@@ -188,7 +188,7 @@ class RemoteExperts:
         self.calls = 0
         self.seconds = 0.0  # time in submit + wait: dispatch, waiting for the shards, combine
         self.recoveries = 0
-        self.load = ExpertLoad(len(links), expert_to_shard)
+        self.load = ExpertLoad(len(links), self.expert_to_shard)
 
     def _exchange(self, k: int, layer: int, xs: torch.Tensor, route: torch.Tensor, y: torch.Tensor) -> tuple:
         """Post one shard's part of a layer → (the link used, its works, or None if posting failed)."""

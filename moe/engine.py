@@ -253,8 +253,6 @@ class LLMEngine:
     def _append_token(self, seq: Sequence, token: int, logits: torch.Tensor) -> None:
         p = seq.params
         seq.output_token_ids.append(token)
-        if seq.first_token_time is None:
-            seq.first_token_time = time.monotonic()
         if p.logprobs is not None:
             seq.logprobs.append(logprobs_of(logits, token, p.logprobs))
         prev_len = len(seq.text)

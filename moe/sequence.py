@@ -36,7 +36,6 @@ class Sequence:
     logprobs: list[Logprobs] = field(default_factory=list)
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None
-    first_token_time: float | None = None
 
     @property
     def token_ids(self) -> list[int]:
