@@ -8,6 +8,7 @@ Precedence: CLI over environment over YAML over defaults.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -16,6 +17,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from moe.engine import EngineConfig
+from moe.generation import GENERATION_KEYS
 
 
 class RaymixSettings(BaseSettings):
@@ -82,6 +84,29 @@ class RaymixSettings(BaseSettings):
         default="auto",
         description="auto: mistral-common when the checkpoint has tokenizer.model.v*, else transformers",
     )
+    enable_prefix_caching: bool = Field(
+        default=True,
+        description="Reuse the KV blocks of shared prompt prefixes (system prompts, earlier turns) across requests",
+    )
+    generation_config: Literal["auto", "none"] = Field(
+        default="auto",
+        description="auto: default temperature, top_p, top_k, repetition_penalty and max tokens from the checkpoint's "
+        "generation_config.json; none: OpenAI's defaults",
+    )
+    override_generation_config: dict[str, float | int] = Field(
+        default_factory=dict,
+        description='Defaults over the checkpoint\'s, as JSON: {"temperature": 0.5, "top_p": 1, "max_new_tokens": 1024}',
+    )
+    input_price_per_million: float | None = Field(
+        default=None,
+        ge=0,
+        description="Price per million prompt tokens; with it, usage carries estimated_cost",
+    )
+    output_price_per_million: float | None = Field(
+        default=None,
+        ge=0,
+        description="Price per million generated tokens; with it, usage carries estimated_cost",
+    )
     data_plane: Literal["auto", "gloo", "nccl"] = Field(
         default="auto",
         description="Transport of the per-layer expert traffic; auto: nccl with GPUs, else gloo",
@@ -135,6 +160,19 @@ class RaymixSettings(BaseSettings):
     def _one_or_many(cls, v: Any) -> Any:
         return [s for s in v.split(",") if s] if isinstance(v, str) else v
 
+    @field_validator("override_generation_config", mode="before")
+    @classmethod
+    def _json_object(cls, v: Any) -> Any:
+        return json.loads(v) if isinstance(v, str) else v
+
+    @field_validator("override_generation_config")
+    @classmethod
+    def _known_keys(cls, v: dict[str, float | int]) -> dict[str, float | int]:
+        unknown = set(v) - GENERATION_KEYS
+        if unknown:
+            raise ValueError(f"unknown keys {sorted(unknown)}; known: {sorted(GENERATION_KEYS)}")
+        return v
+
     def model_dir(self) -> Path:
         from moe.tiny import default_model_dir
 
@@ -156,6 +194,7 @@ class RaymixSettings(BaseSettings):
             tokenizer_mode=self.tokenizer_mode,
             overlap=bool(self.overlap),
             max_queued_requests=self.max_queued_requests,
+            enable_prefix_caching=self.enable_prefix_caching,
         )
 
     @classmethod

@@ -35,6 +35,7 @@ from deployments.protocol import (
     validation_param,
 )
 from moe.errors import RequestError
+from moe.generation import generation_defaults
 from moe.tokenizer import load_tokenizer
 
 log = logging.getLogger("ray.serve")
@@ -175,6 +176,7 @@ class Ingress:
             )
         self.names = s.model_names()
         self.tokenizer = load_tokenizer(s.model_dir(), s.tokenizer_mode)
+        self.defaults = generation_defaults(s.model_dir(), s.generation_config, s.override_generation_config)
         self.keys = [k.encode() for k in s.api_key]
         self.serving_metrics = ServingMetrics()
         METRICS[:] = [self.serving_metrics]
@@ -251,9 +253,11 @@ class Ingress:
         return self.max_model_len  # type: ignore[return-value]
 
     async def _max_tokens(self, requested: int | None, prompt_len: int) -> int:
+        """The request's max tokens, else the checkpoint's max_new_tokens, else up to the context."""
         if requested is not None:
             return requested
-        return max(1, await self._context_len() - prompt_len)
+        room = max(1, await self._context_len() - prompt_len)
+        return min(room, int(self.defaults.get("max_new_tokens", room)))
 
     async def _start(
         self, rid: str, prompts: list[list[int]], req: SamplingFields, max_tokens: int, logprobs: int | None
@@ -263,7 +267,7 @@ class Ingress:
         streams = []
         for i, prompt in enumerate(prompts):
             try:
-                params = req.sampling_params(max_tokens, logprobs, i)
+                params = req.sampling_params(max_tokens, logprobs, i, self.defaults)
             except RequestError as e:
                 raise bad_request(e) from None
             payload: dict[str, Any] = {

@@ -1,7 +1,7 @@
 """Prometheus metrics of the serving path, named as vLLM names them under a `raymix:` prefix.
 
 Counters and histograms are observed by the ingress per request and per output; the engine's
-gauges (running, waiting, KV-cache usage) and the expert-parallel metrics (tokens per expert per
+gauges (running, waiting, KV-cache usage), prefix-cache counters and the expert-parallel metrics (tokens per expert per
 layer, per-shard dispatch latency, shard balancedness) are read from the router at scrape time. One registry per ingress
 process, so several replicas or test apps never collide.
 """
@@ -68,7 +68,9 @@ class ServingMetrics:
         )
         self._recoveries_seen = 0
         self.load: dict[str, Any] = {}
+        self.engine_stats: dict[str, Any] = {}
         r.register(ExpertLoadCollector(self))
+        r.register(PrefixCacheCollector(self))
 
     def observe_first_token(self, seconds: float) -> None:
         self.ttft.observe(seconds)
@@ -98,6 +100,7 @@ class ServingMetrics:
 
     def render(self, engine_stats: dict[str, Any], load: dict[str, Any] | None = None) -> tuple[bytes, str]:
         self.load = load or {}
+        self.engine_stats = engine_stats
         self.running.set(engine_stats.get("num_requests_running", 0))
         self.waiting.set(engine_stats.get("num_requests_waiting", 0))
         self.kv_usage.set(engine_stats.get("kv_cache_usage_perc", 0.0))
@@ -144,4 +147,27 @@ class ExpertLoadCollector:
             "raymix:shard_balancedness",
             "Mean / max tokens per expert shard over recent layer batches (1 = even)",
             value=load["balancedness"],
+        )
+
+
+class PrefixCacheCollector:
+    """The router's cumulative prefix-cache counters (in prompt tokens, as vLLM counts them):
+    hit rate = rate(hits) / rate(queries)."""
+
+    def __init__(self, metrics: ServingMetrics):
+        self.metrics = metrics
+
+    def collect(self):
+        stats = self.metrics.engine_stats
+        if "prefix_cache_queries" not in stats:
+            return
+        yield CounterMetricFamily(
+            "raymix:prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache",
+            value=stats["prefix_cache_queries"],
+        )
+        yield CounterMetricFamily(
+            "raymix:prefix_cache_hits",
+            "Prompt tokens found in the prefix cache (not recomputed)",
+            value=stats["prefix_cache_hits"],
         )

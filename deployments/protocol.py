@@ -73,7 +73,7 @@ class SamplingFields(BaseModel):
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    repetition_penalty: float = Field(default=1.0, gt=0.0, le=2.0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=2.0)
     logit_bias: dict[str, float] | None = Field(default=None, max_length=1024)
     seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)
     stop: str | list[str] | None = None
@@ -95,7 +95,17 @@ class SamplingFields(BaseModel):
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None, choice: int) -> SamplingParams:
+    def sampling_params(
+        self, max_tokens: int, logprobs: int | None, choice: int, defaults: dict[str, Any] | None = None
+    ) -> SamplingParams:
+        """The engine's parameters for choice `choice`; what the request leaves out comes from
+        `defaults` (moe.generation), then OpenAI's defaults."""
+        d = defaults or {}
+
+        def pick(name: str, openai_default: Any) -> Any:
+            v = getattr(self, name)
+            return v if v is not None else d.get(name, openai_default)
+
         bias: dict[int, float] = {}
         for k, v in (self.logit_bias or {}).items():
             try:
@@ -108,14 +118,14 @@ class SamplingFields(BaseModel):
                 ) from None
         return SamplingParams(
             max_tokens=max_tokens,
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
-            top_k=self.top_k or 0,
-            min_p=self.min_p or 0.0,
+            temperature=pick("temperature", 1.0),
+            top_p=pick("top_p", 1.0),
+            top_k=pick("top_k", 0),
+            min_p=pick("min_p", 0.0),
             seed=None if self.seed is None else (self.seed + choice) % 2**63,
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
-            repetition_penalty=self.repetition_penalty,
+            repetition_penalty=pick("repetition_penalty", 1.0),
             logit_bias=bias or None,
             min_tokens=self.min_tokens,
             ignore_eos=self.ignore_eos,

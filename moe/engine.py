@@ -44,6 +44,7 @@ class EngineConfig:
     tokenizer_mode: str = "auto"
     overlap: bool = False  # two micro-batches per step, so attention overlaps remote experts
     max_queued_requests: int = 1024  # waiting requests beyond the running batch; more are refused
+    enable_prefix_caching: bool = True  # reuse the KV blocks of shared prompt prefixes
 
 
 def pick_device(device: str) -> torch.device:
@@ -82,7 +83,7 @@ class LLMEngine:
         if self.max_model_len < max_len:
             log.warning("KV cache holds %d tokens: max_model_len lowered to that", self.max_model_len)
         self.kv_cache = KVCache(cfg, num_blocks, bs, model.dtype, self.device)
-        self.blocks = BlockManager(num_blocks, bs)
+        self.blocks = BlockManager(num_blocks, bs, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
         self.seqs: dict[str, Sequence] = {}
         eos = list(cfg.eos_token_ids)
@@ -161,6 +162,8 @@ class LLMEngine:
             "num_used_kv_blocks": self.blocks.num_used_blocks,
             "num_kv_blocks": self.blocks.num_blocks,
             "num_preemptions": self.scheduler.num_preemptions,
+            "prefix_cache_queries": self.blocks.prefix_cache_queries,
+            "prefix_cache_hits": self.blocks.prefix_cache_hits,
         }
 
     # ---- the loop ----
@@ -203,6 +206,8 @@ class LLMEngine:
         for group, h, (_, meta) in zip(groups, hidden, micro, strict=True):
             for b, (seq, n) in enumerate(group):
                 seq.num_computed += n
+                if self.blocks.num_unhashed(seq.request_id, seq.num_computed):
+                    self.blocks.cache_full_blocks(seq.request_id, seq.token_ids, seq.num_computed)
                 if seq.num_computed == len(seq):  # prompt fully in the cache: this step samples
                     last.append(h[meta.last_index[b]])
                     sampling.append(seq)

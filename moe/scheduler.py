@@ -4,7 +4,8 @@ Every step takes the running sequences first (one token each at decode, or the n
 long prompt), then admits waiting ones while the token budget, `max_num_seqs` and the free KV
 blocks allow. Prefill and decode share one flat batch. When the KV cache is full, the most
 recently arrived running sequence is preempted: its blocks are freed and it is recomputed
-later from its tokens so far (vLLM's recompute preemption).
+later from its tokens so far (vLLM's recompute preemption). With prefix caching, a sequence
+admitted with a cached prefix starts computing after it.
 """
 
 from __future__ import annotations
@@ -52,11 +53,15 @@ class Scheduler:
             budget -= n
         while self.waiting and not preempted and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            n = min(len(seq) - seq.num_computed, budget)
-            if not self.blocks.can_allocate(seq.request_id, n):
+            hit = self.blocks.cached_prefix(seq.token_ids)  # [] unless prefix caching is on
+            start = len(hit) * self.blocks.block_size
+            n = min(len(seq) - start, budget)
+            if not self.blocks.can_allocate(seq.request_id, start + n, hit):
                 break
             self.waiting.popleft()
-            self.blocks.allocate(seq.request_id, n)
+            self.blocks.allocate(seq.request_id, start + n, hit)
+            self.blocks.record_prompt(len(seq), start)
+            seq.num_computed = seq.num_cached = start
             seq.status = Status.RUNNING
             self.running.append(seq)
             scheduled.append((seq, n))

@@ -28,6 +28,7 @@ class Sequence:
     output_token_ids: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
     num_computed: int = 0  # tokens whose K/V are in the cache
+    num_cached: int = 0  # of the prompt, tokens found in the prefix cache at admission
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: str | int | None = None  # the stop string or stop token that ended it
     text: str = ""  # output text so far (stop string excluded)
