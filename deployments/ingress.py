@@ -17,7 +17,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from ray import serve
 from sse_starlette.sse import EventSourceResponse
@@ -29,11 +29,13 @@ from deployments.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    PredictRequest,
     SamplingFields,
     TokenizeRequest,
     error_body,
     validation_param,
 )
+from deployments.tool_calls import ChatPlan, parse_tool_calls, plan_chat
 from moe.errors import RequestError
 from moe.generation import generation_defaults
 from moe.tokenizer import load_tokenizer
@@ -69,18 +71,41 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-async def collect(outputs: AsyncIterator[tuple[int, dict[str, Any]]], n: int) -> tuple[list, list, list, int]:
-    """A non-streaming answer: per choice its text, finish reason and logprobs; total tokens."""
+async def collect(
+    outputs: AsyncIterator[tuple[int, dict[str, Any]]], n: int, first_tokens: list[int | None] | None = None
+) -> tuple[list, list, list, int]:
+    """A non-streaming answer: per choice its text, finish reason and logprobs; total tokens.
+    `first_tokens`, when given, receives each choice's first output token."""
     texts, reasons = [""] * n, [None] * n
     logprobs: list[list[dict[str, Any]]] = [[] for _ in range(n)]
     completion_tokens = 0
     async for i, out in outputs:
+        if first_tokens is not None and first_tokens[i] is None and out["new_token_ids"]:
+            first_tokens[i] = out["new_token_ids"][0]
         texts[i] += out["new_text"]
         logprobs[i] += out["new_logprobs"]
         if out["finished"]:
             reasons[i] = out["finish_reason"]
             completion_tokens += out["num_output_tokens"]
     return texts, reasons, logprobs, completion_tokens
+
+
+async def _no_more() -> AsyncIterator[dict[str, Any]]:
+    return
+    yield
+
+
+def _empty_output(prompt_tokens: int) -> dict[str, Any]:
+    """The one output of a request for zero tokens: finished at once, by length."""
+    return {
+        "new_token_ids": [],
+        "new_text": "",
+        "new_logprobs": [],
+        "finished": True,
+        "finish_reason": "length",
+        "num_prompt_tokens": prompt_tokens,
+        "num_output_tokens": 0,
+    }
 
 
 def stream_chunk(
@@ -112,6 +137,8 @@ BODIES: dict[str, type[BaseModel]] = {
     "/v1/completions": CompletionRequest,
     "/tokenize": TokenizeRequest,
     "/detokenize": DetokenizeRequest,
+    "/predict": PredictRequest,
+    "/production/predict": PredictRequest,
 }
 
 
@@ -190,8 +217,8 @@ class Ingress:
     def _check_auth(self, request: Request) -> None:
         if not self.keys or request.url.path in OPEN_PATHS:
             return
-        header = request.headers.get("authorization", "")
-        token = header[7:].encode() if header.lower().startswith("bearer ") else b""
+        scheme, _, token_text = request.headers.get("authorization", "").partition(" ")
+        token = token_text.strip().encode() if scheme.lower() in ("bearer", "api-key") else b""
         if not any(hmac.compare_digest(token, k) for k in self.keys):
             raise HTTPError(
                 401, "Incorrect API key provided.", "invalid_request_error", None, "invalid_api_key"
@@ -260,14 +287,34 @@ class Ingress:
         return min(room, int(self.defaults.get("max_new_tokens", room)))
 
     async def _start(
-        self, rid: str, prompts: list[list[int]], req: SamplingFields, max_tokens: int, logprobs: int | None
+        self,
+        rid: str,
+        prompts: list[list[int]],
+        req: SamplingFields,
+        max_tokens: int,
+        logprobs: int | None,
+        plan: ChatPlan | None = None,
     ):
         """Submit one router request per choice (choice i: prompts[i], seed + i) and wait for each
         one's first output, where refusals show. → [(output iterator, first output)] per choice."""
+        if max_tokens == 0:  # nothing to generate (DeepInfra allows it): answer without the engine
+            ctx = await self._context_len()
+            if any(len(p) > ctx for p in prompts):
+                raise bad_request(
+                    RequestError(f"This model's maximum context length is {ctx} tokens.", param="messages")
+                )
+            return [(_no_more(), _empty_output(len(p))) for p in prompts]
         streams = []
         for i, prompt in enumerate(prompts):
             try:
-                params = req.sampling_params(max_tokens, logprobs, i, self.defaults)
+                params = req.sampling_params(
+                    max_tokens,
+                    logprobs,
+                    i,
+                    self.defaults,
+                    plan.grammar if plan else None,
+                    plan.extra_bias if plan else None,
+                )
             except RequestError as e:
                 raise bad_request(e) from None
             payload: dict[str, Any] = {
@@ -439,87 +486,129 @@ class Ingress:
         start = time.monotonic()
         req: ChatCompletionRequest = await self._body(request, ChatCompletionRequest)
         model = self._model_name(req.model)
-        prompt = self.tokenizer.apply_chat_template([m.to_template() for m in req.messages])
+        plan = plan_chat(req, self.tokenizer)
+        prompt = self.tokenizer.apply_chat_template(plan.messages, plan.tools)
         max_tokens = await self._max_tokens(req.requested_max_tokens(), len(prompt))
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        started = await self._start(rid, [prompt] * req.n, req, max_tokens, req.logprobs_k())
+        started = await self._start(rid, [prompt] * req.n, req, max_tokens, req.logprobs_k(), plan)
         outputs = self._merged(started)
         created = int(time.time())
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return EventSourceResponse(
                 self._sse(
-                    self._chat_stream(rid, model, created, len(prompt), req.n, outputs, include_usage, start)
+                    self._chat_stream(
+                        rid, model, created, len(prompt), req.n, outputs, include_usage, start, plan
+                    )
                 ),
                 ping=15,
             )
-        texts, reasons, logprobs, completion_tokens = await collect(outputs, req.n)
+        first_tokens: list[int | None] = [None] * req.n
+        texts, reasons, logprobs, completion_tokens = await collect(outputs, req.n, first_tokens)
         self.serving_metrics.observe_request(
             len(prompt), completion_tokens, time.monotonic() - start, reasons
         )
+        choices = []
+        for i in range(req.n):
+            message: dict[str, Any] = {"role": "assistant", "content": texts[i]}
+            calls = None
+            if plan.tool_calls_token is not None and first_tokens[i] == plan.tool_calls_token:
+                calls = parse_tool_calls(texts[i])
+            if calls:
+                message = {"role": "assistant", "content": None, "tool_calls": calls}
+            choices.append(
+                {
+                    "index": i,
+                    "message": message,
+                    "logprobs": self._chat_logprobs(logprobs[i]) if req.logprobs else None,
+                    "finish_reason": "tool_calls" if calls and reasons[i] == "stop" else reasons[i],
+                }
+            )
         return JSONResponse(
             {
                 "id": rid,
                 "object": "chat.completion",
                 "created": created,
                 "model": model,
-                "choices": [
-                    {
-                        "index": i,
-                        "message": {"role": "assistant", "content": texts[i]},
-                        "logprobs": self._chat_logprobs(logprobs[i]) if req.logprobs else None,
-                        "finish_reason": reasons[i],
-                    }
-                    for i in range(req.n)
-                ],
-                "usage": usage(len(prompt), completion_tokens),
+                "choices": choices,
+                "usage": self._usage(len(prompt), completion_tokens),
             }
         )
 
+    def _usage(self, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+        """OpenAI's usage, plus DeepInfra's estimated_cost when prices are configured."""
+        u: dict[str, Any] = usage(prompt_tokens, completion_tokens)
+        s = self.settings
+        if s.input_price_per_million is not None or s.output_price_per_million is not None:
+            cost = prompt_tokens * (s.input_price_per_million or 0.0)
+            cost += completion_tokens * (s.output_price_per_million or 0.0)
+            u["estimated_cost"] = cost / 1e6
+        return u
+
     async def _chat_stream(
-        self, rid, model, created, prompt_len, n, outputs, include_usage, start
+        self, rid, model, created, prompt_len, n, outputs, include_usage, start, plan
     ) -> AsyncIterator[str]:
+        """Role chunk, content deltas, finish chunk per choice; usage; [DONE]. A choice whose
+        output starts with [TOOL_CALLS] is held back and sent as tool-call deltas when complete
+        (per call: id, type and name, then the arguments)."""
+
         def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
             return stream_chunk(rid, "chat.completion.chunk", created, model, include_usage, choices, **extra)
 
+        def delta(i: int, d: dict[str, Any], lp: Any = None, finish: str | None = None) -> str:
+            return chunk([{"index": i, "delta": d, "logprobs": lp, "finish_reason": finish}])
+
         completion_tokens, reasons = 0, [None] * n
         first_token = True
+        calling: list[bool | None] = [None] * n  # per choice: a tool call? (None: not known yet)
+        held = [""] * n
         for i in range(n):
-            yield chunk(
-                [
-                    {
-                        "index": i,
-                        "delta": {"role": "assistant", "content": ""},
-                        "logprobs": None,
-                        "finish_reason": None,
-                    }
-                ]
-            )
+            yield delta(i, {"role": "assistant", "content": ""})
         async for i, out in outputs:
             if first_token:
                 self.serving_metrics.observe_first_token(time.monotonic() - start)
                 first_token = False
+            if calling[i] is None and out["new_token_ids"]:
+                calling[i] = (
+                    plan.tool_calls_token is not None and out["new_token_ids"][0] == plan.tool_calls_token
+                )
             lp = self._chat_logprobs(out["new_logprobs"]) if out["new_logprobs"] else None
-            if out["new_text"] or lp:
-                yield chunk(
-                    [
-                        {
-                            "index": i,
-                            "delta": {"content": out["new_text"]},
-                            "logprobs": lp,
-                            "finish_reason": None,
-                        }
-                    ]
-                )
+            if calling[i]:
+                held[i] += out["new_text"]
+            elif out["new_text"] or lp:
+                yield delta(i, {"content": out["new_text"]}, lp)
             if out["finished"]:
-                reasons[i] = out["finish_reason"]
+                reason = out["finish_reason"]
+                if calling[i]:
+                    calls = parse_tool_calls(held[i])
+                    if calls is None:  # not a well-formed call after all: it was text
+                        yield delta(i, {"content": held[i]})
+                    else:
+                        for k, c in enumerate(calls):
+                            head = {"index": k, "id": c["id"], "type": "function"}
+                            yield delta(
+                                i,
+                                {
+                                    "tool_calls": [
+                                        head | {"function": {"name": c["function"]["name"], "arguments": ""}}
+                                    ]
+                                },
+                            )
+                            yield delta(
+                                i,
+                                {
+                                    "tool_calls": [
+                                        {"index": k, "function": {"arguments": c["function"]["arguments"]}}
+                                    ]
+                                },
+                            )
+                        reason = "tool_calls" if reason == "stop" else reason
+                reasons[i] = reason
                 completion_tokens += out["num_output_tokens"]
-                yield chunk(
-                    [{"index": i, "delta": {}, "logprobs": None, "finish_reason": out["finish_reason"]}]
-                )
+                yield delta(i, {}, None, reason)
         self.serving_metrics.observe_request(prompt_len, completion_tokens, time.monotonic() - start, reasons)
         if include_usage:
-            yield chunk([], usage=usage(prompt_len, completion_tokens))
+            yield chunk([], usage=self._usage(prompt_len, completion_tokens))
         yield "[DONE]"
 
     def _chat_logprobs(self, lps: list[dict[str, Any]]) -> dict[str, Any]:
@@ -533,6 +622,43 @@ class Ingress:
                 for lp in lps
             ]
         }
+
+    @app.post("/predict")
+    @app.post("/production/predict")
+    async def predict(self, request: Request) -> Response:
+        """Baseten's REST API: `{"output": ...}` (the conversation as the model saw it, then the
+        answer), or with `stream` the answer's text as plain chunks."""
+        start = time.monotonic()
+        req: PredictRequest = await self._body(request, PredictRequest)
+        self._model_name(req.model)
+        prompt = self.tokenizer.apply_chat_template([m.to_template() for m in req.messages])
+        max_tokens = await self._max_tokens(req.max_new_tokens, len(prompt))
+        outputs = self._merged(
+            await self._start(f"predict-{uuid.uuid4().hex}", [prompt], req, max_tokens, None)
+        )
+        if req.stream:
+            return StreamingResponse(self._plain_text(outputs, len(prompt), start), media_type="text/plain")
+        texts, reasons, _, completion_tokens = await collect(outputs, 1)
+        self.serving_metrics.observe_request(
+            len(prompt), completion_tokens, time.monotonic() - start, reasons
+        )
+        return JSONResponse({"output": self.tokenizer.decode(prompt, skip_special_tokens=False) + texts[0]})
+
+    async def _plain_text(self, outputs, prompt_len: int, start: float) -> AsyncIterator[str]:
+        completion_tokens, reasons, first = 0, [None], True
+        try:
+            async for _, out in outputs:
+                if first:
+                    self.serving_metrics.observe_first_token(time.monotonic() - start)
+                    first = False
+                if out["new_text"]:
+                    yield out["new_text"]
+                if out["finished"]:
+                    reasons[0], completion_tokens = out["finish_reason"], out["num_output_tokens"]
+        except (HTTPError, RouterGone) as e:  # plain text has no error event: log it and end
+            log.warning("predict stream ended early: %s", e)
+            return
+        self.serving_metrics.observe_request(prompt_len, completion_tokens, time.monotonic() - start, reasons)
 
     @app.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
@@ -573,7 +699,7 @@ class Ingress:
                 "created": created,
                 "model": model,
                 "choices": choices,
-                "usage": usage(prompt_tokens, completion_tokens),
+                "usage": self._usage(prompt_tokens, completion_tokens),
             }
         )
 
@@ -608,7 +734,7 @@ class Ingress:
                 )
         self.serving_metrics.observe_request(prompt_len, completion_tokens, time.monotonic() - start, reasons)
         if include_usage:
-            yield chunk([], usage=usage(prompt_len, completion_tokens))
+            yield chunk([], usage=self._usage(prompt_len, completion_tokens))
         yield "[DONE]"
 
     def _completion_logprobs(self, lps: list[dict[str, Any]]) -> dict[str, Any]:

@@ -96,7 +96,13 @@ class SamplingFields(BaseModel):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
     def sampling_params(
-        self, max_tokens: int, logprobs: int | None, choice: int, defaults: dict[str, Any] | None = None
+        self,
+        max_tokens: int,
+        logprobs: int | None,
+        choice: int,
+        defaults: dict[str, Any] | None = None,
+        grammar: str | None = None,
+        extra_bias: dict[int, float] | None = None,
     ) -> SamplingParams:
         """The engine's parameters for choice `choice`; what the request leaves out comes from
         `defaults` (moe.generation), then OpenAI's defaults."""
@@ -126,7 +132,7 @@ class SamplingFields(BaseModel):
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
             repetition_penalty=pick("repetition_penalty", 1.0),
-            logit_bias=bias or None,
+            logit_bias=(bias | (extra_bias or {})) or None,
             min_tokens=self.min_tokens,
             ignore_eos=self.ignore_eos,
             stop=self.stop_list(),
@@ -134,21 +140,84 @@ class SamplingFields(BaseModel):
             include_stop_str_in_output=self.include_stop_str_in_output,
             logprobs=logprobs,
             skip_special_tokens=self.skip_special_tokens,
+            grammar=grammar,
         )
+
+
+class FunctionDef(BaseModel):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    type: Literal["function"] = "function"
+    function: FunctionDef
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format; "json" is DeepInfra's spelling of json_object."""
+
+    type: Literal["text", "json_object", "json_schema", "json"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("json_schema is required when type is json_schema")
+        return self
 
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1, max_length=2048)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=0)
+    max_completion_tokens: int | None = Field(default=None, ge=0)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    tools: list[Tool] | None = Field(default=None, max_length=128)
+    tool_choice: Literal["none", "auto", "required", "any"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    response_format: ResponseFormat | None = None
+    # Mistral's API: random_seed is its seed; safe_prompt prepends its guardrail system prompt
+    random_seed: int | None = Field(default=None, ge=0, lt=2**64)
+    safe_prompt: bool = False
+
+    @model_validator(mode="after")
+    def _mistral_names(self) -> ChatCompletionRequest:
+        if self.seed is None and self.random_seed is not None:
+            self.seed = self.random_seed
+        return self
 
     def requested_max_tokens(self) -> int | None:
-        return self.max_completion_tokens or self.max_tokens
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
     def logprobs_k(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class PredictRequest(SamplingFields):
+    """Baseten's REST body (`/production/predict`): messages, stream, max_new_tokens, temperature."""
+
+    messages: list[ChatMessage] = Field(min_length=1, max_length=2048)
+    max_new_tokens: int | None = Field(default=None, ge=1)
 
 
 class CompletionRequest(SamplingFields):

@@ -94,7 +94,7 @@ class Router:
         )
         config = s.engine_config()
         config.overlap = s.overlap if s.overlap is not None else self.device.type == "cuda"
-        return LLMEngine(cfg, model, experts, config, tokenizer)
+        return LLMEngine(cfg, model, experts, config, tokenizer, self.model_dir)
 
     def _connect_shards(self) -> RemoteExperts:
         """Open the rendezvous store, then have every shard join its own pair group with us."""

@@ -21,6 +21,7 @@ from moe.backend import ExpertBackend, InProcessExperts
 from moe.checkpoint import CheckpointReader, parse_dtype
 from moe.config import MixtralConfig
 from moe.errors import OverloadedError, RequestError
+from moe.guided import GrammarTokenizer, apply_bitmask
 from moe.kv_cache import BlockManager, KVCache
 from moe.model import MixtralDense
 from moe.sampling import SamplingParams, draw, filter_probs, logprobs_of, process_logits
@@ -67,6 +68,7 @@ class LLMEngine:
         experts: ExpertBackend,
         config: EngineConfig | None = None,
         tokenizer: Tokenizer | None = None,
+        model_dir: str | Path | None = None,
     ):
         self.cfg = cfg
         self.model = model
@@ -91,6 +93,8 @@ class LLMEngine:
             eos.append(tokenizer.eos_token_id)
         self.eos_token_ids = eos
         self.vocab_size = cfg.vocab_size
+        self.model_dir = model_dir
+        self._grammar_tokenizer: GrammarTokenizer | None = None
 
     @classmethod
     def from_pretrained(
@@ -104,7 +108,7 @@ class LLMEngine:
         reader = CheckpointReader(model_dir)
         model = MixtralDense.from_checkpoint(reader, cfg, dtype, device)
         experts = InProcessExperts.from_checkpoint(reader, cfg, dtype, device, num_shards)
-        return cls(cfg, model, experts, config, load_tokenizer(model_dir, config.tokenizer_mode))
+        return cls(cfg, model, experts, config, load_tokenizer(model_dir, config.tokenizer_mode), model_dir)
 
     # ---- requests in and out ----
 
@@ -139,6 +143,8 @@ class LLMEngine:
         if self.tokenizer is not None:
             detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens)
         seq = Sequence(request_id, list(prompt_token_ids), params, gen, detok)
+        if params.grammar is not None:
+            seq.matcher = self.grammar_tokenizer().matcher(params.grammar)
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
 
@@ -150,6 +156,16 @@ class LLMEngine:
         self.scheduler.finish(seq)
         seq.finish_reason = "abort"
         return True
+
+    def grammar_tokenizer(self) -> GrammarTokenizer:
+        """The vocabulary for guided decoding, built on the first request that needs it."""
+        if self._grammar_tokenizer is None:
+            if self.model_dir is None:
+                raise RequestError(
+                    "guided decoding needs the engine's model directory", param="response_format"
+                )
+            self._grammar_tokenizer = GrammarTokenizer(self.model_dir, self.vocab_size, self.eos_token_ids[0])
+        return self._grammar_tokenizer
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -238,6 +254,11 @@ class LLMEngine:
                 seq, p = seqs[i], seqs[i].params
                 stop_ids = ([] if p.ignore_eos else self.eos_token_ids) + p.stop_token_ids
                 logits[i] = process_logits(logits[i], p, seq.prompt_token_ids, seq.output_token_ids, stop_ids)
+        guided = [i for i, s in enumerate(seqs) if s.matcher is not None]
+        if guided:
+            logits = self._apply_grammars(
+                logits if needs else logits.clone(), [seqs[i] for i in guided], guided
+            )
         tokens: list[int] = [0] * len(seqs)
         greedy = [i for i, s in enumerate(seqs) if s.params.greedy]
         if greedy:
@@ -255,9 +276,29 @@ class LLMEngine:
                 tokens[i] = t
         return tokens
 
+    def _apply_grammars(self, logits: torch.Tensor, seqs: list[Sequence], rows: list[int]) -> torch.Tensor:
+        """Mask the tokens each guided row's grammar forbids (after the other processing, so a
+        penalty or bias can never revive one). A row that processing left with nothing allowed
+        (min_tokens hiding the EOS the grammar now requires) keeps the grammar's choice alone."""
+        width = (self.vocab_size + 31) // 32
+        bitmask = torch.empty(len(rows), width, dtype=torch.int32)  # [G, ceil(V/32)], filled by llguidance
+        for r, seq in enumerate(seqs):
+            seq.matcher.fill_bitmask(bitmask[r])  # type: ignore[union-attr]
+        sub = logits[rows]  # [G, V]
+        apply_bitmask(sub, bitmask)
+        stuck = ~torch.isfinite(sub).any(dim=-1)
+        if bool(stuck.any()):
+            raw = torch.zeros_like(sub[stuck])
+            apply_bitmask(raw, bitmask[stuck.cpu()])
+            sub[stuck] = raw
+        logits[rows] = sub
+        return logits
+
     def _append_token(self, seq: Sequence, token: int, logits: torch.Tensor) -> None:
         p = seq.params
         seq.output_token_ids.append(token)
+        if seq.matcher is not None:
+            seq.matcher.advance(token)
         if p.logprobs is not None:
             seq.logprobs.append(logprobs_of(logits, token, p.logprobs))
         prev_len = len(seq.text)
@@ -271,6 +312,8 @@ class LLMEngine:
                 self._finish(seq, "stop", token)
             elif p.stop:
                 self._check_stop_strings(seq, prev_len)
+        if not seq.finished and seq.matcher is not None and seq.matcher.done:
+            self._finish(seq, "stop")  # the grammar is complete (also under ignore_eos)
         if not seq.finished and (n_out >= p.max_tokens or len(seq) >= self.max_model_len):
             self._finish(seq, "length")
 

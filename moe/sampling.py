@@ -36,6 +36,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logprobs: int | None = None  # None: none; k ≥ 0: the sampled token's and the k most likely
     skip_special_tokens: bool = True
+    grammar: str | None = None  # guided decoding: an llguidance grammar (moe.guided) the output must follow
 
     @property
     def greedy(self) -> bool:

@@ -8,6 +8,7 @@ from enum import Enum
 
 import torch
 
+from moe.guided import GrammarMatcher
 from moe.sampling import Logprobs, SamplingParams
 from moe.tokenizer import IncrementalDetokenizer
 
@@ -25,6 +26,7 @@ class Sequence:
     params: SamplingParams
     generator: torch.Generator | None = None
     detokenizer: IncrementalDetokenizer | None = None
+    matcher: GrammarMatcher | None = None  # guided decoding: the request's grammar state
     output_token_ids: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
     num_computed: int = 0  # tokens whose K/V are in the cache

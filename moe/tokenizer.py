@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from moe.errors import CheckpointError, RequestError
 
@@ -31,9 +31,14 @@ class Tokenizer(Protocol):
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str: ...
 
-    def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]: ...
+    def apply_chat_template(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> list[int]: ...
 
     def token_text(self, token_id: int) -> str: ...
+
+    @property
+    def tool_calls_token_id(self) -> int | None: ...
 
 
 class HFTokenizer:
@@ -56,11 +61,20 @@ class HFTokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return str(self.tok.decode(ids, skip_special_tokens=skip_special_tokens))
 
-    def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
+    def apply_chat_template(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> list[int]:
         if not self.tok.chat_template:
             raise RequestError("this model has no chat template; use /v1/completions", param="messages")
+        if tools and "tools" not in self.tok.chat_template:
+            raise RequestError(
+                "this model's chat template does not support tools (no tool calling for this checkpoint)",
+                param="tools",
+            )
         try:
-            out: Any = self.tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+            out: Any = self.tok.apply_chat_template(
+                messages, tools=cast(Any, tools or None), tokenize=True, add_generation_prompt=True
+            )
         except Exception as e:  # jinja's raise_exception and template errors
             raise RequestError(
                 f"messages do not fit the model's chat template: {e}", param="messages"
@@ -71,6 +85,11 @@ class HFTokenizer:
     def token_text(self, token_id: int) -> str:
         """One token as text for logprobs: its piece, with SentencePiece's '▁' as a space."""
         return str(self.tok.convert_ids_to_tokens(token_id)).replace("\u2581", " ")
+
+    @property
+    def tool_calls_token_id(self) -> int | None:
+        tid = self.tok.convert_tokens_to_ids("[TOOL_CALLS]")
+        return tid if isinstance(tid, int) and tid != self.tok.unk_token_id else None
 
 
 class MistralTokenizer:
@@ -92,22 +111,48 @@ class MistralTokenizer:
         return list(self.raw.encode(text, bos=add_special_tokens, eos=False))
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        """Text of `ids`; with special tokens kept, each shows as its name ([INST], </s>) and the
+        text between them as text (mistral-common's own KEEP would show raw pieces)."""
         from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
 
-        policy = SpecialTokenPolicy.IGNORE if skip_special_tokens else SpecialTokenPolicy.KEEP
-        return self.raw.decode(ids, special_token_policy=policy)
+        if skip_special_tokens:
+            return self.raw.decode(ids, special_token_policy=SpecialTokenPolicy.IGNORE)
+        parts: list[str] = []
+        run: list[int] = []
+        for t in [*ids, None]:
+            if t is not None and t >= self.raw.num_special_tokens:
+                run.append(t)
+                continue
+            if run:
+                lead = " " if self.raw.id_to_piece(run[0]).startswith("\u2581") else ""
+                parts.append(lead + self.raw.decode(run, special_token_policy=SpecialTokenPolicy.IGNORE))
+                run = []
+            if t is not None:
+                parts.append(self.raw.id_to_piece(t))
+        return "".join(parts)
 
-    def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
+    def apply_chat_template(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> list[int]:
         from mistral_common.protocol.instruct.request import ChatCompletionRequest
 
         try:
-            req = ChatCompletionRequest.from_openai(messages)
+            req = ChatCompletionRequest.from_openai(messages, tools=tools or None)
             return list(self.mt.encode_chat_completion(req).tokens)
         except Exception as e:  # mistral-common validates roles and their order
             raise RequestError(f"invalid messages: {e}", param="messages") from None
 
     def token_text(self, token_id: int) -> str:
         return str(self.raw.id_to_piece(token_id)).replace("\u2581", " ")
+
+    @property
+    def tool_calls_token_id(self) -> int | None:
+        from mistral_common.tokens.tokenizers.base import SpecialTokens
+
+        try:
+            return int(self.raw.get_special_token(SpecialTokens.tool_calls.value))
+        except Exception:  # a tokenizer version without tool calls
+            return None
 
 
 def load_tokenizer(model_dir: str | Path, mode: str = "auto") -> Tokenizer:

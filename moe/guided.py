@@ -1,0 +1,211 @@
+"""Guided (constrained) decoding: every sampled token must keep the output inside a grammar.
+
+llguidance does the grammar work (chosen by measurement, benchmarks/guided_bench.py: ~2 ms to
+compile a JSON schema and ~0.08 ms per token on this CPU, against ~100 ms / 0.08 ms for
+xgrammar and ~8 s / 0.03 ms for outlines-core; and it needs neither torch nor triton, and is
+what mistral-common's own guidance uses). raymix's part is which grammar a request gets:
+
+- `json_grammar(schema)`: `response_format` json_schema / json_object. The schema is *bounded*
+  first so that any model, even one with random weights, finishes its JSON: strings without a
+  length limit get `maxLength`, arrays `maxItems`, numbers bounds (and at most 6 decimals),
+  objects with named properties no extra keys, free-form objects short keys and a few entries,
+  free-form values a small depth. A bounded schema only narrows the original: whatever it
+  allows, the original allows, so the output validates against what the user sent.
+- `tool_call_grammar(tools, tool_calls_token)`: Mistral's `[TOOL_CALLS] [{"name": ..,
+  "arguments": {..}}]`, the names restricted to the offered (or the named) functions and each
+  call's arguments to that function's parameters schema (bounded the same way).
+
+`GrammarMatcher` is one request's matcher: `fill_bitmask` before sampling, `advance` after.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+import torch
+
+from moe.errors import RequestError
+
+STRING_MAX = 64
+ARRAY_MAX = 8
+MAP_MAX = 8
+ANY_DEPTH = 2
+INT_BOUND = 10**15
+KEY_PATTERN = "^[A-Za-z0-9_]{1,24}$"
+NO_WHITESPACE = {"whitespace_flexible": False}
+
+
+def _any(depth: int) -> dict[str, Any]:
+    """Any JSON value, nested at most `depth` deep, every part bounded."""
+    scalars: list[dict[str, Any]] = [
+        {"type": "string", "maxLength": STRING_MAX},
+        {"type": "integer", "minimum": -INT_BOUND, "maximum": INT_BOUND},
+        {"type": "number", "minimum": -INT_BOUND, "maximum": INT_BOUND, "multipleOf": 1e-6},
+        {"type": "boolean"},
+        {"type": "null"},
+    ]
+    if depth > 0:
+        inner = _any(depth - 1)
+        scalars += [
+            {"type": "array", "items": inner, "maxItems": 4},
+            {
+                "type": "object",
+                "patternProperties": {KEY_PATTERN: inner},
+                "additionalProperties": False,
+                "maxProperties": 4,
+            },
+        ]
+    return {"anyOf": scalars}
+
+
+def bound_schema(schema: Any, depth: int = ANY_DEPTH) -> Any:
+    """A copy of `schema` that only admits JSON of bounded length (see the module docstring)."""
+    if schema is True or schema == {}:
+        return _any(depth)
+    if not isinstance(schema, dict):
+        return schema
+    s = copy.copy(schema)
+    for key in ("anyOf", "oneOf", "allOf", "prefixItems"):
+        if isinstance(s.get(key), list):
+            s[key] = [bound_schema(x, depth) for x in s[key]]
+    for key in ("$defs", "definitions", "properties", "patternProperties"):
+        if isinstance(s.get(key), dict):
+            s[key] = {k: bound_schema(v, depth) for k, v in s[key].items()}
+    if isinstance(s.get("items"), dict) or s.get("items") is True:
+        s["items"] = bound_schema(s["items"], max(depth - 1, 0))
+    types = s.get("type")
+    types = set(types) if isinstance(types, list) else {types} if types else set()
+    constrained = any(k in s for k in ("enum", "const", "$ref", "anyOf", "oneOf", "allOf"))
+    if not types and not constrained and not any(k in s for k in ("properties", "items")):
+        return _any(depth) | {k: v for k, v in s.items() if k in ("description", "title")}
+    if "string" in types and not any(k in s for k in ("maxLength", "enum", "const", "pattern", "format")):
+        s["maxLength"] = max(STRING_MAX, s.get("minLength", 0))
+    if types & {"integer", "number"}:
+        s.setdefault("minimum", min(-INT_BOUND, s.get("maximum", 0) - INT_BOUND))
+        s.setdefault("maximum", max(INT_BOUND, s["minimum"] + INT_BOUND))
+        if "number" in types and "multipleOf" not in s:
+            s["multipleOf"] = 1e-6
+    if "array" in types and "maxItems" not in s and "prefixItems" not in s:
+        s["maxItems"] = max(ARRAY_MAX, s.get("minItems", 0))
+        s.setdefault("items", _any(max(depth - 1, 0)))
+    if "object" in types:
+        extra = s.get("additionalProperties", True)
+        if "properties" in s:
+            if extra is True:
+                s["additionalProperties"] = False
+        elif extra is not False and "patternProperties" not in s:
+            value = _any(max(depth - 1, 0)) if extra is True else bound_schema(extra, max(depth - 1, 0))
+            s["patternProperties"] = {KEY_PATTERN: value}
+            s["additionalProperties"] = False
+            s.setdefault("maxProperties", max(MAP_MAX, s.get("minProperties", 0)))
+    return s
+
+
+def _llg():
+    try:
+        import llguidance
+    except ImportError:  # pragma: no cover - a declared dependency
+        raise RequestError(
+            "structured output needs the llguidance package", param="response_format"
+        ) from None
+    return llguidance
+
+
+def json_grammar(schema: dict[str, Any] | None) -> str:
+    """The grammar for `response_format`: JSON matching `schema` (any JSON object when None),
+    compact, with one optional leading space (SentencePiece words start with one)."""
+    bounded = bound_schema(schema) if schema is not None else bound_schema({"type": "object"}, ANY_DEPTH + 1)
+    body = json.dumps({"x-guidance": NO_WHITESPACE, **bounded})
+    return _lark(f'start: " "? %json {body}\n', "response_format")
+
+
+def tool_call_grammar(tools: list[dict[str, Any]], tool_calls_token: int, parallel: bool = True) -> str:
+    """The grammar for a forced tool call (`tool_choice` required/any or a named function):
+    the `[TOOL_CALLS]` token, then a JSON list of calls of the given functions."""
+    calls = [
+        {
+            "type": "object",
+            "properties": {
+                "name": {"const": t["function"]["name"]},
+                "arguments": bound_schema(
+                    t["function"].get("parameters") or {"type": "object", "properties": {}}
+                ),
+            },
+            "required": ["name", "arguments"],
+            "additionalProperties": False,
+        }
+        for t in tools
+    ]
+    schema = {
+        "x-guidance": NO_WHITESPACE,
+        "type": "array",
+        "items": calls[0] if len(calls) == 1 else {"anyOf": calls},
+        "minItems": 1,
+        "maxItems": 4 if parallel else 1,
+    }
+    return _lark(f'start: <[{tool_calls_token}]> " "? %json {json.dumps(schema)}\n', "tools")
+
+
+def _lark(lark: str, param: str) -> str:
+    llg = _llg()
+    grammar = llg.LLMatcher.grammar_from_lark(lark)
+    is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar)
+    if is_error:  # "at 1(8): failed to compile JSON schema: Invalid type: x\n<the grammar>": keep the why
+        why = messages[0].split("\n", 1)[0].split(": ", 1)[-1] if messages else "invalid"
+        raise RequestError(f"invalid {param} schema: {why}", param=param)
+    return grammar
+
+
+class GrammarTokenizer:
+    """The model's vocabulary as llguidance sees it, built once per process (~0.3 s for 32k)."""
+
+    def __init__(self, model_dir: Any, vocab_size: int, eos_token_id: int):
+        llg = _llg()
+        from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+        hf = AutoTokenizer.from_pretrained(str(model_dir))
+        if not isinstance(hf, PreTrainedTokenizerFast):
+            raise RuntimeError(f"{model_dir}: guided decoding needs a fast tokenizer (tokenizer.json)")
+        import llguidance.hf
+
+        self.ll = llguidance.hf.from_tokenizer(hf, n_vocab=vocab_size, eos_token=eos_token_id)
+        self.vocab_size = vocab_size
+        self.llg = llg
+
+    def matcher(self, grammar: str) -> GrammarMatcher:
+        m = self.llg.LLMatcher(self.ll, grammar, log_level=0)
+        if m.is_error():
+            raise RequestError(f"invalid grammar: {m.get_error()}", param="response_format")
+        return GrammarMatcher(m, self.vocab_size)
+
+
+class GrammarMatcher:
+    """One request's position in its grammar."""
+
+    def __init__(self, matcher: Any, vocab_size: int):
+        self.m = matcher
+        self.vocab_size = vocab_size
+
+    def fill_bitmask(self, bitmask: torch.Tensor) -> None:
+        """bitmask: int32 [ceil(V / 32)] on the CPU, contiguous: bit t set ⇔ token t allowed."""
+        self.m.unsafe_compute_mask_ptr(bitmask.data_ptr(), bitmask.numel() * 4)
+
+    def advance(self, token_id: int) -> None:
+        if not self.m.consume_token(token_id):
+            raise RuntimeError(f"guided decoding: token {token_id} rejected ({self.m.get_error()})")
+
+    @property
+    def done(self) -> bool:
+        return bool(self.m.is_stopped())
+
+
+def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """logits [R, V] (any device), bitmask int32 [R, ceil(V / 32)] on the CPU: disallowed
+    tokens get -inf, in place. The bits are unpacked on the logits' device."""
+    rows, vocab = logits.shape
+    mask = bitmask.to(logits.device, non_blocking=True)
+    bits = torch.arange(32, device=logits.device, dtype=torch.int32)
+    allowed = ((mask[:, :, None] >> bits) & 1).reshape(rows, -1)[:, :vocab].bool()  # [R, V]
+    logits.masked_fill_(~allowed, float("-inf"))
