@@ -62,3 +62,25 @@ def test_capacity_model_knows_mixtrals_sizes():
         assert sum(p.shard_params) + p.dense_params == pytest.approx(total, rel=0.01)
     assert plan(MIXTRAL_8X7B, 8).kv_bytes_per_token == 2 * 32 * 8 * 128 * 2
     assert gpus_needed(MIXTRAL_8X22B, 80e9) == 9  # 8 shards of 33.8 GB + the router
+
+
+def test_generation_defaults_come_from_the_checkpoint_then_the_overrides(tmp_path):
+    import json
+
+    from deployments.protocol import ChatCompletionRequest
+    from moe.generation import generation_defaults
+
+    (tmp_path / "generation_config.json").write_text(
+        json.dumps({"temperature": 0.3, "top_p": 0.8, "max_new_tokens": 50, "bos_token_id": 1})
+    )
+    d = generation_defaults(tmp_path, "auto", {"top_p": 0.5})
+    assert d == {"temperature": 0.3, "top_p": 0.5, "max_new_tokens": 50}
+    assert generation_defaults(tmp_path, "none", {}) == {}
+    req = ChatCompletionRequest(messages=[{"role": "user", "content": "x"}], temperature=0.9)
+    p = req.sampling_params(16, None, 0, d)
+    assert (p.temperature, p.top_p, p.repetition_penalty) == (0.9, 0.5, 1.0)  # the request's own wins
+    with pytest.raises(ValueError, match="unknown keys"):
+        RaymixSettings(override_generation_config='{"temprature": 1}')
+    assert RaymixSettings(override_generation_config='{"temperature": 0}').override_generation_config == {
+        "temperature": 0
+    }

@@ -53,3 +53,25 @@ def test_bad_roles_are_request_errors(tok):
     with pytest.raises(RequestError) as e:
         tok.apply_chat_template([{"role": "wizard", "content": "hi"}])
     assert e.value.param == "messages"
+
+
+TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
+
+
+def test_tools_in_the_mistral_format_and_refused_by_a_template_without_them(tiny_dir):
+    mistral, hf = load_tokenizer(tiny_dir, "mistral"), load_tokenizer(tiny_dir, "hf")
+    plain = mistral.apply_chat_template(CHAT[1:2])
+    with_tools = mistral.apply_chat_template(CHAT[1:2], TOOLS)
+    assert "[AVAILABLE_TOOLS]" in mistral.decode(with_tools, skip_special_tokens=False)
+    assert len(with_tools) > len(plain)
+    assert mistral.tool_calls_token_id == hf.tool_calls_token_id == 5
+    with pytest.raises(RequestError) as e:  # the embedded chat template has no tool support
+        hf.apply_chat_template(CHAT[1:2], TOOLS)
+    assert e.value.param == "tools"
+
+
+def test_decoding_with_special_tokens_shows_their_names(tok):
+    ids = tok.apply_chat_template(CHAT[1:])
+    text = tok.decode(ids, skip_special_tokens=False)
+    assert text.startswith("<s>[INST]") and text.count("[/INST]") == 2 and "</s>" in text
+    assert "Hello!" in text and "What is 2+2?" in text and "\u2581" not in text
