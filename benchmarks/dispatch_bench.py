@@ -26,7 +26,7 @@ from report import save  # benchmarks/report.py
 from moe.checkpoint import CheckpointReader
 from moe.config import MixtralConfig
 from moe.data_plane import RemoteExperts, Rendezvous, ShardLink, ShardServer, open_store
-from moe.experts import LocalExperts, combine, dispatch, partition_experts, route
+from moe.experts import LocalExperts, Placement, combine, dispatch, partition_experts, route
 from moe.tiny import default_model_dir
 
 TIMEOUT = datetime.timedelta(seconds=60)
@@ -82,7 +82,7 @@ def median_ms(f, iters: int) -> float:
     return statistics.median(ts) * 1e3
 
 
-def measure(n, cfg, remote, actors, handles, expert_to_shard, store, url, it) -> dict[str, float]:
+def measure(n, cfg, remote, actors, handles, placement, store, url, it) -> dict[str, float]:
     """One token count: the median round trip of every transport."""
     import ray
 
@@ -93,7 +93,7 @@ def measure(n, cfg, remote, actors, handles, expert_to_shard, store, url, it) ->
 
     def via_actors(call):
         parts = []
-        batches = dispatch(ids, w, expert_to_shard)
+        batches = dispatch(ids, w, placement)
         outs = [call(k, x[b.token_index], b.expert_ids, b.weights) for k, b in enumerate(batches)]
         parts = [(b.token_index, y) for b, y in zip(batches, outs, strict=True)]
         return parts
@@ -147,9 +147,7 @@ def main() -> None:
     model_dir = str(default_model_dir())
     cfg = MixtralConfig.from_pretrained(model_dir)
     groups = partition_experts(cfg.num_local_experts, args.shards)
-    expert_to_shard = torch.empty(cfg.num_local_experts, dtype=torch.long)
-    for k, g in enumerate(groups):
-        expert_to_shard[g] = k
+    placement = Placement.from_groups(groups)
     torch.set_num_threads(1)
     ray.init(_node_ip_address="127.0.0.1", include_dashboard=False)
     print(
@@ -174,7 +172,7 @@ def main() -> None:
     pending = [a.connect.remote(r.__dict__) for a, r in zip(actors, rdvs, strict=True)]
     links = [ShardLink(store, r, torch.device("cpu"), TIMEOUT) for r in rdvs]
     ray.get(pending)
-    remote = RemoteExperts(links, expert_to_shard, cfg.hidden_size, torch.device("cpu"))
+    remote = RemoteExperts(links, placement, cfg.hidden_size, torch.device("cpu"))
 
     results: dict[str, dict[int, float]] = {
         "gloo data plane": {},
@@ -184,9 +182,7 @@ def main() -> None:
         "gloo floor (echo)": {},
     }
     for n in args.tokens:
-        for name, ms in measure(
-            n, cfg, remote, actors, handles, expert_to_shard, store, url, args.iters
-        ).items():
+        for name, ms in measure(n, cfg, remote, actors, handles, placement, store, url, args.iters).items():
             results[name][n] = ms
         print(f"  {n:>4} tokens: " + ", ".join(f"{k} {v[n]:.2f} ms" for k, v in results.items()), flush=True)
 

@@ -107,6 +107,17 @@ class RaymixSettings(BaseSettings):
         ge=0,
         description="Price per million generated tokens; with it, usage carries estimated_cost",
     )
+    num_redundant_experts: int = Field(
+        default=0,
+        ge=0,
+        le=1024,
+        description="Replica slots for hot experts over all shards (EPLB): each holds one more whole expert",
+    )
+    eplb_interval_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="Rebalance the expert replicas from the measured load this often while serving; none: only on request",
+    )
     data_plane: Literal["auto", "gloo", "nccl"] = Field(
         default="auto",
         description="Transport of the per-layer expert traffic; auto: nccl with GPUs, else gloo",

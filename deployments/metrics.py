@@ -143,6 +143,14 @@ class ExpertLoadCollector:
                 cumulative.append(("+Inf" if bound == float("inf") else str(bound), total))
             latency.add_metric([str(shard)], cumulative, sum_value=load["dispatch_latency_sum"][shard])
         yield latency
+        holders = GaugeMetricFamily(
+            "raymix:expert_holders",
+            "Shards holding each expert (2 or more: replicated by EPLB)",
+            labels=["expert"],
+        )
+        for expert, n in enumerate(load.get("expert_holders", [])):
+            holders.add_metric([str(expert)], n)
+        yield holders
         yield GaugeMetricFamily(
             "raymix:shard_balancedness",
             "Mean / max tokens per expert shard over recent layer batches (1 = even)",

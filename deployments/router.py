@@ -8,6 +8,7 @@ moe.data_plane), and runs the continuous-batching engine on its own thread (moe.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import datetime
@@ -27,7 +28,9 @@ from moe.checkpoint import CheckpointReader
 from moe.config import MixtralConfig
 from moe.data_plane import RemoteExperts, Rendezvous, ShardLink, comm_device, open_store
 from moe.engine import LLMEngine, pick_device, pick_dtype
+from moe.eplb import balancedness, plan_replicas
 from moe.errors import RequestError
+from moe.experts import Placement
 from moe.model import MixtralDense
 from moe.sampling import SamplingParams
 from moe.sequence import RequestOutput
@@ -64,6 +67,10 @@ class Router:
         self.num_threads = num_threads
         self.shards = shards
         self.expert_groups = expert_groups
+        self.placement = Placement.from_groups(expert_groups)  # what the data plane routes by
+        self.held = [list(g) for g in expert_groups]  # what each shard holds (primaries + replicas)
+        self._eplb_task: asyncio.Task | None = None
+        self._rebalancing = asyncio.Lock()
         self.model_dir = s.model_dir()
         self.cfg = MixtralConfig.from_pretrained(self.model_dir)
         self.device = pick_device("auto")
@@ -111,13 +118,10 @@ class Router:
             self._url = f"tcp://{self._host}:{_free_port()}"
         self._store = open_store(self._url, is_master=True, timeout=self.timeout)
         links = [self._rejoin(k) for k in range(len(self.shards))]  # retried: shards may still be starting
-        expert_to_shard = torch.empty(self.cfg.num_local_experts, dtype=torch.long)
-        for k, group in enumerate(self.expert_groups):
-            expert_to_shard[group] = k
         log.info("data plane up: %d shards, %s via %s", len(links), self.backend, self._url.split("://")[0])
         return RemoteExperts(
             links,
-            expert_to_shard,
+            Placement([list(s) for s in self.placement.expert_shards], len(self.shards)),
             self.cfg.hidden_size,
             comm_device(self.backend, self.device),
             reconnect=self._rejoin,
@@ -135,11 +139,14 @@ class Router:
 
     def _rejoin(self, k: int) -> ShardLink:
         """Connect to shard k, retrying while its replica is (re)starting: at start-up, and after
-        a shard failed (Serve replaces the replica; the new one is connected here)."""
+        a shard failed (Serve replaces the replica; the new one is connected here, and given
+        back the replicas its predecessor held before any layer is sent to it)."""
         start = time.monotonic()
         deadline = start + self.settings.shard_recovery_timeout_s
         while True:
             try:
+                if sorted(self.held[k]) != sorted(self.expert_groups[k]):
+                    self.shards[k].set_experts.remote(self.held[k]).result()
                 link = self._join(k)
                 log.info("expert shard %d connected after %.1fs", k, time.monotonic() - start)
                 return link
@@ -171,6 +178,8 @@ class Router:
 
     async def submit(self, subscriber: str, requests: list[dict[str, Any]]) -> None:
         """Add requests; their outputs (or refusals) arrive on the subscriber's stream."""
+        if self.settings.eplb_interval_s and self._eplb_task is None:
+            self._eplb_task = asyncio.create_task(self._eplb_loop(self.settings.eplb_interval_s))
         sink = self._sink(subscriber)
         for r in requests:
             self.owned[subscriber].add(r["request_id"])
@@ -192,6 +201,72 @@ class Router:
         """The data plane, once the engine thread has built it."""
         eng = self.engine.engine
         return eng.experts if eng is not None and isinstance(eng.experts, RemoteExperts) else None
+
+    # ---- hot-expert replication (moe.eplb) ----
+
+    async def rebalance(self) -> dict[str, Any]:
+        """Re-plan the expert replicas from the load measured over the recent window and move
+        to the plan while serving: load the new replicas, switch the routing, wait until no
+        layer batch routed the old way is in flight, then drop what is no longer needed.
+        → the plan, with the predicted balancedness (mean / max per shard) before and after."""
+        experts = self._experts()
+        n = self.settings.num_redundant_experts
+        if experts is None or n == 0:
+            return {
+                "changed": False,
+                "reason": "no data plane yet" if experts is None else "num_redundant_experts is 0",
+            }
+        async with self._rebalancing:
+            load = experts.load.recent_expert_load()
+            plan = plan_replicas(load, self.expert_groups, n)
+            before = balancedness(load, self.placement.expert_shards, len(self.shards))
+            after = balancedness(load, plan, len(self.shards))
+            new = Placement(plan, len(self.shards))
+            if plan == self.placement.expert_shards:
+                return {"changed": False, "balancedness": before, "replicas": self._replicas(plan)}
+            want = [new.experts_on(k) for k in range(len(self.shards))]
+            grow = [k for k in range(len(self.shards)) if set(want[k]) - set(self.held[k])]
+            for k in grow:  # 1. load the new replicas (keeping what is still being routed to)
+                self.held[k] = sorted(set(self.held[k]) | set(want[k]))
+            await asyncio.gather(*[self.shards[k].set_experts.remote(self.held[k]) for k in grow])
+            calls = experts.calls
+            self.placement = new  # 2. route by the new plan from the next layer on
+            experts.set_placement(Placement(plan, len(self.shards)))
+            await self._drain_old_routing(experts, calls)  # 3. no batch routed the old way in flight
+            shrink = [k for k in range(len(self.shards)) if set(self.held[k]) - set(want[k])]
+            for k in shrink:  # 4. drop replicas no longer routed to
+                self.held[k] = want[k]
+            await asyncio.gather(*[self.shards[k].set_experts.remote(want[k]) for k in shrink])
+            experts.load.reset_window()
+            log.info(
+                "experts rebalanced: balancedness %.3f -> %.3f, replicas %s",
+                before,
+                after,
+                self._replicas(plan),
+            )
+            return {"changed": True, "before": before, "after": after, "replicas": self._replicas(plan)}
+
+    @staticmethod
+    def _replicas(plan: list[list[int]]) -> dict[str, list[int]]:
+        return {str(e): shards for e, shards in enumerate(plan) if len(shards) > 1}
+
+    async def _drain_old_routing(self, experts: RemoteExperts, calls: int, timeout: float = 30.0) -> None:
+        """Layer batches posted before the switch are waited on before the next two layer
+        calls complete (two micro-batches may be in flight); an idle engine has none."""
+        deadline = time.monotonic() + timeout
+        eng = self.engine.engine
+        while experts.calls < calls + 2 and eng is not None and eng.has_unfinished():
+            if time.monotonic() > deadline:
+                raise RuntimeError("rebalance: layer batches of the old routing still in flight")
+            await asyncio.sleep(0.005)
+
+    async def _eplb_loop(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.rebalance()
+            except Exception:
+                log.exception("expert rebalancing failed; keeping the current replicas")
 
     async def expert_load(self) -> dict[str, Any]:
         experts = self._experts()

@@ -62,6 +62,24 @@ class ExpertShard:
         server.start()
         self.server = server
 
+    def set_experts(self, expert_ids: list[int]) -> dict[str, Any]:
+        """Hold exactly these experts from now on (hot-expert replication adds and drops
+        replicas while serving): experts already held are kept, others read from the
+        checkpoint; the data-plane thread picks the new set up at its next layer batch."""
+        start = time.perf_counter()
+        experts = self.experts.regroup(self.reader, sorted(expert_ids))
+        self.experts = experts
+        if self.server is not None:
+            self.server.experts = experts
+        self.expert_ids = experts.expert_ids
+        log.info(
+            "expert shard %d now holds %s (%.2fs)",
+            self.shard_id,
+            self.expert_ids,
+            time.perf_counter() - start,
+        )
+        return {"expert_ids": self.expert_ids, "num_parameters": experts.num_parameters()}
+
     def info(self) -> dict[str, Any]:
         import ray
 

@@ -15,7 +15,7 @@ import torch
 
 from moe.checkpoint import CheckpointReader
 from moe.config import MixtralConfig
-from moe.experts import LocalExperts, combine, dispatch, partition_experts
+from moe.experts import LocalExperts, Placement, combine, dispatch, partition_experts
 
 
 class ExpertBackend(Protocol):
@@ -33,13 +33,10 @@ class InProcessExperts:
     """All experts in this process, split over `num_shards` groups with the cluster's dispatch."""
 
     def __init__(self, shards: list[LocalExperts], num_experts: int):
+        """Shard s holds shards[s].expert_ids; an expert held by several is a replicated one."""
         self.shards = shards
-        expert_to_shard = torch.full((num_experts,), -1, dtype=torch.long)
-        for s, shard in enumerate(shards):
-            expert_to_shard[shard.expert_ids] = s
-        if (expert_to_shard < 0).any():
-            raise ValueError("every expert must be held by a shard")
-        self.expert_to_shard = expert_to_shard.to(shards[0].device)
+        holders = [[s for s, shard in enumerate(shards) if e in shard.expert_ids] for e in range(num_experts)]
+        self.placement = Placement(holders, len(shards)).to(shards[0].device)
 
     @classmethod
     def from_checkpoint(
@@ -68,7 +65,7 @@ class InProcessExperts:
         if len(self.shards) == 1:
             return self.shards[0].forward(layer, x, expert_ids, weights)
         parts = []
-        for shard, b in zip(self.shards, dispatch(expert_ids, weights, self.expert_to_shard), strict=True):
+        for shard, b in zip(self.shards, dispatch(expert_ids, weights, self.placement), strict=True):
             if b.token_index.numel():
                 parts.append((b.token_index, shard.forward(layer, x[b.token_index], b.expert_ids, b.weights)))
         return combine(x.shape, x.dtype, parts)

@@ -11,7 +11,8 @@ and telling each where to connect.
 
 Per layer and step the router sends each shard that has tokens, in one message set: a header
 [op, layer, n, 0] (int64), the hidden states x [n, H] and the routing [n, 2K] (float32: the K
-global expert ids, then their K weights). The shard answers with its weighted sum y [n, H].
+global expert ids it is to compute, -1 for the others, then their K weights). The shard answers
+with its weighted sum y [n, H].
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from moe.experts import LocalExperts, combine, dispatch
+from moe.experts import LocalExperts, Placement, combine, dispatch
 
 log = logging.getLogger(__name__)
 
@@ -120,23 +121,36 @@ class ExpertLoad:
     on another thread, copies out a snapshot under the lock."""
 
     def __init__(self, num_shards: int, expert_to_shard: torch.Tensor, window: int = 256):
-        self.expert_to_shard = expert_to_shard
+        self.expert_to_shard = expert_to_shard  # [E] primary shard of each expert (the metric's label)
         self.num_experts = len(expert_to_shard)
         self.num_shards = num_shards
         self.tokens: dict[int, torch.Tensor] = {}  # layer -> [E] assignments
         self.buckets = [[0] * (len(LATENCY_BUCKETS_S) + 1) for _ in range(num_shards)]
         self.latency_sum = [0.0] * num_shards
-        self.recent: deque[torch.Tensor] = deque(maxlen=window)  # [S] tokens per shard per batch
+        self.recent: deque[torch.Tensor] = deque(maxlen=window)  # [S] assignments per shard per batch
+        self.recent_experts: deque[torch.Tensor] = deque(maxlen=window)  # [E] per batch, for rebalancing
+        self.holders = [1] * self.num_experts  # shards holding each expert (2+: replicated)
         self.lock = threading.Lock()
 
-    def count(self, layer: int, expert_ids: torch.Tensor) -> None:
+    def count(self, layer: int, expert_ids: torch.Tensor, per_shard: torch.Tensor) -> None:
+        """One layer batch: its routing [T, K] and the assignments each shard got [S]."""
         per_expert = torch.bincount(expert_ids.flatten(), minlength=self.num_experts)  # [E]
-        per_shard = per_expert.new_zeros(self.num_shards).index_add_(
-            0, self.expert_to_shard, per_expert
-        )  # [S]
         with self.lock:
             self.tokens[layer] = self.tokens[layer] + per_expert if layer in self.tokens else per_expert
             self.recent.append(per_shard)
+            self.recent_experts.append(per_expert)
+
+    def recent_expert_load(self) -> list[float]:
+        """Assignments per expert over the recent window (all layers together)."""
+        with self.lock:
+            if not self.recent_experts:
+                return [0.0] * self.num_experts
+            return torch.stack(list(self.recent_experts)).sum(0).float().cpu().tolist()
+
+    def reset_window(self) -> None:
+        with self.lock:
+            self.recent.clear()
+            self.recent_experts.clear()
 
     def latency(self, shard: int, seconds: float) -> None:
         i = next((j for j, b in enumerate(LATENCY_BUCKETS_S) if seconds <= b), len(LATENCY_BUCKETS_S))
@@ -157,6 +171,7 @@ class ExpertLoad:
             "dispatch_latency_counts": counts,
             "dispatch_latency_sum": sums,
             "balancedness": balanced,
+            "expert_holders": list(self.holders),
         }
 
 
@@ -173,14 +188,14 @@ class RemoteExperts:
     def __init__(
         self,
         links: list[ShardLink],
-        expert_to_shard: torch.Tensor,
+        placement: Placement,
         hidden_size: int,
         device: torch.device,
         reconnect: Callable[[int], ShardLink] | None = None,
         max_retries: int = 3,
     ):
         self.links = links
-        self.expert_to_shard = expert_to_shard.to(device)
+        self.placement = placement.to(device)
         self.hidden_size = hidden_size
         self.device = device
         self.reconnect = reconnect
@@ -188,7 +203,12 @@ class RemoteExperts:
         self.calls = 0
         self.seconds = 0.0  # time in submit + wait: dispatch, waiting for the shards, combine
         self.recoveries = 0
-        self.load = ExpertLoad(len(links), self.expert_to_shard)
+        self.load = ExpertLoad(len(links), self.placement.primary)
+
+    def set_placement(self, placement: Placement) -> None:
+        """Route by a new placement from the next layer on (each layer reads it once)."""
+        self.placement = placement.to(self.device)
+        self.load.holders = [len(s) for s in placement.expert_shards]
 
     def _exchange(self, k: int, layer: int, xs: torch.Tensor, route: torch.Tensor, y: torch.Tensor) -> tuple:
         """Post one shard's part of a layer → (the link used, its works, or None if posting failed)."""
@@ -201,9 +221,10 @@ class RemoteExperts:
     def submit(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> Any:
         """Post the sends to, and the receives from, every shard that has tokens; don't wait."""
         start = time.perf_counter()
-        self.load.count(layer, expert_ids)
+        batches = dispatch(expert_ids, weights, self.placement)
+        self.load.count(layer, expert_ids, torch.stack([(b.expert_ids >= 0).sum() for b in batches]))
         pending = []
-        for k, b in enumerate(dispatch(expert_ids, weights, self.expert_to_shard)):
+        for k, b in enumerate(batches):
             n = b.token_index.numel()
             if n == 0:
                 continue

@@ -3,8 +3,9 @@
 Routing is Mixtral's: softmax over all experts (float32), top-k, renormalise the k weights.
 A set of experts held in one place (one shard) is `LocalExperts`: per layer, the stacked weights
 of the experts it holds and an `expert_map` (global expert id → local index, -1 where the expert
-lives elsewhere, as vLLM's expert parallelism does it). `dispatch` groups a flat batch of
-tokens by the shard holding their experts; `combine` adds the shards' weighted outputs back.
+lives elsewhere, as vLLM's expert parallelism does it). `Placement` says which shards hold each
+expert (a hot one may be replicated on several); `dispatch` groups a flat batch of tokens by the
+shard computing each of their experts; `combine` adds the shards' weighted outputs back.
 """
 
 from __future__ import annotations
@@ -41,27 +42,63 @@ def partition_experts(num_experts: int, num_shards: int) -> list[list[int]]:
 
 @dataclass
 class ShardBatch:
-    """The part of a flat batch one shard computes: its tokens and their top-k experts."""
+    """The part of a flat batch one shard computes: its tokens and which of their experts."""
 
     token_index: torch.Tensor  # [n] rows of the full batch
-    expert_ids: torch.Tensor  # [n, K] global ids; ids the shard does not hold are ignored
+    expert_ids: torch.Tensor  # [n, K] global ids this shard computes; -1 for the others
     weights: torch.Tensor  # [n, K] float32
 
 
-def dispatch(
-    expert_ids: torch.Tensor, weights: torch.Tensor, expert_to_shard: torch.Tensor
-) -> list[ShardBatch]:
-    """Group tokens by shard: a token goes to every shard holding one of its top-k experts,
-    once per shard even when that shard holds both of its experts.
+class Placement:
+    """Which shards hold each expert: its primary shard first, then any replicas (hot experts
+    copied to spare room on other shards, see moe.eplb). `table` [E, R] lists each expert's
+    shards (padded with the primary), `count` [E] how many there are."""
 
-    expert_ids [T, K], weights [T, K], expert_to_shard [E] → one ShardBatch per shard.
+    def __init__(self, expert_shards: list[list[int]], num_shards: int):
+        if any(not s for s in expert_shards):
+            raise ValueError("every expert must be held by a shard")
+        self.expert_shards = [list(s) for s in expert_shards]
+        self.num_shards = num_shards
+        width = max(len(s) for s in expert_shards)
+        self.table = torch.tensor([s + [s[0]] * (width - len(s)) for s in expert_shards], dtype=torch.long)
+        self.count = torch.tensor([len(s) for s in expert_shards], dtype=torch.long)
+        self.primary = self.table[:, 0].clone()  # [E]
+
+    @classmethod
+    def from_groups(cls, groups: list[list[int]]) -> Placement:
+        """Shard s holds the experts groups[s] (an expert in several groups is replicated)."""
+        num_experts = max(e for g in groups for e in g) + 1
+        return cls([[s for s, g in enumerate(groups) if e in g] for e in range(num_experts)], len(groups))
+
+    def experts_on(self, shard: int) -> list[int]:
+        return [e for e, shards in enumerate(self.expert_shards) if shard in shards]
+
+    def to(self, device: torch.device | str) -> Placement:
+        self.table, self.count, self.primary = (
+            self.table.to(device),
+            self.count.to(device),
+            self.primary.to(device),
+        )
+        return self
+
+
+def dispatch(expert_ids: torch.Tensor, weights: torch.Tensor, placement: Placement) -> list[ShardBatch]:
+    """Group tokens by shard. Each (token, expert) assignment goes to exactly one shard holding
+    that expert: with replicas, the assignments are dealt out by token position (token t to
+    replica t mod count), so a hot expert's tokens split evenly. A token goes to a shard once,
+    even when that shard computes both of its experts.
+
+    expert_ids [T, K], weights [T, K] → one ShardBatch per shard.
     """
-    num_shards = int(expert_to_shard.max()) + 1
-    shard_of = expert_to_shard[expert_ids]  # [T, K]
+    pos = torch.arange(expert_ids.shape[0], device=expert_ids.device)[:, None]  # [T, 1]
+    pick = pos % placement.count[expert_ids]  # [T, K]: which replica
+    shard_of = placement.table[expert_ids, pick]  # [T, K]
     batches = []
-    for s in range(num_shards):
-        rows = (shard_of == s).any(dim=-1).nonzero().squeeze(-1)  # [n_s]
-        batches.append(ShardBatch(rows, expert_ids[rows], weights[rows]))
+    for s in range(placement.num_shards):
+        mine = shard_of == s  # [T, K]
+        rows = mine.any(dim=-1).nonzero().squeeze(-1)  # [n_s]
+        ids = torch.where(mine[rows], expert_ids[rows], -1)  # [n_s, K]
+        batches.append(ShardBatch(rows, ids, weights[rows]))
     return batches
 
 
@@ -120,6 +157,28 @@ class LocalExperts:
                     del t[expert_tensor_name(layer, e, w)]
         return cls(cfg, expert_ids, gate_up, down)
 
+    def regroup(self, reader: CheckpointReader, expert_ids: list[int]) -> LocalExperts:
+        """The same kind of holder for another set of experts: those already held are reused,
+        the others read from the checkpoint (hot-expert replication adds and drops replicas)."""
+        missing = [e for e in expert_ids if e not in self.expert_ids]
+        dtype = self.gate_up[0].dtype
+        fresh = (
+            LocalExperts.from_checkpoint(reader, self.cfg, missing, dtype, self.device) if missing else None
+        )
+
+        def pick(layer: int, e: int, which: str) -> torch.Tensor:
+            if e in self.expert_ids:
+                src, j = self, self.expert_ids.index(e)
+            else:
+                assert fresh is not None
+                src, j = fresh, fresh.expert_ids.index(e)
+            return (src.gate_up if which == "gate_up" else src.down)[layer][j]
+
+        layers = range(self.cfg.num_hidden_layers)
+        gate_up = [torch.stack([pick(layer, e, "gate_up") for e in expert_ids]) for layer in layers]
+        down = [torch.stack([pick(layer, e, "down") for e in expert_ids]) for layer in layers]
+        return LocalExperts(self.cfg, expert_ids, gate_up, down)
+
     def num_parameters(self) -> int:
         return sum(w.numel() for w in self.gate_up) + sum(w.numel() for w in self.down)
 
@@ -133,7 +192,9 @@ class LocalExperts:
         """x [n, H], expert_ids [n, K] (global), weights [n, K] → sum over the held experts of
         weight × SwiGLU(x) [n, H]; experts held elsewhere contribute nothing."""
         out = torch.zeros_like(x)
-        local = self.expert_map[expert_ids]  # [n, K], -1 where not held here
+        local = self.expert_map[expert_ids.clamp(min=0)].masked_fill(
+            expert_ids < 0, -1
+        )  # [n, K], -1: not here
         inter = self.cfg.intermediate_size
         for j in range(len(self.expert_ids)):
             rows, slot = (local == j).nonzero(as_tuple=True)  # [m], [m]

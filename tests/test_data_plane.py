@@ -16,7 +16,7 @@ from moe.checkpoint import CheckpointReader
 from moe.config import MixtralConfig
 from moe.data_plane import RemoteExperts, Rendezvous, ShardLink, open_store
 from moe.engine import EngineConfig, LLMEngine
-from moe.experts import LocalExperts, partition_experts
+from moe.experts import LocalExperts, Placement, partition_experts
 from moe.model import MixtralDense
 from moe.sampling import SamplingParams
 from moe.tokenizer import load_tokenizer
@@ -55,10 +55,9 @@ class SpawnedShards:
         for p in self.procs:
             p.start()
         links = [ShardLink(store, r, torch.device("cpu"), TIMEOUT) for r in rdvs]
-        expert_to_shard = torch.empty(cfg.num_local_experts, dtype=torch.long)
-        for k, g in enumerate(groups):
-            expert_to_shard[g] = k
-        self.experts = RemoteExperts(links, expert_to_shard, cfg.hidden_size, torch.device("cpu"))
+        self.experts = RemoteExperts(
+            links, Placement.from_groups(groups), cfg.hidden_size, torch.device("cpu")
+        )
         self.store = store
 
     def close(self) -> None:

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from moe.backend import InProcessExperts
 from moe.config import MixtralConfig
-from moe.experts import LocalExperts, dispatch, partition_experts, route
+from moe.experts import LocalExperts, Placement, dispatch, partition_experts, route
 
 
 def reference_moe(x, router_logits, w1, w3, w2, top_k):
@@ -47,10 +47,53 @@ def test_sharded_moe_matches_reference(tokens, num_experts, top_k, num_shards):
 def test_dispatch_sends_each_token_once_per_shard():
     ids = torch.tensor([[0, 1], [0, 5], [6, 7], [2, 4]])
     w = torch.full((4, 2), 0.5)
-    expert_to_shard = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
-    batches = dispatch(ids, w, expert_to_shard)
+    placement = Placement.from_groups([[0, 1], [2, 3], [4, 5], [6, 7]])
+    batches = dispatch(ids, w, placement)
     assert [b.token_index.tolist() for b in batches] == [[0, 1], [3], [1, 3], [2]]
-    assert batches[2].expert_ids.tolist() == [[0, 5], [2, 4]]
+    assert batches[2].expert_ids.tolist() == [[-1, 5], [-1, 4]]  # only what this shard computes
+
+
+def test_replicas_split_a_hot_experts_tokens_and_compute_each_assignment_once():
+    ids = torch.tensor([[0, 1]] * 6 + [[2, 3]])  # expert 0 is hot
+    w = torch.full((7, 2), 0.5)
+    placement = Placement.from_groups([[0, 1], [2, 3], [0]])  # expert 0 also on shard 2
+    batches = dispatch(ids, w, placement)
+    zeros = [int((b.expert_ids == 0).sum()) for b in batches]
+    assert zeros == [3, 0, 3]  # split evenly between its two holders
+    ones = [int((b.expert_ids == 1).sum()) for b in batches]
+    assert ones == [6, 0, 0]
+    assigned = sum(int((b.expert_ids >= 0).sum()) for b in batches)
+    assert assigned == ids.numel()  # every (token, expert) exactly once
+
+
+@pytest.mark.parametrize(
+    "groups", [[[0, 1, 2, 3], [4, 5, 6, 7], [0, 5]], [[0, 1, 2, 3], [4, 5, 6, 7], [0, 1, 2, 3, 4, 5, 6, 7]]]
+)
+def test_replicated_experts_give_the_same_output(groups):
+    """Hot-expert replication only moves work: the MoE output equals the plain reference."""
+    torch.manual_seed(0)
+    num_experts, hidden, inter, top_k = 8, 32, 48, 2
+    cfg = MixtralConfig(
+        hidden_size=hidden, intermediate_size=inter, num_local_experts=num_experts, num_hidden_layers=1
+    )
+    w1, w3, w2 = (
+        torch.randn(num_experts, inter, hidden),
+        torch.randn(num_experts, inter, hidden),
+        torch.randn(num_experts, hidden, inter),
+    )
+
+    def holder(ids):
+        return LocalExperts(
+            cfg,
+            ids,
+            [torch.stack([torch.cat([w1[e], w3[e]]) for e in ids])],
+            [torch.stack([w2[e] for e in ids])],
+        )
+
+    x, logits = torch.randn(40, hidden), torch.randn(40, num_experts)
+    weights, ids = route(logits, top_k)
+    got = InProcessExperts([holder(g) for g in groups], num_experts).forward(0, x, ids, weights)
+    torch.testing.assert_close(got, reference_moe(x, logits, w1, w3, w2, top_k), rtol=1e-4, atol=1e-4)
 
 
 def test_partition_experts():

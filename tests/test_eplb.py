@@ -1,0 +1,47 @@
+"""Hot-expert replication, without Ray: the plan lowers the busiest shard's work and stays
+within its slots; a shard's regrouped experts compute what freshly loaded ones do."""
+
+from __future__ import annotations
+
+import torch
+
+from moe.checkpoint import CheckpointReader
+from moe.config import MixtralConfig
+from moe.eplb import balancedness, plan_replicas, shard_loads
+from moe.experts import LocalExperts, route
+
+GROUPS = [[0, 1], [2, 3], [4, 5], [6, 7]]
+
+
+def test_a_hot_expert_gets_replicas_and_the_busiest_shard_less_work():
+    load = [400.0, 40, 30, 30, 20, 20, 10, 10]
+    plan = plan_replicas(load, GROUPS, num_redundant=4)
+    assert [p[0] for p in plan] == [0, 0, 1, 1, 2, 2, 3, 3]  # primaries first, unchanged
+    assert len(plan[0]) > 1  # the hot expert is replicated
+    assert all(len(set(p)) == len(p) for p in plan)  # never twice on one shard
+    used = [sum(s in p[1:] for p in plan) for s in range(4)]
+    assert sum(used) <= 4 and max(used) <= 1  # ceil(4 / 4) slots per shard
+    before, after = balancedness(load, [[p[0]] for p in plan], 4), balancedness(load, plan, 4)
+    assert after > before
+    assert max(shard_loads(load, plan, 4)) < max(shard_loads(load, [[p[0]] for p in plan], 4))
+
+
+def test_no_replica_when_it_would_not_help_or_there_is_no_room():
+    even = [10.0] * 8
+    assert plan_replicas(even, GROUPS, num_redundant=4) == [[s] for s in (0, 0, 1, 1, 2, 2, 3, 3)]
+    assert plan_replicas([100.0, 0, 0, 0, 0, 0, 0, 0], GROUPS, num_redundant=0)[0] == [0]
+    assert plan_replicas([0.0] * 8, GROUPS, num_redundant=4) == [[s] for s in (0, 0, 1, 1, 2, 2, 3, 3)]
+
+
+def test_regrouped_experts_compute_what_fresh_ones_do(tiny_dir):
+    cfg = MixtralConfig.from_pretrained(tiny_dir)
+    reader = CheckpointReader(tiny_dir)
+    held = LocalExperts.from_checkpoint(reader, cfg, [0, 1], torch.float32)
+    grown = held.regroup(reader, [0, 1, 5])
+    fresh = LocalExperts.from_checkpoint(CheckpointReader(tiny_dir), cfg, [0, 1, 5], torch.float32)
+    x = torch.randn(12, cfg.hidden_size, generator=torch.Generator().manual_seed(0))
+    w, ids = route(torch.randn(12, cfg.num_local_experts, generator=torch.Generator().manual_seed(1)), 2)
+    for layer in range(cfg.num_hidden_layers):
+        torch.testing.assert_close(grown.forward(layer, x, ids, w), fresh.forward(layer, x, ids, w))
+    shrunk = grown.regroup(reader, [5])
+    assert shrunk.expert_ids == [5] and shrunk.num_parameters() * 3 == fresh.num_parameters()
