@@ -148,6 +148,11 @@ class RaymixSettings(BaseSettings):
     max_request_body_bytes: int = Field(
         default=4 * 2**20, ge=1024, description="Largest accepted HTTP request body (413 above)"
     )
+    placement_strategy: Literal["SPREAD", "STRICT_SPREAD", "PACK", "STRICT_PACK", "none"] = Field(
+        default="SPREAD",
+        description="How expert shards go over the nodes (a Ray placement group, one bundle per shard); "
+        "none: wherever Serve puts them",
+    )
     router_cpus: float = Field(
         default=0.0,
         ge=0,

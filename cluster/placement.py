@@ -5,6 +5,12 @@ With GPUs in the cluster every shard and the router ask for one GPU each (Ray se
 CUDA_VISIBLE_DEVICES, so each lands on its own device); without, they ask for none and a CPU
 share that lets the whole app fit a small machine. torch's intra-op threads are split between
 the processes sharing a node's cores.
+
+Over several nodes (`placement_strategy`), Ray's own placement-group scheduler decides: one
+bundle per shard is reserved with the strategy (SPREAD by default: shards over as many nodes as
+there are), the node of each bundle is read, and each shard deployment is asked for that node;
+the router and the ingress go together on one node (the ingress forwards every request and
+receives every output of the router).
 """
 
 from __future__ import annotations
@@ -31,6 +37,50 @@ def cluster_gpus() -> float:
     import ray
 
     return ray.cluster_resources().get("GPU", 0.0) if ray.is_initialized() else 0.0
+
+
+NODE_LABEL = "ray.io/node-id"  # every Ray node carries it
+
+
+def pin(options: dict[str, Any], node_id: str | None) -> dict[str, Any]:
+    """Actor options preferring `node_id`: a label selector with a fallback to any node, so a
+    replica replaced after its node is lost still finds a home."""
+    if node_id is None:
+        return options
+    return {**options, "label_selector": {NODE_LABEL: node_id}, "fallback_strategy": [{"label_selector": {}}]}
+
+
+def reserve_nodes(bundles: list[dict[str, float]], strategy: str, timeout_s: float = 120.0) -> list[str]:
+    """Where Ray would put these bundles under `strategy` (PACK, SPREAD, STRICT_PACK,
+    STRICT_SPREAD): a placement group is reserved, each bundle's node read, and the group
+    released. → one node id per bundle."""
+    import ray
+    from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+
+    pg = placement_group(bundles, strategy=strategy)
+    try:
+        ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
+        if not ready:
+            raise RuntimeError(
+                f"the cluster cannot place {len(bundles)} expert shards with strategy {strategy} "
+                f"(bundles {bundles[0]} each): not enough nodes or resources"
+            )
+        nodes = placement_group_table(pg)["bundles_to_node_id"]
+        return [nodes[i] for i in range(len(bundles))]
+    finally:
+        remove_placement_group(pg)
+
+
+def threads_per_process(nodes: list[str | None], router_node: str | None, default: int) -> list[int]:
+    """torch threads for the process on each of `nodes` (the shards'): the node's CPUs shared by
+    the raymix processes placed there (the router's node counts it too)."""
+    import ray
+
+    if not ray.is_initialized() or any(n is None for n in nodes):
+        return [default] * len(nodes)
+    cpus = {n["NodeID"]: n["Resources"].get("CPU", 1.0) for n in ray.nodes() if n["Alive"]}
+    here = {n: nodes.count(n) + (n == router_node) for n in set(nodes)}
+    return [max(1, int(cpus.get(n, default) // here[n])) for n in nodes]  # type: ignore[arg-type,index]
 
 
 def plan(settings: RaymixSettings, cfg: MixtralConfig, gpus: float) -> Placement:

@@ -14,7 +14,7 @@ from ray import serve
 from ray.serve import Application
 
 from cluster.config import RaymixSettings
-from cluster.placement import cluster_gpus, plan
+from cluster.placement import cluster_gpus, pin, plan, reserve_nodes, threads_per_process
 from deployments.ingress import Ingress
 from deployments.router import Router
 from deployments.shard import ExpertShard
@@ -26,21 +26,31 @@ def build_app(args: dict[str, Any] | RaymixSettings | None = None) -> Applicatio
     cfg = MixtralConfig.from_pretrained(s.model_dir())
     p = plan(s, cfg, cluster_gpus())
     settings = s.model_dump()
+    shard_nodes: list[str | None] = [None] * len(p.expert_groups)
+    router_node = None
+    if s.placement_strategy != "none":
+        shard_bundle = {"GPU": 1.0} if p.use_gpus else {"CPU": max(s.shard_cpus, 0.001)}
+        shard_nodes = list(reserve_nodes([shard_bundle] * len(p.expert_groups), s.placement_strategy))
+        router_bundle = {"GPU": float(p.router_options["num_gpus"])} if p.router_options["num_gpus"] else {}
+        (router_node,) = reserve_nodes([router_bundle or {"CPU": max(s.router_cpus, 0.001)}], "PACK")
+    threads = [p.torch_threads] * len(shard_nodes)
+    if s.torch_threads is None and len(set(shard_nodes)) > 1:  # over several nodes: per node's cores
+        threads = threads_per_process(shard_nodes, router_node, p.torch_threads)
     shards = [
         serve.deployment(
             name=f"ExpertShard{k}",
             num_replicas=1,
-            ray_actor_options=p.shard_options,
+            ray_actor_options=pin(p.shard_options, shard_nodes[k]),
             max_ongoing_requests=16,
             health_check_period_s=5,
             graceful_shutdown_timeout_s=s.drain_timeout_s + 15,
-        )(ExpertShard).bind(settings, k, group, p.torch_threads)
+        )(ExpertShard).bind(settings, k, group, threads[k])
         for k, group in enumerate(p.expert_groups)
     ]
     router = serve.deployment(
         name="Router",
         num_replicas=1,
-        ray_actor_options=p.router_options,
+        ray_actor_options=pin(p.router_options, router_node),
         max_ongoing_requests=100_000,
         health_check_period_s=5,
         # its ongoing requests are the ingress replicas' streams: it drains as long as they do
@@ -48,7 +58,7 @@ def build_app(args: dict[str, Any] | RaymixSettings | None = None) -> Applicatio
     )(Router).bind(settings, shards, p.expert_groups, p.torch_threads)
     return serve.deployment(
         name="Ingress",
-        ray_actor_options={"num_cpus": 0},
+        ray_actor_options=pin({"num_cpus": 0}, router_node),
         max_ongoing_requests=100_000,
         graceful_shutdown_timeout_s=s.drain_timeout_s,
     )(Ingress).bind(settings, router)

@@ -129,7 +129,7 @@ METRICS: list[ServingMetrics] = []  # the replica's metrics, once its Ingress is
 
 def count_error(status: int) -> None:
     for m in METRICS:
-        m.errors.labels(status=str(status)).inc()
+        m.count_error(status)
 
 
 BODIES: dict[str, type[BaseModel]] = {
@@ -205,7 +205,7 @@ class Ingress:
         self.tokenizer = load_tokenizer(s.model_dir(), s.tokenizer_mode)
         self.defaults = generation_defaults(s.model_dir(), s.generation_config, s.override_generation_config)
         self.keys = [k.encode() for k in s.api_key]
-        self.serving_metrics = ServingMetrics()
+        self.serving_metrics = ServingMetrics(ray_export=True)
         METRICS[:] = [self.serving_metrics]
         self.max_model_len: int | None = None
 

@@ -27,7 +27,13 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 
 
 
 class ServingMetrics:
-    def __init__(self) -> None:
+    def __init__(self, ray_export: bool = False) -> None:
+        """ray_export: also report through Ray's metrics agent (deployments/ray_metrics.py)."""
+        self.ray: Any = None
+        if ray_export:
+            from deployments.ray_metrics import RequestMetrics
+
+            self.ray = RequestMetrics()
         self.registry = r = CollectorRegistry()
         self.prompt_tokens = Counter("raymix:prompt_tokens", "Prompt tokens processed", registry=r)
         self.generation_tokens = Counter("raymix:generation_tokens", "Tokens generated", registry=r)
@@ -74,6 +80,13 @@ class ServingMetrics:
 
     def observe_first_token(self, seconds: float) -> None:
         self.ttft.observe(seconds)
+        if self.ray:
+            self.ray.ttft.observe(seconds)
+
+    def count_error(self, status: int) -> None:
+        self.errors.labels(status=str(status)).inc()
+        if self.ray:
+            self.ray.errors.inc(1, tags={"status": str(status)})
 
     def observe_request(
         self, prompt_tokens: int, generation_tokens: int, seconds: float, reasons: list
@@ -84,6 +97,8 @@ class ServingMetrics:
         for reason in reasons:
             if reason is not None:
                 self.request_success.labels(finished_reason=reason).inc()
+        if self.ray:
+            self.ray.request(prompt_tokens, generation_tokens, seconds, reasons)
 
     def observe_output(self, gap_seconds: float | None, new_tokens: int, queue_time: float | None) -> None:
         """One output of a request: `gap_seconds` since its previous output (None for the first),
@@ -95,8 +110,12 @@ class ServingMetrics:
             gaps = [gap_seconds / new_tokens] * new_tokens
         for gap in gaps:
             self.itl.observe(gap)
+            if self.ray:
+                self.ray.itl.observe(gap)
         if queue_time is not None:
             self.queue_time.observe(queue_time)
+            if self.ray:
+                self.ray.queue_time.observe(queue_time)
 
     def render(self, engine_stats: dict[str, Any], load: dict[str, Any] | None = None) -> tuple[bytes, str]:
         self.load = load or {}

@@ -70,6 +70,7 @@ class Router:
         self.placement = Placement.from_groups(expert_groups)  # what the data plane routes by
         self.held = [list(g) for g in expert_groups]  # what each shard holds (primaries + replicas)
         self._eplb_task: asyncio.Task | None = None
+        self._gauges_task: asyncio.Task | None = None
         self._rebalancing = asyncio.Lock()
         self.model_dir = s.model_dir()
         self.cfg = MixtralConfig.from_pretrained(self.model_dir)
@@ -180,6 +181,8 @@ class Router:
         """Add requests; their outputs (or refusals) arrive on the subscriber's stream."""
         if self.settings.eplb_interval_s and self._eplb_task is None:
             self._eplb_task = asyncio.create_task(self._eplb_loop(self.settings.eplb_interval_s))
+        if self._gauges_task is None:
+            self._gauges_task = asyncio.create_task(self._gauges_loop())
         sink = self._sink(subscriber)
         for r in requests:
             self.owned[subscriber].add(r["request_id"])
@@ -259,6 +262,15 @@ class Router:
             if time.monotonic() > deadline:
                 raise RuntimeError("rebalance: layer batches of the old routing still in flight")
             await asyncio.sleep(0.005)
+
+    async def _gauges_loop(self, interval: float = 1.0) -> None:
+        """The engine's gauges through Ray's metrics export (deployments/ray_metrics.py)."""
+        from deployments.ray_metrics import EngineGauges
+
+        gauges = EngineGauges()
+        while True:
+            gauges.set(self.engine.stats)
+            await asyncio.sleep(interval)
 
     async def _eplb_loop(self, interval: float) -> None:
         while True:

@@ -38,9 +38,12 @@ QUESTIONS = [
 ]
 
 
+RAY_METRICS_PORT = free_port()
+
+
 @pytest.fixture(scope="module")
 def raymix():
-    with ray_cluster():
+    with ray_cluster(_metrics_export_port=RAY_METRICS_PORT):
         yield Raymix(free_port())
 
 
@@ -335,6 +338,34 @@ def test_metrics_count_exactly_what_was_sent(client, raymix):
     assert expert == fed * cfg.num_experts_per_tok * cfg.num_hidden_layers
     assert sum(delta(k) for k in after if k.startswith("raymix:dispatch_latency_seconds_count{")) > 0
     assert 0 < after["raymix:shard_balancedness"] <= 1
+
+
+def test_metrics_also_go_through_rays_metrics_port(client, raymix):
+    """What a cluster-wide Prometheus scrapes: each node's Ray metrics agent."""
+    import time
+
+    for _ in client.chat.completions.create(
+        model="raymix-tiny-mixtral",
+        messages=[{"role": "user", "content": "ray metrics"}],
+        max_tokens=3,
+        stream=True,
+    ):
+        pass
+    wanted = [
+        "ray_raymix_generation_tokens",
+        "ray_raymix_time_to_first_token_seconds",
+        "ray_raymix_e2e_request_latency_seconds",
+        "ray_raymix_num_requests_running",
+        "ray_raymix_kv_cache_usage_perc",
+    ]
+    deadline = time.monotonic() + 120
+    while True:  # the agent exports on its own period
+        text = httpx.get(f"http://127.0.0.1:{RAY_METRICS_PORT}/metrics", timeout=10).text
+        missing = [w for w in wanted if w not in text]
+        if not missing:
+            break
+        assert time.monotonic() < deadline, f"not exported through Ray: {missing}"
+        time.sleep(2)
 
 
 def test_dashboard_and_alerts_use_only_exported_metrics(client, raymix):
