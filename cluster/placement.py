@@ -25,7 +25,7 @@ from moe.experts import partition_experts
 
 
 @dataclass(frozen=True)
-class Placement:
+class DeploymentPlan:
     expert_groups: list[list[int]]  # shard k holds expert_groups[k] of every layer
     use_gpus: bool
     shard_options: dict[str, Any]
@@ -83,7 +83,7 @@ def threads_per_process(nodes: list[str | None], router_node: str | None, defaul
     return [max(1, int(cpus.get(n, default) // here[n])) for n in nodes]  # type: ignore[arg-type,index]
 
 
-def plan(settings: RaymixSettings, cfg: MixtralConfig, gpus: float) -> Placement:
+def plan(settings: RaymixSettings, cfg: MixtralConfig, gpus: float) -> DeploymentPlan:
     if settings.expert_shards > cfg.num_local_experts:
         raise ValueError(
             f"expert_shards={settings.expert_shards} but the model has only {cfg.num_local_experts} experts per layer"
@@ -94,7 +94,7 @@ def plan(settings: RaymixSettings, cfg: MixtralConfig, gpus: float) -> Placement
     router_gpus = settings.router_gpus if settings.router_gpus is not None else (1 if use_gpus else 0)
     processes = settings.expert_shards + 1
     threads = settings.torch_threads or max(1, (os.cpu_count() or 1) // processes)
-    return Placement(
+    return DeploymentPlan(
         expert_groups=groups,
         use_gpus=use_gpus,
         shard_options={"num_cpus": settings.shard_cpus, **gpu},
