@@ -486,7 +486,7 @@ class Ingress:
         start = time.monotonic()
         req: ChatCompletionRequest = await self._body(request, ChatCompletionRequest)
         model = self._model_name(req.model)
-        plan = plan_chat(req, self.tokenizer)
+        plan = await asyncio.to_thread(plan_chat, req, self.tokenizer)  # a schema compiles off the loop
         prompt = self.tokenizer.apply_chat_template(plan.messages, plan.tools)
         max_tokens = await self._max_tokens(req.requested_max_tokens(), len(prompt))
         rid = f"chatcmpl-{uuid.uuid4().hex}"
