@@ -4,6 +4,7 @@ CLI, environment variables and YAML files can never drift apart.
     raymix serve [--model DIR] [--expert-shards N] [--port 8000] [--config raymix.yaml] ...
     raymix make-tiny DIR [--seed 0] [--tokenizer v3|v1] [--num-files 1]
     raymix generate [--model DIR] --prompt "..." [--max-tokens 64]   (one process, no Ray)
+    raymix scale --expert-shards N [--address auto]   (resize a running deployment)
 """
 
 from __future__ import annotations
@@ -158,6 +159,20 @@ def cmd_k8s(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_scale(ns: argparse.Namespace) -> int:
+    """Resize the expert shards of a running deployment (the same settings it was started with,
+    `--expert-shards` the new count), without dropping requests."""
+    import ray
+
+    from cluster.scale import scale
+
+    s = settings_from(ns)
+    ray.init(address=s.address or "auto", log_to_driver=False)
+    result = scale(s, s.expert_shards)
+    print(f"raymix: {result['expert_shards']} expert shards: {result['expert_groups']}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     parser = argparse.ArgumentParser(prog="raymix", description="Expert-parallel Mixtral serving on Ray")
@@ -194,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpu-memory-gb", type=float, default=80.0)
     p.add_argument("--dtype-bytes", type=int, default=2, help="2 for bf16/fp16")
     p.set_defaults(func=cmd_plan)
+    p = sub.add_parser("scale", help="resize a running deployment's expert shards (--expert-shards N)")
+    add_settings_flags(p)
+    p.set_defaults(func=cmd_scale)
     p = sub.add_parser("k8s", help="print the KubeRay RayService for these settings")
     add_settings_flags(p)
     p.add_argument("--name", default="raymix")

@@ -21,6 +21,18 @@ from deployments.shard import ExpertShard
 from moe.config import MixtralConfig
 
 
+def shard_deployment(s: RaymixSettings, name: str, options: dict[str, Any]) -> Any:
+    """The Serve deployment of one expert shard (one replica: each shard holds its own experts)."""
+    return serve.deployment(
+        name=name,
+        num_replicas=1,
+        ray_actor_options=options,
+        max_ongoing_requests=16,
+        health_check_period_s=5,
+        graceful_shutdown_timeout_s=s.drain_timeout_s + 15,
+    )(ExpertShard)
+
+
 def build_app(args: dict[str, Any] | RaymixSettings | None = None) -> Application:
     s = args if isinstance(args, RaymixSettings) else RaymixSettings(**(args or {}))
     cfg = MixtralConfig.from_pretrained(s.model_dir())
@@ -37,14 +49,9 @@ def build_app(args: dict[str, Any] | RaymixSettings | None = None) -> Applicatio
     if s.torch_threads is None and len(set(shard_nodes)) > 1:  # over several nodes: per node's cores
         threads = threads_per_process(shard_nodes, router_node, p.torch_threads)
     shards = [
-        serve.deployment(
-            name=f"ExpertShard{k}",
-            num_replicas=1,
-            ray_actor_options=pin(p.shard_options, shard_nodes[k]),
-            max_ongoing_requests=16,
-            health_check_period_s=5,
-            graceful_shutdown_timeout_s=s.drain_timeout_s + 15,
-        )(ExpertShard).bind(settings, k, group, threads[k])
+        shard_deployment(s, f"ExpertShard{k}", pin(p.shard_options, shard_nodes[k])).bind(
+            settings, k, group, threads[k]
+        )
         for k, group in enumerate(p.expert_groups)
     ]
     router = serve.deployment(

@@ -30,7 +30,7 @@ from moe.data_plane import RemoteExperts, Rendezvous, ShardLink, comm_device, op
 from moe.engine import LLMEngine, pick_device, pick_dtype
 from moe.eplb import balancedness, plan_replicas
 from moe.errors import RequestError
-from moe.experts import Placement
+from moe.experts import Placement, partition_experts
 from moe.model import MixtralDense
 from moe.sampling import SamplingParams
 from moe.sequence import RequestOutput
@@ -69,6 +69,7 @@ class Router:
         self.expert_groups = expert_groups
         self.placement = Placement.from_groups(expert_groups)  # what the data plane routes by
         self.held = [list(g) for g in expert_groups]  # what each shard holds (primaries + replicas)
+        self.base_shards = len(shards)  # this app's own; more come from `raymix scale` (resize)
         self._eplb_task: asyncio.Task | None = None
         self._gauges_task: asyncio.Task | None = None
         self._rebalancing = asyncio.Lock()
@@ -131,6 +132,8 @@ class Router:
     def _join(self, k: int) -> ShardLink:
         """Ask shard k (the replica Serve routes to) to join a fresh pair group, and join it."""
         info = self.shards[k].info.remote().result()
+        if sorted(info["expert_ids"]) != sorted(self.held[k]):  # a replacement: give back what it held
+            self.shards[k].set_experts.remote(self.held[k]).result()
         interface = "127.0.0.1" if self._same_node else info["node_ip"]
         rdv = Rendezvous(self._url, f"shard{k}/{uuid.uuid4().hex[:8]}/", self.backend, interface)
         pending = self.shards[k].connect.remote(dataclasses.asdict(rdv))
@@ -146,8 +149,6 @@ class Router:
         deadline = start + self.settings.shard_recovery_timeout_s
         while True:
             try:
-                if sorted(self.held[k]) != sorted(self.expert_groups[k]):
-                    self.shards[k].set_experts.remote(self.held[k]).result()
                 link = self._join(k)
                 log.info("expert shard %d connected after %.1fs", k, time.monotonic() - start)
                 return link
@@ -224,22 +225,9 @@ class Router:
             plan = plan_replicas(load, self.expert_groups, n)
             before = balancedness(load, self.placement.expert_shards, len(self.shards))
             after = balancedness(load, plan, len(self.shards))
-            new = Placement(plan, len(self.shards))
             if plan == self.placement.expert_shards:
                 return {"changed": False, "balancedness": before, "replicas": self._replicas(plan)}
-            want = [new.experts_on(k) for k in range(len(self.shards))]
-            grow = [k for k in range(len(self.shards)) if set(want[k]) - set(self.held[k])]
-            for k in grow:  # 1. load the new replicas (keeping what is still being routed to)
-                self.held[k] = sorted(set(self.held[k]) | set(want[k]))
-            await asyncio.gather(*[self.shards[k].set_experts.remote(self.held[k]) for k in grow])
-            calls = experts.calls
-            self.placement = new  # 2. route by the new plan from the next layer on
-            experts.set_placement(Placement(plan, len(self.shards)))
-            await self._drain_old_routing(experts, calls)  # 3. no batch routed the old way in flight
-            shrink = [k for k in range(len(self.shards)) if set(self.held[k]) - set(want[k])]
-            for k in shrink:  # 4. drop replicas no longer routed to
-                self.held[k] = want[k]
-            await asyncio.gather(*[self.shards[k].set_experts.remote(want[k]) for k in shrink])
+            await self._move(experts, plan, len(self.shards))
             experts.load.reset_window()
             log.info(
                 "experts rebalanced: balancedness %.3f -> %.3f, replicas %s",
@@ -248,6 +236,69 @@ class Router:
                 self._replicas(plan),
             )
             return {"changed": True, "before": before, "after": after, "replicas": self._replicas(plan)}
+
+    async def _move(
+        self,
+        experts: RemoteExperts,
+        plan: list[list[int]],
+        num_shards: int,
+        links: list[ShardLink] | None = None,
+    ) -> None:
+        """Go over to `plan` (per expert, the shards holding it) on the first `num_shards` shards
+        while serving: 1. shards load what they will compute (keeping what they compute now),
+        2. the routing switches (with `links`, to that set of shards), 3. wait until no layer
+        batch routed the old way is in flight, 4. shards drop what they no longer compute."""
+        new = Placement(plan, num_shards)
+        want = [new.experts_on(k) if k < num_shards else [] for k in range(len(self.shards))]
+        grow = [k for k in range(len(self.shards)) if set(want[k]) - set(self.held[k])]
+        for k in grow:
+            self.held[k] = sorted(set(self.held[k]) | set(want[k]))
+        await asyncio.gather(*[self.shards[k].set_experts.remote(self.held[k]) for k in grow])
+        calls = experts.calls
+        self.placement = new
+        experts.set_placement(Placement(plan, num_shards), links)
+        await self._drain_old_routing(experts, calls)
+        shrink = [k for k in range(len(self.shards)) if set(self.held[k]) - set(want[k])]
+        for k in shrink:
+            self.held[k] = want[k]
+        await asyncio.gather(*[self.shards[k].set_experts.remote(want[k]) for k in shrink])
+
+    async def resize(self, num_shards: int, extra_apps: list[str]) -> dict[str, Any]:
+        """Elastic resizing: serve with `num_shards` expert shards from now on, without dropping
+        a request. The first shards are this app's own; shards beyond them are the ExpertShard
+        deployments of `extra_apps` (started by `raymix scale` before this call; after a shrink
+        it deletes those no longer used). Experts are split anew (replicas start over) and moved
+        as a rebalance moves them; shards left out hold nothing and are disconnected."""
+        from ray import serve
+
+        experts = self._experts()
+        if experts is None:
+            raise RuntimeError("the data plane is not up yet")
+        if not 1 <= num_shards <= self.cfg.num_local_experts:
+            raise ValueError(f"num_shards must be between 1 and {self.cfg.num_local_experts}")
+        async with self._rebalancing:
+            old_links = list(experts.links)
+            old = len(old_links)
+            for k, app in enumerate(extra_apps, start=self.base_shards):
+                if k >= len(self.shards):
+                    self.shards.append(serve.get_deployment_handle("ExpertShard", app_name=app))
+                    self.held.append([])
+            links = list(experts.links)[:num_shards]
+            for k in range(len(links), num_shards):  # connect the new shards' data plane
+                links.append(await asyncio.to_thread(self._rejoin, k))
+            self.expert_groups = partition_experts(self.cfg.num_local_experts, num_shards)
+            plan = [
+                [k for k, g in enumerate(self.expert_groups) if e in g]
+                for e in range(self.cfg.num_local_experts)
+            ]
+            await self._move(experts, plan, num_shards, links)
+            for link in old_links[num_shards:]:  # say goodbye to the shards left out
+                await asyncio.to_thread(link.shutdown)
+            keep = max(num_shards, self.base_shards)
+            del self.shards[keep:], self.held[keep:]
+            experts.load.reset_window()
+            log.info("expert shards resized %d -> %d: groups %s", old, num_shards, self.expert_groups)
+            return {"expert_shards": num_shards, "expert_groups": self.expert_groups}
 
     @staticmethod
     def _replicas(plan: list[list[int]]) -> dict[str, list[int]]:
@@ -292,6 +343,8 @@ class Router:
             "steps": self.engine.steps,
             "step_seconds": self.engine.step_seconds,
             "shard_recoveries": experts.recoveries if experts else 0,
+            "expert_shards": len(experts.links) if experts else len(self.shards),
+            "base_shards": self.base_shards,
             "expert_calls": experts.calls if experts else 0,
             "expert_seconds": experts.seconds if experts else 0.0,
         }

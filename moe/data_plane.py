@@ -137,7 +137,8 @@ class ExpertLoad:
         per_expert = torch.bincount(expert_ids.flatten(), minlength=self.num_experts)  # [E]
         with self.lock:
             self.tokens[layer] = self.tokens[layer] + per_expert if layer in self.tokens else per_expert
-            self.recent.append(per_shard)
+            if per_shard.numel() == self.num_shards:  # else routed before the shards were resized
+                self.recent.append(per_shard)
             self.recent_experts.append(per_expert)
 
     def recent_expert_load(self) -> list[float]:
@@ -147,6 +148,16 @@ class ExpertLoad:
                 return [0.0] * self.num_experts
             return torch.stack(list(self.recent_experts)).sum(0).float().cpu().tolist()
 
+    def resize(self, num_shards: int, expert_to_shard: torch.Tensor) -> None:
+        """A new number of shards (elastic resizing): per-shard figures start over."""
+        with self.lock:
+            self.num_shards = num_shards
+            self.expert_to_shard = expert_to_shard
+            self.buckets = [[0] * (len(LATENCY_BUCKETS_S) + 1) for _ in range(num_shards)]
+            self.latency_sum = [0.0] * num_shards
+            self.recent.clear()
+            self.recent_experts.clear()
+
     def reset_window(self) -> None:
         with self.lock:
             self.recent.clear()
@@ -155,6 +166,8 @@ class ExpertLoad:
     def latency(self, shard: int, seconds: float) -> None:
         i = next((j for j, b in enumerate(LATENCY_BUCKETS_S) if seconds <= b), len(LATENCY_BUCKETS_S))
         with self.lock:
+            if shard >= self.num_shards:  # a batch posted before the shards were resized
+                return
             self.buckets[shard][i] += 1
             self.latency_sum[shard] += seconds
 
@@ -194,8 +207,7 @@ class RemoteExperts:
         reconnect: Callable[[int], ShardLink] | None = None,
         max_retries: int = 3,
     ):
-        self.links = links
-        self.placement = placement.to(device)
+        self.route = (placement.to(device), list(links))  # read once per layer: swapped whole
         self.hidden_size = hidden_size
         self.device = device
         self.reconnect = reconnect
@@ -205,14 +217,27 @@ class RemoteExperts:
         self.recoveries = 0
         self.load = ExpertLoad(len(links), self.placement.primary)
 
-    def set_placement(self, placement: Placement) -> None:
-        """Route by a new placement from the next layer on (each layer reads it once)."""
-        self.placement = placement.to(self.device)
+    def set_placement(self, placement: Placement, links: list[ShardLink] | None = None) -> None:
+        """Route by a new placement from the next layer on (each layer reads it once); with
+        `links`, over a new set of shards (elastic resizing)."""
+        placement = placement.to(self.device)
+        if links is not None and len(links) != len(self.links):
+            self.load.resize(len(links), placement.primary)
+        self.route = (placement, list(links) if links is not None else self.links)
         self.load.holders = [len(s) for s in placement.expert_shards]
 
-    def _exchange(self, k: int, layer: int, xs: torch.Tensor, route: torch.Tensor, y: torch.Tensor) -> tuple:
+    @property
+    def placement(self) -> Placement:
+        return self.route[0]
+
+    @property
+    def links(self) -> list[ShardLink]:
+        return self.route[1]
+
+    def _exchange(
+        self, link: ShardLink, layer: int, xs: torch.Tensor, route: torch.Tensor, y: torch.Tensor
+    ) -> tuple:
         """Post one shard's part of a layer → (the link used, its works, or None if posting failed)."""
-        link = self.links[k]
         try:
             return link, [*link.send(layer, xs, route), link.recv(y)]
         except RuntimeError:  # the pair group is already broken: wait() recovers
@@ -221,7 +246,8 @@ class RemoteExperts:
     def submit(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> Any:
         """Post the sends to, and the receives from, every shard that has tokens; don't wait."""
         start = time.perf_counter()
-        batches = dispatch(expert_ids, weights, self.placement)
+        placement, links = self.route
+        batches = dispatch(expert_ids, weights, placement)
         self.load.count(layer, expert_ids, torch.stack([(b.expert_ids >= 0).sum() for b in batches]))
         pending = []
         for k, b in enumerate(batches):
@@ -230,8 +256,8 @@ class RemoteExperts:
                 continue
             xs = x[b.token_index]  # [n, H]
             route = torch.cat([b.expert_ids.float(), b.weights.float()], dim=1)  # [n, 2K]
-            y = torch.empty(n, self.hidden_size, dtype=x.dtype, device=self.links[k].device)  # [n, H]
-            pending.append((k, b.token_index, xs, route, y, *self._exchange(k, layer, xs, route, y)))
+            y = torch.empty(n, self.hidden_size, dtype=x.dtype, device=links[k].device)  # [n, H]
+            pending.append((k, b.token_index, xs, route, y, *self._exchange(links[k], layer, xs, route, y)))
         self.seconds += time.perf_counter() - start
         return layer, pending, x.shape, x.dtype, x.device, start
 
@@ -250,11 +276,12 @@ class RemoteExperts:
                 except RuntimeError as e:  # gloo/NCCL: peer gone, or no answer within the timeout
                     if self.reconnect is None or attempt == self.max_retries:
                         raise
-                    if self.links[k] is link:  # not yet replaced (by another micro-batch's wait)
+                    links = self.links
+                    if k < len(links) and links[k] is link:  # not yet replaced (by another micro-batch)
                         log.warning("expert shard %d failed at layer %d (%s); reconnecting", k, layer, e)
-                        self.links[k] = self.reconnect(k)
+                        links[k] = self.reconnect(k)
                         self.recoveries += 1
-                    link, works = self._exchange(k, layer, xs, route, y)
+                    link, works = self._exchange(links[k] if k < len(links) else link, layer, xs, route, y)
             self.load.latency(k, time.perf_counter() - posted)
             parts.append((rows, y.to(device, non_blocking=True)))
         out = combine(shape, dtype, parts)

@@ -138,6 +138,8 @@ class LocalExperts:
         dtype: torch.dtype,
         device: str | torch.device = "cpu",
     ) -> LocalExperts:
+        if not expert_ids:  # a shard waiting for experts (elastic resizing)
+            return cls.empty(cfg, dtype, device)
         t = reader.load(expert_tensor_shapes(cfg, expert_ids), dtype=dtype, device=device)
         gate_up, down = [], []
         for layer in range(cfg.num_hidden_layers):
@@ -157,6 +159,15 @@ class LocalExperts:
                     del t[expert_tensor_name(layer, e, w)]
         return cls(cfg, expert_ids, gate_up, down)
 
+    @classmethod
+    def empty(
+        cls, cfg: MixtralConfig, dtype: torch.dtype, device: str | torch.device = "cpu"
+    ) -> LocalExperts:
+        h, i, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+        gate_up = [torch.empty(0, 2 * i, h, dtype=dtype, device=device) for _ in range(layers)]
+        down = [torch.empty(0, h, i, dtype=dtype, device=device) for _ in range(layers)]
+        return cls(cfg, [], gate_up, down)
+
     def regroup(self, reader: CheckpointReader, expert_ids: list[int]) -> LocalExperts:
         """The same kind of holder for another set of experts: those already held are reused,
         the others read from the checkpoint (hot-expert replication adds and drops replicas)."""
@@ -174,6 +185,8 @@ class LocalExperts:
                 src, j = fresh, fresh.expert_ids.index(e)
             return (src.gate_up if which == "gate_up" else src.down)[layer][j]
 
+        if not expert_ids:
+            return LocalExperts.empty(self.cfg, dtype, self.device)
         layers = range(self.cfg.num_hidden_layers)
         gate_up = [torch.stack([pick(layer, e, "gate_up") for e in expert_ids]) for layer in layers]
         down = [torch.stack([pick(layer, e, "down") for e in expert_ids]) for layer in layers]

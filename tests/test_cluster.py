@@ -441,3 +441,62 @@ def test_hot_expert_replication_while_serving(raymix):
     ]
     for e, shards in plan["replicas"].items():
         assert all(int(e) in holders[s]["expert_ids"] for s in shards)
+
+
+def test_resizing_expert_shards_under_load_loses_nothing(raymix, reference):
+    """2 -> 4 -> 2 expert shards while four clients keep asking: every request succeeds with the
+    greedy answer it always has, and the shards added for the 4 are gone afterwards."""
+    import threading
+    import time
+
+    from ray import serve
+
+    from cluster.config import RaymixSettings
+    from cluster.scale import extra_app, scale
+
+    url = raymix.deploy(expert_shards=2, **SETTINGS)
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=120)
+    stop = threading.Event()
+    done: list[tuple[int, str]] = []
+    errors: list[BaseException] = []
+
+    def worker(w: int) -> None:
+        i = w
+        while not stop.is_set():
+            q = i % len(QUESTIONS)
+            try:
+                r = client.chat.completions.create(
+                    model="raymix-tiny-mixtral",
+                    messages=[{"role": "user", "content": QUESTIONS[q]}],
+                    max_tokens=16,
+                    temperature=0,
+                )
+                done.append((q, r.choices[0].message.content))
+            except BaseException as e:
+                errors.append(e)
+            i += 4
+
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    settings = RaymixSettings(**{**SETTINGS, "expert_shards": 2, "port": raymix.port})
+    try:
+        time.sleep(2)
+        grown = scale(settings, 4)
+        n_grown = len(done)
+        time.sleep(3)
+        router = serve.get_deployment_handle("Router", app_name="raymix")
+        assert router.stats.remote().result()["expert_shards"] == 4
+        shrunk = scale(settings, 2)
+        time.sleep(2)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=120)
+    print(f"resizing under load: {len(done)} requests, {n_grown} of them by the time 2 -> 4 was done")
+    assert not errors, errors[:3]
+    assert grown["expert_groups"] == [[0, 1], [2, 3], [4, 5], [6, 7]] and len(shrunk["expert_groups"]) == 2
+    assert len(done) > n_grown > 0
+    assert all(text == reference[q] for q, text in done)
+    assert router.stats.remote().result()["expert_shards"] == 2
+    assert not {extra_app(2), extra_app(3)} & set(serve.status().applications)

@@ -1,0 +1,46 @@
+"""Elastic resizing of a running raymix: `raymix scale --expert-shards N`.
+
+The app's own shards stay; shards beyond them are one small Serve application each
+(`raymix-shard<k>`, an ExpertShard deployment holding nothing yet). Growing starts those, then
+asks the router to `resize`: it connects their data plane, splits the experts anew and moves
+them while serving (load, switch routing, drain, drop). Shrinking asks the router first, then
+deletes the applications no longer used (the app's own shards below N are left holding
+nothing). No request is dropped either way.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cluster.bringup import APP_NAME
+from cluster.config import RaymixSettings
+from cluster.placement import cluster_gpus, plan
+from moe.config import MixtralConfig
+
+
+def extra_app(k: int) -> str:
+    return f"{APP_NAME}-shard{k}"
+
+
+def scale(settings: RaymixSettings, num_shards: int) -> dict[str, Any]:
+    """Resize the running app (this process is connected to its Ray cluster)."""
+    from ray import serve
+
+    from deployments.app import shard_deployment
+
+    router = serve.get_deployment_handle("Router", app_name=APP_NAME)
+    stats = router.stats.remote().result()
+    base, current = stats["base_shards"], stats["expert_shards"]
+    cfg = MixtralConfig.from_pretrained(settings.model_dir())
+    p = plan(settings.model_copy(update={"expert_shards": max(num_shards, 1)}), cfg, cluster_gpus())
+    running = set(serve.status().applications)
+    for k in range(base, num_shards):
+        if extra_app(k) not in running:
+            app = shard_deployment(settings, "ExpertShard", p.shard_options).bind(
+                settings.model_dump(), k, [], p.torch_threads
+            )
+            serve.run(app, name=extra_app(k), route_prefix=None)
+    result = router.resize.remote(num_shards, [extra_app(k) for k in range(base, num_shards)]).result()
+    for k in range(max(num_shards, base), current):
+        serve.delete(extra_app(k))
+    return dict(result)
