@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from moe.experts import LocalExperts, Placement, combine, dispatch
+from moe.experts import LocalExperts, Placement, assign, combine, dispatch
 
 log = logging.getLogger(__name__)
 
@@ -247,8 +247,9 @@ class RemoteExperts:
         """Post the sends to, and the receives from, every shard that has tokens; don't wait."""
         start = time.perf_counter()
         placement, links = self.route
-        batches = dispatch(expert_ids, weights, placement)
-        self.load.count(layer, expert_ids, torch.stack([(b.expert_ids >= 0).sum() for b in batches]))
+        shard_of = assign(expert_ids, placement)  # [T, K]
+        batches = dispatch(expert_ids, weights, placement, shard_of)
+        self.load.count(layer, expert_ids, torch.bincount(shard_of.flatten(), minlength=placement.num_shards))
         pending = []
         for k, b in enumerate(batches):
             n = b.token_index.numel()

@@ -63,6 +63,7 @@ class Placement:
         self.table = torch.tensor([s + [s[0]] * (width - len(s)) for s in expert_shards], dtype=torch.long)
         self.count = torch.tensor([len(s) for s in expert_shards], dtype=torch.long)
         self.primary = self.table[:, 0].clone()  # [E]
+        self.replicated = width > 1
 
     @classmethod
     def from_groups(cls, groups: list[list[int]]) -> Placement:
@@ -82,17 +83,31 @@ class Placement:
         return self
 
 
-def dispatch(expert_ids: torch.Tensor, weights: torch.Tensor, placement: Placement) -> list[ShardBatch]:
-    """Group tokens by shard. Each (token, expert) assignment goes to exactly one shard holding
-    that expert: with replicas, the assignments are dealt out by token position (token t to
-    replica t mod count), so a hot expert's tokens split evenly. A token goes to a shard once,
-    even when that shard computes both of its experts.
-
-    expert_ids [T, K], weights [T, K] → one ShardBatch per shard.
-    """
+def assign(expert_ids: torch.Tensor, placement: Placement) -> torch.Tensor:
+    """expert_ids [T, K] → the shard computing each (token, expert) assignment [T, K]. With
+    replicas, an expert's assignments are dealt out by token position (token t to replica
+    t mod count), so a hot expert's tokens split evenly between its holders."""
+    if not placement.replicated:
+        return placement.primary[expert_ids]
     pos = torch.arange(expert_ids.shape[0], device=expert_ids.device)[:, None]  # [T, 1]
-    pick = pos % placement.count[expert_ids]  # [T, K]: which replica
-    shard_of = placement.table[expert_ids, pick]  # [T, K]
+    return placement.table[expert_ids, pos % placement.count[expert_ids]]  # [T, K]
+
+
+def dispatch(
+    expert_ids: torch.Tensor,
+    weights: torch.Tensor,
+    placement: Placement,
+    shard_of: torch.Tensor | None = None,
+) -> list[ShardBatch]:
+    """Group tokens by shard: a token goes to each shard computing one of its experts, once
+    even when that shard computes both. The ids a shard is not to compute are sent as -1: a
+    shard may hold more than it is routed (while replicas are being added or moved), and each
+    assignment must still be computed exactly once.
+
+    expert_ids [T, K], weights [T, K] (shard_of [T, K]: `assign`, if already known) → one
+    ShardBatch per shard.
+    """
+    shard_of = assign(expert_ids, placement) if shard_of is None else shard_of
     batches = []
     for s in range(placement.num_shards):
         mine = shard_of == s  # [T, K]
