@@ -283,14 +283,11 @@ class Router:
                 if k >= len(self.shards):
                     self.shards.append(serve.get_deployment_handle("ExpertShard", app_name=app))
                     self.held.append([])
-            links = list(experts.links)[:num_shards]
+            links = old_links[:num_shards]
             for k in range(len(links), num_shards):  # connect the new shards' data plane
                 links.append(await asyncio.to_thread(self._rejoin, k))
             self.expert_groups = partition_experts(self.cfg.num_local_experts, num_shards)
-            plan = [
-                [k for k, g in enumerate(self.expert_groups) if e in g]
-                for e in range(self.cfg.num_local_experts)
-            ]
+            plan = Placement.from_groups(self.expert_groups).expert_shards
             await self._move(experts, plan, num_shards, links)
             for link in old_links[num_shards:]:  # say goodbye to the shards left out
                 await asyncio.to_thread(link.shutdown)
