@@ -12,8 +12,6 @@ from __future__ import annotations
 
 from typing import Any
 
-LATENCY_BOUNDARIES = [0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 60.0]
-
 
 class RequestMetrics:
     """Per-request counters and histograms of one ingress replica."""
@@ -21,8 +19,10 @@ class RequestMetrics:
     def __init__(self) -> None:
         from ray.util.metrics import Counter, Histogram
 
+        from deployments.metrics import LATENCY_BUCKETS
+
         def hist(name: str, doc: str) -> Histogram:
-            return Histogram(name, doc, boundaries=LATENCY_BOUNDARIES)
+            return Histogram(name, doc, boundaries=list(LATENCY_BUCKETS))
 
         self.prompt_tokens = Counter("raymix_prompt_tokens", "Prompt tokens processed")
         self.generation_tokens = Counter("raymix_generation_tokens", "Tokens generated")

@@ -155,8 +155,7 @@ class ExpertLoad:
             self.expert_to_shard = expert_to_shard
             self.buckets = [[0] * (len(LATENCY_BUCKETS_S) + 1) for _ in range(num_shards)]
             self.latency_sum = [0.0] * num_shards
-            self.recent.clear()
-            self.recent_experts.clear()
+        self.reset_window()
 
     def reset_window(self) -> None:
         with self.lock:

@@ -80,3 +80,23 @@ def metric(url: str, name: str, headers: dict[str, str] | None = None) -> float:
         if line.startswith(name + " "):
             return float(line.split()[1])
     raise KeyError(name)
+
+
+def greedy_answer(client: Any, question: str, max_tokens: int, **extra: Any) -> str:
+    """One greedy chat answer from the embedded model (`extra`: vLLM's extras, e.g. ignore_eos)."""
+    r = client.chat.completions.create(
+        model="raymix-tiny-mixtral",
+        messages=[{"role": "user", "content": question}],
+        max_tokens=max_tokens,
+        temperature=0,
+        extra_body=extra or None,
+    )
+    return r.choices[0].message.content
+
+
+def greedy_answers(client: Any, questions: list[str], max_tokens: int, **extra: Any) -> list[str]:
+    """The questions asked concurrently (they share the engine's batch), answers in order."""
+    import concurrent.futures as cf
+
+    with cf.ThreadPoolExecutor(len(questions)) as pool:
+        return list(pool.map(lambda q: greedy_answer(client, q, max_tokens, **extra), questions))

@@ -15,7 +15,7 @@ import torch
 from moe.engine import EngineConfig, LLMEngine
 from moe.sampling import SamplingParams
 from moe.tiny import default_model_dir
-from tests.cluster_harness import Raymix, free_port, metric, ray_cluster
+from tests.cluster_harness import Raymix, free_port, greedy_answer, greedy_answers, metric, ray_cluster
 
 KEY = "sk-raymix-test"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -74,18 +74,7 @@ def test_greedy_http_equals_engine_and_transformers(raymix, reference, shards):
     url = raymix.deploy(expert_shards=shards, **SETTINGS)
     client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=120)
 
-    def ask(q: str) -> str:
-        r = client.chat.completions.create(
-            model="raymix-tiny-mixtral",
-            messages=[{"role": "user", "content": q}],
-            max_tokens=16,
-            temperature=0,
-        )
-        return r.choices[0].message.content
-
-    with cf.ThreadPoolExecutor(len(QUESTIONS)) as pool:  # 8 concurrent requests share the batch
-        answers = list(pool.map(ask, QUESTIONS))
-    assert answers == reference
+    assert greedy_answers(client, QUESTIONS, 16) == reference  # 8 concurrent requests share the batch
 
 
 def test_stream_equals_non_stream_and_usage(client):
@@ -409,17 +398,9 @@ def test_hot_expert_replication_while_serving(raymix):
     prompts = ["the the the the the the the the", "the the the the the the the the!"] * 4
 
     def ask(q: str) -> str:
-        r = client.chat.completions.create(
-            model="raymix-tiny-mixtral",
-            messages=[{"role": "user", "content": q}],
-            max_tokens=40,
-            temperature=0,
-            extra_body={"ignore_eos": True},
-        )
-        return r.choices[0].message.content
+        return greedy_answer(client, q, 40, ignore_eos=True)
 
-    with cf.ThreadPoolExecutor(len(prompts)) as pool:
-        before = list(pool.map(ask, prompts))
+    before = greedy_answers(client, prompts, 40, ignore_eos=True)
     skewed = router.expert_load.remote().result()["balancedness"]
 
     with cf.ThreadPoolExecutor(len(prompts) + 1) as pool:  # rebalance while these are running
@@ -427,8 +408,7 @@ def test_hot_expert_replication_while_serving(raymix):
         plan = router.rebalance.remote().result()
         during = [f.result() for f in running]
     assert plan["changed"] and plan["replicas"] and plan["after"] > plan["before"], plan
-    with cf.ThreadPoolExecutor(len(prompts)) as pool:
-        after = list(pool.map(ask, prompts))
+    after = greedy_answers(client, prompts, 40, ignore_eos=True)
     balanced = router.expert_load.remote().result()["balancedness"]
     print(
         f"max/mean tokens per shard: {1 / skewed:.2f} before, {1 / balanced:.2f} after; replicas {plan['replicas']}"
@@ -465,13 +445,7 @@ def test_resizing_expert_shards_under_load_loses_nothing(raymix, reference):
         while not stop.is_set():
             q = i % len(QUESTIONS)
             try:
-                r = client.chat.completions.create(
-                    model="raymix-tiny-mixtral",
-                    messages=[{"role": "user", "content": QUESTIONS[q]}],
-                    max_tokens=16,
-                    temperature=0,
-                )
-                done.append((q, r.choices[0].message.content))
+                done.append((q, greedy_answer(client, QUESTIONS[q], 16)))
             except BaseException as e:
                 errors.append(e)
             i += 4

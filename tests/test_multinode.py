@@ -5,15 +5,13 @@ answers over HTTP are the in-process engine's, token for token."""
 
 from __future__ import annotations
 
-import concurrent.futures as cf
-
 import openai
 import pytest
 
 from moe.engine import EngineConfig, LLMEngine
 from moe.sampling import SamplingParams
 from moe.tiny import default_model_dir
-from tests.cluster_harness import free_port
+from tests.cluster_harness import free_port, greedy_answers
 
 QUESTIONS = ["Hi", "What is a mixture of experts?", "Count from one to ten.", "x"]
 
@@ -77,17 +75,7 @@ def test_shards_spread_over_nodes_and_serve_correctly(cluster):
 
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
 
-    def ask(q: str) -> str:
-        r = client.chat.completions.create(
-            model="raymix-tiny-mixtral",
-            messages=[{"role": "user", "content": q}],
-            max_tokens=12,
-            temperature=0,
-        )
-        return r.choices[0].message.content
-
-    with cf.ThreadPoolExecutor(len(QUESTIONS)) as pool:
-        answers = list(pool.map(ask, QUESTIONS))
+    answers = greedy_answers(client, QUESTIONS, 12)
     eng = LLMEngine.from_pretrained(default_model_dir(), EngineConfig(max_model_len=256))
     prompts = [eng.tokenizer.apply_chat_template([{"role": "user", "content": q}]) for q in QUESTIONS]
     want = [seq.text for seq in eng.generate(prompts, SamplingParams(max_tokens=12, temperature=0))]
