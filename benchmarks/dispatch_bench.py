@@ -1,14 +1,17 @@
 """Per-layer dispatch + combine round trip, router → expert shards → router, per transport.
 
-For 1, 16, 64 and 256 tokens of the embedded model (hidden 256, top-2 of 8 experts), the median
-time of one MoE layer's dispatch, the shards' expert compute and the combine, over:
+For 1, 16, 64 and 256 tokens of a checkpoint (default: the embedded model), the median time of
+one MoE layer's dispatch, the shards' expert compute and the combine, over:
   - the data plane raymix uses (torch.distributed gloo pair groups, moe.data_plane),
+  - the same data plane to shards that hold no experts (the messages without the compute:
+    what raymix's transport costs),
   - a plain Ray actor call per shard (ray.get of .remote() calls to actors holding the experts),
   - a Ray Serve DeploymentHandle call per shard,
-plus the transport floor (a bare gloo send+recv of the same hidden states, no compute).
-Everything in one run, so the ratios are comparable. Writes JSON and a PNG plot.
+plus the transport floor: a bare gloo send+recv of the layer's hidden states, no compute, to one
+shard and to all the shards at once. Everything in one run, so the ratios are comparable.
+Writes JSON and a PNG plot.
 
-    .venv/bin/python benchmarks/dispatch_bench.py [--shards 2] [--iters 300]
+    .venv/bin/python benchmarks/dispatch_bench.py [--model DIR] [--shards 4] [--iters 300]
 """
 
 from __future__ import annotations
@@ -55,6 +58,13 @@ class ShardActor:
         self.server.connect()
         self.server.start()
 
+    def connect_empty(self, rdv: dict) -> None:
+        """A second data-plane server on this actor whose shard holds no experts."""
+        empty = LocalExperts.empty(self.experts.cfg, torch.float32)
+        server = ShardServer(empty, Rendezvous(**rdv), TIMEOUT)
+        server.connect()
+        server.start()
+
     def compute_stats(self) -> tuple[float, int]:
         assert self.server is not None
         return self.server.compute_seconds, self.server.batches_served
@@ -82,7 +92,7 @@ def median_ms(f, iters: int) -> float:
     return statistics.median(ts) * 1e3
 
 
-def measure(n, cfg, remote, actors, handles, placement, store, url, it) -> dict[str, float]:
+def measure(n, cfg, remote, empty, actors, handles, placement, store, url, it) -> dict[str, float]:
     """One token count: the median round trip of every transport."""
     import ray
 
@@ -115,28 +125,38 @@ def measure(n, cfg, remote, actors, handles, placement, store, url, it) -> dict[
     out["shard compute (max)"] = max(
         (c1 - c0) / max(1, b1 - b0) * 1e3 for (c0, b0), (c1, b1) in zip(before, after, strict=True)
     )
+    out["data plane, no compute"] = median_ms(lambda: empty.forward(0, x, ids, w), it)
     out["Ray actor call"] = median_ms(actor_layer, max(it // 3, 30))
     out["Serve handle"] = median_ms(serve_layer, max(it // 6, 20))
-    # the floor: one bare round trip of the hidden states with one shard, no compute
-    frdv = Rendezvous(url, f"floor{n}/", "gloo")
-    done = actors[0].echo_floor.remote(frdv.__dict__, it + 10, n, cfg.hidden_size)
+    # the floor: bare round trips of the hidden states, no compute, to one shard and to all at once
     from moe.data_plane import pair_group
 
-    pg = pair_group(store, frdv.prefix, 0, "gloo", TIMEOUT, "127.0.0.1")
-    y = torch.empty_like(x)
+    for label, fan in (("gloo floor (1 pair)", 1), (f"gloo floor ({len(actors)} pairs)", len(actors))):
+        rdvs = [Rendezvous(url, f"floor{n}-{fan}-{k}/", "gloo") for k in range(fan)]
+        done = [
+            a.echo_floor.remote(r.__dict__, it + 10, n, cfg.hidden_size)
+            for a, r in zip(actors[:fan], rdvs, strict=True)
+        ]
+        pgs = [pair_group(store, r.prefix, 0, "gloo", TIMEOUT, "127.0.0.1") for r in rdvs]
+        ys = [torch.empty_like(x) for _ in pgs]
 
-    def echo():
-        pg.send([x], 1, 0).wait()
-        pg.recv([y], 1, 0).wait()
+        def echo(pgs=pgs, ys=ys):
+            # receives posted with the sends, as the data plane does
+            works = [
+                w for pg, y in zip(pgs, ys, strict=True) for w in (pg.send([x], 1, 0), pg.recv([y], 1, 0))
+            ]
+            for work in works:
+                work.wait()
 
-    out["gloo floor (echo)"] = median_ms(echo, it)
-    ray.get(done)
+        out[label] = median_ms(echo, it)
+        ray.get(done)
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shards", type=int, default=2)
+    ap.add_argument("--model", default=None, help="checkpoint directory (default: the embedded model)")
+    ap.add_argument("--shards", type=int, default=4)
     ap.add_argument("--iters", type=int, default=300)
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 64, 256])
     args = ap.parse_args()
@@ -144,7 +164,7 @@ def main() -> None:
     import ray
     from ray import serve
 
-    model_dir = str(default_model_dir())
+    model_dir = args.model or str(default_model_dir())
     cfg = MixtralConfig.from_pretrained(model_dir)
     groups = partition_experts(cfg.num_local_experts, args.shards)
     placement = Placement.from_groups(groups)
@@ -173,35 +193,46 @@ def main() -> None:
     links = [ShardLink(store, r, torch.device("cpu"), TIMEOUT) for r in rdvs]
     ray.get(pending)
     remote = RemoteExperts(links, placement, cfg.hidden_size, torch.device("cpu"))
+    erdvs = [Rendezvous(url, f"empty{k}/", "gloo") for k in range(args.shards)]
+    pending = [a.connect_empty.remote(r.__dict__) for a, r in zip(actors, erdvs, strict=True)]
+    elinks = [ShardLink(store, r, torch.device("cpu"), TIMEOUT) for r in erdvs]
+    ray.get(pending)
+    empty = RemoteExperts(elinks, placement, cfg.hidden_size, torch.device("cpu"))
 
-    results: dict[str, dict[int, float]] = {
-        "gloo data plane": {},
-        "shard compute (max)": {},
-        "Ray actor call": {},
-        "Serve handle": {},
-        "gloo floor (echo)": {},
-    }
+    results: dict[str, dict[int, float]] = {}
     for n in args.tokens:
-        for name, ms in measure(n, cfg, remote, actors, handles, placement, store, url, args.iters).items():
-            results[name][n] = ms
+        figures = measure(n, cfg, remote, empty, actors, handles, placement, store, url, args.iters)
+        for name, ms in figures.items():
+            results.setdefault(name, {})[n] = ms
         print(f"  {n:>4} tokens: " + ", ".join(f"{k} {v[n]:.2f} ms" for k, v in results.items()), flush=True)
 
-    print(f"\nper-layer dispatch + combine round trip, median ms ({args.shards} shards)")
-    print(f"{'tokens':>7} " + " ".join(f"{k:>18}" for k in results))
+    print(
+        f"\nper-layer dispatch + combine round trip, median ms ({args.shards} shards, hidden {cfg.hidden_size})"
+    )
+    print(f"{'tokens':>7} " + " ".join(f"{k:>23}" for k in results))
     for n in args.tokens:
-        print(f"{n:>7} " + " ".join(f"{results[k][n]:>18.2f}" for k in results))
+        print(f"{n:>7} " + " ".join(f"{results[k][n]:>23.2f}" for k in results))
+    floor = f"gloo floor ({args.shards} pairs)"
+    for n in args.tokens:
+        print(
+            f"{n:>4} tokens: transport (no compute) / floor ({args.shards} pairs) = "
+            f"{results['data plane, no compute'][n] / results[floor][n]:.2f}x; "
+            f"round trip - busiest shard's compute = "
+            f"{results['gloo data plane'][n] - results['shard compute (max)'][n]:.2f} ms"
+        )
     remote.shutdown()
+    empty.shutdown()
     serve.shutdown()
     ray.shutdown()
     save(
         "dispatch_bench",
-        {"shards": args.shards, "results": results},
+        {"shards": args.shards, "model": model_dir, "hidden_size": cfg.hidden_size, "results": results},
         results,
         xscale="log",
         yscale="log",
         xlabel="tokens in the layer batch",
         ylabel="round trip, ms (median)",
-        title=f"Per-layer expert dispatch, {args.shards} shards",
+        title=f"Per-layer expert dispatch, {args.shards} shards, hidden {cfg.hidden_size}",
     )
 
 

@@ -40,13 +40,13 @@ def shard_main(model_dir: str, expert_ids: list[int], rdv: Rendezvous) -> None:
 class SpawnedShards:
     """N shard processes and the router-side RemoteExperts that reach them."""
 
-    def __init__(self, model_dir, num_shards: int):
+    def __init__(self, model_dir, num_shards: int, inline_tokens: int = Rendezvous.inline_tokens):
         cfg = MixtralConfig.from_pretrained(model_dir)
         groups = partition_experts(cfg.num_local_experts, num_shards)
         self.tmp = tempfile.mkdtemp()
         url = f"file://{os.path.join(self.tmp, 'store')}"
         store = open_store(url, is_master=True, timeout=TIMEOUT)
-        rdvs = [Rendezvous(url, f"shard{k}/", "gloo") for k in range(num_shards)]
+        rdvs = [Rendezvous(url, f"shard{k}/", "gloo", inline_tokens=inline_tokens) for k in range(num_shards)]
         ctx = mp.get_context("spawn")
         self.procs = [
             ctx.Process(target=shard_main, args=(str(model_dir), g, r))
@@ -74,8 +74,17 @@ def remote(tiny_dir):
     shards.close()
 
 
+@pytest.fixture(scope="module")
+def remote_small_buffer(tiny_dir):
+    """Shards whose standing receive holds 8 tokens: bigger batches send header and body apart."""
+    shards = SpawnedShards(tiny_dir, 2, inline_tokens=8)
+    yield shards.experts
+    shards.close()
+
+
+@pytest.mark.parametrize("transport", ["one message", "header and body apart"])
 @pytest.mark.parametrize("tokens", [1, 17, 64])
-def test_remote_layer_equals_in_process(tiny_dir, remote, tokens):
+def test_remote_layer_equals_in_process(tiny_dir, remote, remote_small_buffer, tokens, transport):
     cfg = MixtralConfig.from_pretrained(tiny_dir)
     local = InProcessExperts.from_checkpoint(CheckpointReader(tiny_dir), cfg, torch.float32)
     g = torch.Generator().manual_seed(tokens)
@@ -84,9 +93,15 @@ def test_remote_layer_equals_in_process(tiny_dir, remote, tokens):
         torch.softmax(torch.randn(tokens, 2, generator=g), -1),
         torch.randint(0, 8, (tokens, 2), generator=g),
     )
+    experts = remote if transport == "one message" else remote_small_buffer
     for layer in range(cfg.num_hidden_layers):
         torch.testing.assert_close(
-            remote.forward(layer, x, ids, weights), local.forward(layer, x, ids, weights)
+            experts.forward(layer, x, ids, weights), local.forward(layer, x, ids, weights)
+        )
+        # a 1-token batch right after: the shard's standing receive is posted again after a big one
+        torch.testing.assert_close(
+            experts.forward(layer, x[:1], ids[:1], weights[:1]),
+            local.forward(layer, x[:1], ids[:1], weights[:1]),
         )
 
 
