@@ -140,16 +140,47 @@ def engine_level(eng, concurrency: int, requests: int, max_tokens: int) -> float
     return tokens / (time.perf_counter() - start)
 
 
-def prefill_ms(eng) -> float:
+def prefill_ms(eng, requests: int) -> float:
+    """Median time to the first token in-process, over the prompts the server got at 1 stream."""
     from moe.sampling import SamplingParams
 
-    p = eng.tokenizer.apply_chat_template([{"role": "user", "content": prompt_text(0)}])
     times = []
-    for _ in range(5):
-        t = time.perf_counter()
-        eng.generate([p], SamplingParams(max_tokens=1, temperature=0.0))
-        times.append(time.perf_counter() - t)
+    for i in range(requests):
+        p = eng.tokenizer.apply_chat_template([{"role": "user", "content": prompt_text(i)}])
+        for _ in range(3):
+            t = time.perf_counter()
+            eng.generate([p], SamplingParams(max_tokens=1, temperature=0.0))
+            times.append(time.perf_counter() - t)
     return statistics.median(times) * 1e3
+
+
+def router_stats() -> dict[str, float] | None:
+    """The router's own step counters (when the server was started here)."""
+    from ray import serve
+
+    from cluster.bringup import APP_NAME
+
+    try:
+        return serve.get_deployment_handle("Router", app_name=APP_NAME).stats.remote().result()
+    except Exception:
+        return None
+
+
+def step_profile(before: dict | None, after: dict | None, tokens: int) -> dict[str, float]:
+    """Per engine step over one level: its wall time, the part spent on the experts (dispatch,
+    waiting for the shards, combine), and the output tokens it made."""
+    if not before or not after or after["steps"] == before["steps"]:
+        return {}
+    steps = after["steps"] - before["steps"]
+    step_s = after["step_seconds"] - before["step_seconds"]
+    experts_s = after["expert_seconds"] - before["expert_seconds"]
+    return {
+        "steps": steps,
+        "step_ms": step_s / steps * 1e3,
+        "experts_ms_per_step": experts_s / steps * 1e3,
+        "dense_ms_per_step": (step_s - experts_s) / steps * 1e3,
+        "tokens_per_step": tokens / steps,
+    }
 
 
 def hf_tok_s(hf, tok, batch: int, max_tokens: int) -> float:
@@ -217,10 +248,20 @@ def main() -> None:
     for c in args.concurrency:
         n = args.requests_per_level or max(4, 2 * c)
         asyncio.run(http_level(url, model, min(c, 2), 2, 4))  # warm-up
+        before = router_stats() if started_here else None
         report["server"][c] = r = asyncio.run(http_level(url, model, c, n, args.max_tokens))
+        r["router"] = prof = step_profile(
+            before, router_stats() if started_here else None, n * args.max_tokens
+        )
         print(
             f"  server x{c:<3} {r['output_tok_s']:7.1f} tok/s  TTFT p50 {r['ttft_p50_ms']:7.1f} ms  "
-            f"ITL p50 {r['itl_p50_ms']:6.1f} ms  e2e p50 {r['e2e_p50_ms']:7.0f} ms",
+            f"ITL p50 {r['itl_p50_ms']:6.1f} ms  e2e p50 {r['e2e_p50_ms']:7.0f} ms"
+            + (
+                f"  | router step {prof['step_ms']:.1f} ms (experts {prof['experts_ms_per_step']:.1f}, "
+                f"dense {prof['dense_ms_per_step']:.1f}), {prof['tokens_per_step']:.1f} tokens/step"
+                if prof
+                else ""
+            ),
             flush=True,
         )
     if started_here:
@@ -234,7 +275,7 @@ def main() -> None:
         eng = LLMEngine.from_pretrained(
             model_dir, EngineConfig(max_num_seqs=max(args.concurrency), max_model_len=1024)
         )
-        report["engine"]["prefill_ms"] = prefill_ms(eng)
+        report["engine"]["prefill_ms"] = prefill_ms(eng, args.requests_per_level or 4)
         for c in args.concurrency:
             report["engine"][c] = engine_level(
                 eng, c, args.requests_per_level or max(4, 2 * c), args.max_tokens
@@ -277,7 +318,7 @@ def print_table(report: dict[str, Any], levels: list[int]) -> None:
                 f"server at 32 streams: {s32 / hf[1]:.2f}x transformers one at a time, {s32 / hf[32]:.2f}x its static batch"
             )
         print(
-            f"in-process prefill of one prompt: {report['engine']['prefill_ms']:.1f} ms; "
+            f"in-process time to first token (the 1-stream prompts, median): {report['engine']['prefill_ms']:.1f} ms; "
             f"server TTFT p50 at 1 stream: {report['server'][levels[0]]['ttft_p50_ms']:.1f} ms"
         )
         print(
