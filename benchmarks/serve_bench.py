@@ -5,7 +5,10 @@ level on prompts of mixed lengths, and reports output tok/s, requests/s, TTFT, I
 streamed chunks), TPOT ((e2e - TTFT) / (tokens - 1)) and e2e latency as p50/p90/p99. In the same
 run, on the same checkpoint, it measures the baselines: the in-process engine (all experts
 local) at the same concurrency, and transformers `generate` one request at a time and as a
-static batch. Writes JSON and a PNG (throughput and ITL vs concurrency).
+static batch. Per level it also prints the router's own step profile (wall time per engine step,
+the part spent on the experts, tokens per step). Then it restarts the server with two-micro-batch
+overlap flipped and runs --compare-overlap levels again, so overlap on vs off is one run's ratio.
+Writes JSON and a PNG (throughput and ITL vs concurrency).
 
     .venv/bin/python benchmarks/serve_bench.py                     # starts its own local server
     .venv/bin/python benchmarks/serve_bench.py --url http://127.0.0.1:8000 --model-name NAME
@@ -202,6 +205,27 @@ def hf_tok_s(hf, tok, batch: int, max_tokens: int) -> float:
     return batch * max_tokens / (time.perf_counter() - t)
 
 
+def server_level(url: str, model: str, c: int, args: Any, started_here: bool, label: str) -> dict[str, Any]:
+    """One concurrency level over HTTP (after a short warm-up), with the router's step profile."""
+    n = args.requests_per_level or max(4, 2 * c)
+    asyncio.run(http_level(url, model, min(c, 2), 2, 4))  # warm-up
+    before = router_stats() if started_here else None
+    r = asyncio.run(http_level(url, model, c, n, args.max_tokens))
+    r["router"] = prof = step_profile(before, router_stats() if started_here else None, n * args.max_tokens)
+    print(
+        f"  server x{c:<3} ({label}) {r['output_tok_s']:7.1f} tok/s  TTFT p50 {r['ttft_p50_ms']:7.1f} ms  "
+        f"ITL p50 {r['itl_p50_ms']:6.1f} ms  e2e p50 {r['e2e_p50_ms']:7.0f} ms"
+        + (
+            f"  | router step {prof['step_ms']:.1f} ms (experts {prof['experts_ms_per_step']:.1f}, "
+            f"dense {prof['dense_ms_per_step']:.1f}), {prof['tokens_per_step']:.1f} tokens/step"
+            if prof
+            else ""
+        ),
+        flush=True,
+    )
+    return r
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--url", default=None, help="a running server; default: start one here")
@@ -213,6 +237,14 @@ def main() -> None:
     ap.add_argument("--requests-per-level", type=int, default=0, help="default: 2 x concurrency (at least 4)")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--skip-baselines", action="store_true")
+    ap.add_argument(
+        "--compare-overlap",
+        type=int,
+        nargs="*",
+        default=[1, 32],
+        help="after the main levels, restart the server with two-micro-batch overlap flipped and "
+        "run these levels again (none: skip)",
+    )
     args = ap.parse_args()
 
     from cluster.config import RaymixSettings
@@ -243,31 +275,26 @@ def main() -> None:
         "max_tokens": args.max_tokens,
         "model": str(model_dir),
     }
+    overlap = settings.overlap or False  # unset: on only with GPUs
+    machine["overlap"] = overlap
     print(f"machine: {machine}", flush=True)
     report: dict[str, Any] = {"machine": machine, "server": {}, "engine": {}, "transformers": {}}
+    label = f"overlap {'on' if overlap else 'off'}"
     for c in args.concurrency:
-        n = args.requests_per_level or max(4, 2 * c)
-        asyncio.run(http_level(url, model, min(c, 2), 2, 4))  # warm-up
-        before = router_stats() if started_here else None
-        report["server"][c] = r = asyncio.run(http_level(url, model, c, n, args.max_tokens))
-        r["router"] = prof = step_profile(
-            before, router_stats() if started_here else None, n * args.max_tokens
-        )
-        print(
-            f"  server x{c:<3} {r['output_tok_s']:7.1f} tok/s  TTFT p50 {r['ttft_p50_ms']:7.1f} ms  "
-            f"ITL p50 {r['itl_p50_ms']:6.1f} ms  e2e p50 {r['e2e_p50_ms']:7.0f} ms"
-            + (
-                f"  | router step {prof['step_ms']:.1f} ms (experts {prof['experts_ms_per_step']:.1f}, "
-                f"dense {prof['dense_ms_per_step']:.1f}), {prof['tokens_per_step']:.1f} tokens/step"
-                if prof
-                else ""
-            ),
-            flush=True,
-        )
+        report["server"][c] = server_level(url, model, c, args, started_here, label)
     if started_here:
         from cluster import bringup
 
         bringup.shutdown()
+        if args.compare_overlap:
+            flipped = settings.model_copy(update={"overlap": not overlap})
+            label = f"overlap {'off' if overlap else 'on'}"
+            print(f"restarting with {label} ...", flush=True)
+            url = bringup.start(flipped)
+            report["server_overlap_flipped"] = {
+                c: server_level(url, model, c, args, True, label) for c in args.compare_overlap
+            }
+            bringup.shutdown()
     if not args.skip_baselines:
         from transformers import MixtralForCausalLM
 
@@ -288,6 +315,15 @@ def main() -> None:
             )
             print(f"  transformers generate batch {b:<3} {report['transformers'][b]:7.1f} tok/s", flush=True)
     print_table(report, args.concurrency)
+    flipped = report.get("server_overlap_flipped")
+    if flipped:
+        on, off = (flipped, report["server"]) if not overlap else (report["server"], flipped)
+        print("\ntwo-micro-batch overlap, output tok/s (same run):")
+        for c in flipped:
+            print(
+                f"  x{c:<3} on {on[c]['output_tok_s']:7.1f}  off {off[c]['output_tok_s']:7.1f}  "
+                f"on/off {on[c]['output_tok_s'] / off[c]['output_tok_s']:.2f}"
+            )
     OUT.mkdir(exist_ok=True)
     (OUT / "serve_bench.json").write_text(json.dumps(report, indent=2))
     plot(report, args.concurrency)
