@@ -2,7 +2,8 @@
 
 Drives the server with the async openai client (streaming chat completions) at each concurrency
 level on prompts of mixed lengths, and reports output tok/s, requests/s, TTFT, ITL (gaps between
-streamed chunks), TPOT ((e2e - TTFT) / (tokens - 1)) and e2e latency as p50/p90/p99. In the same
+streamed chunks), TPOT ((e2e - TTFT) / (tokens - 1)) and e2e latency as p50/p90/p99, from the
+pass of median throughput out of --runs (3) passes per level (every pass's tok/s is kept). In the same
 run, on the same checkpoint, it measures the baselines: the in-process engine (all experts
 local) at the same concurrency, and transformers `generate` one request at a time and as a
 static batch. Per level it also prints the router's own step profile (wall time per engine step,
@@ -206,14 +207,23 @@ def hf_tok_s(hf, tok, batch: int, max_tokens: int) -> float:
 
 
 def server_level(url: str, model: str, c: int, args: Any, started_here: bool, label: str) -> dict[str, Any]:
-    """One concurrency level over HTTP (after a short warm-up), with the router's step profile."""
+    """One concurrency level over HTTP (after a short warm-up), with the router's step profile:
+    --runs passes, reported by the pass of median throughput (all passes' tok/s kept)."""
     n = args.requests_per_level or max(4, 2 * c)
     asyncio.run(http_level(url, model, min(c, 2), 2, 4))  # warm-up
-    before = router_stats() if started_here else None
-    r = asyncio.run(http_level(url, model, c, n, args.max_tokens))
-    r["router"] = prof = step_profile(before, router_stats() if started_here else None, n * args.max_tokens)
+    passes = []
+    for _ in range(args.runs):
+        before = router_stats() if started_here else None
+        r = asyncio.run(http_level(url, model, c, n, args.max_tokens))
+        r["router"] = step_profile(before, router_stats() if started_here else None, n * args.max_tokens)
+        passes.append(r)
+    passes.sort(key=lambda p: p["output_tok_s"])
+    r = passes[len(passes) // 2]
+    r["runs_output_tok_s"] = [p["output_tok_s"] for p in passes]
+    prof = r["router"]
     print(
-        f"  server x{c:<3} ({label}) {r['output_tok_s']:7.1f} tok/s  TTFT p50 {r['ttft_p50_ms']:7.1f} ms  "
+        f"  server x{c:<3} ({label}) {r['output_tok_s']:7.1f} tok/s "
+        f"(runs {' '.join(f'{t:.0f}' for t in r['runs_output_tok_s'])})  TTFT p50 {r['ttft_p50_ms']:7.1f} ms  "
         f"ITL p50 {r['itl_p50_ms']:6.1f} ms  e2e p50 {r['e2e_p50_ms']:7.0f} ms"
         + (
             f"  | router step {prof['step_ms']:.1f} ms (experts {prof['experts_ms_per_step']:.1f}, "
@@ -236,6 +246,7 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32, 64])
     ap.add_argument("--requests-per-level", type=int, default=0, help="default: 2 x concurrency (at least 4)")
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--runs", type=int, default=3, help="passes per level; the median is reported")
     ap.add_argument("--skip-baselines", action="store_true")
     ap.add_argument(
         "--compare-overlap",
@@ -304,14 +315,15 @@ def main() -> None:
         )
         report["engine"]["prefill_ms"] = prefill_ms(eng, args.requests_per_level or 4)
         for c in args.concurrency:
-            report["engine"][c] = engine_level(
-                eng, c, args.requests_per_level or max(4, 2 * c), args.max_tokens
+            report["engine"][c] = statistics.median(
+                engine_level(eng, c, args.requests_per_level or max(4, 2 * c), args.max_tokens)
+                for _ in range(args.runs)
             )
             print(f"  in-process engine x{c:<3} {report['engine'][c]:7.1f} tok/s", flush=True)
         hf = MixtralForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
         for b in (1, 32):
             report["transformers"][b] = statistics.median(
-                hf_tok_s(hf, eng.tokenizer, b, args.max_tokens) for _ in range(2)
+                hf_tok_s(hf, eng.tokenizer, b, args.max_tokens) for _ in range(max(2, args.runs))
             )
             print(f"  transformers generate batch {b:<3} {report['transformers'][b]:7.1f} tok/s", flush=True)
     print_table(report, args.concurrency)
