@@ -57,7 +57,7 @@ class Rendezvous:
     prefix: str
     backend: str  # "gloo" | "nccl"
     interface_host: str = "127.0.0.1"  # address gloo binds to on the shard's side
-    inline_tokens: int = INLINE_TOKENS  # the shard's standing receive buffer, in tokens (gloo)
+    inline_tokens: int = INLINE_TOKENS  # the shard's standing receive, in tokens (gloo; 0: none)
 
     @property
     def inline(self) -> int:
@@ -409,7 +409,8 @@ class ShardServer:
         # two standing receive buffers: one is read while the next batch arrives in the other.
         # NCCL runs a communicator's operations in order on one stream, so there the next
         # receive is posted only after the answer is sent (else the answer would wait on it).
-        prepost = self.rendezvous.backend == "gloo"
+        # inline 0 (NCCL, or gloo told to keep no standing receive) keeps that discipline.
+        prepost = self.rendezvous.inline > 0
         bufs = [torch.empty(size, dtype=torch.uint8, device=self.comm, pin_memory=pin) for _ in range(2)]
         work, cur = self.pg.recv([bufs[0]], ROUTER, HEAD_TAG), 0
         try:

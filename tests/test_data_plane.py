@@ -82,9 +82,21 @@ def remote_small_buffer(tiny_dir):
     shards.close()
 
 
-@pytest.mark.parametrize("transport", ["one message", "header and body apart"])
+@pytest.fixture(scope="module")
+def remote_exact(tiny_dir):
+    """No standing receive (NCCL's discipline, here over gloo): every batch sends header and body
+    apart, receives are exactly the message's size, and the shard posts its next receive only
+    after its answer is sent."""
+    shards = SpawnedShards(tiny_dir, 2, inline_tokens=0)
+    yield shards.experts
+    shards.close()
+
+
+@pytest.mark.parametrize("transport", ["one message", "header and body apart", "exact sizes, in order"])
 @pytest.mark.parametrize("tokens", [1, 17, 64])
-def test_remote_layer_equals_in_process(tiny_dir, remote, remote_small_buffer, tokens, transport):
+def test_remote_layer_equals_in_process(
+    tiny_dir, remote, remote_small_buffer, remote_exact, tokens, transport
+):
     cfg = MixtralConfig.from_pretrained(tiny_dir)
     local = InProcessExperts.from_checkpoint(CheckpointReader(tiny_dir), cfg, torch.float32)
     g = torch.Generator().manual_seed(tokens)
@@ -93,7 +105,9 @@ def test_remote_layer_equals_in_process(tiny_dir, remote, remote_small_buffer, t
         torch.softmax(torch.randn(tokens, 2, generator=g), -1),
         torch.randint(0, 8, (tokens, 2), generator=g),
     )
-    experts = remote if transport == "one message" else remote_small_buffer
+    experts = {"one message": remote, "header and body apart": remote_small_buffer}.get(
+        transport, remote_exact
+    )
     for layer in range(cfg.num_hidden_layers):
         torch.testing.assert_close(
             experts.forward(layer, x, ids, weights), local.forward(layer, x, ids, weights)
@@ -105,9 +119,12 @@ def test_remote_layer_equals_in_process(tiny_dir, remote, remote_small_buffer, t
         )
 
 
+@pytest.mark.parametrize("exact", [False, True], ids=["standing receive", "exact sizes, in order"])
 @pytest.mark.parametrize("overlap", [False, True])
-def test_engine_over_remote_shards_is_token_identical(tiny_dir, remote, overlap):
-    """Also with two-micro-batch overlap: both micro-batches' layers are in flight at once."""
+def test_engine_over_remote_shards_is_token_identical(tiny_dir, remote, remote_exact, overlap, exact):
+    """Also with two-micro-batch overlap: both micro-batches' layers are in flight at once (with
+    NCCL's discipline too: the second micro-batch's batch waits in order behind the first)."""
+    remote = remote_exact if exact else remote
     cfg = MixtralConfig.from_pretrained(tiny_dir)
     dense = MixtralDense.from_checkpoint(CheckpointReader(tiny_dir), cfg, torch.float32)
     tok = load_tokenizer(tiny_dir)
