@@ -123,7 +123,7 @@ class Router:
         log.info("data plane up: %d shards, %s via %s", len(links), self.backend, self._url.split("://")[0])
         return RemoteExperts(
             links,
-            Placement([list(s) for s in self.placement.expert_shards], len(self.shards)),
+            self.placement,
             self.cfg.hidden_size,
             comm_device(self.backend, self.device),
             reconnect=self._rejoin,
@@ -256,7 +256,7 @@ class Router:
         await asyncio.gather(*[self.shards[k].set_experts.remote(self.held[k]) for k in grow])
         calls = experts.calls
         self.placement = new
-        experts.set_placement(Placement(plan, num_shards), links)
+        experts.set_placement(new, links)
         await self._drain_old_routing(experts, calls)
         shrink = [k for k in range(len(self.shards)) if set(self.held[k]) - set(want[k])]
         for k in shrink:

@@ -35,8 +35,8 @@ class InProcessExperts:
     def __init__(self, shards: list[LocalExperts], num_experts: int):
         """Shard s holds shards[s].expert_ids; an expert held by several is a replicated one."""
         self.shards = shards
-        holders = [[s for s, shard in enumerate(shards) if e in shard.expert_ids] for e in range(num_experts)]
-        self.placement = Placement(holders, len(shards)).to(shards[0].device)
+        groups = [shard.expert_ids for shard in shards]
+        self.placement = Placement.from_groups(groups, num_experts).to(shards[0].device)
 
     @classmethod
     def from_checkpoint(

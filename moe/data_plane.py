@@ -37,7 +37,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from moe.experts import LocalExperts, Placement, assign, combine, dispatch
+from moe.experts import LocalExperts, Placement, ShardBatch, assign, combine, dispatch
 
 log = logging.getLogger(__name__)
 
@@ -70,24 +70,25 @@ def body_bytes(n: int, hidden: int, top_k: int, dtype: torch.dtype) -> int:
     return n * (2 * top_k * 4 + hidden * dtype.itemsize)
 
 
-def encode(
-    layer: int, x: torch.Tensor, rows: torch.Tensor, route: torch.Tensor, inline: bool, device: torch.device
-) -> torch.Tensor:
-    """One batch as bytes on `device`: header, routing [n, 2K] float32, x[rows] [n, H]. The
-    rows are gathered straight into the message (pinned when a GPU's tensors go out over gloo)."""
-    n, (hidden, k2) = rows.numel(), (x.shape[1], route.shape[1])
+def encode(layer: int, x: torch.Tensor, b: ShardBatch, inline: bool, device: torch.device) -> torch.Tensor:
+    """One shard's batch as bytes on `device`: header, routing [n, 2K] float32 (its expert ids,
+    then their weights), x[b.token_index] [n, H]. Everything is written straight into the
+    message (pinned when a GPU's tensors go out over gloo)."""
+    n, (hidden, k) = b.token_index.numel(), (x.shape[1], b.expert_ids.shape[1])
     pin = x.is_cuda and device.type == "cpu"
-    msg = torch.empty(HEADER_BYTES + body_bytes(n, hidden, k2 // 2, x.dtype), dtype=torch.uint8,
+    msg = torch.empty(HEADER_BYTES + body_bytes(n, hidden, k, x.dtype), dtype=torch.uint8,
                       device=device, pin_memory=pin)  # fmt: skip
     header = torch.tensor([FORWARD, layer, n, int(inline)], dtype=torch.long)
     msg[:HEADER_BYTES].view(torch.long).copy_(header)
-    split = HEADER_BYTES + n * k2 * 4
-    msg[HEADER_BYTES:split].view(torch.float32).view(n, k2).copy_(route)
+    split = HEADER_BYTES + n * 2 * k * 4
+    route = msg[HEADER_BYTES:split].view(torch.float32).view(n, 2 * k)
+    route[:, :k].copy_(b.expert_ids)
+    route[:, k:].copy_(b.weights)
     xs = msg[split:].view(x.dtype).view(n, hidden)
     if x.device == device:
-        torch.index_select(x, 0, rows, out=xs)
+        torch.index_select(x, 0, b.token_index, out=xs)
     else:  # blocking: gloo reads the buffer as soon as the send is posted
-        xs.copy_(x[rows])
+        xs.copy_(x[b.token_index])
     return msg
 
 
@@ -142,11 +143,11 @@ class ShardLink:
         self.timeout = timeout
         self.pg = pair_group(store, rendezvous.prefix, ROUTER, rendezvous.backend, timeout, host)
 
-    def send(self, layer: int, x: torch.Tensor, rows: torch.Tensor, route: torch.Tensor) -> list:
-        """Post the sends of one layer's batch (the rows of x, their routing [n, 2K]) → the
-        pending works (wait on them): one message when it fits the shard's standing receive."""
-        inline = rows.numel() <= self.rendezvous.inline
-        msg = encode(layer, x, rows, route.float(), inline, self.device)
+    def send(self, layer: int, x: torch.Tensor, b: ShardBatch) -> list:
+        """Post the sends of this shard's part of a layer batch → the pending works (wait on
+        them): one message when it fits the shard's standing receive."""
+        inline = b.token_index.numel() <= self.rendezvous.inline
+        msg = encode(layer, x, b, inline, self.device)
         if inline:
             return [self.pg.send([msg], SHARD, HEAD_TAG)]
         return [
@@ -287,17 +288,11 @@ class RemoteExperts:
         return self.route[1]
 
     def _exchange(
-        self,
-        link: ShardLink,
-        layer: int,
-        x: torch.Tensor,
-        rows: torch.Tensor,
-        route: torch.Tensor,
-        y: torch.Tensor,
+        self, link: ShardLink, layer: int, x: torch.Tensor, b: ShardBatch, y: torch.Tensor
     ) -> tuple:
         """Post one shard's part of a layer → (the link used, its works, or None if posting failed)."""
         try:
-            return link, [*link.send(layer, x, rows, route), link.recv(y)]
+            return link, [*link.send(layer, x, b), link.recv(y)]
         except RuntimeError:  # the pair group is already broken: wait() recovers
             return link, None
 
@@ -313,18 +308,16 @@ class RemoteExperts:
             n = b.token_index.numel()
             if n == 0:
                 continue
-            route = torch.cat([b.expert_ids.float(), b.weights.float()], dim=1)  # [n, 2K]
             y = torch.empty(n, self.hidden_size, dtype=x.dtype, device=links[k].device)  # [n, H]
-            rows = b.token_index
-            pending.append((k, rows, x, route, y, *self._exchange(links[k], layer, x, rows, route, y)))
+            pending.append((k, b, y, *self._exchange(links[k], layer, x, b, y)))
         self.seconds += time.perf_counter() - start
-        return layer, pending, x.shape, x.dtype, x.device, start
+        return layer, x, pending, start
 
     def wait(self, handle: Any) -> torch.Tensor:
         start = time.perf_counter()
-        layer, pending, shape, dtype, device, posted = handle
+        layer, x, pending, posted = handle
         parts = []
-        for k, rows, x, route, y, link, works in pending:
+        for k, b, y, link, works in pending:
             for attempt in range(self.max_retries + 1):
                 try:
                     if works is None:
@@ -340,12 +333,10 @@ class RemoteExperts:
                         log.warning("expert shard %d failed at layer %d (%s); reconnecting", k, layer, e)
                         links[k] = self.reconnect(k)
                         self.recoveries += 1
-                    link, works = self._exchange(
-                        links[k] if k < len(links) else link, layer, x, rows, route, y
-                    )
+                    link, works = self._exchange(links[k] if k < len(links) else link, layer, x, b, y)
             self.load.latency(k, time.perf_counter() - posted)
-            parts.append((rows, y.to(device, non_blocking=True)))
-        out = combine(shape, dtype, parts)
+            parts.append((b.token_index, y.to(x.device, non_blocking=True)))
+        out = combine(x.shape, x.dtype, parts)
         self.calls += 1
         self.seconds += time.perf_counter() - start
         return out

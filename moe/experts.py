@@ -10,6 +10,7 @@ shard computing each of their experts; `combine` adds the shards' weighted outpu
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -66,21 +67,25 @@ class Placement:
         self.replicated = width > 1
 
     @classmethod
-    def from_groups(cls, groups: list[list[int]]) -> Placement:
-        """Shard s holds the experts groups[s] (an expert in several groups is replicated)."""
-        num_experts = max(e for g in groups for e in g) + 1
+    def from_groups(cls, groups: list[list[int]], num_experts: int | None = None) -> Placement:
+        """Shard s holds the experts groups[s] (an expert in several groups is replicated);
+        num_experts: how many there are (default: up to the highest id held)."""
+        if num_experts is None:
+            num_experts = max(e for g in groups for e in g) + 1
         return cls([[s for s, g in enumerate(groups) if e in g] for e in range(num_experts)], len(groups))
 
     def experts_on(self, shard: int) -> list[int]:
         return [e for e, shards in enumerate(self.expert_shards) if shard in shards]
 
     def to(self, device: torch.device | str) -> Placement:
-        self.table, self.count, self.primary = (
+        """The same placement with its tensors on `device` (this one is left as it is)."""
+        moved = copy.copy(self)
+        moved.table, moved.count, moved.primary = (
             self.table.to(device),
             self.count.to(device),
             self.primary.to(device),
         )
-        return self
+        return moved
 
 
 def assign(expert_ids: torch.Tensor, placement: Placement) -> torch.Tensor:
@@ -186,8 +191,10 @@ class LocalExperts:
     def regroup(self, reader: CheckpointReader, expert_ids: list[int]) -> LocalExperts:
         """The same kind of holder for another set of experts: those already held are reused,
         the others read from the checkpoint (hot-expert replication adds and drops replicas)."""
-        missing = [e for e in expert_ids if e not in self.expert_ids]
         dtype = self.gate_up[0].dtype
+        if not expert_ids:
+            return LocalExperts.empty(self.cfg, dtype, self.device)
+        missing = [e for e in expert_ids if e not in self.expert_ids]
         fresh = (
             LocalExperts.from_checkpoint(reader, self.cfg, missing, dtype, self.device) if missing else None
         )
@@ -200,8 +207,6 @@ class LocalExperts:
                 src, j = fresh, fresh.expert_ids.index(e)
             return (src.gate_up if which == "gate_up" else src.down)[layer][j]
 
-        if not expert_ids:
-            return LocalExperts.empty(self.cfg, dtype, self.device)
         layers = range(self.cfg.num_hidden_layers)
         gate_up = [torch.stack([pick(layer, e, "gate_up") for e in expert_ids]) for layer in layers]
         down = [torch.stack([pick(layer, e, "down") for e in expert_ids]) for layer in layers]
