@@ -53,17 +53,15 @@ class ShardActor:
     def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return self.forward(layer, x, ids, w)
 
-    def connect(self, rdv: dict) -> None:
-        self.server = ShardServer(self.experts, Rendezvous(**rdv), TIMEOUT)
-        self.server.connect()
-        self.server.start()
-
-    def connect_empty(self, rdv: dict) -> None:
-        """A second data-plane server on this actor whose shard holds no experts."""
-        empty = LocalExperts.empty(self.experts.cfg, torch.float32)
-        server = ShardServer(empty, Rendezvous(**rdv), TIMEOUT)
+    def connect(self, rdv: dict, empty: bool = False) -> None:
+        """Serve the data plane on this rendezvous; empty: as a shard holding no experts (a
+        second server beside the real one, for the transport's own cost)."""
+        experts = LocalExperts.empty(self.experts.cfg, torch.float32) if empty else self.experts
+        server = ShardServer(experts, Rendezvous(**rdv), TIMEOUT)
         server.connect()
         server.start()
+        if not empty:
+            self.server = server
 
     def compute_stats(self) -> tuple[float, int]:
         assert self.server is not None
@@ -188,16 +186,15 @@ def main() -> None:
     tmp = tempfile.mkdtemp()
     url = f"file://{tmp}/store"
     store = open_store(url, True, TIMEOUT)
-    rdvs = [Rendezvous(url, f"shard{k}/", "gloo") for k in range(args.shards)]
-    pending = [a.connect.remote(r.__dict__) for a, r in zip(actors, rdvs, strict=True)]
-    links = [ShardLink(store, r, torch.device("cpu"), TIMEOUT) for r in rdvs]
-    ray.get(pending)
-    remote = RemoteExperts(links, placement, cfg.hidden_size, torch.device("cpu"))
-    erdvs = [Rendezvous(url, f"empty{k}/", "gloo") for k in range(args.shards)]
-    pending = [a.connect_empty.remote(r.__dict__) for a, r in zip(actors, erdvs, strict=True)]
-    elinks = [ShardLink(store, r, torch.device("cpu"), TIMEOUT) for r in erdvs]
-    ray.get(pending)
-    empty = RemoteExperts(elinks, placement, cfg.hidden_size, torch.device("cpu"))
+
+    def data_plane(prefix: str, empty: bool) -> RemoteExperts:
+        rdvs = [Rendezvous(url, f"{prefix}{k}/", "gloo") for k in range(args.shards)]
+        pending = [a.connect.remote(r.__dict__, empty) for a, r in zip(actors, rdvs, strict=True)]
+        links = [ShardLink(store, r, torch.device("cpu"), TIMEOUT) for r in rdvs]
+        ray.get(pending)
+        return RemoteExperts(links, placement, cfg.hidden_size, torch.device("cpu"))
+
+    remote, empty = data_plane("shard", False), data_plane("empty", True)
 
     results: dict[str, dict[int, float]] = {}
     for n in args.tokens:
