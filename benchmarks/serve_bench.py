@@ -162,7 +162,7 @@ def router_stats() -> dict[str, float] | None:
     """The router's own step counters (when the server was started here)."""
     from ray import serve
 
-    from cluster.bringup import APP_NAME
+    from cluster.messages import APP_NAME
 
     try:
         return serve.get_deployment_handle("Router", app_name=APP_NAME).stats.remote().result()
@@ -271,7 +271,7 @@ def main() -> None:
     model_dir = settings.model_dir()
     started_here = args.url is None
     if started_here:
-        from cluster import bringup
+        from launch import bringup
 
         print(f"starting raymix: {args.expert_shards} expert shards ...", flush=True)
         url = bringup.start(settings)
@@ -294,7 +294,7 @@ def main() -> None:
     for c in args.concurrency:
         report["server"][c] = server_level(url, model, c, args, started_here, label)
     if started_here:
-        from cluster import bringup
+        from launch import bringup
 
         bringup.shutdown()
         if args.compare_overlap:

@@ -88,8 +88,8 @@ def main() -> None:
     args = ap.parse_args()
     started_here = args.url is None
     if started_here:
-        from cluster import bringup
         from cluster.config import RaymixSettings
+        from launch import bringup
 
         url = bringup.start(RaymixSettings(expert_shards=args.expert_shards, max_model_len=1024))
     else:
@@ -155,7 +155,7 @@ def main() -> None:
         )
     )
     if started_here:
-        from cluster import bringup
+        from launch import bringup
 
         bringup.shutdown()
 

@@ -53,7 +53,7 @@ class Plan:
         return [p * dtype_bytes for p in self.shard_params]
 
 
-def plan(cfg: MixtralConfig, num_shards: int, dtype_bytes: int = 2) -> Plan:
+def capacity_plan(cfg: MixtralConfig, num_shards: int, dtype_bytes: int = 2) -> Plan:
     h, i, L, d = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.attn_head_dim
     per_expert = 3 * h * i * L  # w1, w3, w2 of one expert id across all layers
     groups = partition_experts(cfg.num_local_experts, num_shards)
@@ -79,7 +79,7 @@ def decode_step_seconds(
 ) -> dict[str, float]:
     """Memory-bound decode: each shard streams the weights of the experts its tokens hit; the
     router streams the dense weights; the data plane moves `batch` tokens per layer."""
-    p = plan(cfg, num_shards, dtype_bytes)
+    p = capacity_plan(cfg, num_shards, dtype_bytes)
     bw, lat = LINKS[link]
     per_layer_expert_bytes = 3 * cfg.hidden_size * cfg.intermediate_size * dtype_bytes
     # the busiest shard reads each of its experts that a token hits (all of them once batch x top_k
@@ -104,7 +104,7 @@ def decode_step_seconds(
 def gpus_needed(cfg: MixtralConfig, gpu_bytes: float, dtype_bytes: int = 2, headroom: float = 0.8) -> int:
     """Fewest expert shards whose largest shard fits `headroom` of a GPU, plus the router's GPU."""
     for n in range(1, cfg.num_local_experts + 1):
-        if max(plan(cfg, n, dtype_bytes).shard_bytes(dtype_bytes)) <= headroom * gpu_bytes:
+        if max(capacity_plan(cfg, n, dtype_bytes).shard_bytes(dtype_bytes)) <= headroom * gpu_bytes:
             return n + 1
     raise ValueError(
         "even one expert per shard does not fit: this model needs tensor parallelism inside a shard"

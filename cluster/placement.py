@@ -83,7 +83,7 @@ def threads_per_process(nodes: list[str | None], router_node: str | None, defaul
     return [max(1, int(cpus.get(n, default) // here[n])) for n in nodes]  # type: ignore[arg-type,index]
 
 
-def plan(settings: RaymixSettings, cfg: MixtralConfig, gpus: float) -> DeploymentPlan:
+def deployment_plan(settings: RaymixSettings, cfg: MixtralConfig, gpus: float) -> DeploymentPlan:
     if settings.expert_shards > cfg.num_local_experts:
         raise ValueError(
             f"expert_shards={settings.expert_shards} but the model has only {cfg.num_local_experts} experts per layer"

@@ -14,7 +14,8 @@ from ray import serve
 from ray.serve import Application
 
 from cluster.config import RaymixSettings
-from cluster.placement import cluster_gpus, pin, plan, reserve_nodes, threads_per_process
+from cluster.messages import INGRESS, ROUTER, shard_deployment_name
+from cluster.placement import cluster_gpus, deployment_plan, pin, reserve_nodes, threads_per_process
 from deployments.ingress import Ingress
 from deployments.router import Router
 from deployments.shard import ExpertShard
@@ -36,8 +37,7 @@ def shard_deployment(s: RaymixSettings, name: str, options: dict[str, Any]) -> A
 def build_app(args: dict[str, Any] | RaymixSettings | None = None) -> Application:
     s = args if isinstance(args, RaymixSettings) else RaymixSettings(**(args or {}))
     cfg = MixtralConfig.from_pretrained(s.model_dir())
-    p = plan(s, cfg, cluster_gpus())
-    settings = s.model_dump()
+    p = deployment_plan(s, cfg, cluster_gpus())
     shard_nodes: list[str | None] = [None] * len(p.expert_groups)
     router_node = None
     if s.placement_strategy != "none":
@@ -49,23 +49,23 @@ def build_app(args: dict[str, Any] | RaymixSettings | None = None) -> Applicatio
     if s.torch_threads is None and len(set(shard_nodes)) > 1:  # over several nodes: per node's cores
         threads = threads_per_process(shard_nodes, router_node, p.torch_threads)
     shards = [
-        shard_deployment(s, f"ExpertShard{k}", pin(p.shard_options, shard_nodes[k])).bind(
-            settings, k, group, threads[k]
+        shard_deployment(s, shard_deployment_name(k), pin(p.shard_options, shard_nodes[k])).bind(
+            s, k, group, threads[k]
         )
         for k, group in enumerate(p.expert_groups)
     ]
     router = serve.deployment(
-        name="Router",
+        name=ROUTER,
         num_replicas=1,
         ray_actor_options=pin(p.router_options, router_node),
         max_ongoing_requests=100_000,
         health_check_period_s=5,
         # its ongoing requests are the ingress replicas' streams: it drains as long as they do
         graceful_shutdown_timeout_s=s.drain_timeout_s + 5,
-    )(Router).bind(settings, shards, p.expert_groups, p.torch_threads)
+    )(Router).bind(s, shards, p.expert_groups, p.torch_threads)
     return serve.deployment(
-        name="Ingress",
+        name=INGRESS,
         ray_actor_options=pin({"num_cpus": 0}, router_node),
         max_ongoing_requests=100_000,
         graceful_shutdown_timeout_s=s.drain_timeout_s,
-    )(Ingress).bind(settings, router)
+    )(Ingress).bind(s, router)

@@ -27,10 +27,7 @@ log = logging.getLogger("ray.serve")
 
 
 class ExpertShard:
-    def __init__(
-        self, settings: dict[str, Any], shard_id: int, expert_ids: list[int], num_threads: int | None
-    ):
-        s = RaymixSettings(**settings)
+    def __init__(self, s: RaymixSettings, shard_id: int, expert_ids: list[int], num_threads: int | None):
         self.num_threads = num_threads
         if num_threads:
             torch.set_num_threads(num_threads)
@@ -55,9 +52,9 @@ class ExpertShard:
         self.connect_timeout = datetime.timedelta(seconds=s.data_plane_timeout_s)
         self.drain_timeout_s = s.drain_timeout_s
 
-    def connect(self, rendezvous: dict[str, Any]) -> None:
+    def connect(self, rendezvous: Rendezvous) -> None:
         """Join the router's pair group (blocks until both ends are up), then serve batches."""
-        server = ShardServer(self.experts, Rendezvous(**rendezvous), self.connect_timeout, self.num_threads)
+        server = ShardServer(self.experts, rendezvous, self.connect_timeout, self.num_threads)
         server.connect()
         server.start()
         self.server = server

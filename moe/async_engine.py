@@ -15,6 +15,7 @@ and the loop goes on serving new requests.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -44,7 +45,12 @@ class Sink:
         self.queue: asyncio.Queue[list[tuple[str, Item]]] = asyncio.Queue()
 
     def put(self, batch: list[tuple[str, Item]]) -> None:  # from the engine thread
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, batch)
+        self.deliver(self.queue.put_nowait, batch)
+
+    def deliver(self, callback: Callable[[Any], None], value: Any) -> None:
+        """Run `callback(value)` on the caller's loop; a loop that is gone takes nothing."""
+        with contextlib.suppress(RuntimeError):  # the loop was closed: its reader left
+            self.loop.call_soon_threadsafe(callback, value)
 
     def take_all(self, first: list[tuple[str, Item]]) -> list[tuple[str, Item]]:
         """`first` plus every batch already waiting, outputs of one request merged into one."""

@@ -41,8 +41,8 @@ class Raymix:
         self.settings: dict[str, Any] | None = None
 
     def deploy(self, **settings: Any) -> str:
-        from cluster import bringup
         from cluster.config import RaymixSettings
+        from launch import bringup
 
         settings = {"port": self.port, **settings}
         if settings != self.settings:

@@ -432,7 +432,8 @@ def test_resizing_expert_shards_under_load_loses_nothing(raymix, reference):
     from ray import serve
 
     from cluster.config import RaymixSettings
-    from cluster.scale import extra_app, scale
+    from cluster.messages import extra_shard_app
+    from launch.scale import scale
 
     url = raymix.deploy(expert_shards=2, **SETTINGS)
     client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=120)
@@ -473,4 +474,4 @@ def test_resizing_expert_shards_under_load_loses_nothing(raymix, reference):
     assert len(done) > n_grown > 0
     assert all(text == reference[q] for q, text in done)
     assert router.stats.remote().result()["expert_shards"] == 2
-    assert not {extra_app(2), extra_app(3)} & set(serve.status().applications)
+    assert not {extra_shard_app(2), extra_shard_app(3)} & set(serve.status().applications)

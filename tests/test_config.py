@@ -7,10 +7,10 @@ import argparse
 import pytest
 from pydantic import ValidationError
 
-from cluster.capacity import MIXTRAL_8X7B, MIXTRAL_8X22B, gpus_needed, plan
-from cluster.cli import add_settings_flags, settings_from
+from cluster.capacity import MIXTRAL_8X7B, MIXTRAL_8X22B, capacity_plan, gpus_needed
 from cluster.config import RaymixSettings
-from cluster.placement import plan as placement
+from cluster.placement import deployment_plan as placement
+from launch.cli import add_settings_flags, settings_from
 from moe.config import MixtralConfig
 
 
@@ -58,16 +58,16 @@ def test_placement_asks_for_gpus_only_when_there_are_some():
 def test_capacity_model_knows_mixtrals_sizes():
     # public figures: Mixtral 8x7B has 46.7B parameters, 8x22B 141B
     for cfg, total in ((MIXTRAL_8X7B, 46.7e9), (MIXTRAL_8X22B, 141e9)):
-        p = plan(cfg, 8)
+        p = capacity_plan(cfg, 8)
         assert sum(p.shard_params) + p.dense_params == pytest.approx(total, rel=0.01)
-    assert plan(MIXTRAL_8X7B, 8).kv_bytes_per_token == 2 * 32 * 8 * 128 * 2
+    assert capacity_plan(MIXTRAL_8X7B, 8).kv_bytes_per_token == 2 * 32 * 8 * 128 * 2
     assert gpus_needed(MIXTRAL_8X22B, 80e9) == 9  # 8 shards of 33.8 GB + the router
 
 
 def test_generation_defaults_come_from_the_checkpoint_then_the_overrides(tmp_path):
     import json
 
-    from deployments.protocol import ChatCompletionRequest
+    from api.protocol import ChatCompletionRequest
     from moe.generation import generation_defaults
 
     (tmp_path / "generation_config.json").write_text(

@@ -91,7 +91,7 @@ def test_router_killed_clear_errors_then_recovers_by_itself(rm):
 
     from ray import serve
 
-    router_pid = serve.get_deployment_handle("Router", app_name="raymix").model_info.remote().result()["pid"]
+    router_pid = serve.get_deployment_handle("Router", app_name="raymix").model_info.remote().result().pid
     body = {
         "messages": [{"role": "user", "content": "long"}],
         "max_tokens": 200,

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from cluster.config import RaymixSettings
-from cluster.k8s import rayservice
+from launch.k8s import rayservice
 
 ROOT = Path(__file__).resolve().parent.parent
 CRD = ROOT.parent / "shared" / "kuberay" / "ray.io_rayservices.yaml"

@@ -47,9 +47,9 @@ def test_shards_spread_over_nodes_and_serve_correctly(cluster):
     import ray
     from ray import serve
 
-    from cluster import bringup
     from cluster.config import RaymixSettings
     from deployments.app import build_app
+    from launch import bringup
 
     port = free_port()
     s = RaymixSettings(

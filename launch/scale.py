@@ -12,35 +12,32 @@ from __future__ import annotations
 
 from typing import Any
 
-from cluster.bringup import APP_NAME
+from ray import serve
+
 from cluster.config import RaymixSettings
-from cluster.placement import cluster_gpus, plan
+from cluster.messages import APP_NAME, EXPERT_SHARD, ROUTER, extra_shard_app
+from cluster.placement import cluster_gpus, deployment_plan
+from deployments.app import shard_deployment
 from moe.config import MixtralConfig
-
-
-def extra_app(k: int) -> str:
-    return f"{APP_NAME}-shard{k}"
 
 
 def scale(settings: RaymixSettings, num_shards: int) -> dict[str, Any]:
     """Resize the running app (this process is connected to its Ray cluster)."""
-    from ray import serve
-
-    from deployments.app import shard_deployment
-
-    router = serve.get_deployment_handle("Router", app_name=APP_NAME)
+    router = serve.get_deployment_handle(ROUTER, app_name=APP_NAME)
     stats = router.stats.remote().result()
     base, current = stats["base_shards"], stats["expert_shards"]
     cfg = MixtralConfig.from_pretrained(settings.model_dir())
-    p = plan(settings.model_copy(update={"expert_shards": max(num_shards, 1)}), cfg, cluster_gpus())
+    p = deployment_plan(
+        settings.model_copy(update={"expert_shards": max(num_shards, 1)}), cfg, cluster_gpus()
+    )
     running = set(serve.status().applications)
     for k in range(base, num_shards):
-        if extra_app(k) not in running:
-            app = shard_deployment(settings, "ExpertShard", p.shard_options).bind(
-                settings.model_dump(), k, [], p.torch_threads
+        if extra_shard_app(k) not in running:
+            app = shard_deployment(settings, EXPERT_SHARD, p.shard_options).bind(
+                settings, k, [], p.torch_threads
             )
-            serve.run(app, name=extra_app(k), route_prefix=None)
-    result = router.resize.remote(num_shards, [extra_app(k) for k in range(base, num_shards)]).result()
+            serve.run(app, name=extra_shard_app(k), route_prefix=None)
+    result = router.resize.remote(num_shards, [extra_shard_app(k) for k in range(base, num_shards)]).result()
     for k in range(max(num_shards, base), current):
-        serve.delete(extra_app(k))
+        serve.delete(extra_shard_app(k))
     return dict(result)

@@ -21,7 +21,7 @@ import string
 from dataclasses import dataclass
 from typing import Any
 
-from deployments.protocol import ChatCompletionRequest, NamedToolChoice
+from api.protocol import ChatCompletionRequest, FunctionCall, NamedToolChoice, ToolCall
 from moe.errors import RequestError
 from moe.guided import json_grammar, tool_call_grammar
 from moe.tokenizer import Tokenizer
@@ -89,7 +89,7 @@ def new_tool_call_id() -> str:
     return "".join(secrets.choice(ID_CHARS) for _ in range(9))
 
 
-def parse_tool_calls(text: str) -> list[dict[str, Any]] | None:
+def parse_tool_calls(text: str) -> list[ToolCall] | None:
     """The text after [TOOL_CALLS] → OpenAI tool_calls, or None when it is not a list of calls."""
     try:
         calls = json.loads(text)
@@ -104,14 +104,8 @@ def parse_tool_calls(text: str) -> list[dict[str, Any]] | None:
         if not isinstance(c, dict) or not isinstance(c.get("name"), str):
             return None
         args = c.get("arguments", {})
+        arguments = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
         out.append(
-            {
-                "id": new_tool_call_id(),
-                "type": "function",
-                "function": {
-                    "name": c["name"],
-                    "arguments": args if isinstance(args, str) else json.dumps(args, ensure_ascii=False),
-                },
-            }
+            ToolCall(id=new_tool_call_id(), function=FunctionCall(name=c["name"], arguments=arguments))
         )
     return out

@@ -1,30 +1,65 @@
-"""The OpenAI API's request bodies (pydantic) and the error shape, as raymix accepts them.
+"""The OpenAI API's request and response bodies (pydantic), as raymix accepts and answers them.
 
-Field names, defaults and ranges are OpenAI's, plus the sampling extras vLLM accepts
-(top_k, min_p, repetition_penalty, min_tokens, ignore_eos, stop_token_ids, ...). Validation
-errors become OpenAI-shaped 400s naming the parameter.
+Request field names, defaults and ranges are OpenAI's, plus the sampling extras vLLM accepts
+(top_k, min_p, repetition_penalty, min_tokens, ignore_eos, stop_token_ids, ...); validation
+errors become OpenAI-shaped 400s naming the parameter. The response models are what the
+endpoints send (`body()`), so the OpenAPI document describes both directions as they are.
+Fields OpenAI leaves out when they do not apply (a delta's role, usage without prices) are
+left out here too (`OMIT`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from moe.errors import RequestError
 from moe.sampling import SamplingParams
+
+
+def OMIT(default: Any = None) -> Any:
+    """A response field left out of the body while it is None."""
+    return Field(default=default, exclude_if=lambda v: v is None)
+
+
+class OpenAIBody(BaseModel):
+    def body(self) -> dict[str, Any]:
+        return self.model_dump()
+
+
+# ---- errors ----
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | int | None = None
+
+
+class ErrorResponse(OpenAIBody):
+    error: ErrorInfo
 
 
 def error_body(
     message: str, type_: str, param: str | None = None, code: str | int | None = None
 ) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return ErrorResponse(error=ErrorInfo(message=message, type=type_, param=param, code=code)).body()
 
 
-def validation_param(e: ValidationError) -> tuple[str, str]:
-    """The first error of a pydantic ValidationError → (parameter path, message)."""
-    err = e.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-after"))
+def validation_param(errors: Sequence[Any]) -> tuple[str, str]:
+    """The first of pydantic's (or FastAPI's body) validation errors → (parameter path, message)."""
+    err = errors[0]
+    parts = list(err["loc"])
+    if parts and parts[0] == "body":  # FastAPI's prefix for the request body
+        parts = parts[1:]
+    loc = ".".join(str(p) for p in parts if not str(p).startswith("function-after"))
     return loc or "body", f"{loc}: {err['msg']}" if loc else err["msg"]
+
+
+# ---- requests ----
 
 
 class StreamOptions(BaseModel):
@@ -117,8 +152,6 @@ class SamplingFields(BaseModel):
             try:
                 bias[int(k)] = v
             except ValueError:
-                from moe.errors import RequestError
-
                 raise RequestError(
                     f"logit_bias keys must be token ids, got {k!r}", param="logit_bias"
                 ) from None
@@ -245,3 +278,168 @@ class TokenizeRequest(BaseModel):
 class DetokenizeRequest(BaseModel):
     model: str | None = None
     tokens: list[int]
+
+
+# ---- responses ----
+
+
+class UsageInfo(OpenAIBody):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    estimated_cost: float | None = OMIT()  # DeepInfra's, when prices are configured
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatLogprob]
+
+
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessageOut(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+    tool_calls: list[ToolCall] | None = OMIT()
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatMessageOut
+    logprobs: ChatLogprobs | None
+    finish_reason: str | None
+
+
+class ChatCompletionResponse(OpenAIBody):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageInfo
+
+
+class FunctionDelta(BaseModel):
+    name: str | None = OMIT()
+    arguments: str
+
+
+class ToolCallDelta(BaseModel):
+    """A streamed tool call: first its id, type and name (arguments ""), then its arguments."""
+
+    index: int
+    id: str | None = OMIT()
+    type: Literal["function"] | None = OMIT()
+    function: FunctionDelta
+
+
+class DeltaMessage(BaseModel):
+    role: Literal["assistant"] | None = OMIT()
+    content: str | None = OMIT()
+    tool_calls: list[ToolCallDelta] | None = OMIT()
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: DeltaMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class StreamChunk(OpenAIBody):
+    """With stream_options.include_usage every chunk has "usage": null until the last, which
+    carries it (and no choices); without, chunks have no "usage" at all."""
+
+    id: str
+    object: str
+    created: int
+    model: str
+    choices: list[Any]
+    usage: UsageInfo | None = None
+
+    def body(self) -> dict[str, Any]:
+        return self.model_dump(exclude={"usage"} if "usage" not in self.model_fields_set else None)
+
+
+class ChatCompletionChunk(StreamChunk):
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    choices: list[ChatChunkChoice]
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None
+    finish_reason: str | None
+
+
+class CompletionResponse(OpenAIBody):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo
+
+
+class CompletionChunk(StreamChunk):
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChoice]
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "raymix"
+    root: str
+    max_model_len: int | None
+
+
+class ModelList(OpenAIBody):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class TokenizeResponse(OpenAIBody):
+    tokens: list[int]
+    count: int
+    max_model_len: int
+
+
+class DetokenizeResponse(OpenAIBody):
+    prompt: str
+
+
+class PredictResponse(OpenAIBody):
+    """Baseten's answer: the conversation as the model saw it, then the answer."""
+
+    output: str
+
+
+class VersionResponse(OpenAIBody):
+    version: str

@@ -1,14 +1,18 @@
-"""Prometheus metrics of the serving path, named as vLLM names them under a `raymix:` prefix.
+"""The serving metrics: one table of specs, read by both exporters.
 
-Counters and histograms are observed by the ingress per request and per output; the engine's
-gauges (running, waiting, KV-cache usage), prefix-cache counters and the expert-parallel metrics (tokens per expert per
-layer, per-shard dispatch latency, shard balancedness) are read from the router at scrape time. One registry per ingress
-process, so several replicas or test apps never collide.
+Names are vLLM's under a `raymix:` prefix on the ingress's `/metrics` (Prometheus text, one
+registry per ingress replica, so replicas and test apps never collide), and `raymix_` through
+Ray's metrics agent (deployments.ray_metrics; Ray prefixes `ray_` and takes no `:`), which is
+what a cluster-wide Prometheus scrapes. The ingress observes the per-request series; the
+engine's gauges, the prefix-cache counters and the expert-parallel series (tokens per expert
+per layer, per-shard dispatch latency, shard balancedness) are read from the router at scrape
+time.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -26,79 +30,87 @@ disable_created_metrics()  # no *_created series: they only add noise to dashboa
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 60.0)
 
 
-class ServingMetrics:
-    def __init__(self, ray_export: bool = False) -> None:
-        """ray_export: also report through Ray's metrics agent (deployments/ray_metrics.py)."""
-        self.ray: Any = None
-        if ray_export:
-            from deployments.ray_metrics import RequestMetrics
+@dataclass(frozen=True)
+class MetricSpec:
+    name: str  # `raymix:<name>` on /metrics, `raymix_<name>` through Ray
+    kind: Literal["counter", "histogram", "gauge"]
+    doc: str
+    labels: tuple[str, ...] = ()
 
-            self.ray = RequestMetrics()
+
+# observed by the ingress, per request and per output
+REQUEST_METRICS = (
+    MetricSpec("prompt_tokens", "counter", "Prompt tokens processed"),
+    MetricSpec("generation_tokens", "counter", "Tokens generated"),
+    MetricSpec("request_success", "counter", "Finished requests by finish reason", ("finished_reason",)),
+    MetricSpec("request_errors", "counter", "Requests answered with an error, by HTTP status", ("status",)),
+    MetricSpec("time_to_first_token_seconds", "histogram", "Time to first token"),
+    MetricSpec("e2e_request_latency_seconds", "histogram", "End-to-end request latency"),
+    MetricSpec("inter_token_latency_seconds", "histogram", "Time between output tokens"),
+    MetricSpec("request_queue_time_seconds", "histogram", "Time from arrival to first scheduled"),
+)
+# the engine's state, keys of the router's stats
+ENGINE_GAUGES = (
+    MetricSpec("num_requests_running", "gauge", "Sequences in the running batch"),
+    MetricSpec("num_requests_waiting", "gauge", "Sequences waiting to be scheduled"),
+    MetricSpec("kv_cache_usage_perc", "gauge", "Fraction of KV-cache blocks in use (0-1)"),
+)
+SHARD_RECOVERIES = MetricSpec("shard_recoveries", "counter", "Expert shards replaced after a failure")
+
+
+class MetricsMirror(Protocol):
+    """A second exporter of the same series (Ray's metrics agent)."""
+
+    def inc(self, name: str, value: float, labels: dict[str, str] | None = None) -> None: ...
+
+    def observe(self, name: str, value: float) -> None: ...
+
+
+class ServingMetrics:
+    def __init__(self, mirror: MetricsMirror | None = None) -> None:
+        self.mirror = mirror
         self.registry = r = CollectorRegistry()
-        self.prompt_tokens = Counter("raymix:prompt_tokens", "Prompt tokens processed", registry=r)
-        self.generation_tokens = Counter("raymix:generation_tokens", "Tokens generated", registry=r)
-        self.request_success = Counter(
-            "raymix:request_success", "Finished requests by finish reason", ["finished_reason"], registry=r
-        )
-        self.ttft = Histogram(
-            "raymix:time_to_first_token_seconds", "Time to first token", buckets=LATENCY_BUCKETS, registry=r
-        )
-        self.e2e = Histogram(
-            "raymix:e2e_request_latency_seconds",
-            "End-to-end request latency",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.running = Gauge("raymix:num_requests_running", "Sequences in the running batch", registry=r)
-        self.waiting = Gauge("raymix:num_requests_waiting", "Sequences waiting to be scheduled", registry=r)
-        self.kv_usage = Gauge(
-            "raymix:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1)", registry=r
-        )
-        self.itl = Histogram(
-            "raymix:inter_token_latency_seconds",
-            "Time between output tokens",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.queue_time = Histogram(
-            "raymix:request_queue_time_seconds",
-            "Time from arrival to first scheduled",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.errors = Counter(
-            "raymix:request_errors", "Requests answered with an error, by HTTP status", ["status"], registry=r
-        )
-        self.recoveries = Counter(
-            "raymix:shard_recoveries", "Expert shards replaced after a failure", registry=r
-        )
+        self.series: dict[str, Any] = {}
+        for spec in (*REQUEST_METRICS, *ENGINE_GAUGES, SHARD_RECOVERIES):
+            name = f"raymix:{spec.name}"
+            if spec.kind == "counter":
+                self.series[spec.name] = Counter(name, spec.doc, spec.labels, registry=r)
+            elif spec.kind == "gauge":
+                self.series[spec.name] = Gauge(name, spec.doc, spec.labels, registry=r)
+            else:
+                self.series[spec.name] = Histogram(name, spec.doc, buckets=LATENCY_BUCKETS, registry=r)
         self._recoveries_seen = 0
         self.load: dict[str, Any] = {}
         self.engine_stats: dict[str, Any] = {}
         r.register(ExpertLoadCollector(self))
         r.register(PrefixCacheCollector(self))
 
+    def _inc(self, name: str, value: float = 1.0, **labels: str) -> None:
+        series = self.series[name]
+        (series.labels(**labels) if labels else series).inc(value)
+        if self.mirror is not None and value:
+            self.mirror.inc(name, value, labels or None)
+
+    def _observe(self, name: str, value: float) -> None:
+        self.series[name].observe(value)
+        if self.mirror is not None:
+            self.mirror.observe(name, value)
+
     def observe_first_token(self, seconds: float) -> None:
-        self.ttft.observe(seconds)
-        if self.ray:
-            self.ray.ttft.observe(seconds)
+        self._observe("time_to_first_token_seconds", seconds)
 
     def count_error(self, status: int) -> None:
-        self.errors.labels(status=str(status)).inc()
-        if self.ray:
-            self.ray.errors.inc(1, tags={"status": str(status)})
+        self._inc("request_errors", status=str(status))
 
     def observe_request(
-        self, prompt_tokens: int, generation_tokens: int, seconds: float, reasons: list
+        self, prompt_tokens: int, generation_tokens: int, seconds: float, reasons: list[str | None]
     ) -> None:
-        self.prompt_tokens.inc(prompt_tokens)
-        self.generation_tokens.inc(generation_tokens)
-        self.e2e.observe(seconds)
+        self._inc("prompt_tokens", prompt_tokens)
+        self._inc("generation_tokens", generation_tokens)
+        self._observe("e2e_request_latency_seconds", seconds)
         for reason in reasons:
             if reason is not None:
-                self.request_success.labels(finished_reason=reason).inc()
-        if self.ray:
-            self.ray.request(prompt_tokens, generation_tokens, seconds, reasons)
+                self._inc("request_success", finished_reason=reason)
 
     def observe_output(self, gap_seconds: float | None, new_tokens: int, queue_time: float | None) -> None:
         """One output of a request: `gap_seconds` since its previous output (None for the first),
@@ -109,23 +121,18 @@ class ServingMetrics:
         else:
             gaps = [gap_seconds / new_tokens] * new_tokens
         for gap in gaps:
-            self.itl.observe(gap)
-            if self.ray:
-                self.ray.itl.observe(gap)
+            self._observe("inter_token_latency_seconds", gap)
         if queue_time is not None:
-            self.queue_time.observe(queue_time)
-            if self.ray:
-                self.ray.queue_time.observe(queue_time)
+            self._observe("request_queue_time_seconds", queue_time)
 
     def render(self, engine_stats: dict[str, Any], load: dict[str, Any] | None = None) -> tuple[bytes, str]:
         self.load = load or {}
         self.engine_stats = engine_stats
-        self.running.set(engine_stats.get("num_requests_running", 0))
-        self.waiting.set(engine_stats.get("num_requests_waiting", 0))
-        self.kv_usage.set(engine_stats.get("kv_cache_usage_perc", 0.0))
+        for spec in ENGINE_GAUGES:
+            self.series[spec.name].set(engine_stats.get(spec.name, 0))
         recoveries = engine_stats.get("shard_recoveries", 0)
         if recoveries > self._recoveries_seen:  # the router's count is cumulative; a new router starts at 0
-            self.recoveries.inc(recoveries - self._recoveries_seen)
+            self.series[SHARD_RECOVERIES.name].inc(recoveries - self._recoveries_seen)
         self._recoveries_seen = recoveries
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 

@@ -15,9 +15,10 @@ import urllib.error
 import urllib.request
 
 from cluster.config import RaymixSettings
+from cluster.messages import APP_NAME
+from deployments.app import build_app
 
 log = logging.getLogger(__name__)
-APP_NAME = "raymix"
 
 
 def init_ray(s: RaymixSettings, **ray_kwargs) -> None:
@@ -51,19 +52,23 @@ def wait_healthy(url: str, timeout: float) -> None:
     raise TimeoutError(f"{url}/health did not become ready in {timeout:.0f}s ({last})")
 
 
-def start(s: RaymixSettings, timeout: float = 600.0, **ray_kwargs) -> str:
-    """Deploy raymix; → the API's base URL once it serves."""
+def deploy(s: RaymixSettings, timeout: float = 600.0) -> str:
+    """(Re)deploy raymix on the Ray this process is connected to; → the API's base URL once it
+    serves."""
     from ray import serve
 
-    from deployments.app import build_app
-
     s.model_dir()  # generate the embedded default once, here, before replicas race for it
-    init_ray(s, **ray_kwargs)
     serve.start(http_options={"host": s.host, "port": s.port})
     serve.run(build_app(s), name=APP_NAME, route_prefix="/", blocking=False)
     url = base_url(s)
     wait_healthy(url, timeout)
     return url
+
+
+def start(s: RaymixSettings, timeout: float = 600.0, **ray_kwargs) -> str:
+    """Start (or join) Ray and deploy raymix; → the API's base URL once it serves."""
+    init_ray(s, **ray_kwargs)
+    return deploy(s, timeout)
 
 
 def curl_example(s: RaymixSettings, url: str) -> str:

@@ -47,7 +47,7 @@ def settings_from(ns: argparse.Namespace) -> RaymixSettings:
 
 
 def cmd_serve(ns: argparse.Namespace) -> int:
-    from cluster import bringup
+    from launch import bringup
 
     s = settings_from(ns)
     print(
@@ -112,7 +112,7 @@ def cmd_generate(ns: argparse.Namespace) -> int:
 
 
 def cmd_plan(ns: argparse.Namespace) -> int:
-    from cluster.capacity import MIXTRAL_8X7B, MIXTRAL_8X22B, decode_step_seconds, gpus_needed, plan
+    from cluster.capacity import MIXTRAL_8X7B, MIXTRAL_8X22B, capacity_plan, decode_step_seconds, gpus_needed
     from moe.config import MixtralConfig
     from moe.tiny import default_model_dir
 
@@ -123,7 +123,7 @@ def cmd_plan(ns: argparse.Namespace) -> int:
         else MixtralConfig.from_pretrained(ns.model or default_model_dir())
     )
     n = ns.expert_shards
-    p = plan(cfg, n, ns.dtype_bytes)
+    p = capacity_plan(cfg, n, ns.dtype_bytes)
     gb = 1e9
     print(
         f"{cfg.num_hidden_layers} layers x {cfg.num_local_experts} experts, hidden {cfg.hidden_size}; {n} expert shards"
@@ -152,7 +152,7 @@ def cmd_plan(ns: argparse.Namespace) -> int:
 
 
 def cmd_k8s(ns: argparse.Namespace) -> int:
-    from cluster.k8s import render
+    from launch.k8s import render
 
     s = settings_from(ns)
     print(render(s, name=ns.name, image=ns.image, gpus_per_worker=ns.gpus_per_worker), end="")
@@ -164,7 +164,7 @@ def cmd_scale(ns: argparse.Namespace) -> int:
     `--expert-shards` the new count), without dropping requests."""
     import ray
 
-    from cluster.scale import scale
+    from launch.scale import scale
 
     s = settings_from(ns)
     ray.init(address=s.address or "auto", log_to_driver=False)

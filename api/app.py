@@ -1,0 +1,257 @@
+"""`build_api`: the OpenAI-compatible HTTP API as a FastAPI app, from one ServingContext.
+
+Routes are thin: each endpoint family has its serving module (chat, completions, Baseten's
+predict). In front of them `RequestGuard` checks the API key, the body's size and that it is a
+JSON object, before any route runs, so every client error is OpenAI-shaped; the exception
+handlers map the errors of the layers below to statuses. Nothing here knows about Ray: the
+ingress deployment hosts this app with a router client, a test with an in-process engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api.context import ServingContext
+from api.errors import APIError, EngineUnavailable
+from api.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    PredictRequest,
+    PredictResponse,
+    TokenizeRequest,
+    TokenizeResponse,
+    VersionResponse,
+    error_body,
+    validation_param,
+)
+from api.serving_chat import ServingChat
+from api.serving_completion import ServingCompletion
+from api.serving_predict import ServingPredict
+from moe.errors import RequestError
+
+log = logging.getLogger("ray.serve")
+VERSION = "0.1.0"
+JSON_BODY_PATHS = {
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/tokenize",
+    "/detokenize",
+    "/predict",
+    "/production/predict",
+}
+PROTECTED = {("POST", p) for p in JSON_BODY_PATHS} | {("GET", "/v1/models")}  # need a key when keys are set
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 408, 413, 429, 503)
+}
+
+
+class RequestGuard:
+    """ASGI middleware: the API key (Bearer or Baseten's Api-Key), then the body: at most
+    `max_body` bytes (with or without a truthful Content-Length) and a JSON object. The body is
+    then replayed to the route as JSON, whatever Content-Type the client sent (curl -d sends a
+    form type)."""
+
+    def __init__(self, app: ASGIApp, keys: list[str], max_body: int, on_error: Callable[[int], None]) -> None:
+        self.app = app
+        self.keys = [k.encode() for k in keys]
+        self.max_body = max_body
+        self.on_error = on_error
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        route = (scope["method"], scope["path"])
+        try:
+            if self.keys and route in PROTECTED:
+                self._check_key(scope)
+            if route[0] == "POST" and route[1] in JSON_BODY_PATHS:
+                body = await self._read_json(scope, receive)
+                scope, receive = self._replay(scope, body, receive)
+        except APIError as e:
+            self.on_error(e.status)
+            return await JSONResponse(e.body, e.status, e.headers)(scope, receive, send)
+        await self.app(scope, receive, send)
+
+    def _check_key(self, scope: Scope) -> None:
+        header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        scheme, _, token_text = header.partition(" ")
+        token = token_text.strip().encode() if scheme.lower() in ("bearer", "api-key") else b""
+        if not any(hmac.compare_digest(token, k) for k in self.keys):
+            raise APIError(
+                401, "Incorrect API key provided.", "invalid_request_error", None, "invalid_api_key"
+            )
+
+    async def _read_json(self, scope: Scope, receive: Receive) -> bytes:
+        too_large = APIError(
+            413,
+            f"Request body is larger than {self.max_body} bytes.",
+            "invalid_request_error",
+            None,
+            "request_too_large",
+        )
+        if int(dict(scope["headers"]).get(b"content-length", b"0") or 0) > self.max_body:
+            raise too_large
+        raw = bytearray()
+        while True:
+            message = await receive()
+            raw += message.get("body", b"")
+            if len(raw) > self.max_body:
+                raise too_large
+            if not message.get("more_body", False):
+                break
+        try:
+            data = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise APIError(
+                400, f"Invalid JSON body: {e}", "invalid_request_error", None, "invalid_json"
+            ) from None
+        if not isinstance(data, dict):
+            raise APIError(
+                400, "The request body must be a JSON object.", "invalid_request_error", None, "invalid_json"
+            )
+        return bytes(raw)
+
+    @staticmethod
+    def _replay(scope: Scope, body: bytes, receive_more: Receive) -> tuple[Scope, Receive]:
+        """The body once, then the client's own messages (a disconnect, which ends a stream)."""
+        headers = [(k, v) for k, v in scope["headers"] if k not in (b"content-type", b"content-length")]
+        headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        sent = False
+
+        async def receive() -> Message:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive_more()
+
+        return {**scope, "headers": headers}, receive
+
+
+def build_api(ctx: ServingContext) -> FastAPI:
+    s = ctx.settings
+    app = FastAPI(
+        title="raymix",
+        description="OpenAI-compatible API for expert-parallel Mixtral serving",
+        version=VERSION,
+    )
+    app.add_middleware(
+        RequestGuard, keys=s.api_key, max_body=s.max_request_body_bytes, on_error=ctx.metrics.count_error
+    )
+    if s.cors_allow_origins:  # off unless configured; outermost, so preflights need no key
+        app.add_middleware(
+            CORSMiddleware, allow_origins=s.cors_allow_origins, allow_methods=["*"], allow_headers=["*"]
+        )
+    _add_error_handlers(app, ctx)
+    chat, completion, predict = ServingChat(ctx), ServingCompletion(ctx), ServingPredict(ctx)
+
+    @app.get("/health")
+    async def health() -> Response:
+        """200 only when the engine has its model loaded and its shards connected."""
+        try:
+            stats = await asyncio.wait_for(ctx.engine.stats(), timeout=5)
+        except Exception:  # the engine host is down, restarting or stuck
+            return Response(status_code=503)
+        return Response(status_code=200 if stats["ready"] else 503)
+
+    @app.get("/version", response_model=VersionResponse)
+    async def version() -> dict[str, Any]:
+        return VersionResponse(version=VERSION).body()
+
+    @app.get("/v1/models", response_model=ModelList, responses=ERRORS)
+    async def models() -> dict[str, Any]:
+        created = int(time.time())
+        cards = [
+            ModelCard(id=n, created=created, root=ctx.names[0], max_model_len=ctx.max_model_len)
+            for n in ctx.names
+        ]
+        return ModelList(data=cards).body()
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        stats, load = await asyncio.gather(ctx.engine.stats(), ctx.engine.expert_load())
+        body, content_type = ctx.metrics.render(stats, load)
+        return Response(body, media_type=content_type)
+
+    @app.post("/tokenize", response_model=TokenizeResponse, responses=ERRORS)
+    async def tokenize(req: TokenizeRequest) -> dict[str, Any]:
+        ctx.model_name(req.model)
+        if req.messages is not None:
+            tokens = ctx.tokenizer.apply_chat_template([m.to_template() for m in req.messages])
+        elif req.prompt is not None:
+            tokens = ctx.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        else:
+            raise APIError.bad_request("Either prompt or messages is required.", "prompt")
+        return TokenizeResponse(
+            tokens=tokens, count=len(tokens), max_model_len=await ctx.context_len()
+        ).body()
+
+    @app.post("/detokenize", response_model=DetokenizeResponse, responses=ERRORS)
+    async def detokenize(req: DetokenizeRequest) -> dict[str, Any]:
+        ctx.model_name(req.model)
+        vocab = ctx.tokenizer.vocab_size
+        if any(not 0 <= t < vocab for t in req.tokens):
+            raise APIError.bad_request(f"token ids must be in [0, {vocab})", "tokens")
+        return DetokenizeResponse(prompt=ctx.tokenizer.decode(req.tokens)).body()
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERRORS)
+    async def chat_completions(req: ChatCompletionRequest) -> Response:
+        return await chat.create(req)
+
+    @app.post("/v1/completions", response_model=CompletionResponse, responses=ERRORS)
+    async def completions(req: CompletionRequest) -> Response:
+        return await completion.create(req)
+
+    @app.post("/predict", response_model=PredictResponse, responses=ERRORS)
+    @app.post("/production/predict", response_model=PredictResponse, responses=ERRORS)
+    async def predict_route(req: PredictRequest) -> Response:
+        return await predict.create(req)
+
+    return app
+
+
+def _add_error_handlers(app: FastAPI, ctx: ServingContext) -> None:
+    def answer(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> JSONResponse:
+        ctx.metrics.count_error(status)
+        return JSONResponse(body, status_code=status, headers=headers)
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, e: APIError) -> JSONResponse:
+        return answer(e.status, e.body, e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+        param, msg = validation_param(e.errors())
+        return answer(400, error_body(msg, "invalid_request_error", param))
+
+    @app.exception_handler(RequestError)
+    async def _request_error(_: Request, e: RequestError) -> JSONResponse:
+        return answer(400, APIError.from_request_error(e).body)
+
+    @app.exception_handler(EngineUnavailable)
+    async def _unavailable(_: Request, e: EngineUnavailable) -> JSONResponse:
+        return answer(503, error_body(f"The model is unavailable: {e}", "service_unavailable"))
+
+    @app.exception_handler(Exception)
+    async def _server_error(_: Request, e: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return answer(500, error_body("internal server error", "server_error"))

@@ -1,0 +1,77 @@
+"""ServingContext: what every endpoint family shares (settings, tokenizer, engine, metrics).
+
+One per app, built by whoever hosts the API (the ingress deployment, or a test with an
+in-process engine) and handed to `api.app.build_api`; no module-level state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+from api.engine_client import EngineClient
+from api.errors import APIError, EngineUnavailable
+from api.metrics import ServingMetrics
+from api.protocol import UsageInfo
+from cluster.config import RaymixSettings
+from moe.tokenizer import Tokenizer
+
+
+@dataclass
+class ServingContext:
+    settings: RaymixSettings
+    engine: EngineClient
+    tokenizer: Tokenizer
+    defaults: dict[str, Any]  # generation defaults (moe.generation): the checkpoint's, overridden
+    metrics: ServingMetrics
+    names: list[str] = field(default_factory=list)  # served model names, the main one first
+    max_model_len: int | None = None  # learned from the engine on first use
+
+    def __post_init__(self) -> None:
+        self.names = self.names or self.settings.model_names()
+
+    def model_name(self, requested: str | None) -> str:
+        """The served name a request asks for (none: the main one), or 404."""
+        if requested is None or requested in self.names:
+            return requested or self.names[0]
+        raise APIError(
+            404,
+            f"The model `{requested}` does not exist.",
+            "invalid_request_error",
+            "model",
+            "model_not_found",
+        )
+
+    async def context_len(self) -> int:
+        if self.max_model_len is None:
+            try:
+                info = await asyncio.wait_for(self.engine.model_info(), timeout=30)
+            except Exception as e:
+                raise EngineUnavailable(str(e) or type(e).__name__) from None
+            if not info.ready or info.max_model_len is None:
+                raise APIError.unavailable("The model is still loading.")
+            self.max_model_len = info.max_model_len
+        return self.max_model_len
+
+    async def max_tokens(self, requested: int | None, prompt_len: int) -> int:
+        """The request's max tokens, else the checkpoint's max_new_tokens, else up to the context."""
+        if requested is not None:
+            return requested
+        room = max(1, await self.context_len() - prompt_len)
+        return min(room, int(self.defaults.get("max_new_tokens", room)))
+
+    def usage(self, prompt_tokens: int, completion_tokens: int) -> UsageInfo:
+        """OpenAI's usage, plus DeepInfra's estimated_cost when prices are configured."""
+        s = self.settings
+        cost = None
+        if s.input_price_per_million is not None or s.output_price_per_million is not None:
+            cost = prompt_tokens * (s.input_price_per_million or 0.0)
+            cost += completion_tokens * (s.output_price_per_million or 0.0)
+            cost /= 1e6
+        return UsageInfo(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+            estimated_cost=cost,
+        )

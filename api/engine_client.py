@@ -1,0 +1,123 @@
+"""EngineClient: what the API needs of whoever runs the engine, and `Outputs`, one request's stream.
+
+The API submits the choices of one HTTP request together and reads their outputs back from one
+`Outputs` (one queue, whatever the number of choices). Two hosts implement the protocol: the
+router deployment over Ray (deployments.router_client.RouterClient) and, with no Ray at all,
+`LocalEngineClient` around an in-process `AsyncEngine` (tests, scripts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Protocol
+
+from api.errors import EngineUnavailable
+from cluster.messages import GenerateRequest, ModelInfo, Output, Refusal
+from moe.async_engine import AsyncEngine, Item, Sink
+from moe.sequence import RequestOutput
+
+
+class Outputs:
+    """The outputs of a group of engine requests (one HTTP request's choices), as they come.
+
+    The host feeds it (`put`, `fail`) on the event loop; the API reads it (`async for`) until
+    every request has finished or been refused. `close()` aborts whatever has not finished, so
+    a reader that leaves early (a client gone, a timeout) frees the engine's KV blocks."""
+
+    def __init__(self, request_ids: list[str], abort: Callable[[list[str]], None]):
+        self.unfinished = set(request_ids)
+        self._abort = abort
+        self._queue: asyncio.Queue[list[Output] | BaseException] = asyncio.Queue()
+        self._ready: deque[Output] = deque()
+
+    def put(self, items: list[Output]) -> None:
+        self._queue.put_nowait(items)
+
+    def fail(self, error: BaseException) -> None:
+        self._queue.put_nowait(error)
+
+    async def next(self) -> Output:
+        while not self._ready:
+            batch = await self._queue.get()
+            if isinstance(batch, BaseException):
+                self.unfinished.clear()  # the host is gone, and so are its requests
+                raise batch
+            self._ready.extend(batch)
+        item = self._ready.popleft()
+        if isinstance(item, Refusal) or item.finished:
+            self.unfinished.discard(item.request_id)
+        return item
+
+    async def __aiter__(self) -> AsyncIterator[Output]:
+        while self.unfinished or self._ready:
+            yield await self.next()
+
+    def close(self) -> None:
+        if self.unfinished:
+            self._abort(sorted(self.unfinished))
+            self.unfinished.clear()
+
+
+class EngineClient(Protocol):
+    def submit(self, requests: list[GenerateRequest]) -> Outputs:
+        """Start the requests; their outputs (or refusals) arrive on the returned `Outputs`."""
+        ...
+
+    async def model_info(self) -> ModelInfo: ...
+
+    async def stats(self) -> dict[str, Any]:
+        """The engine's gauges and counters (num_requests_running, kv_cache_usage_perc, ...)."""
+        ...
+
+    async def expert_load(self) -> dict[str, Any]:
+        """Tokens per expert per layer and per-shard dispatch latency (empty in-process)."""
+        ...
+
+
+class _OutputsSink(Sink):
+    """An AsyncEngine sink that feeds one `Outputs`, refusals typed as the router types them."""
+
+    def __init__(self, outputs: Outputs) -> None:
+        super().__init__()
+        self.outputs = outputs
+
+    def put(self, batch: list[tuple[str, Item]]) -> None:  # from the engine thread
+        items: list[Output] = [
+            item if isinstance(item, RequestOutput) else Refusal.from_exception(rid, item)
+            for rid, item in batch
+        ]
+        self.deliver(self.outputs.put, items)
+
+
+class LocalEngineClient:
+    """The engine in this process (its own thread), no Ray: for tests and scripts."""
+
+    def __init__(self, engine: AsyncEngine):
+        self.engine = engine
+
+    def submit(self, requests: list[GenerateRequest]) -> Outputs:
+        if not self.engine.alive:
+            raise EngineUnavailable(f"the engine is not running ({self.engine.error})")
+        outputs = Outputs([r.request_id for r in requests], self._abort)
+        sink = _OutputsSink(outputs)
+        for r in requests:
+            self.engine.add(r.request_id, r.prompt_token_ids, r.params, sink)
+        return outputs
+
+    def _abort(self, request_ids: list[str]) -> None:
+        for rid in request_ids:
+            self.engine.abort(rid)
+
+    async def model_info(self) -> ModelInfo:
+        await asyncio.to_thread(self.engine.ready.wait)
+        eng = self.engine.engine
+        return ModelInfo(eng is not None, eng.max_model_len if eng else None, os.getpid())
+
+    async def stats(self) -> dict[str, Any]:
+        return {**self.engine.stats, "ready": self.engine.ready.is_set() and self.engine.error is None}
+
+    async def expert_load(self) -> dict[str, Any]:
+        return {}

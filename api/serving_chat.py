@@ -1,0 +1,147 @@
+"""POST /v1/chat/completions: the chat template, tools and structured output, JSON or SSE.
+
+A choice whose output starts with the tokenizer's [TOOL_CALLS] token (when the request has
+tools) is read back as OpenAI `tool_calls`; streamed, it is held back until complete and sent
+as tool-call deltas (per call: id, type and name, then the arguments).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi.responses import JSONResponse, Response
+
+from api.context import ServingContext
+from api.protocol import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprob,
+    ChatLogprobs,
+    ChatMessageOut,
+    DeltaMessage,
+    FunctionDelta,
+    ToolCallDelta,
+    TopLogprob,
+)
+from api.streaming import ChoiceStream, sse_response, start_choices
+from api.tool_calls import ChatPlan, parse_tool_calls, plan_chat
+from moe.sampling import Logprobs
+
+
+class ServingChat:
+    def __init__(self, ctx: ServingContext):
+        self.ctx = ctx
+
+    async def create(self, req: ChatCompletionRequest) -> Response:
+        ctx = self.ctx
+        model = ctx.model_name(req.model)
+        plan = await asyncio.to_thread(plan_chat, req, ctx.tokenizer)  # a schema compiles off the loop
+        prompt = ctx.tokenizer.apply_chat_template(plan.messages, plan.tools)
+        max_tokens = await ctx.max_tokens(req.requested_max_tokens(), len(prompt))
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        choices = await start_choices(
+            ctx, rid, [prompt] * req.n, len(prompt), req, max_tokens, req.logprobs_k(), plan, req.stream
+        )
+        created = int(time.time())
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return sse_response(self._stream(choices, rid, model, created, include_usage, plan))
+        results = await choices.collect()
+        out = []
+        for i, r in enumerate(results):
+            calls = None
+            if plan.tool_calls_token is not None and r.token_ids[:1] == [plan.tool_calls_token]:
+                calls = parse_tool_calls(r.text)
+            message = (
+                ChatMessageOut(content=None, tool_calls=calls) if calls else ChatMessageOut(content=r.text)
+            )
+            out.append(
+                ChatChoice(
+                    index=i,
+                    message=message,
+                    logprobs=self._logprobs(r.logprobs) if req.logprobs else None,
+                    finish_reason="tool_calls" if calls and r.finish_reason == "stop" else r.finish_reason,
+                )
+            )
+        usage = ctx.usage(len(prompt), choices.completion_tokens)
+        body = ChatCompletionResponse(id=rid, created=created, model=model, choices=out, usage=usage)
+        return JSONResponse(body.body())
+
+    async def _stream(
+        self, choices: ChoiceStream, rid: str, model: str, created: int, include_usage: bool, plan: ChatPlan
+    ) -> AsyncIterator[str]:
+        """Role chunk, content deltas, finish chunk per choice; usage; [DONE]."""
+        extra: dict[str, Any] = {"usage": None} if include_usage else {}
+
+        def delta(i: int, d: DeltaMessage, lp: ChatLogprobs | None = None, finish: str | None = None) -> str:
+            chunk = ChatCompletionChunk(
+                id=rid,
+                created=created,
+                model=model,
+                choices=[ChatChunkChoice(index=i, delta=d, logprobs=lp, finish_reason=finish)],
+                **extra,
+            )
+            return json.dumps(chunk.body())
+
+        calling: list[bool | None] = [None] * choices.n  # per choice: a tool call? (None: not known yet)
+        held = [""] * choices.n
+        for i in range(choices.n):
+            yield delta(i, DeltaMessage(role="assistant", content=""))
+        async for i, out in choices:
+            if calling[i] is None and out.new_token_ids:
+                calling[i] = (
+                    plan.tool_calls_token is not None and out.new_token_ids[0] == plan.tool_calls_token
+                )
+            lp = self._logprobs(out.new_logprobs) if out.new_logprobs else None
+            if calling[i]:
+                held[i] += out.new_text
+            elif out.new_text or lp:
+                yield delta(i, DeltaMessage(content=out.new_text), lp)
+            if not out.finished:
+                continue
+            reason = out.finish_reason
+            if calling[i]:
+                calls = parse_tool_calls(held[i])
+                if calls is None:  # not a well-formed call after all: it was text
+                    yield delta(i, DeltaMessage(content=held[i]))
+                else:
+                    for k, c in enumerate(calls):
+                        head = ToolCallDelta(
+                            index=k,
+                            id=c.id,
+                            type="function",
+                            function=FunctionDelta(name=c.function.name, arguments=""),
+                        )
+                        yield delta(i, DeltaMessage(tool_calls=[head]))
+                        args = ToolCallDelta(index=k, function=FunctionDelta(arguments=c.function.arguments))
+                        yield delta(i, DeltaMessage(tool_calls=[args]))
+                    reason = "tool_calls" if reason == "stop" else reason
+            yield delta(i, DeltaMessage(), None, reason)
+        if include_usage:
+            usage = self.ctx.usage(choices.prompt_tokens, choices.completion_tokens)
+            last = ChatCompletionChunk(id=rid, created=created, model=model, choices=[], usage=usage)
+            yield json.dumps(last.body())
+        yield "[DONE]"
+
+    def _logprobs(self, lps: list[Logprobs]) -> ChatLogprobs:
+        def entry(token_id: int, logprob: float) -> TopLogprob:
+            text = self.ctx.tokenizer.token_text(token_id)
+            return TopLogprob(token=text, logprob=max(logprob, -9999.0), bytes=list(text.encode()))
+
+        return ChatLogprobs(
+            content=[
+                ChatLogprob(
+                    **entry(lp.token_id, lp.logprob).model_dump(),
+                    top_logprobs=[entry(t, v) for t, v in lp.top],
+                )
+                for lp in lps
+            ]
+        )

@@ -1,0 +1,92 @@
+"""What crosses a process boundary on the request path, and the names of the deployments.
+
+Ray pickles these dataclasses as they are, so the ingress and the router share one typed
+vocabulary (a renamed field is a type error, not a KeyError at run time):
+
+    ingress ──[GenerateRequest, ...]──▶ Router.submit
+    ingress ◀──[RequestOutput | Refusal, ...] per engine step── Router.stream
+
+The expert shards' per-layer tensors do not travel here: they go over the data plane
+(moe.data_plane).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from moe.errors import RequestError
+from moe.sampling import SamplingParams
+from moe.sequence import RequestOutput
+
+APP_NAME = "raymix"  # the Serve application
+INGRESS = "Ingress"
+ROUTER = "Router"
+EXPERT_SHARD = "ExpertShard"  # the deployment name inside an extra shard's own application
+
+
+def shard_deployment_name(k: int) -> str:
+    """The app's own shard k: one deployment each, since each holds different experts."""
+    return f"{EXPERT_SHARD}{k}"
+
+
+def extra_shard_app(k: int) -> str:
+    """Shard k beyond the app's own (`raymix scale`): a small Serve application of its own."""
+    return f"{APP_NAME}-shard{k}"
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """One choice of an API request: the engine runs it as one sequence."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A request the engine would not run (bad input, full queue) or could not finish
+    (`server_error`: the engine step failed or is shutting down)."""
+
+    request_id: str
+    message: str
+    param: str | None = None
+    code: str | None = None
+    server_error: bool = False
+
+    @property
+    def overloaded(self) -> bool:
+        return self.code == "overloaded"
+
+    @classmethod
+    def from_exception(cls, request_id: str, e: BaseException) -> Refusal:
+        if isinstance(e, RequestError):
+            return cls(request_id, e.message, e.param, e.code)
+        return cls(request_id, str(e), server_error=True)
+
+
+Output = RequestOutput | Refusal
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The router's answer to `model_info`: whether the engine is up, and its context length."""
+
+    ready: bool
+    max_model_len: int | None
+    pid: int
+
+
+__all__ = [
+    "APP_NAME",
+    "EXPERT_SHARD",
+    "INGRESS",
+    "ROUTER",
+    "GenerateRequest",
+    "ModelInfo",
+    "Output",
+    "Refusal",
+    "RequestOutput",
+    "extra_shard_app",
+    "shard_deployment_name",
+]

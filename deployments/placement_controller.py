@@ -1,0 +1,148 @@
+"""PlacementController: the one owner of the expert placement (which shard computes which expert).
+
+It holds the placement the data plane routes by and what each shard holds (primaries plus
+replicas), and changes them while serving, for hot-expert replication (EPLB, `rebalance`) and
+elastic resizing (`resize`), always the same way: 1. shards load what they will compute
+(keeping what they compute now), 2. the routing switches between layers, 3. wait until no layer
+batch routed the old way is in flight, 4. shards drop what they no longer compute. Every
+(token, expert) pair is computed exactly once throughout, so no output changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from deployments.shard_pool import ShardPool
+from moe.data_plane import RemoteExperts, ShardLink
+from moe.eplb import balancedness, plan_replicas
+from moe.experts import Placement, partition_experts
+
+log = logging.getLogger("ray.serve")
+
+
+class PlacementController:
+    def __init__(
+        self,
+        pool: ShardPool,
+        primaries: list[list[int]],  # shard k's own experts (replicas come on top)
+        num_experts: int,
+        num_redundant_experts: int,
+        data_plane: Callable[[], RemoteExperts | None],  # None until the engine has connected
+        busy: Callable[[], bool],  # whether the engine has requests in flight
+    ):
+        self.pool = pool
+        self.primaries = primaries
+        self.num_experts = num_experts
+        self.num_redundant_experts = num_redundant_experts
+        self.placement = Placement.from_groups(primaries)  # what the data plane routes by
+        self.held = [list(g) for g in primaries]  # what each shard holds (primaries + replicas)
+        self.data_plane = data_plane
+        self.busy = busy
+        self._changing = asyncio.Lock()
+
+    def holding(self, k: int) -> list[int]:
+        return self.held[k]
+
+    async def rebalance(self) -> dict[str, Any]:
+        """Re-plan the expert replicas from the load measured over the recent window and move
+        to the plan while serving. → the plan, with the predicted balancedness (mean / max per
+        shard) before and after."""
+        experts = self.data_plane()
+        n = self.num_redundant_experts
+        if experts is None or n == 0:
+            return {
+                "changed": False,
+                "reason": "no data plane yet" if experts is None else "num_redundant_experts is 0",
+            }
+        async with self._changing:
+            load = experts.load.recent_expert_load()
+            plan = plan_replicas(load, self.primaries, n)
+            num_shards = len(self.pool)
+            before = balancedness(load, self.placement.expert_shards, num_shards)
+            after = balancedness(load, plan, num_shards)
+            if plan == self.placement.expert_shards:
+                return {"changed": False, "balancedness": before, "replicas": _replicas(plan)}
+            await self._move(experts, plan, num_shards)
+            experts.load.reset_window()
+            log.info(
+                "experts rebalanced: balancedness %.3f -> %.3f, replicas %s", before, after, _replicas(plan)
+            )
+            return {"changed": True, "before": before, "after": after, "replicas": _replicas(plan)}
+
+    async def resize(self, num_shards: int, extra_apps: list[str], shard_deployment: str) -> dict[str, Any]:
+        """Serve with `num_shards` expert shards from now on, without dropping a request. The
+        first shards are the app's own; shards beyond them are the deployments of
+        `extra_apps` (started by `raymix scale` before this call). Experts are split anew
+        (replicas start over); shards left out hold nothing and are disconnected."""
+        experts = self.data_plane()
+        if experts is None:
+            raise RuntimeError("the data plane is not up yet")
+        if not 1 <= num_shards <= self.num_experts:
+            raise ValueError(f"num_shards must be between 1 and {self.num_experts}")
+        async with self._changing:
+            old_links = list(experts.links)
+            self.pool.add(extra_apps, shard_deployment)
+            self.held += [[] for _ in range(len(self.pool) - len(self.held))]
+            links = old_links[:num_shards]
+            for k in range(len(links), num_shards):  # connect the new shards' data plane
+                links.append(await asyncio.to_thread(self.pool.rejoin, k))
+            self.primaries = partition_experts(self.num_experts, num_shards)
+            await self._move(experts, Placement.from_groups(self.primaries).expert_shards, num_shards, links)
+            for link in old_links[num_shards:]:  # say goodbye to the shards left out
+                await asyncio.to_thread(link.shutdown)
+            self.pool.truncate(num_shards)
+            del self.held[len(self.pool) :]
+            experts.load.reset_window()
+            log.info("expert shards resized %d -> %d: groups %s", len(old_links), num_shards, self.primaries)
+            return {"expert_shards": num_shards, "expert_groups": self.primaries}
+
+    async def run_eplb(self, interval_s: float) -> None:
+        """Rebalance every `interval_s` seconds, for as long as the router lives."""
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.rebalance()
+            except Exception:
+                log.exception("expert rebalancing failed; keeping the current replicas")
+
+    async def _move(
+        self,
+        experts: RemoteExperts,
+        plan: list[list[int]],
+        num_shards: int,
+        links: list[ShardLink] | None = None,
+    ) -> None:
+        """Go over to `plan` (per expert, the shards holding it) on the first `num_shards`
+        shards (with `links`, that set of shards), in the four steps of the module docstring."""
+        new = Placement(plan, num_shards)
+        handles = self.pool.handles
+        want = [new.experts_on(k) if k < num_shards else [] for k in range(len(handles))]
+        grow = [k for k in range(len(handles)) if set(want[k]) - set(self.held[k])]
+        for k in grow:
+            self.held[k] = sorted(set(self.held[k]) | set(want[k]))
+        await asyncio.gather(*[handles[k].set_experts.remote(self.held[k]) for k in grow])
+        calls = experts.calls
+        self.placement = new
+        experts.set_placement(new, links)
+        await self._drain_old_routing(experts, calls)
+        shrink = [k for k in range(len(handles)) if set(self.held[k]) - set(want[k])]
+        for k in shrink:
+            self.held[k] = want[k]
+        await asyncio.gather(*[handles[k].set_experts.remote(want[k]) for k in shrink])
+
+    async def _drain_old_routing(self, experts: RemoteExperts, calls: int, timeout: float = 30.0) -> None:
+        """Layer batches posted before the switch are waited on before the next two layer
+        calls complete (two micro-batches may be in flight); an idle engine has none."""
+        deadline = time.monotonic() + timeout
+        while experts.calls < calls + 2 and self.busy():
+            if time.monotonic() > deadline:
+                raise RuntimeError("placement change: layer batches of the old routing still in flight")
+            await asyncio.sleep(0.005)
+
+
+def _replicas(plan: list[list[int]]) -> dict[str, list[int]]:
+    return {str(e): shards for e, shards in enumerate(plan) if len(shards) > 1}

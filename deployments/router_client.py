@@ -1,0 +1,109 @@
+"""RouterClient: an ingress replica's one connection to the router (api.EngineClient over Ray).
+
+Ray Serve moves each streamed item as its own message, and a message costs far more CPU than a
+token's worth of text. So an ingress replica does not open a stream per request: it keeps one
+streaming call to `Router.stream` that carries, per engine step, the outputs of all its
+requests, and submits new requests in batches (whatever arrived while the previous submit was
+in flight goes in the next). Each step's outputs go to the `Outputs` of the HTTP request they
+belong to.
+
+If the stream breaks (the router restarted), every request waiting on it gets
+`EngineUnavailable` and the next request opens a new stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from typing import Any
+
+from api.engine_client import Outputs
+from api.errors import EngineUnavailable
+from cluster.messages import GenerateRequest, ModelInfo, Output, Refusal
+
+log = logging.getLogger("ray.serve")
+
+
+class RouterClient:
+    def __init__(self, router: Any):
+        self.router = router  # the Router deployment's handle
+        self.subscriber = ""
+        self.routes: dict[str, Outputs] = {}  # request id -> the Outputs it feeds
+        self.pending: list[GenerateRequest] = []
+        self.reader: asyncio.Task | None = None
+        self.flusher: asyncio.Task | None = None
+
+    def submit(self, requests: list[GenerateRequest]) -> Outputs:
+        self._ensure_reader()
+        outputs = Outputs([r.request_id for r in requests], self._abort)
+        for r in requests:
+            self.routes[r.request_id] = outputs
+        self.pending += requests
+        if self.flusher is None or self.flusher.done():
+            self.flusher = asyncio.get_running_loop().create_task(self._flush())
+        return outputs
+
+    async def model_info(self) -> ModelInfo:
+        return await self.router.model_info.remote()
+
+    async def stats(self) -> dict[str, Any]:
+        return await self.router.stats.remote()
+
+    async def expert_load(self) -> dict[str, Any]:
+        return await self.router.expert_load.remote()
+
+    def close(self) -> None:
+        """End the stream (the router then aborts whatever of ours still runs)."""
+        if self.reader is not None:
+            self.reader.cancel()
+
+    def _abort(self, request_ids: list[str]) -> None:
+        for rid in request_ids:
+            self.routes.pop(rid, None)
+        self.router.abort.remote(request_ids)  # fire and forget: the caller may be cancelled
+
+    def _ensure_reader(self) -> None:
+        if self.reader is None or self.reader.done():
+            self.subscriber = f"ingress-{uuid.uuid4().hex[:12]}"
+            self.reader = asyncio.get_running_loop().create_task(self._read(self.subscriber))
+
+    async def _read(self, subscriber: str) -> None:
+        error = EngineUnavailable("the router closed the stream")
+        stream = self.router.options(stream=True).stream.remote(subscriber)
+        try:
+            async for batch in stream:
+                self._deliver(batch)
+        except asyncio.CancelledError:
+            stream.cancel()
+            raise
+        except Exception as e:
+            error = EngineUnavailable(f"lost the router: {e}")
+            log.warning("router stream %s ended: %s", subscriber, e)
+        for outputs in {id(o): o for o in self.routes.values()}.values():
+            outputs.fail(error)
+        self.routes.clear()
+
+    def _deliver(self, batch: list[Output]) -> None:
+        """One engine step's outputs, one put per HTTP request."""
+        groups: dict[int, tuple[Outputs, list[Output]]] = {}
+        for item in batch:
+            outputs = self.routes.get(item.request_id)
+            if outputs is None:
+                continue  # aborted meanwhile
+            groups.setdefault(id(outputs), (outputs, []))[1].append(item)
+            if isinstance(item, Refusal) or item.finished:
+                self.routes.pop(item.request_id, None)
+        for outputs, items in groups.values():
+            outputs.put(items)
+
+    async def _flush(self) -> None:
+        while self.pending:
+            batch, self.pending = self.pending, []
+            try:
+                await self.router.submit.remote(self.subscriber, batch)
+            except Exception as e:
+                error = EngineUnavailable(f"could not submit to the router: {e}")
+                failed = {id(o): o for r in batch if (o := self.routes.pop(r.request_id, None)) is not None}
+                for outputs in failed.values():
+                    outputs.fail(error)

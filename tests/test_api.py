@@ -1,0 +1,329 @@
+"""The HTTP layer without Ray: the app from api.app.build_api, in this process.
+
+Most tests run the real engine in-process (LocalEngineClient around an AsyncEngine on the tiny
+checkpoint); the few whose outputs the random weights cannot produce on demand (a tool call,
+an overload, a lost engine, a request that never ends) use a scripted engine host. Behaviour
+that needs Ray (placement, faults, the data plane) is tested in test_cluster and beside it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from api.app import build_api
+from api.context import ServingContext
+from api.engine_client import LocalEngineClient, Outputs
+from api.errors import EngineUnavailable
+from api.metrics import ServingMetrics
+from cluster.config import RaymixSettings
+from cluster.messages import GenerateRequest, ModelInfo, Refusal
+from moe.async_engine import AsyncEngine
+from moe.engine import EngineConfig, LLMEngine
+from moe.sampling import SamplingParams
+from moe.sequence import RequestOutput
+from moe.tokenizer import load_tokenizer
+
+KEY = "sk-api-test"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+GOOD = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+
+
+def make_client(model_dir, engine, **settings) -> TestClient:
+    s = RaymixSettings(model=str(model_dir), served_model_name=["tiny"], **settings)
+    ctx = ServingContext(s, engine, load_tokenizer(model_dir), {}, ServingMetrics())
+    return TestClient(build_api(ctx), raise_server_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_dir):
+    eng = AsyncEngine(lambda: LLMEngine.from_pretrained(tiny_dir, EngineConfig(max_model_len=256)))
+    yield eng
+    eng.stop()
+
+
+@pytest.fixture(scope="module")
+def api(tiny_dir, engine):
+    with make_client(
+        tiny_dir, LocalEngineClient(engine), api_key=[KEY], max_request_body_bytes=65536,
+        input_price_per_million=1.0, output_price_per_million=2.0,
+    ) as client:  # fmt: skip
+        yield client
+
+
+def post(api: TestClient, body, path="/v1/chat/completions", headers=AUTH, **kw) -> httpx.Response:
+    content = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return api.post(path, content=content, headers={"Content-Type": "application/json", **headers}, **kw)
+
+
+def events(r: httpx.Response) -> list:
+    """The SSE data lines of a response, JSON-decoded but for [DONE]."""
+    data = [line[len("data: ") :] for line in r.text.splitlines() if line.startswith("data: ")]
+    return [d if d == "[DONE]" else json.loads(d) for d in data]
+
+
+@pytest.mark.parametrize(
+    "body,status,param,code",
+    [
+        (b"{not json", 400, None, "invalid_json"),
+        (b"[1, 2]", 400, None, "invalid_json"),
+        ({"max_tokens": 3}, 400, "messages", None),
+        ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role", None),
+        ({**GOOD, "temperature": 7}, 400, "temperature", None),
+        ({**GOOD, "n": 0}, 400, "n", None),
+        ({**GOOD, "logit_bias": {"x": 1}}, 400, "logit_bias", None),
+        ({**GOOD, "max_tokens": 100000}, 400, "messages", "context_length_exceeded"),
+        ({**GOOD, "model": "gpt-17"}, 404, "model", "model_not_found"),
+        (b"[" + b"1," * 40000 + b"1]", 413, None, "request_too_large"),
+    ],
+)
+def test_bad_input_gets_openai_errors(api, body, status, param, code):
+    r = post(api, body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert (err["param"], err["code"]) == (param, code)
+    assert post(api, GOOD).status_code == 200  # and the server keeps serving
+
+
+def test_body_limit_holds_without_content_length_and_curl_form_type_is_read_as_json(api):
+    chunks = (b"x" * 8192 for _ in range(10))  # chunked: no Content-Length to trust
+    r = api.post("/v1/chat/completions", content=chunks, headers=AUTH)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    form = {"Content-Type": "application/x-www-form-urlencoded", **AUTH}  # what curl -d sends
+    assert api.post("/v1/chat/completions", content=json.dumps(GOOD), headers=form).status_code == 200
+
+
+def test_api_keys_guard_the_api_not_health_or_docs(api):
+    assert post(api, GOOD, headers={}).status_code == 401
+    r = post(api, GOOD, headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert post(api, GOOD, headers={"Authorization": f"Api-Key {KEY}"}).status_code == 200  # Baseten's
+    assert api.get("/v1/models").status_code == 401
+    assert [m["id"] for m in api.get("/v1/models", headers=AUTH).json()["data"]] == ["tiny"]
+    for path in ("/health", "/version", "/metrics", "/openapi.json"):
+        assert api.get(path).status_code == 200, path
+
+
+def test_stream_equals_non_stream_with_sse_framing_and_usage(api):
+    body = {**GOOD, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+    whole = post(api, body).json()
+    assert whole["object"] == "chat.completion" and whole["choices"][0]["message"]["role"] == "assistant"
+    usage = whole["usage"]
+    assert usage["completion_tokens"] == 8 and usage["total_tokens"] == usage["prompt_tokens"] + 8
+    assert usage["estimated_cost"] == pytest.approx((usage["prompt_tokens"] * 1.0 + 8 * 2.0) / 1e6)
+    r = post(api, {**body, "stream": True, "stream_options": {"include_usage": True}})
+    assert r.headers["content-type"].startswith("text/event-stream")
+    ev = events(r)
+    assert ev[-1] == "[DONE]" and ev[-2]["choices"] == [] and ev[-2]["usage"] == usage
+    chunks = ev[:-2]
+    assert all(c["object"] == "chat.completion.chunk" and c["usage"] is None for c in chunks)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert chunks[-1]["choices"][0] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "length"}
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert text == whole["choices"][0]["message"]["content"]
+    plain = events(post(api, {**body, "stream": True}))
+    assert all("usage" not in c for c in plain[:-1])  # no usage key at all unless asked for
+
+
+def test_n_choices_and_completions_with_echo_and_logprobs(api):
+    r = post(api, {**GOOD, "n": 3, "temperature": 0, "max_tokens": 4}).json()
+    texts = [c["message"]["content"] for c in r["choices"]]
+    assert [c["index"] for c in r["choices"]] == [0, 1, 2] and len(set(texts)) == 1  # greedy: all alike
+    prompt = "Once upon a time"
+    c = post(
+        api,
+        {"prompt": prompt, "max_tokens": 4, "temperature": 0, "logprobs": 2, "echo": True},
+        "/v1/completions",
+    )
+    choice = c.json()["choices"][0]
+    assert choice["text"].startswith(prompt)
+    lp = choice["logprobs"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == 4
+    assert all(
+        len(top) <= 2 and max(top.values()) >= v
+        for top, v in zip(lp["top_logprobs"], lp["token_logprobs"], strict=True)
+    )
+    many = post(api, {"prompt": [prompt, "x"], "max_tokens": 2, "n": 2}, "/v1/completions").json()
+    assert len(many["choices"]) == 4
+    assert post(api, {"prompt": [prompt, "x"], "stream": True}, "/v1/completions").status_code == 400
+
+
+def test_chat_logprobs_shape(api):
+    r = post(api, {**GOOD, "logprobs": True, "top_logprobs": 3, "temperature": 0}).json()
+    content = r["choices"][0]["logprobs"]["content"]
+    assert len(content) == r["usage"]["completion_tokens"]
+    for entry in content:
+        assert set(entry) == {"token", "logprob", "bytes", "top_logprobs"}
+        assert entry["bytes"] == list(entry["token"].encode()) and len(entry["top_logprobs"]) == 3
+        assert entry["top_logprobs"][0]["logprob"] == pytest.approx(entry["logprob"])  # greedy: the top one
+
+
+def test_tokenize_detokenize_predict_and_zero_max_tokens(api):
+    tok = post(api, {"prompt": "Hello world"}, "/tokenize").json()
+    assert tok["count"] == len(tok["tokens"]) and tok["max_model_len"] == 256
+    assert post(api, {"tokens": tok["tokens"]}, "/detokenize").json() == {"prompt": "Hello world"}
+    assert post(api, {"tokens": [10**9]}, "/detokenize").json()["error"]["param"] == "tokens"
+    out = post(api, {"messages": GOOD["messages"], "max_new_tokens": 3}, "/production/predict").json()
+    assert out["output"].startswith("<s>") and "hi" in out["output"]
+    streamed = post(api, {"messages": GOOD["messages"], "max_new_tokens": 3, "stream": True}, "/predict")
+    assert streamed.headers["content-type"].startswith("text/plain")
+    zero = post(api, {**GOOD, "max_tokens": 0}).json()
+    assert zero["choices"][0]["finish_reason"] == "length" and zero["usage"]["completion_tokens"] == 0
+
+
+def test_metrics_count_what_was_served(api):
+    def scrape() -> dict[str, float]:
+        lines = api.get("/metrics").text.splitlines()
+        return {k: float(v) for k, v in (line.rsplit(" ", 1) for line in lines if line and line[0] != "#")}
+
+    before = scrape()
+    post(api, {**GOOD, "max_tokens": 5, "ignore_eos": True})
+    post(api, {**GOOD, "max_tokens": 5, "ignore_eos": True, "stream": True})
+    post(api, {**GOOD, "temperature": 9})
+    after = scrape()
+
+    def delta(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    assert delta("raymix:generation_tokens_total") == 10
+    assert delta("raymix:e2e_request_latency_seconds_count") == 2
+    assert delta("raymix:time_to_first_token_seconds_count") == 1  # the stream
+    assert delta("raymix:inter_token_latency_seconds_count") == 8  # every token after a first
+    assert delta('raymix:request_success_total{finished_reason="length"}') == 2
+    assert delta('raymix:request_errors_total{status="400"}') == 1
+
+
+def test_openapi_documents_requests_and_responses(api):
+    doc = api.get("/openapi.json").json()
+    chat = doc["paths"]["/v1/chat/completions"]["post"]
+    assert chat["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "ChatCompletionRequest"
+    )
+    ok = chat["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
+    assert ok.endswith("ChatCompletionResponse")
+    assert chat["responses"]["400"]["content"]["application/json"]["schema"]["$ref"].endswith("ErrorResponse")
+    assert {"/v1/completions", "/v1/models", "/tokenize", "/production/predict"} <= set(doc["paths"])
+
+
+# ---- a scripted engine host: outputs the random weights would not give on demand ----
+
+
+class ScriptedEngine:
+    """Answers every request with `script(request)`: a list of (token ids, text) deltas, the last
+    finishing it; or a Refusal; `None` never answers; an exception is raised by submit."""
+
+    def __init__(self, script):
+        self.script = script
+        self.aborted: list[str] = []
+
+    def submit(self, requests: list[GenerateRequest]) -> Outputs:
+        outputs = Outputs([r.request_id for r in requests], self.aborted.extend)
+        for r in requests:
+            answer = self.script(r)
+            if isinstance(answer, Exception):
+                raise answer
+            if isinstance(answer, Refusal):
+                outputs.put([answer])
+                continue
+            for k, (ids, text) in enumerate(answer or []):
+                last = k == len(answer) - 1
+                n = sum(len(i) for i, _ in answer[: k + 1])
+                out = RequestOutput(r.request_id, ids, text, [], last, "stop" if last else None, None, 3, n)
+                outputs.put([out])
+        return outputs
+
+    async def model_info(self) -> ModelInfo:
+        return ModelInfo(True, 256, 0)
+
+    async def stats(self) -> dict:
+        return {"ready": True}
+
+    async def expert_load(self) -> dict:
+        return {}
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+
+
+def test_tool_calls_json_and_streamed_as_deltas(tiny_dir):
+    tok = load_tokenizer(tiny_dir)
+    call = '[{"name": "get_weather", "arguments": {"city": "Paris"}}]'
+    script = [([tok.tool_calls_token_id], ""), ([5, 6], call[:20]), ([7], call[20:])]
+    with make_client(tiny_dir, ScriptedEngine(lambda r: script)) as api:
+        body = {**GOOD, "tools": TOOLS}
+        choice = post(api, body, headers={}).json()["choices"][0]
+        assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+        (tc,) = choice["message"]["tool_calls"]
+        assert tc["type"] == "function" and len(tc["id"]) == 9
+        assert tc["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+        chunks = events(post(api, {**body, "stream": True}, headers={}))[:-1]
+        deltas = [c["choices"][0]["delta"] for c in chunks]
+        head, args = deltas[1]["tool_calls"][0], deltas[2]["tool_calls"][0]
+        assert head["function"] == {"name": "get_weather", "arguments": ""} and len(head["id"]) == 9
+        assert args == {"index": 0, "function": {"arguments": '{"city": "Paris"}'}}
+        assert all("content" not in d for d in deltas[1:])  # the raw call never leaks as text
+        assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+class HalfDone(ScriptedEngine):
+    """One token for every request, and then nothing: a request that never finishes."""
+
+    def submit(self, requests: list[GenerateRequest]) -> Outputs:
+        outputs = Outputs([r.request_id for r in requests], self.aborted.extend)
+        for r in requests:
+            outputs.put([RequestOutput(r.request_id, [1], "a", [], False, None, None, 3, 1)])
+        return outputs
+
+
+def test_overload_timeout_and_a_lost_engine_are_openai_errors(tiny_dir):
+    def overloaded(r):
+        return Refusal(r.request_id, "at capacity", code="overloaded")
+
+    with make_client(tiny_dir, ScriptedEngine(overloaded), retry_after_s=7) as api:
+        r = post(api, GOOD, headers={})
+        assert r.status_code == 429 and r.headers["retry-after"] == "7"
+        assert r.json()["error"]["type"] == "rate_limit_error"
+    half = HalfDone(None)
+    with make_client(tiny_dir, half, request_timeout_s=0.3) as api:
+        r = post(api, GOOD, headers={})
+        assert r.status_code == 408 and r.json()["error"]["code"] == "request_timeout"
+        assert len(half.aborted) == 1  # and the engine was told to stop it
+        ev = events(post(api, {**GOOD, "stream": True}, headers={}))
+        assert ev[-2]["error"]["code"] == "request_timeout" and ev[-1] == "[DONE]"
+    gone = ScriptedEngine(lambda r: EngineUnavailable("lost the router"))
+    with make_client(tiny_dir, gone) as api:
+        r = post(api, GOOD, headers={})
+        assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable"
+
+
+def test_outputs_abort_what_is_left_when_the_reader_leaves():
+    aborted: list[str] = []
+
+    async def run() -> None:
+        outputs = Outputs(["a", "b"], aborted.extend)
+        outputs.put([RequestOutput("a", [1], "x", [], True, "stop", None, 1, 1)])
+        assert (await outputs.next()).request_id == "a"
+        outputs.close()
+
+    asyncio.run(run())
+    assert aborted == ["b"]
+
+
+def test_sampling_params_cross_as_typed_requests(tiny_dir, engine):
+    """What the API hands the engine host is one GenerateRequest per choice, seed + i."""
+    seen: list[GenerateRequest] = []
+
+    class Recorder(LocalEngineClient):
+        def submit(self, requests):
+            seen.extend(requests)
+            return super().submit(requests)
+
+    with make_client(tiny_dir, Recorder(engine)) as api:
+        assert post(api, {**GOOD, "n": 2, "seed": 5, "top_k": 3}, headers={}).status_code == 200
+    assert [type(r.params) for r in seen] == [SamplingParams] * 2
+    assert [r.params.seed for r in seen] == [5, 6] and seen[0].params.top_k == 3
