@@ -29,7 +29,7 @@ from report import save  # benchmarks/report.py
 from moe.checkpoint import CheckpointReader
 from moe.config import MixtralConfig
 from moe.data_plane import RemoteExperts, Rendezvous, ShardLink, ShardServer, open_store
-from moe.experts import LocalExperts, Placement, combine, dispatch, partition_experts, route
+from moe.experts import LocalExperts, Placement, combine, dispatch, partition_experts, select_experts
 from moe.tiny import default_model_dir
 
 TIMEOUT = datetime.timedelta(seconds=60)
@@ -97,7 +97,7 @@ def measure(n, cfg, remote, empty, actors, handles, placement, store, url, it) -
     out: dict[str, float] = {}
     g = torch.Generator().manual_seed(n)
     x = torch.randn(n, cfg.hidden_size, generator=g)
-    w, ids = route(torch.randn(n, cfg.num_local_experts, generator=g), cfg.num_experts_per_tok)
+    w, ids = select_experts(torch.randn(n, cfg.num_local_experts, generator=g), cfg.num_experts_per_tok)
 
     def via_actors(call):
         parts = []

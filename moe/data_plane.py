@@ -260,7 +260,7 @@ class RemoteExperts:
         reconnect: Callable[[int], ShardLink] | None = None,
         max_retries: int = 3,
     ):
-        self.route = (placement.to(device), list(links))  # read once per layer: swapped whole
+        self.routing = (placement.to(device), list(links))  # read once per layer: swapped whole
         self.hidden_size = hidden_size
         self.device = device
         self.reconnect = reconnect
@@ -276,16 +276,16 @@ class RemoteExperts:
         placement = placement.to(self.device)
         if links is not None and len(links) != len(self.links):
             self.load.resize(len(links), placement.primary)
-        self.route = (placement, list(links) if links is not None else self.links)
+        self.routing = (placement, list(links) if links is not None else self.links)
         self.load.holders = [len(s) for s in placement.expert_shards]
 
     @property
     def placement(self) -> Placement:
-        return self.route[0]
+        return self.routing[0]
 
     @property
     def links(self) -> list[ShardLink]:
-        return self.route[1]
+        return self.routing[1]
 
     def _exchange(
         self, link: ShardLink, layer: int, x: torch.Tensor, b: ShardBatch, y: torch.Tensor
@@ -299,7 +299,7 @@ class RemoteExperts:
     def submit(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> Any:
         """Post the sends to, and the receives from, every shard that has tokens; don't wait."""
         start = time.perf_counter()
-        placement, links = self.route
+        placement, links = self.routing
         shard_of = assign(expert_ids, placement)  # [T, K]
         batches = dispatch(expert_ids, weights, placement, shard_of)
         self.load.count(layer, expert_ids, torch.bincount(shard_of.flatten(), minlength=placement.num_shards))

@@ -20,7 +20,7 @@ from moe.checkpoint import CheckpointReader, expert_tensor_name, expert_tensor_s
 from moe.config import MixtralConfig
 
 
-def route(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def select_experts(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """router_logits [T, E] → (weights [T, K] float32, expert ids [T, K] int64)."""
     probs = torch.softmax(router_logits.float(), dim=-1)  # [T, E]
     weights, ids = torch.topk(probs, top_k, dim=-1)  # [T, K]

@@ -3,7 +3,8 @@
 Everything but the experts, which live behind an `ExpertBackend`: at each layer the model
 computes the gate, routes every token to its top-k experts and hands the flat batch to the
 backend (in this process, or remote expert shards). The forward pass works on a flat batch of
-new tokens from many sequences ([T, H]), as the continuous-batching engine produces it.
+new tokens from many sequences ([T, H]), as the continuous-batching engine produces it, and
+reads as the block it is: attention then MoE, each added to the residual stream.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from moe.attention import AttentionMetadata, RotaryEmbedding, apply_rotary, page
 from moe.backend import ExpertBackend
 from moe.checkpoint import CheckpointReader, dense_tensor_shapes
 from moe.config import MixtralConfig
-from moe.experts import route
+from moe.experts import select_experts
 from moe.kv_cache import KVCache
 
 
@@ -71,6 +72,13 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.gate = nn.Linear(cfg.hidden_size, cfg.num_local_experts, bias=False)
+        self.top_k = cfg.num_experts_per_tok
+
+    def submit_moe(self, layer: int, x: torch.Tensor, experts: ExpertBackend) -> object:
+        """x [T, H] (normalised) → the backend's handle for this layer's MoE output [T, H]:
+        gate, top-k experts per token, then the experts wherever they live."""
+        weights, ids = select_experts(self.gate(x), self.top_k)  # [T, K], [T, K]
+        return experts.submit(layer, x, ids, weights)
 
 
 class MixtralDense(nn.Module):
@@ -115,36 +123,20 @@ class MixtralDense(nn.Module):
     @torch.inference_mode()
     def forward(  # type: ignore[override]
         self,
-        micro_batches: list[tuple[torch.Tensor, AttentionMetadata]],  # ([T_m] ids, metadata) each
+        input_ids: torch.Tensor,  # [T]
+        meta: AttentionMetadata,
         kv_cache: KVCache,
         experts: ExpertBackend,
-    ) -> list[torch.Tensor]:
-        """→ the final hidden states [T_m, H] of each micro-batch (after the last norm).
-
-        Micro-batches are disjoint sets of sequences run layer by layer in turn: while the
-        experts of one micro-batch's layer are being computed (remote shards), the router runs
-        the attention of the other (two-batch overlap). With one micro-batch this is the plain
-        forward pass; the result is the same either way.
-        """
+    ) -> torch.Tensor:
+        """→ the final hidden states [T, H] (after the last norm). Two micro-batches overlapping
+        their remote experts go through moe.overlap instead, with the same ops in the same order."""
         assert self.rotary is not None
-        hs = [self.embed_tokens(ids) for ids, _ in micro_batches]  # [T_m, H] each
-        cos_sin = [
-            self.rotary.cos_sin(meta.positions, h.dtype)
-            for h, (_, meta) in zip(hs, micro_batches, strict=True)
-        ]
-        pending: list[object | None] = [None] * len(hs)
+        h = self.embed_tokens(input_ids)  # [T, H]
+        cos_sin = self.rotary.cos_sin(meta.positions, h.dtype)
         for i, layer in enumerate(cast(list[DecoderLayer], self.layers)):
-            for m, (_, meta) in enumerate(micro_batches):
-                if pending[m] is not None:
-                    hs[m] = hs[m] + experts.wait(pending[m])  # layer i-1's MoE output
-                h = hs[m] + layer.self_attn(
-                    layer.input_layernorm(hs[m]), cos_sin[m], kv_cache.k[i], kv_cache.v[i], meta
-                )
-                x = layer.post_attention_layernorm(h)  # [T_m, H]
-                weights, ids = route(layer.gate(x), self.cfg.num_experts_per_tok)  # [T_m, K], [T_m, K]
-                hs[m] = h
-                pending[m] = experts.submit(i, x, ids, weights)
-        return [self.norm(h + experts.wait(p)) for h, p in zip(hs, pending, strict=True)]
+            h = h + layer.self_attn(layer.input_layernorm(h), cos_sin, kv_cache.k[i], kv_cache.v[i], meta)
+            h = h + experts.wait(layer.submit_moe(i, layer.post_attention_layernorm(h), experts))
+        return self.norm(h)
 
     @torch.inference_mode()
     def compute_logits(self, h: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""A request as the engine tracks it: its tokens, its KV progress and its output so far."""
+"""A request as the engine tracks it (its tokens, its KV progress, its output so far), and the
+processing of each sampled token into its output: stop conditions, detokenizing, deltas."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from enum import Enum
 import torch
 
 from moe.guided import GrammarMatcher
-from moe.sampling import Logprobs, SamplingParams
+from moe.sampling import Logprobs, SamplingParams, logprobs_of
 from moe.tokenizer import IncrementalDetokenizer
 
 
@@ -58,6 +59,73 @@ class Sequence:
     @property
     def finished(self) -> bool:
         return self.status is Status.FINISHED
+
+    # ---- output processing: after each sampled token ----
+
+    def append_token(
+        self, token: int, logits: torch.Tensor, eos_token_ids: list[int], max_model_len: int
+    ) -> None:
+        """Take the sampled token (logits [V]: its row, for logprobs), detokenize it, and finish
+        the sequence if it stopped: EOS, a stop token or string, a complete grammar, or length."""
+        p = self.params
+        self.output_token_ids.append(token)
+        if self.matcher is not None:
+            self.matcher.advance(token)
+        if p.logprobs is not None:
+            self.logprobs.append(logprobs_of(logits, token, p.logprobs))
+        prev_len = len(self.text)
+        if self.detokenizer is not None:
+            self.text += self.detokenizer.add(token)
+        n_out = self.num_output_tokens
+        if n_out >= p.min_tokens:
+            if token in eos_token_ids and not p.ignore_eos:
+                self.finish("stop")
+            elif token in p.stop_token_ids:
+                self.finish("stop", token)
+            elif p.stop:
+                self._check_stop_strings(prev_len)
+        if not self.finished and self.matcher is not None and self.matcher.done:
+            self.finish("stop")  # the grammar is complete (also under ignore_eos)
+        if not self.finished and (n_out >= p.max_tokens or len(self) >= max_model_len):
+            self.finish("length")
+
+    def _check_stop_strings(self, prev_len: int) -> None:
+        longest = max(len(s) for s in self.params.stop)
+        start = max(0, prev_len - longest + 1)
+        hits = [(i, s) for s in self.params.stop if (i := self.text.find(s, start)) >= 0]
+        if hits:
+            i, s = min(hits)
+            self.text = self.text[: i + len(s)] if self.params.include_stop_str_in_output else self.text[:i]
+            self.finish("stop", s)
+
+    def finish(self, reason: str, stop_reason: str | int | None = None) -> None:
+        """Mark it finished (the engine then frees its KV blocks)."""
+        self.finish_reason, self.stop_reason = reason, stop_reason
+        self.status = Status.FINISHED
+
+    def take_output(self) -> RequestOutput:
+        """The delta since the last output. While a stop string could still be forming at the
+        end of the text, that tail is held back."""
+        end = len(self.text)
+        if not self.finished and self.params.stop:
+            end = max(self.sent_text_len, end - (max(len(s) for s in self.params.stop) - 1))
+        out = RequestOutput(
+            request_id=self.request_id,
+            new_token_ids=self.output_token_ids[self.sent_tokens :],
+            new_text=self.text[self.sent_text_len : end],
+            new_logprobs=self.logprobs[self.sent_tokens :],
+            finished=self.finished,
+            finish_reason=self.finish_reason,
+            stop_reason=self.stop_reason,
+            num_prompt_tokens=self.num_prompt_tokens,
+            num_output_tokens=self.num_output_tokens,
+            text=self.text[:end],
+            queue_time=(self.first_scheduled_time or self.arrival_time) - self.arrival_time
+            if self.sent_tokens == 0
+            else None,
+        )
+        self.sent_tokens, self.sent_text_len = self.num_output_tokens, end
+        return out
 
 
 @dataclass

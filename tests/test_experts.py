@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from moe.backend import InProcessExperts
 from moe.config import MixtralConfig
-from moe.experts import LocalExperts, Placement, dispatch, partition_experts, route
+from moe.experts import LocalExperts, Placement, dispatch, partition_experts, select_experts
 
 
 def reference_moe(x, router_logits, w1, w3, w2, top_k):
@@ -39,7 +39,7 @@ def test_sharded_moe_matches_reference(tokens, num_experts, top_k, num_shards):
         LocalExperts(cfg, ids, [torch.cat([w1[ids], w3[ids]], dim=1)], [w2[ids]])
         for ids in partition_experts(num_experts, num_shards)
     ]
-    weights, ids = route(logits, top_k)
+    weights, ids = select_experts(logits, top_k)
     got = InProcessExperts(shards, num_experts).forward(0, x, ids, weights)
     torch.testing.assert_close(got, reference_moe(x, logits, w1, w3, w2, top_k), rtol=1e-4, atol=1e-4)
 
@@ -91,7 +91,7 @@ def test_replicated_experts_give_the_same_output(groups):
         )
 
     x, logits = torch.randn(40, hidden), torch.randn(40, num_experts)
-    weights, ids = route(logits, top_k)
+    weights, ids = select_experts(logits, top_k)
     got = InProcessExperts([holder(g) for g in groups], num_experts).forward(0, x, ids, weights)
     torch.testing.assert_close(got, reference_moe(x, logits, w1, w3, w2, top_k), rtol=1e-4, atol=1e-4)
 

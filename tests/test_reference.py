@@ -46,7 +46,7 @@ def test_last_position_logits_match(model_dir, hf_models):
     for i, p in enumerate(prompts):
         eng.add_request(str(i), p, SamplingParams(max_tokens=1))
     scheduled = eng.scheduler.schedule()
-    logits, _ = eng.execute(scheduled)  # all prompts in one flat batch
+    logits, _ = eng.runner.execute(scheduled)  # all prompts in one flat batch
     hf = hf_models(model_dir)
     for row, p in enumerate(prompts):
         with torch.no_grad():

@@ -7,7 +7,7 @@ import torch
 
 from moe.engine import EngineConfig, LLMEngine
 from moe.errors import RequestError
-from moe.sampling import SamplingParams, draw, process_logits, sample_from
+from moe.sampling import SamplingParams, draw, filter_probs, process_logits
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +54,11 @@ def test_top_k_1_is_greedy(eng, prompt):
     assert topk1.output_token_ids == greedy.output_token_ids == tiny_top_p.output_token_ids
 
 
+def sample_one(logits: torch.Tensor, p: SamplingParams, g: torch.Generator) -> int:
+    """The obvious one-row sampler: softmax at the temperature, the filters, one draw."""
+    return draw(filter_probs(torch.softmax(logits / p.temperature, -1), p)[None], [g])[0]
+
+
 def test_filters_keep_only_allowed_tokens():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(100, generator=g) * 3
@@ -63,9 +68,9 @@ def test_filters_keep_only_allowed_tokens():
     nucleus = set(order[: int((torch.cumsum(probs[order], 0) < 0.5).sum()) + 1].tolist())
     above = set((probs >= 0.2 * probs.max()).nonzero().squeeze(-1).tolist())
     for _ in range(200):
-        assert sample_from(logits, SamplingParams(top_k=5), g) in top5
-        assert sample_from(logits, SamplingParams(top_p=0.5), g) in nucleus
-        assert sample_from(logits, SamplingParams(min_p=0.2), g) in above
+        assert sample_one(logits, SamplingParams(top_k=5), g) in top5
+        assert sample_one(logits, SamplingParams(top_p=0.5), g) in nucleus
+        assert sample_one(logits, SamplingParams(min_p=0.2), g) in above
 
 
 def test_fast_draw_follows_the_distribution():

@@ -1,0 +1,95 @@
+"""ModelRunner: the forward pass of one engine step, apart from the engine's bookkeeping.
+
+It turns the scheduler's flat batch (sequences with how many of their tokens to compute) into
+input ids and attention metadata, runs the model (two micro-batches through the overlap driver
+when asked, so the router's attention overlaps remote experts), records what is now in the KV
+cache, and returns the logits of the sequences whose prompt is complete (they sample this
+step). This is where CUDA graphs of decode steps belong: static input and metadata buffers per
+batch-size bucket, captured and replayed here, invisible to the engine.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from moe.attention import AttentionMetadata
+from moe.backend import ExpertBackend
+from moe.config import MixtralConfig
+from moe.kv_cache import BlockManager, KVCache
+from moe.model import MixtralDense
+from moe.overlap import forward_overlapped
+from moe.sequence import Sequence
+
+Scheduled = list[tuple[Sequence, int]]  # (sequence, tokens of it to compute this step)
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        cfg: MixtralConfig,
+        model: MixtralDense,
+        experts: ExpertBackend,
+        kv_cache: KVCache,
+        blocks: BlockManager,
+        overlap: bool = False,
+    ):
+        self.cfg = cfg
+        self.model = model
+        self.experts = experts
+        self.kv_cache = kv_cache
+        self.blocks = blocks
+        self.overlap = overlap
+        self.device = model.device
+
+    def execute(self, scheduled: Scheduled) -> tuple[torch.Tensor, list[Sequence]]:
+        """Run the model on the step's flat batch → (logits [S, V] for the S sequences that
+        sample this step, those sequences)."""
+        groups = self._micro_batches(scheduled)
+        inputs = [self._inputs(group) for group in groups]  # ([T_m] ids, metadata) each
+        if len(inputs) == 1:
+            hidden = [self.model(*inputs[0], self.kv_cache, self.experts)]  # [T, H]
+        else:
+            hidden = forward_overlapped(self.model, inputs, self.kv_cache, self.experts)  # [T_m, H] each
+        last, sampling = [], []
+        for group, h, (_, meta) in zip(groups, hidden, inputs, strict=True):
+            for b, (seq, n) in enumerate(group):
+                seq.num_computed += n
+                if self.blocks.num_unhashed(seq.request_id, seq.num_computed):
+                    self.blocks.cache_full_blocks(seq.request_id, seq.token_ids, seq.num_computed)
+                if seq.num_computed == len(seq):  # prompt fully in the cache: this step samples
+                    last.append(h[meta.last_index[b]])
+                    sampling.append(seq)
+        if not last:
+            return torch.empty(0, self.cfg.vocab_size, device=self.device), sampling
+        return self.model.compute_logits(torch.stack(last)), sampling  # [S, V]
+
+    def _inputs(self, group: Scheduled) -> tuple[torch.Tensor, AttentionMetadata]:
+        input_ids: list[int] = []
+        for seq, n in group:
+            input_ids.extend(seq.token_ids[seq.num_computed : seq.num_computed + n])
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = time.monotonic()
+        meta = AttentionMetadata.build(
+            [self.blocks.tables[s.request_id] for s, _ in group],
+            [s.num_computed + n for s, n in group],
+            [n for _, n in group],
+            self.blocks.block_size,
+            self.cfg.sliding_window,
+            self.device,
+        )
+        ids = torch.tensor(input_ids, dtype=torch.long).to(self.device, non_blocking=True)  # [T]
+        return ids, meta
+
+    def _micro_batches(self, scheduled: Scheduled) -> list[Scheduled]:
+        """Two halves of about equal token counts when overlap is on, else one batch."""
+        if not self.overlap or len(scheduled) < 2:
+            return [scheduled]
+        total, acc = sum(n for _, n in scheduled), 0
+        for k, (_, n) in enumerate(scheduled):
+            acc += n
+            if acc * 2 >= total:
+                cut = min(max(k + 1, 1), len(scheduled) - 1)
+                return [scheduled[:cut], scheduled[cut:]]
+        return [scheduled]
