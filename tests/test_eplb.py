@@ -40,7 +40,9 @@ def test_regrouped_experts_compute_what_fresh_ones_do(tiny_dir):
     grown = held.regroup(reader, [0, 1, 5])
     fresh = LocalExperts.from_checkpoint(CheckpointReader(tiny_dir), cfg, [0, 1, 5], torch.float32)
     x = torch.randn(12, cfg.hidden_size, generator=torch.Generator().manual_seed(0))
-    w, ids = select_experts(torch.randn(12, cfg.num_local_experts, generator=torch.Generator().manual_seed(1)), 2)
+    w, ids = select_experts(
+        torch.randn(12, cfg.num_local_experts, generator=torch.Generator().manual_seed(1)), 2
+    )
     for layer in range(cfg.num_hidden_layers):
         torch.testing.assert_close(grown.forward(layer, x, ids, w), fresh.forward(layer, x, ids, w))
     shrunk = grown.regroup(reader, [5])
