@@ -2,7 +2,7 @@
 
 `step()` is the whole loop body, as nano-vllm splits it: the scheduler picks the step's flat
 batch, the model runner runs it (moe.model_runner), the sampler picks a token per sequence
-(moe.sampling), and each sequence processes its token into an output (moe.sequence).
+(moe.sampler), and each sequence processes its token into an output (moe.sequence).
 Requests join (`add_request`) and leave (finish, `abort_request`) between steps; their KV
 blocks go back to the pool when they leave. The engine is single-threaded: whoever drives it
 (a test, the benchmark, the router deployment) calls these methods from one thread.
@@ -26,7 +26,8 @@ from moe.guided import GrammarTokenizer
 from moe.kv_cache import BlockManager, KVCache
 from moe.model import MixtralDense
 from moe.model_runner import ModelRunner
-from moe.sampling import Sampler, SamplingParams
+from moe.sampler import Sampler
+from moe.sampling import SamplingParams
 from moe.scheduler import Scheduler
 from moe.sequence import RequestOutput, Sequence, Status
 from moe.tokenizer import IncrementalDetokenizer, Tokenizer, load_tokenizer
