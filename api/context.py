@@ -7,7 +7,8 @@ in-process engine) and handed to `api.app.build_api`; no module-level state.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from api.engine_client import EngineClient
@@ -25,11 +26,12 @@ class ServingContext:
     tokenizer: Tokenizer
     defaults: dict[str, Any]  # generation defaults (moe.generation): the checkpoint's, overridden
     metrics: ServingMetrics
-    names: list[str] = field(default_factory=list)  # served model names, the main one first
     max_model_len: int | None = None  # learned from the engine on first use
 
-    def __post_init__(self) -> None:
-        self.names = self.names or self.settings.model_names()
+    @cached_property
+    def names(self) -> list[str]:
+        """Served model names, the main one first."""
+        return self.settings.model_names()
 
     def model_name(self, requested: str | None) -> str:
         """The served name a request asks for (none: the main one), or 404."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from api.errors import EngineUnavailable
@@ -23,7 +23,7 @@ from moe.sequence import RequestOutput
 class Outputs:
     """The outputs of a group of engine requests (one HTTP request's choices), as they come.
 
-    The host feeds it (`put`, `fail`) on the event loop; the API reads it (`async for`) until
+    The host feeds it (`put`, `fail`) on the event loop; the API reads it (`next`) until
     every request has finished or been refused. `close()` aborts whatever has not finished, so
     a reader that leaves early (a client gone, a timeout) frees the engine's KV blocks."""
 
@@ -50,10 +50,6 @@ class Outputs:
         if isinstance(item, Refusal) or item.finished:
             self.unfinished.discard(item.request_id)
         return item
-
-    async def __aiter__(self) -> AsyncIterator[Output]:
-        while self.unfinished or self._ready:
-            yield await self.next()
 
     def close(self) -> None:
         if self.unfinished:

@@ -125,6 +125,10 @@ class SamplingFields(BaseModel):
             raise ValueError("at most 16 stop sequences")
         return self
 
+    def include_usage(self) -> bool:
+        """stream_options.include_usage: a last chunk with usage (and "usage": null before it)."""
+        return bool(self.stream_options and self.stream_options.include_usage)
+
     def stop_list(self) -> list[str]:
         if self.stop is None:
             return []

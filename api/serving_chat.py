@@ -52,8 +52,7 @@ class ServingChat:
         )
         created = int(time.time())
         if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return sse_response(self._stream(choices, rid, model, created, include_usage, plan))
+            return sse_response(self._stream(choices, rid, model, created, req.include_usage(), plan))
         results = await choices.collect()
         out = []
         for i, r in enumerate(results):
@@ -132,15 +131,17 @@ class ServingChat:
         yield "[DONE]"
 
     def _logprobs(self, lps: list[Logprobs]) -> ChatLogprobs:
-        def entry(token_id: int, logprob: float) -> TopLogprob:
+        def entry(cls: type[TopLogprob], token_id: int, logprob: float, **extra: Any) -> Any:
             text = self.ctx.tokenizer.token_text(token_id)
-            return TopLogprob(token=text, logprob=max(logprob, -9999.0), bytes=list(text.encode()))
+            return cls(token=text, logprob=max(logprob, -9999.0), bytes=list(text.encode()), **extra)
 
         return ChatLogprobs(
             content=[
-                ChatLogprob(
-                    **entry(lp.token_id, lp.logprob).model_dump(),
-                    top_logprobs=[entry(t, v) for t, v in lp.top],
+                entry(
+                    ChatLogprob,
+                    lp.token_id,
+                    lp.logprob,
+                    top_logprobs=[entry(TopLogprob, t, v) for t, v in lp.top],
                 )
                 for lp in lps
             ]

@@ -44,8 +44,7 @@ class ServingCompletion:
             ctx, rid, per_choice, prompt_tokens, req, req.max_tokens, req.logprobs, None, req.stream
         )
         if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return sse_response(self._stream(choices, rid, model, created, include_usage, req.logprobs))
+            return sse_response(self._stream(choices, rid, model, created, req.include_usage(), req.logprobs))
         results = await choices.collect()
         out = [
             CompletionChoice(

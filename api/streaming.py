@@ -88,11 +88,10 @@ async def start_choices(
                 firsts[i] = item
             else:
                 early.append(item)
-    except EngineUnavailable as e:
+    except BaseException as e:
         outputs.close()
-        raise APIError.unavailable(str(e)) from None
-    except BaseException:
-        outputs.close()
+        if isinstance(e, EngineUnavailable):
+            raise APIError.unavailable(str(e)) from None
         raise
     ready = [f for f in firsts if f is not None] + early
     return ChoiceStream(ctx, outputs, rids, ready, prompt_tokens, start, streaming)
@@ -187,16 +186,13 @@ class ChoiceStream:
     async def collect(self) -> list[ChoiceResult]:
         """Every choice's whole answer (the non-streaming endpoints)."""
         results = [ChoiceResult() for _ in range(self.n)]
-        try:
-            async for i, out in self:
-                r = results[i]
-                r.text += out.new_text
-                r.token_ids += out.new_token_ids
-                r.logprobs += out.new_logprobs
-                if out.finished:
-                    r.finish_reason = out.finish_reason
-        finally:
-            self.close()
+        async for i, out in self:
+            r = results[i]
+            r.text += out.new_text
+            r.token_ids += out.new_token_ids
+            r.logprobs += out.new_logprobs
+            if out.finished:
+                r.finish_reason = out.finish_reason
         return results
 
 

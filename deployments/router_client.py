@@ -80,9 +80,7 @@ class RouterClient:
         except Exception as e:
             error = EngineUnavailable(f"lost the router: {e}")
             log.warning("router stream %s ended: %s", subscriber, e)
-        for outputs in {id(o): o for o in self.routes.values()}.values():
-            outputs.fail(error)
-        self.routes.clear()
+        self._fail(list(self.routes), error)
 
     def _deliver(self, batch: list[Output]) -> None:
         """One engine step's outputs, one put per HTTP request."""
@@ -103,7 +101,12 @@ class RouterClient:
             try:
                 await self.router.submit.remote(self.subscriber, batch)
             except Exception as e:
-                error = EngineUnavailable(f"could not submit to the router: {e}")
-                failed = {id(o): o for r in batch if (o := self.routes.pop(r.request_id, None)) is not None}
-                for outputs in failed.values():
-                    outputs.fail(error)
+                self._fail(
+                    [r.request_id for r in batch], EngineUnavailable(f"could not submit to the router: {e}")
+                )
+
+    def _fail(self, request_ids: list[str], error: EngineUnavailable) -> None:
+        """These requests are lost: each HTTP request waiting on them gets `error` once."""
+        failed = {id(o): o for rid in request_ids if (o := self.routes.pop(rid, None)) is not None}
+        for outputs in failed.values():
+            outputs.fail(error)
