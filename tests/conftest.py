@@ -36,19 +36,28 @@ def model_dir(request, tiny_dir, other_dir):
     return tiny_dir if request.param == "tiny" else other_dir
 
 
-def hf_model(path):
+def hf_model(path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
     from transformers import MixtralForCausalLM
 
-    return MixtralForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    return MixtralForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
 
 
 @pytest.fixture(scope="session")
-def hf_models():
+def hf_models(device):
+    """transformers' model of a checkpoint, fp32, on the device the engine runs on (the
+    reference is compared where the engine computes: CPU against CPU, CUDA against CUDA)."""
     cache = {}
 
     def get(path):
         if path not in cache:
-            cache[path] = hf_model(path)
+            cache[path] = hf_model(path, device)
         return cache[path]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    """Where the unit tests run: the GPU when there is one (the same code paths users serve
+    from), else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

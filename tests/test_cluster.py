@@ -60,11 +60,13 @@ def reference():
 
     model_dir = default_model_dir()
     eng = LLMEngine.from_pretrained(model_dir, EngineConfig(max_model_len=512))
-    hf = MixtralForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    hf = MixtralForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).to(eng.device).eval()
     prompts = [eng.tokenizer.apply_chat_template([{"role": "user", "content": q}]) for q in QUESTIONS]
     seqs = eng.generate(prompts, SamplingParams(max_tokens=16, temperature=0.0))
     for p, s in zip(prompts, seqs, strict=True):
-        out = hf.generate(torch.tensor([p]), max_new_tokens=16, do_sample=False)[0, len(p) :].tolist()
+        out = hf.generate(torch.tensor([p], device=eng.device), max_new_tokens=16, do_sample=False)[
+            0, len(p) :
+        ].tolist()
         assert s.output_token_ids == out  # the in-process engine is transformers, token for token
     return [s.text for s in seqs]
 

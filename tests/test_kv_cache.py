@@ -26,8 +26,9 @@ def test_cached_decode_equals_full_recompute(tiny_dir):
     fresh = LLMEngine.from_pretrained(tiny_dir, EngineConfig(max_model_len=128, block_size=4))
     fresh.add_request("x", full_tokens, SamplingParams(max_tokens=1))
     ((_s, n),) = fresh.scheduler.schedule()
-    meta = AttentionMetadata.build([fresh.blocks.tables["x"]], [n], [n], 4, None, "cpu")
-    hidden = fresh.model(torch.tensor(full_tokens), meta, fresh.kv_cache, fresh.experts)
+    meta = AttentionMetadata.build([fresh.blocks.tables["x"]], [n], [n], 4, None, fresh.device)
+    ids = torch.tensor(full_tokens, device=fresh.device)
+    hidden = fresh.model(ids, meta, fresh.kv_cache, fresh.experts)
     logp = torch.log_softmax(fresh.model.compute_logits(hidden), -1)
     outs = seq.output_token_ids
     recomputed = [logp[len(prompt) - 1 + i, t].item() for i, t in enumerate(outs)]

@@ -21,7 +21,9 @@ GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
 
 
 def hf_greedy(hf, prompt, n):
-    out = hf.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    out = hf.generate(
+        torch.tensor([prompt], device=hf.device), max_new_tokens=n, min_new_tokens=n, do_sample=False
+    )
     return out[0, len(prompt) :].tolist()
 
 
@@ -50,7 +52,7 @@ def test_last_position_logits_match(model_dir, hf_models):
     hf = hf_models(model_dir)
     for row, p in enumerate(prompts):
         with torch.no_grad():
-            ref = hf(torch.tensor([p])).logits[0, -1]
+            ref = hf(torch.tensor([p], device=hf.device)).logits[0, -1]
         torch.testing.assert_close(logits[row], ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
 
 
