@@ -120,7 +120,8 @@ class RaymixSettings(BaseSettings):
     )
     data_plane: Literal["auto", "gloo", "nccl"] = Field(
         default="auto",
-        description="Transport of the per-layer expert traffic; auto: nccl with GPUs, else gloo",
+        description="Transport of the per-layer expert traffic; auto: nccl with GPUs (gloo between a router and a "
+        "shard sharing one GPU), else gloo",
     )
     overlap: bool | None = Field(
         default=None,
@@ -161,7 +162,8 @@ class RaymixSettings(BaseSettings):
     router_gpus: float | None = Field(
         default=None,
         ge=0,
-        description="GPUs the router asks for; default: 1 when the cluster has GPUs, else 0",
+        description="GPUs the router asks for; default: 1 when the cluster has a GPU for it and each shard, "
+        "an even share of them when it has fewer (router and shards share devices), 0 without GPUs",
     )
     shard_cpus: float = Field(default=0.0, ge=0, description="CPUs each expert shard reserves in Ray")
     torch_threads: int | None = Field(

@@ -2,9 +2,12 @@
 
 Experts are split contiguously and as evenly as possible (8 experts on 3 shards: 3/3/2).
 With GPUs in the cluster every shard and the router ask for one GPU each (Ray sets
-CUDA_VISIBLE_DEVICES, so each lands on its own device); without, they ask for none and a CPU
-share that lets the whole app fit a small machine. torch's intra-op threads are split between
-the processes sharing a node's cores.
+CUDA_VISIBLE_DEVICES, so each lands on its own device); with fewer GPUs than that, they share
+them: each asks for the fraction that packs them evenly (a one-GPU workstation: router and two
+shards at 0.3333 each), and the router talks to a shard on its own GPU over gloo instead of
+NCCL (deployments/shard_pool.py). Without GPUs they ask for none and a CPU share that lets the
+whole app fit a small machine. torch's intra-op threads are split between the processes sharing
+a node's cores.
 
 Over several nodes (`placement_strategy`), Ray's own placement-group scheduler decides: one
 bundle per shard is reserved with the strategy (SPREAD by default: shards over as many nodes as
@@ -15,6 +18,7 @@ receives every output of the router).
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +35,26 @@ class DeploymentPlan:
     shard_options: dict[str, Any]
     router_options: dict[str, Any]
     torch_threads: int
+
+    @property
+    def shard_gpus(self) -> float:
+        return float(self.shard_options.get("num_gpus", 0))
+
+
+def gpu_share(gpus: float, processes: int) -> float:
+    """GPUs each of `processes` GPU-using processes asks for: 1 when the cluster has enough,
+    else the fraction that packs them evenly onto its GPUs (Ray places fractions up to 1 per
+    device, in steps of 1e-4): 3 processes on 1 GPU get 0.3333 each; 5 on 2 get 0.3333, three
+    on one device and two on the other."""
+    if processes <= 0 or gpus <= 0:
+        return 0.0
+    if gpus >= processes:
+        return 1.0
+    whole = int(gpus)
+    if whole == 0:  # less than one GPU in all: split what there is
+        return math.floor(gpus / processes * 1e4) / 1e4
+    per_gpu = -(-processes // whole)  # processes per device, rounded up
+    return math.floor(1e4 / per_gpu) / 1e4
 
 
 def cluster_gpus() -> float:
@@ -90,8 +114,13 @@ def deployment_plan(settings: RaymixSettings, cfg: MixtralConfig, gpus: float) -
         )
     groups = partition_experts(cfg.num_local_experts, settings.expert_shards)
     use_gpus = gpus > 0
-    gpu = {"num_gpus": 1} if use_gpus else {}
-    router_gpus = settings.router_gpus if settings.router_gpus is not None else (1 if use_gpus else 0)
+    if settings.router_gpus is not None:  # as given; the shards share the rest
+        router_gpus = settings.router_gpus
+        share = gpu_share(gpus - router_gpus, settings.expert_shards) if use_gpus else 0.0
+    else:
+        share = gpu_share(gpus, settings.expert_shards + 1)
+        router_gpus = share
+    gpu = {"num_gpus": share} if use_gpus else {}
     processes = settings.expert_shards + 1
     threads = settings.torch_threads or max(1, (os.cpu_count() or 1) // processes)
     return DeploymentPlan(

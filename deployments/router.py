@@ -170,6 +170,8 @@ class Router:
             "expert_shards": len(experts.links) if experts else len(self.pool),
             "base_shards": self.pool.base,
             "expert_calls": experts.calls if experts else 0,
+            "gpu_ids": list(self.pool.gpu[1]),
+            "data_plane_transports": [self.pool.backends.get(k) for k in range(len(self.pool))],
             "expert_seconds": experts.seconds if experts else 0.0,
         }
 

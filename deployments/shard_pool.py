@@ -3,7 +3,9 @@
 It opens the rendezvous store (a FileStore when every shard shares the router's node, so
 nothing listens on the network; a TCPStore across nodes), has each shard join a pair group of
 its own with the router, and joins again when a shard's replica was replaced, retrying while
-Serve restarts it. What each shard should hold is the placement controller's to say
+Serve restarts it. Each pair group uses the router's transport (NCCL between GPUs) except where
+the shard shares the router's GPU (a cluster with fewer GPUs than processes): NCCL refuses two
+ranks on one device, so that pair goes over gloo through pinned host buffers. What each shard should hold is the placement controller's to say
 (`holding`): a replacement is given that back before its first layer batch.
 """
 
@@ -47,6 +49,8 @@ class ShardPool:
         self.host = "127.0.0.1"
         self.url = ""
         self.store: Any = None
+        self.gpu: tuple[str, tuple[str, ...]] = ("", ())  # (node, GPU ids) of the router
+        self.backends: dict[int, str] = {}  # the transport of each shard's pair group
 
     def __len__(self) -> int:
         return len(self.handles)
@@ -56,7 +60,9 @@ class ShardPool:
         import ray
 
         infos = [h.info.remote().result() for h in self.handles]
-        here = ray.get_runtime_context().get_node_id()
+        ctx = ray.get_runtime_context()
+        here = ctx.get_node_id()
+        self.gpu = (here, tuple(str(g) for g in ctx.get_accelerator_ids().get("GPU", [])))
         self.same_node = all(i["node_id"] == here for i in infos)
         self.host = "127.0.0.1" if self.same_node else ray.util.get_node_ip_address()
         if self.same_node:  # nothing listens on the network: a FileStore in a fresh directory
@@ -65,7 +71,12 @@ class ShardPool:
             self.url = f"tcp://{self.host}:{_free_port()}"
         self.store = open_store(self.url, is_master=True, timeout=self.timeout)
         links = [self.rejoin(k) for k in range(len(self.handles))]  # retried: shards may still be starting
-        log.info("data plane up: %d shards, %s via %s", len(links), self.transport, self.url.split("://")[0])
+        log.info(
+            "data plane up: %d shards, %s via %s",
+            len(links),
+            [self.backends[k] for k in range(len(links))],
+            self.url.split("://")[0],
+        )
         return links
 
     def add(self, extra_apps: list[str], shard_deployment: str) -> None:
@@ -106,11 +117,22 @@ class ShardPool:
         if sorted(info["expert_ids"]) != sorted(held):  # a replacement: give back what it held
             handle.set_experts.remote(held).result()
         interface = "127.0.0.1" if self.same_node else info["node_ip"]
-        rdv = Rendezvous(self.url, f"shard{k}/{uuid.uuid4().hex[:8]}/", self.transport, interface)
+        backend = link_transport(self.transport, self.gpu, (info["node_id"], tuple(info["gpu_ids"])))
+        self.backends[k] = backend
+        rdv = Rendezvous(self.url, f"shard{k}/{uuid.uuid4().hex[:8]}/", backend, interface)
         pending = handle.connect.remote(rdv)
         link = ShardLink(self.store, rdv, self.device, self.timeout, self.host)
         pending.result()
         return link
+
+
+def link_transport(
+    preferred: str, router_gpu: tuple[str, tuple[str, ...]], shard_gpu: tuple[str, tuple[str, ...]]
+) -> str:
+    """The transport of one router-shard pair: `preferred`, except NCCL between two processes
+    on the same GPU (same node, same device ids), which NCCL refuses: gloo there."""
+    same_device = bool(router_gpu[1]) and router_gpu == shard_gpu
+    return "gloo" if preferred == "nccl" and same_device else preferred
 
 
 def _free_port() -> int:

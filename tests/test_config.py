@@ -84,3 +84,48 @@ def test_generation_defaults_come_from_the_checkpoint_then_the_overrides(tmp_pat
     assert RaymixSettings(override_generation_config='{"temperature": 0}').override_generation_config == {
         "temperature": 0
     }
+
+
+def first_fit(shares: list[float], gpus: int) -> bool:
+    """Whether Ray can place processes asking these GPU fractions on `gpus` devices (a fraction
+    below 1 must fit on one device)."""
+    free = [1.0] * gpus
+    for share in shares:
+        for d, room in enumerate(free):
+            if share <= room + 1e-9:
+                free[d] -= share
+                break
+        else:
+            return False
+    return True
+
+
+@pytest.mark.parametrize(
+    "gpus,shards", [(1, 1), (1, 2), (1, 4), (1, 8), (2, 4), (3, 8), (4, 4), (8, 8), (16, 4)]
+)
+def test_router_and_shards_share_gpus_when_there_are_too_few(gpus, shards):
+    """A one-GPU workstation (or any cluster with fewer GPUs than processes) still places the
+    router and every shard: each asks for an even fraction; with enough GPUs, one each."""
+    p = placement(RaymixSettings(expert_shards=shards), MixtralConfig(num_local_experts=8), gpus=gpus)
+    asks = [p.router_options["num_gpus"]] + [p.shard_gpus] * shards
+    assert first_fit(asks, gpus)
+    assert all(a > 0 for a in asks)
+    if gpus >= shards + 1:
+        assert asks == [1] * (shards + 1)
+    else:
+        assert all(a < 1 for a in asks)
+    # an explicit router_gpus is kept, and the shards share the rest
+    cpu_router = placement(RaymixSettings(expert_shards=shards, router_gpus=0), MixtralConfig(), gpus=gpus)
+    assert cpu_router.router_options["num_gpus"] == 0
+    assert first_fit([cpu_router.shard_gpus] * shards, gpus)
+
+
+def test_a_shard_on_the_routers_gpu_talks_gloo_others_nccl():
+    from deployments.shard_pool import link_transport
+
+    router = ("node-a", ("0",))
+    assert link_transport("nccl", router, ("node-a", ("0",))) == "gloo"  # same device
+    assert link_transport("nccl", router, ("node-a", ("1",))) == "nccl"  # another device
+    assert link_transport("nccl", router, ("node-b", ("0",))) == "nccl"  # device 0 of another node
+    assert link_transport("gloo", router, ("node-b", ("1",))) == "gloo"
+    assert link_transport("nccl", ("node-a", ()), ("node-a", ())) == "nccl"  # no GPUs known: as asked

@@ -1,5 +1,6 @@
 """Placement on a (simulated) GPU cluster: with `ray.init(num_gpus=4)` on this CPU machine, four
-expert shards land on four distinct GPU ids, and each holds exactly its own experts."""
+expert shards land on four distinct GPU ids, and each holds exactly its own experts; with the
+router asking for one too (five processes), they share the four devices."""
 
 from __future__ import annotations
 
@@ -50,3 +51,24 @@ def test_four_shards_on_four_gpus_each_with_its_experts(raymix):
         )
         > 0
     )
+
+
+def test_more_processes_than_gpus_share_them_and_serve(raymix):
+    """Router and four shards on four GPUs (five processes): each asks for half a GPU, so some
+    share a device, and the app serves. Before, the fifth `num_gpus=1` process could not be
+    placed. (Which pair then talks gloo rather than NCCL is tests/test_config.py's.)"""
+    import httpx
+    from ray import serve
+
+    url = raymix.deploy(expert_shards=4, max_model_len=256, kv_cache_memory_mb=32)
+    infos = [
+        serve.get_deployment_handle(f"ExpertShard{k}", app_name="raymix").info.remote().result()
+        for k in range(4)
+    ]
+    stats = raymix.router_stats()
+    assert len(stats["gpu_ids"]) == 1  # the router got a GPU too
+    devices = stats["gpu_ids"] + [g for i in infos for g in i["gpu_ids"]]
+    assert len(devices) == 5 and len(set(devices)) < 5  # five processes, some on one device
+    assert stats["data_plane_transports"] == ["gloo"] * 4  # no CUDA in these processes: gloo
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": "shared", "max_tokens": 4}, timeout=60)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
