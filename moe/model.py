@@ -4,7 +4,10 @@ Everything but the experts, which live behind an `ExpertBackend`: at each layer 
 computes the gate, routes every token to its top-k experts and hands the flat batch to the
 backend (in this process, or remote expert shards). The forward pass works on a flat batch of
 new tokens from many sequences ([T, H]), as the continuous-batching engine produces it, and
-reads as the block it is: attention then MoE, each added to the residual stream.
+reads as the block it is: attention then MoE, each added to the residual stream. The residual
+stream is kept in float32 whatever the model's dtype (layers compute in bf16, their outputs add
+up in float32): in bf16 the greedy path then stays with the float32 one at least as long as
+transformers' own bf16 does (tests/test_reference.py).
 """
 
 from __future__ import annotations
@@ -24,16 +27,18 @@ from moe.kv_cache import KVCache
 
 
 class RMSNorm(nn.Module):
+    """Normalised in float32 (as transformers does); the output is in the weights' dtype, whatever
+    the input's (the residual stream is float32, the layers compute in the model's dtype)."""
+
     def __init__(self, hidden: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        return self.weight * x32.to(self.weight.dtype)
 
 
 class Attention(nn.Module):
@@ -131,12 +136,16 @@ class MixtralDense(nn.Module):
         """→ the final hidden states [T, H] (after the last norm). Two micro-batches overlapping
         their remote experts go through moe.overlap instead, with the same ops in the same order."""
         assert self.rotary is not None
-        h = self.embed_tokens(input_ids)  # [T, H]
-        cos_sin = self.rotary.cos_sin(meta.positions, h.dtype)
+        h = self.embed(input_ids)  # [T, H] float32
+        cos_sin = self.rotary.cos_sin(meta.positions, self.dtype)
         for i, layer in enumerate(cast(list[DecoderLayer], self.layers)):
             h = h + layer.self_attn(layer.input_layernorm(h), cos_sin, kv_cache.k[i], kv_cache.v[i], meta)
             h = h + experts.wait(layer.submit_moe(i, layer.post_attention_layernorm(h), experts))
         return self.norm(h)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [T] → the residual stream's start [T, H], in float32."""
+        return self.embed_tokens(input_ids).float()
 
     @torch.inference_mode()
     def compute_logits(self, h: torch.Tensor) -> torch.Tensor:

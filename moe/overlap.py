@@ -41,10 +41,8 @@ def forward_overlapped(
 ) -> list[torch.Tensor]:
     """→ the final hidden states [T_m, H] of each micro-batch (after the last norm)."""
     assert model.rotary is not None
-    hs = [model.embed_tokens(ids) for ids, _ in micro_batches]  # [T_m, H] each
-    cos_sin = [
-        model.rotary.cos_sin(meta.positions, h.dtype) for h, (_, meta) in zip(hs, micro_batches, strict=True)
-    ]
+    hs = [model.embed(ids) for ids, _ in micro_batches]  # [T_m, H] each, float32
+    cos_sin = [model.rotary.cos_sin(meta.positions, model.dtype) for _, meta in micro_batches]
     pending: list[PendingMoE | None] = [None] * len(hs)
     for i, layer in enumerate(cast(list[DecoderLayer], model.layers)):
         for m, (_, meta) in enumerate(micro_batches):

@@ -83,3 +83,43 @@ def test_chunked_prefill_matches(tiny_dir):
     a = [s.output_token_ids for s in base.generate(prompts, GREEDY)]
     b = [s.output_token_ids for s in chunked.generate(prompts, GREEDY)]
     assert a == b
+
+
+def all_position_logits(eng: LLMEngine, token_ids: list[int]) -> torch.Tensor:
+    """The engine's logits [N, V] at every position of `token_ids`, as one prefill."""
+    from moe.attention import AttentionMetadata
+
+    eng.add_request("x", token_ids, SamplingParams(max_tokens=1))
+    ((_, n),) = eng.scheduler.schedule()
+    bs = eng.blocks.block_size
+    meta = AttentionMetadata.build([eng.blocks.tables["x"]], [n], [n], bs, eng.cfg.sliding_window, eng.device)
+    hidden = eng.model(torch.tensor(token_ids, device=eng.device), meta, eng.kv_cache, eng.experts)
+    eng.abort_request("x")
+    return eng.model.compute_logits(hidden)
+
+
+def test_bf16_is_as_faithful_to_fp32_as_transformers_bf16(model_dir, device):
+    """Along the float32 greedy path of 12 prompts, raymix's bf16 logits stay as close to the
+    float32 ones as transformers' bf16 logits do (float32 norms, router softmax and RoPE as
+    transformers has them; the residual stream and the experts' weighted sum in float32 too),
+    and pick the same greedy token at least as often."""
+    from tests.conftest import hf_model
+
+    fp32 = engine(model_dir, enable_prefix_caching=False)
+    bf16 = engine(model_dir, dtype="bfloat16", enable_prefix_caching=False)
+    hf = hf_model(model_dir, device, torch.bfloat16)
+    prompts = [fp32.tokenizer.encode(p) for p in PROMPTS + [p.upper() for p in PROMPTS] + PROMPTS[:2]]
+    paths = fp32.generate(prompts, SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True))
+    err = {"raymix": 0.0, "transformers": 0.0}
+    agree = {"raymix": 0, "transformers": 0}
+    for seq in paths:
+        ids = seq.prompt_token_ids + seq.output_token_ids
+        ref = all_position_logits(fp32, ids)
+        with torch.no_grad():
+            theirs = hf(torch.tensor([ids], device=device)).logits[0].float()
+        for name, logits in (("raymix", all_position_logits(bf16, ids)), ("transformers", theirs)):
+            err[name] += (logits - ref).abs().mean().item()
+            agree[name] += int((logits.argmax(-1) == ref.argmax(-1)).sum())
+    print(f"bf16 vs fp32 along the greedy path: mean |logit error| {err}, same argmax {agree}")
+    assert err["raymix"] <= 1.05 * err["transformers"]
+    assert agree["raymix"] >= agree["transformers"] - 2
