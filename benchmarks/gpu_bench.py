@@ -1,0 +1,227 @@
+"""Decode throughput against the memory-bandwidth limit: the in-process engine and transformers.
+
+A decode step must read the weights it uses once: per layer the attention projections, the gate
+and the distinct experts the batch's tokens hit (E·(1−(1−k/E)^B) expected for B tokens routed
+top-k of E), and the LM head. That many bytes divided by the device's measured copy bandwidth
+is the fastest a step can be; the limit in tok/s is B over that time. Each engine is reported
+as a fraction of it (KV-cache reads are left out: at these context lengths they are small).
+
+By default a checkpoint with Mixtral 8x7B's layer shapes (hidden 4096, intermediate 14336,
+32 query / 8 KV heads, 8 experts, top-2, vocab 32768) and --layers layers, bf16 random
+weights, is written once under --cache. Decode tok/s is timed after every sequence's prefill
+(the steps that sample tokens 2..N); transformers' by generate(N) minus generate(1). Median of
+--runs; figures printed, written to JSON and plotted to PNG.
+
+    .venv/bin/python benchmarks/gpu_bench.py                          # on the GPU
+    .venv/bin/python benchmarks/gpu_bench.py --device cpu --hidden-size 512 --intermediate-size 1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from report import save  # benchmarks/report.py
+
+from moe.config import MixtralConfig
+from moe.engine import EngineConfig, LLMEngine
+from moe.sampling import SamplingParams
+from moe.tiny import make_tiny
+
+MIXTRAL_8X7B_LAYER = dict(
+    hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8
+)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def copy_bandwidth(device: torch.device, nbytes: int, runs: int = 10) -> float:
+    """Bytes per second a device-to-device copy moves (read + write), median of `runs`."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).normal_()
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(runs):
+        sync(device)
+        t = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return 2 * src.numel() * 4 / statistics.median(times)
+
+
+def step_bytes(cfg: MixtralConfig, batch: int, elem: int) -> float:
+    """Expected weight bytes one decode step of `batch` sequences reads."""
+    h, i, d = cfg.hidden_size, cfg.intermediate_size, cfg.attn_head_dim
+    attn = h * d * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)  # q, o; k, v
+    e, k = cfg.num_local_experts, cfg.num_experts_per_tok
+    experts_hit = e * (1 - (1 - k / e) ** batch)
+    layer = attn + h * e + experts_hit * 3 * h * i
+    return elem * (cfg.num_hidden_layers * layer + cfg.vocab_size * h)
+
+
+def prompts(n: int, length: int, vocab: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(n)
+    return [[1] + torch.randint(100, vocab, (length - 1,), generator=g).tolist() for _ in range(n)]
+
+
+def engine_decode_tok_s(eng: LLMEngine, batch: list[list[int]], n: int, device: torch.device) -> float:
+    params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+    for k, p in enumerate(batch):
+        eng.add_request(f"b{k}", p, params)
+    while any(s.num_output_tokens == 0 for s in eng.seqs.values()):  # prefill: token 1 of each
+        eng.step()
+    sync(device)
+    t = time.perf_counter()
+    done = sum(s.num_output_tokens for s in eng.seqs.values())
+    while eng.has_unfinished():
+        eng.step()
+    sync(device)
+    return (len(batch) * n - done) / (time.perf_counter() - t)
+
+
+def hf_decode_tok_s(hf, batch: list[list[int]], n: int, device: torch.device) -> float:
+    ids = torch.tensor(batch, device=device)  # prompts of one length: no padding
+
+    def generate(tokens: int) -> float:
+        sync(device)
+        t = time.perf_counter()
+        with torch.inference_mode():
+            hf.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=tokens,
+                min_new_tokens=tokens,
+                do_sample=False,
+                pad_token_id=2,
+            )
+        sync(device)
+        return time.perf_counter() - t
+
+    return len(batch) * (n - 1) / max(generate(n) - generate(1), 1e-9)
+
+
+def median_of(runs: int, f, label: str) -> float:
+    vals = []
+    for r in range(runs):
+        vals.append(f())
+        print(f"  {label}: run {r + 1}/{runs}: {vals[-1]:.1f} tok/s", flush=True)
+    return statistics.median(vals)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="checkpoint directory (default: write a random one)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--hidden-size", type=int, default=None, help="default: Mixtral 8x7B's")
+    ap.add_argument("--intermediate-size", type=int, default=None, help="default: Mixtral 8x7B's")
+    ap.add_argument("--streams", type=int, nargs="+", default=[1, 8, 32, 64])
+    ap.add_argument("--prompt-tokens", type=int, default=20)
+    ap.add_argument("--tokens", type=int, default=128, help="greedy tokens per sequence")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--cache", default="/tmp/raymix-gpu-bench", help="where the random checkpoint is written")
+    ap.add_argument("--no-transformers", action="store_true")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+
+    if args.model:
+        model = Path(args.model)
+    else:
+        shape = dict(MIXTRAL_8X7B_LAYER, num_hidden_layers=args.layers, torch_dtype=args.dtype)
+        if args.hidden_size:
+            shape |= {"hidden_size": args.hidden_size, "num_attention_heads": max(1, args.hidden_size // 128)}
+            shape["num_key_value_heads"] = max(1, shape["num_attention_heads"] // 4)
+        if args.intermediate_size:
+            shape["intermediate_size"] = args.intermediate_size
+        model = Path(args.cache) / "-".join(f"{v}" for v in shape.values())
+        if not (model / "config.json").is_file():
+            print(f"writing a random checkpoint {shape} to {model} ...", flush=True)
+            make_tiny(model, max_position_embeddings=4096, **shape)
+    cfg = MixtralConfig.from_pretrained(model)
+    dtype = getattr(torch, args.dtype)
+    elem = torch.tensor([], dtype=dtype).element_size()
+    bw = copy_bandwidth(device, 2**30 if device.type == "cuda" else 2**28)
+    print(
+        f"{model}: hidden {cfg.hidden_size}, intermediate {cfg.intermediate_size}, {cfg.num_hidden_layers} "
+        f"layers, {args.dtype} on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}"
+        f"{torch.get_num_threads()} CPU threads); copy bandwidth {bw / 1e9:.0f} GB/s",
+        flush=True,
+    )
+    limit = {b: b / (step_bytes(cfg, b, elem) / bw) for b in args.streams}
+    results: dict[str, dict[int, float]] = {"bandwidth limit": limit, "raymix engine": {}}
+    max_len = args.prompt_tokens + args.tokens + 8
+    eng = LLMEngine.from_pretrained(
+        model,
+        EngineConfig(
+            device=args.device,
+            dtype=args.dtype,
+            max_num_seqs=max(args.streams),
+            max_model_len=max_len,
+            num_kv_blocks=max(args.streams) * (-(-max_len // 16)) + 8,
+        ),
+    )
+    engine_decode_tok_s(eng, prompts(2, args.prompt_tokens, cfg.vocab_size), 4, device)  # warm-up
+    for b in args.streams:
+        batch = prompts(b, args.prompt_tokens, cfg.vocab_size)
+        results["raymix engine"][b] = median_of(
+            args.runs,
+            lambda batch=batch: engine_decode_tok_s(eng, batch, args.tokens, device),
+            f"engine x{b}",
+        )
+    del eng
+    if not args.no_transformers:
+        from transformers import MixtralForCausalLM
+
+        hf = MixtralForCausalLM.from_pretrained(str(model), dtype=dtype).to(device).eval()
+        results["transformers generate"] = {}
+        for b in args.streams:
+            batch = prompts(b, args.prompt_tokens, cfg.vocab_size)
+            results["transformers generate"][b] = median_of(
+                args.runs,
+                lambda batch=batch: hf_decode_tok_s(hf, batch, args.tokens, device),
+                f"transformers x{b}",
+            )
+    print(
+        f"\ndecode tok/s, {args.tokens} greedy tokens per sequence, median of {args.runs}; (fraction of the limit)"
+    )
+    names = [n for n in results if n != "bandwidth limit"]
+    print(f"{'streams':>8} {'limit':>9} " + " ".join(f"{n:>28}" for n in names))
+    for b in args.streams:
+        cells = " ".join(f"{results[n][b]:>18.1f} ({results[n][b] / limit[b]:.2f})" for n in names)
+        print(f"{b:>8} {limit[b]:>9.0f} {cells}")
+    if "transformers generate" in results:
+        ratios = ", ".join(
+            f"{b}: {results['raymix engine'][b] / results['transformers generate'][b]:.2f}x"
+            for b in args.streams
+        )
+        print(f"raymix / transformers: {ratios}")
+    save(
+        f"gpu_bench_{device.type}",
+        {
+            "model": str(model),
+            "device": str(device),
+            "dtype": args.dtype,
+            "copy_bandwidth_bytes_per_s": bw,
+            "tokens": args.tokens,
+            "tok_s": results,
+            "fraction_of_limit": {n: {b: results[n][b] / limit[b] for b in args.streams} for n in names},
+        },
+        results,
+        xscale="log",
+        yscale="log",
+        xlabel="concurrent streams",
+        ylabel="decode tok/s",
+        title=f"Decode vs the bandwidth limit ({device.type}, {args.dtype})",
+    )
+
+
+if __name__ == "__main__":
+    main()
