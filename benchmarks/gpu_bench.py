@@ -68,7 +68,7 @@ def step_bytes(cfg: MixtralConfig, batch: int, elem: int) -> float:
 
 def prompts(n: int, length: int, vocab: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(n)
-    return [[1] + torch.randint(100, vocab, (length - 1,), generator=g).tolist() for _ in range(n)]
+    return [[1, *torch.randint(100, vocab, (length - 1,), generator=g).tolist()] for _ in range(n)]
 
 
 def engine_decode_tok_s(eng: LLMEngine, batch: list[list[int]], n: int, device: torch.device) -> float:
@@ -173,7 +173,7 @@ def main() -> None:
         batch = prompts(b, args.prompt_tokens, cfg.vocab_size)
         results["raymix engine"][b] = median_of(
             args.runs,
-            lambda batch=batch: engine_decode_tok_s(eng, batch, args.tokens, device),
+            lambda batch=batch, eng=eng: engine_decode_tok_s(eng, batch, args.tokens, device),
             f"engine x{b}",
         )
     del eng
