@@ -6,6 +6,10 @@ is built once per step and shared by every layer: where each new token's K/V is 
 (`slot_mapping`), and for each sequence the cache slots of its whole context (`kv_slots`) with a
 mask that is causal, bounded by the context length and, if the model has one, by the sliding
 window. Attention is then one batched `scaled_dot_product_attention` over [B, max_q] × [B, max_kv].
+
+`DecodeMetadata` is the same for a step of decodes only (one new token per sequence) in
+fixed-shape tensors, as the CUDA-graph runner (moe.cuda_graph) keeps them in static buffers:
+padded rows write to a scratch slot and see only it.
 """
 
 from __future__ import annotations
@@ -70,6 +74,34 @@ class AttentionMetadata:
             mask=mask[:, None].to(device),
             last_index=(starts + n_new - 1).to(device),
         )
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
+    ) -> torch.Tensor:
+        return paged_attention(q, k, v, k_cache, v_cache, self)
+
+
+@dataclass
+class DecodeMetadata:
+    """One new token per sequence (B rows, padded ones included), every tensor fixed-shape."""
+
+    positions: torch.Tensor  # [B] position of each new token (its context length - 1)
+    slot_mapping: torch.Tensor  # [B] cache slot its K/V is written to (pads: the scratch slot)
+    kv_slots: torch.Tensor  # [B, L] cache slots of each context, L a bucket ≥ the longest (pads: scratch)
+    mask: torch.Tensor  # [B, L] bool, True on the context's keys (in the sliding window, if any)
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
+    ) -> torch.Tensor:
+        """q [B, Hq, D], k/v [B, Hkv, D] → [B, Hq, D]; no data-dependent shapes, no host sync."""
+        k_cache[self.slot_mapping] = k
+        v_cache[self.slot_mapping] = v
+        kb = k_cache[self.kv_slots].transpose(1, 2)  # [B, Hkv, L, D]
+        vb = v_cache[self.kv_slots].transpose(1, 2)  # [B, Hkv, L, D]
+        gqa = kb.shape[1] != q.shape[1]
+        mask = self.mask[:, None, None, :]  # [B, 1, 1, L]
+        out = F.scaled_dot_product_attention(q[:, :, None], kb, vb, attn_mask=mask, enable_gqa=gqa)
+        return out[:, :, 0]  # [B, Hq, D]
 
 
 class RotaryEmbedding:

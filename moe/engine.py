@@ -21,6 +21,7 @@ import torch
 from moe.backend import ExpertBackend, InProcessExperts
 from moe.checkpoint import CheckpointReader, parse_dtype
 from moe.config import MixtralConfig
+from moe.cuda_graph import DecodeGraphs
 from moe.errors import OverloadedError, RequestError
 from moe.guided import GrammarTokenizer
 from moe.kv_cache import BlockManager, KVCache
@@ -49,6 +50,10 @@ class EngineConfig:
     overlap: bool = False  # two micro-batches per step, so attention overlaps remote experts
     max_queued_requests: int = 1024  # waiting requests beyond the running batch; more are refused
     enable_prefix_caching: bool = True  # reuse the KV blocks of shared prompt prefixes
+    # decode steps replayed from CUDA graphs (moe.cuda_graph); None: on with CUDA when the
+    # experts are in this process, unsplit, and no overlap. True on CPU runs the same padded
+    # static-buffer step without capture (what the tests compare with the eager path).
+    cuda_graphs: bool | None = None
 
 
 def pick_device(device: str) -> torch.device:
@@ -90,7 +95,9 @@ class LLMEngine:
         self.kv_cache = KVCache(cfg, num_blocks, bs, model.dtype, self.device)
         self.blocks = BlockManager(num_blocks, bs, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(cfg, model, experts, self.kv_cache, self.blocks, config.overlap)
+        self.runner = ModelRunner(
+            cfg, model, experts, self.kv_cache, self.blocks, config.overlap, self._decode_graphs(experts)
+        )
         self.seqs: dict[str, Sequence] = {}
         eos = list(cfg.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id not in eos:
@@ -100,6 +107,30 @@ class LLMEngine:
         self.sampler = Sampler(eos, cfg.vocab_size)
         self.model_dir = model_dir
         self._grammar_tokenizer: GrammarTokenizer | None = None
+
+    def _decode_graphs(self, experts: ExpertBackend) -> DecodeGraphs | None:
+        """The CUDA-graph decode runner, when on: graphs need the whole step on this device with
+        nothing that syncs the host (remote experts do; split in-process experts dispatch with
+        nonzero()). In float32 on CUDA, torch's grouped GEMM falls back to a per-group loop that
+        reads its offsets on the host, so by default graphs are for bf16/fp16 models."""
+        wanted = self.config.cuda_graphs
+        on_cuda = self.device.type == "cuda"
+        unsplit = isinstance(experts, InProcessExperts) and len(experts.shards) == 1
+        if wanted is None:
+            wanted = on_cuda and unsplit and not self.config.overlap and self.model.dtype != torch.float32
+        if not wanted:
+            return None
+        if not unsplit or self.config.overlap:
+            raise ValueError("cuda_graphs needs the experts in this process, unsplit, and overlap off")
+        return DecodeGraphs(
+            self.model,
+            experts,
+            self.kv_cache,
+            self.config.max_num_seqs,
+            self.max_model_len,
+            self.cfg.sliding_window,
+            capture=on_cuda,
+        )
 
     @classmethod
     def from_pretrained(

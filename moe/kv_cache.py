@@ -1,6 +1,8 @@
 """Paged KV cache: fixed-size blocks of key/value slots, handed out to sequences as they grow.
 
-`KVCache` holds the tensors, [layers, blocks, block_size, kv_heads, head_dim] for K and for V.
+`KVCache` holds the tensors, [layers, slots, kv_heads, head_dim] for K and for V: the blocks' slots
+laid end to end, plus one scratch slot past them that no block owns (padded rows of a CUDA-graph
+decode step write there).
 `BlockManager` owns the free list and each sequence's block table (as in vLLM): a sequence of
 n tokens holds ceil(n / block_size) blocks, and all of them go back when it finishes, is aborted
 or is preempted. With prefix caching on, full blocks are shared by hash between sequences whose
@@ -27,7 +29,8 @@ class KVCache:
         dtype: torch.dtype,
         device: str | torch.device,
     ):
-        shape = (cfg.num_hidden_layers, num_blocks * block_size, cfg.num_key_value_heads, cfg.attn_head_dim)
+        self.scratch_slot = num_blocks * block_size  # written by padding, read by nothing real
+        shape = (cfg.num_hidden_layers, self.scratch_slot + 1, cfg.num_key_value_heads, cfg.attn_head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, slots, Hkv, D]
         self.v = torch.zeros(shape, dtype=dtype, device=device)  # [L, slots, Hkv, D]
         self.num_blocks = num_blocks

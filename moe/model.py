@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe.attention import AttentionMetadata, RotaryEmbedding, apply_rotary, paged_attention
+from moe.attention import AttentionMetadata, DecodeMetadata, RotaryEmbedding, apply_rotary
 from moe.backend import ExpertBackend
 from moe.checkpoint import CheckpointReader, dense_tensor_shapes
 from moe.config import MixtralConfig
@@ -57,14 +57,14 @@ class Attention(nn.Module):
         cos_sin: tuple[torch.Tensor, torch.Tensor],
         k_cache: torch.Tensor,  # [slots, Hkv, D]
         v_cache: torch.Tensor,
-        meta: AttentionMetadata,
+        meta: AttentionMetadata | DecodeMetadata,
     ) -> torch.Tensor:
         t = x.shape[0]
         q = self.q_proj(x).view(t, self.n_heads, self.head_dim)  # [T, Hq, D]
         k = self.k_proj(x).view(t, self.n_kv, self.head_dim)  # [T, Hkv, D]
         v = self.v_proj(x).view(t, self.n_kv, self.head_dim)  # [T, Hkv, D]
         q, k = apply_rotary(q, *cos_sin), apply_rotary(k, *cos_sin)
-        out = paged_attention(q, k, v, k_cache, v_cache, meta)  # [T, Hq, D]
+        out = meta.attend(q, k, v, k_cache, v_cache)  # [T, Hq, D]
         return self.o_proj(out.reshape(t, -1))  # [T, H]
 
 
@@ -129,7 +129,7 @@ class MixtralDense(nn.Module):
     def forward(  # type: ignore[override]
         self,
         input_ids: torch.Tensor,  # [T]
-        meta: AttentionMetadata,
+        meta: AttentionMetadata | DecodeMetadata,
         kv_cache: KVCache,
         experts: ExpertBackend,
     ) -> torch.Tensor:

@@ -4,8 +4,9 @@ It turns the scheduler's flat batch (sequences with how many of their tokens to 
 input ids and attention metadata, runs the model (two micro-batches through the overlap driver
 when asked, so the router's attention overlaps remote experts), records what is now in the KV
 cache, and returns the logits of the sequences whose prompt is complete (they sample this
-step). This is where CUDA graphs of decode steps belong: static input and metadata buffers per
-batch-size bucket, captured and replayed here, invisible to the engine.
+step). A step of decodes only goes through moe.cuda_graph when it is on (by default on CUDA with
+the experts in this process): captured once per batch and context bucket, then replayed,
+invisible to the engine.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from moe.attention import AttentionMetadata
 from moe.backend import ExpertBackend
 from moe.config import MixtralConfig
+from moe.cuda_graph import DecodeGraphs
 from moe.kv_cache import BlockManager, KVCache
 from moe.model import MixtralDense
 from moe.overlap import forward_overlapped
@@ -34,6 +36,7 @@ class ModelRunner:
         kv_cache: KVCache,
         blocks: BlockManager,
         overlap: bool = False,
+        decode_graphs: DecodeGraphs | None = None,
     ):
         self.cfg = cfg
         self.model = model
@@ -42,10 +45,20 @@ class ModelRunner:
         self.blocks = blocks
         self.overlap = overlap
         self.device = model.device
+        self.decode_graphs = decode_graphs
 
     def execute(self, scheduled: Scheduled) -> tuple[torch.Tensor, list[Sequence]]:
         """Run the model on the step's flat batch → (logits [S, V] for the S sequences that
         sample this step, those sequences)."""
+        graphs = self.decode_graphs
+        if graphs is not None and all(n == 1 and s.num_computed + 1 == len(s) for s, n in scheduled):
+            seqs = [s for s, _ in scheduled]
+            if graphs.fits(len(seqs), max(len(s) for s in seqs)):
+                tables = [self.blocks.tables[s.request_id] for s in seqs]
+                logits = graphs.run([s.token_ids[-1] for s in seqs], tables, [len(s) for s in seqs])
+                for seq in seqs:
+                    self._computed(seq, 1)
+                return logits, seqs
         groups = self._micro_batches(scheduled)
         inputs = [self._inputs(group) for group in groups]  # ([T_m] ids, metadata) each
         if len(inputs) == 1:
@@ -55,15 +68,19 @@ class ModelRunner:
         last, sampling = [], []
         for group, h, (_, meta) in zip(groups, hidden, inputs, strict=True):
             for b, (seq, n) in enumerate(group):
-                seq.num_computed += n
-                if self.blocks.num_unhashed(seq.request_id, seq.num_computed):
-                    self.blocks.cache_full_blocks(seq.request_id, seq.token_ids, seq.num_computed)
+                self._computed(seq, n)
                 if seq.num_computed == len(seq):  # prompt fully in the cache: this step samples
                     last.append(h[meta.last_index[b]])
                     sampling.append(seq)
         if not last:
             return torch.empty(0, self.cfg.vocab_size, device=self.device), sampling
         return self.model.compute_logits(torch.stack(last)), sampling  # [S, V]
+
+    def _computed(self, seq: Sequence, n: int) -> None:
+        """n more of seq's tokens are in the KV cache; full blocks get their prefix-cache names."""
+        seq.num_computed += n
+        if self.blocks.num_unhashed(seq.request_id, seq.num_computed):
+            self.blocks.cache_full_blocks(seq.request_id, seq.token_ids, seq.num_computed)
 
     def _inputs(self, group: Scheduled) -> tuple[torch.Tensor, AttentionMetadata]:
         input_ids: list[int] = []
