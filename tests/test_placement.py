@@ -60,6 +60,9 @@ def test_more_processes_than_gpus_share_them_and_serve(raymix):
     import httpx
     from ray import serve
 
+    # the app of the test before holds every GPU: its placement is reserved before it goes
+    serve.delete("raymix")
+    raymix.settings = None
     url = raymix.deploy(expert_shards=4, max_model_len=256, kv_cache_memory_mb=32)
     infos = [
         serve.get_deployment_handle(f"ExpertShard{k}", app_name="raymix").info.remote().result()
