@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import time
 from pathlib import Path
 
 import torch
-from report import save  # benchmarks/report.py
+from report import median_of, save  # benchmarks/report.py
 
 from moe.engine import EngineConfig, LLMEngine
 from moe.sampling import SamplingParams
@@ -62,14 +61,6 @@ def hf_tok_s(hf, batch: list[list[int]], n: int, pad_id: int) -> float:
             ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=pad_id
         )
     return len(batch) * n / (time.perf_counter() - t)
-
-
-def median_of(runs: int, f, label: str) -> float:
-    vals = []
-    for r in range(runs):
-        vals.append(f())
-        print(f"  {label}: run {r + 1}/{runs}: {vals[-1]:.1f} tok/s", flush=True)
-    return statistics.median(vals)
 
 
 def main() -> None:

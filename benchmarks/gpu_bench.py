@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from report import save  # benchmarks/report.py
+from report import median_of, save  # benchmarks/report.py
 
 from moe.config import MixtralConfig
 from moe.engine import EngineConfig, LLMEngine
@@ -105,14 +105,6 @@ def hf_decode_tok_s(hf, batch: list[list[int]], n: int, device: torch.device) ->
         return time.perf_counter() - t
 
     return len(batch) * (n - 1) / max(generate(n) - generate(1), 1e-9)
-
-
-def median_of(runs: int, f, label: str) -> float:
-    vals = []
-    for r in range(runs):
-        vals.append(f())
-        print(f"  {label}: run {r + 1}/{runs}: {vals[-1]:.1f} tok/s", flush=True)
-    return statistics.median(vals)
 
 
 def main() -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import statistics
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,3 +28,12 @@ def save(name: str, data: dict[str, Any], series: dict[str, dict[int, float]], *
     fig.tight_layout()
     fig.savefig(OUT / f"{name}.png", dpi=100)
     print(f"wrote {OUT / name}.json and {OUT / name}.png")
+
+
+def median_of(runs: int, f: Callable[[], float], label: str) -> float:
+    """The median of `runs` calls of f (a tok/s figure), each printed as it comes."""
+    vals = []
+    for r in range(runs):
+        vals.append(f())
+        print(f"  {label}: run {r + 1}/{runs}: {vals[-1]:.1f} tok/s", flush=True)
+    return statistics.median(vals)

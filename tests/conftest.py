@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moe.attention import AttentionMetadata
+from moe.sampling import SamplingParams
 from moe.tiny import make_tiny
 
 # A second shape, different in every size: no GQA sharing ratio of the default, 4 experts,
@@ -61,3 +63,15 @@ def device() -> torch.device:
     """Where the unit tests run: the GPU when there is one (the same code paths users serve
     from), else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def all_position_logits(eng, token_ids: list[int]) -> torch.Tensor:
+    """The engine's logits [N, V] at every position of `token_ids`, as one prefill (a request
+    that is then aborted: the engine is left as it was)."""
+    eng.add_request("x", token_ids, SamplingParams(max_tokens=1))
+    ((_, n),) = eng.scheduler.schedule()
+    bs = eng.blocks.block_size
+    meta = AttentionMetadata.build([eng.blocks.tables["x"]], [n], [n], bs, eng.cfg.sliding_window, eng.device)
+    hidden = eng.model(torch.tensor(token_ids, device=eng.device), meta, eng.kv_cache, eng.experts)
+    eng.abort_request("x")
+    return eng.model.compute_logits(hidden)

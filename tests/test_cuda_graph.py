@@ -12,14 +12,8 @@ from moe.attention import AttentionMetadata
 from moe.cuda_graph import batch_buckets, context_buckets
 from moe.engine import EngineConfig, LLMEngine
 from moe.sampling import SamplingParams
+from tests.test_reference import PROMPTS
 
-PROMPTS = [
-    "Hello world",
-    "The quick brown fox jumps over the lazy dog, and then it runs far away into the forest.",
-    "a",
-    "Mixture of experts models route each token to two of eight experts.",
-    "1 2 3 4 5 6 7 8 9 10 11 12",
-]
 GREEDY = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
 
 

@@ -8,6 +8,7 @@ import torch
 from moe.attention import AttentionMetadata
 from moe.engine import EngineConfig, LLMEngine
 from moe.sampling import SamplingParams
+from tests.conftest import all_position_logits
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
@@ -24,12 +25,7 @@ def test_cached_decode_equals_full_recompute(tiny_dir):
     full_tokens = seq.token_ids[:-1]
     # Recompute from scratch: the whole sequence as one prefill, logits at every position.
     fresh = LLMEngine.from_pretrained(tiny_dir, EngineConfig(max_model_len=128, block_size=4))
-    fresh.add_request("x", full_tokens, SamplingParams(max_tokens=1))
-    ((_s, n),) = fresh.scheduler.schedule()
-    meta = AttentionMetadata.build([fresh.blocks.tables["x"]], [n], [n], 4, None, fresh.device)
-    ids = torch.tensor(full_tokens, device=fresh.device)
-    hidden = fresh.model(ids, meta, fresh.kv_cache, fresh.experts)
-    logp = torch.log_softmax(fresh.model.compute_logits(hidden), -1)
+    logp = torch.log_softmax(all_position_logits(fresh, full_tokens), -1)
     outs = seq.output_token_ids
     recomputed = [logp[len(prompt) - 1 + i, t].item() for i, t in enumerate(outs)]
     torch.testing.assert_close(torch.tensor(cached), torch.tensor(recomputed), rtol=1e-4, atol=1e-4)

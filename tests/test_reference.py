@@ -8,6 +8,7 @@ import torch
 
 from moe.engine import EngineConfig, LLMEngine
 from moe.sampling import SamplingParams
+from tests.conftest import all_position_logits
 
 PROMPTS = [
     "Hello world",
@@ -83,19 +84,6 @@ def test_chunked_prefill_matches(tiny_dir):
     a = [s.output_token_ids for s in base.generate(prompts, GREEDY)]
     b = [s.output_token_ids for s in chunked.generate(prompts, GREEDY)]
     assert a == b
-
-
-def all_position_logits(eng: LLMEngine, token_ids: list[int]) -> torch.Tensor:
-    """The engine's logits [N, V] at every position of `token_ids`, as one prefill."""
-    from moe.attention import AttentionMetadata
-
-    eng.add_request("x", token_ids, SamplingParams(max_tokens=1))
-    ((_, n),) = eng.scheduler.schedule()
-    bs = eng.blocks.block_size
-    meta = AttentionMetadata.build([eng.blocks.tables["x"]], [n], [n], bs, eng.cfg.sliding_window, eng.device)
-    hidden = eng.model(torch.tensor(token_ids, device=eng.device), meta, eng.kv_cache, eng.experts)
-    eng.abort_request("x")
-    return eng.model.compute_logits(hidden)
 
 
 def test_bf16_is_as_faithful_to_fp32_as_transformers_bf16(model_dir, device):
