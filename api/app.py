@@ -21,6 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.context import ServingContext
@@ -237,6 +238,15 @@ def _add_error_handlers(app: FastAPI, ctx: ServingContext) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, e: APIError) -> JSONResponse:
         return answer(e.status, e.body, e.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        """Routing's own errors (no such path, a wrong method) in OpenAI's shape, as OpenAI words
+        them ("Invalid URL (GET /v1/foo)")."""
+        route = f"{request.method} {request.url.path}"
+        message = f"Invalid URL ({route})" if e.status_code == 404 else f"{e.detail} ({route})"
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+        return answer(e.status_code, error_body(message, "invalid_request_error", None, code), e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:

@@ -109,6 +109,19 @@ def test_api_keys_guard_the_api_not_health_or_docs(api):
         assert api.get(path).status_code == 200, path
 
 
+def test_unknown_paths_and_wrong_methods_are_openai_errors(api):
+    r = api.get("/v1/nope", headers=AUTH)
+    assert r.status_code == 404
+    assert r.json() == {
+        "error": {"message": "Invalid URL (GET /v1/nope)", "type": "invalid_request_error",
+                  "param": None, "code": "not_found"}
+    }  # fmt: skip
+    r = api.get("/v1/chat/completions", headers=AUTH)
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+    assert r.json()["error"]["code"] == "method_not_allowed"
+    assert "GET /v1/chat/completions" in r.json()["error"]["message"]
+
+
 def test_stream_equals_non_stream_with_sse_framing_and_usage(api):
     body = {**GOOD, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
     whole = post(api, body).json()
