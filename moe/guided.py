@@ -124,28 +124,66 @@ def json_grammar(schema: dict[str, Any] | None) -> str:
 def tool_call_grammar(tools: list[dict[str, Any]], tool_calls_token: int, parallel: bool = True) -> str:
     """The grammar for a forced tool call (`tool_choice` required/any or a named function):
     the `[TOOL_CALLS]` token, then a JSON list of calls of the given functions."""
-    calls = [
-        {
-            "type": "object",
-            "properties": {
-                "name": {"const": t["function"]["name"]},
-                "arguments": bound_schema(
-                    t["function"].get("parameters") or {"type": "object", "properties": {}}
-                ),
-            },
-            "required": ["name", "arguments"],
-            "additionalProperties": False,
-        }
-        for t in tools
-    ]
+    defs: dict[str, Any] = {}
+    calls = []
+    for i, t in enumerate(tools):
+        params = bound_schema(t["function"].get("parameters") or {"type": "object", "properties": {}})
+        calls.append(
+            {
+                "type": "object",
+                "properties": {
+                    "name": {"const": t["function"]["name"]},
+                    "arguments": _rebase(params, i, defs),
+                },
+                "required": ["name", "arguments"],
+                "additionalProperties": False,
+            }
+        )
     schema = {
         "x-guidance": NO_WHITESPACE,
         "type": "array",
         "items": calls[0] if len(calls) == 1 else {"anyOf": calls},
         "minItems": 1,
         "maxItems": 4 if parallel else 1,
+        **({"$defs": defs} if defs else {}),
     }
     return _lark(f'start: <[{tool_calls_token}]> " "? %json {json.dumps(schema)}\n', "tools")
+
+
+def _rebase(params: Any, index: int, defs: dict[str, Any]) -> Any:
+    """Function `index`'s parameters schema, nested under a new root: its `$defs` /
+    `definitions` (what pydantic writes for enums and nested models) move to `defs` as
+    `f{index}.<name>`, and its local `$ref`s are rewritten to follow them; a `$ref` to its own
+    root ("#", a recursive model) or into it points at a copy of that root in `defs`."""
+    if not isinstance(params, dict):
+        return params
+    prefix = f"f{index}."
+
+    def ref(pointer: str) -> str:
+        for section in ("/$defs/", "/definitions/"):
+            if pointer.startswith(section):
+                return f"#/$defs/{prefix}{pointer[len(section) :]}"
+        defs[f"{prefix}root"] = root
+        return f"#/$defs/{prefix}root{pointer}"
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, list):
+            return [walk(x) for x in node]
+        if not isinstance(node, dict):
+            return node
+        out = {k: walk(v) for k, v in node.items()}
+        if isinstance(node.get("$ref"), str) and node["$ref"].startswith("#"):
+            out["$ref"] = ref(node["$ref"][1:])
+        return out
+
+    root = {k: v for k, v in params.items() if k not in ("$defs", "definitions")}
+    for section in ("definitions", "$defs"):
+        for name, sub in (params.get(section) or {}).items():
+            defs[f"{prefix}{name}"] = walk(sub)
+    root = walk(root)
+    if f"{prefix}root" in defs:
+        defs[f"{prefix}root"] = root
+    return root
 
 
 def _lark(lark: str, param: str) -> str:

@@ -4,13 +4,16 @@ parse into calls whose arguments validate; the fast bitmask path equals a plain 
 
 from __future__ import annotations
 
+import enum
 import json
 
 import jsonschema
+import openai
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import BaseModel, Field
 
 from moe.engine import EngineConfig, LLMEngine
 from moe.errors import RequestError
@@ -193,3 +196,55 @@ def test_apply_bitmask_matches_a_plain_loop():
     got = logits.clone()
     apply_bitmask(got, bitmask)
     assert torch.equal(got, want)
+
+
+class Color(enum.Enum):
+    RED = "red"
+    GREEN = "green"
+
+
+class Address(BaseModel):
+    city: str
+    zip: str | None = None
+
+
+class Order(BaseModel):
+    """What pydantic writes for these uses `$defs` and `$ref`: an Enum, a nested model, an
+    Optional of a model, a list of models; a recursive model refers to its own root."""
+
+    color: Color
+    ship_to: Address
+    bill_to: Address | None = None
+    items: list[Address] = Field(max_length=3)
+
+
+class Tree(BaseModel):
+    label: str = Field(max_length=8)
+    children: list[Tree] = Field(max_length=2)
+
+
+@pytest.mark.parametrize("model", [Order, Tree])
+@pytest.mark.parametrize("how", ["openai", "pydantic"])
+def test_forced_tool_calls_with_defs_and_refs(engine, model, how):
+    """Tool schemas as the openai SDK's pydantic_function_tool and instructor send them."""
+    if how == "openai":
+        tool = openai.pydantic_function_tool(model)
+    else:  # instructor's Mode.TOOLS: the model's own model_json_schema() as the parameters
+        tool = {
+            "type": "function",
+            "function": {"name": model.__name__, "parameters": model.model_json_schema()},
+        }
+    assert "$defs" in tool["function"]["parameters"] or "$ref" in json.dumps(tool)
+    tok = engine.tokenizer
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Order something."}], [tool])
+    params = [
+        SamplingParams(
+            max_tokens=3000, temperature=t, seed=s, grammar=tool_call_grammar([tool], tok.tool_calls_token_id)
+        )
+        for t, s in [(0.0, None), (1.0, 1), (1.0, 2)]
+    ]
+    for seq in engine.generate([prompt] * 3, params):
+        assert seq.finish_reason == "stop", seq.text
+        for call in json.loads(seq.text):
+            model.model_validate(call["arguments"])
+            jsonschema.validate(call["arguments"], tool["function"]["parameters"])
