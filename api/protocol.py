@@ -142,6 +142,7 @@ class SamplingFields(BaseModel):
         defaults: dict[str, Any] | None = None,
         grammar: str | None = None,
         extra_bias: dict[int, float] | None = None,
+        prompt_logprobs: int | None = None,
     ) -> SamplingParams:
         """The engine's parameters for choice `choice`; what the request leaves out comes from
         `defaults` (moe.generation), then OpenAI's defaults."""
@@ -176,6 +177,7 @@ class SamplingFields(BaseModel):
             stop_token_ids=list(self.stop_token_ids or []),
             include_stop_str_in_output=self.include_stop_str_in_output,
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
             skip_special_tokens=self.skip_special_tokens,
             grammar=grammar,
         )
@@ -259,7 +261,7 @@ class PredictRequest(SamplingFields):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]] = Field(min_length=1)
-    max_tokens: int = Field(default=16, ge=1)
+    max_tokens: int = Field(default=16, ge=0)  # 0 with echo and logprobs: score the prompt only
     logprobs: int | None = Field(default=None, ge=0, le=5)
     echo: bool = False
 
@@ -389,9 +391,13 @@ class ChatCompletionChunk(StreamChunk):
 
 
 class CompletionLogprobs(BaseModel):
+    """One entry per token; with echo the prompt's tokens come first, the very first with
+    null logprobs (nothing predicts it)."""
+
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
 
 
 class CompletionChoice(BaseModel):

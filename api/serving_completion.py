@@ -1,6 +1,9 @@
 """POST /v1/completions: text (or token-id) prompts, several at once, JSON or SSE.
 
-Choice k answers prompt k // n. `echo` puts the prompt's text in front of the answer.
+Choice k answers prompt k // n. `echo` puts the prompt in front of the answer, and with
+`logprobs` the prompt's tokens' logprobs in front of the answer's (the first token's null), as
+OpenAI's legacy completions and vLLM do: what lm-eval's log-likelihood tasks read. `max_tokens:
+0` with both scores the prompt alone.
 """
 
 from __future__ import annotations
@@ -40,21 +43,23 @@ class ServingCompletion:
         created = int(time.time())
         per_choice = [p for p in prompts for _ in range(req.n)]  # choice k: prompt k // n
         prompt_tokens = sum(len(p) for p in prompts)
+        scored = req.logprobs if req.echo else None  # k for the prompt's tokens
         choices = await start_choices(
-            ctx, rid, per_choice, prompt_tokens, req, req.max_tokens, req.logprobs, None, req.stream
+            ctx, rid, per_choice, prompt_tokens, req, req.max_tokens, req.logprobs, None, req.stream, scored
         )
         if req.stream:
-            return sse_response(self._stream(choices, rid, model, created, req.include_usage(), req.logprobs))
+            return sse_response(self._stream(choices, rid, model, created, req, per_choice))
         results = await choices.collect()
-        out = [
-            CompletionChoice(
-                index=i,
-                text=(ctx.tokenizer.decode(per_choice[i]) if req.echo else "") + r.text,
-                logprobs=self._logprobs(r.logprobs) if req.logprobs is not None else None,
-                finish_reason=r.finish_reason,
+        out = []
+        for i, r in enumerate(results):
+            echoed = ctx.tokenizer.decode(per_choice[i]) if req.echo else ""
+            lps: list[Logprobs | None] = [*(r.prompt_logprobs or []), *r.logprobs]
+            logprobs = self._logprobs(lps, per_choice[i]) if req.logprobs is not None else None
+            out.append(
+                CompletionChoice(
+                    index=i, text=echoed + r.text, logprobs=logprobs, finish_reason=r.finish_reason
+                )
             )
-            for i, r in enumerate(results)
-        ]
         usage = ctx.usage(prompt_tokens, choices.completion_tokens)
         return JSONResponse(
             CompletionResponse(id=rid, created=created, model=model, choices=out, usage=usage).body()
@@ -66,16 +71,28 @@ class ServingCompletion:
         rid: str,
         model: str,
         created: int,
-        include_usage: bool,
-        logprobs: int | None,
+        req: CompletionRequest,
+        prompts: list[list[int]],
     ) -> AsyncIterator[str]:
+        include_usage = req.include_usage()
         extra: dict[str, Any] = {"usage": None} if include_usage else {}
+        offsets = [0] * len(prompts)  # text_offset of each choice's next token
+        started = [False] * len(prompts)
         async for i, out in choices:
-            if out.new_text or out.finished:
+            echoed, lps = "", list[Logprobs | None](out.new_logprobs)
+            if req.echo and not started[i]:  # a choice's first chunk carries the prompt
+                echoed = self.ctx.tokenizer.decode(prompts[i])
+                lps = [*(out.prompt_logprobs or []), *lps]
+            started[i] = True
+            if out.new_text or echoed or out.finished:
+                logprobs = None
+                if req.logprobs is not None:
+                    logprobs = self._logprobs(lps, prompts[i], offsets[i])
+                    offsets[i] += sum(len(t) for t in logprobs.tokens)
                 choice = CompletionChoice(
                     index=i,
-                    text=out.new_text,
-                    logprobs=self._logprobs(out.new_logprobs) if logprobs is not None else None,
+                    text=echoed + out.new_text,
+                    logprobs=logprobs,
                     finish_reason=out.finish_reason if out.finished else None,
                 )
                 chunk = CompletionChunk(id=rid, created=created, model=model, choices=[choice], **extra)
@@ -87,10 +104,18 @@ class ServingCompletion:
             )
         yield "[DONE]"
 
-    def _logprobs(self, lps: list[Logprobs]) -> CompletionLogprobs:
+    def _logprobs(self, lps: list[Logprobs | None], prompt: list[int], offset: int = 0) -> CompletionLogprobs:
+        """OpenAI's logprobs of `lps`; a None entry (the echoed prompt's first token) is the
+        first token of `prompt`. Each top_logprobs holds the k most likely and the token itself."""
         text = self.ctx.tokenizer.token_text
+        tokens, values, tops, offsets = [], [], [], []
+        for j, lp in enumerate(lps):
+            token = text(prompt[j] if lp is None else lp.token_id)
+            tokens.append(token)
+            offsets.append(offset)
+            offset += len(token)
+            values.append(None if lp is None else lp.logprob)
+            tops.append(None if lp is None else {text(t): v for t, v in [*lp.top, (lp.token_id, lp.logprob)]})
         return CompletionLogprobs(
-            tokens=[text(lp.token_id) for lp in lps],
-            token_logprobs=[lp.logprob for lp in lps],
-            top_logprobs=[{text(t): v for t, v in lp.top} for lp in lps],
+            tokens=tokens, token_logprobs=values, top_logprobs=tops, text_offset=offsets
         )

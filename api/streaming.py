@@ -44,12 +44,14 @@ async def start_choices(
     logprobs: int | None,
     plan: ChatPlan | None = None,
     streaming: bool = False,
+    prompt_logprobs: int | None = None,
 ) -> ChoiceStream:
     """Submit choice i (prompts[i]) as engine request `{request_id}-{i}` and wait for every
-    choice's first output. `prompt_tokens`: the request's, as usage counts them."""
+    choice's first output. `prompt_tokens`: the request's, as usage counts them;
+    `prompt_logprobs`: k to score the prompts' tokens too (completions' echo)."""
     start = time.monotonic()
     rids = [f"{request_id}-{i}" for i in range(len(prompts))]
-    if max_tokens == 0:  # nothing to generate (DeepInfra allows it): answer without the engine
+    if max_tokens == 0 and prompt_logprobs is None:  # nothing to compute (DeepInfra allows it)
         ctx_len = await ctx.context_len()
         if any(len(p) > ctx_len for p in prompts):
             raise APIError.bad_request(
@@ -67,6 +69,7 @@ async def start_choices(
                 ctx.defaults,
                 plan.grammar if plan else None,
                 plan.extra_bias if plan else None,
+                prompt_logprobs,
             )
         except RequestError as e:
             raise APIError.from_request_error(e) from None
@@ -104,6 +107,7 @@ class ChoiceResult:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[Logprobs] = field(default_factory=list)
+    prompt_logprobs: list[Logprobs | None] | None = None
     finish_reason: str | None = None
 
 
@@ -191,6 +195,8 @@ class ChoiceStream:
             r.text += out.new_text
             r.token_ids += out.new_token_ids
             r.logprobs += out.new_logprobs
+            if out.prompt_logprobs is not None:
+                r.prompt_logprobs = out.prompt_logprobs
             if out.finished:
                 r.finish_reason = out.finish_reason
         return results

@@ -233,7 +233,10 @@ class LLMEngine:
     ) -> list[RequestOutput]:
         outputs = []
         for row, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
-            seq.append_token(token, logits[row], self.eos_token_ids, self.max_model_len)
+            if seq.params.max_tokens == 0:  # the prompt's logprobs only: nothing to generate
+                seq.finish("length")
+            else:
+                seq.append_token(token, logits[row], self.eos_token_ids, self.max_model_len)
             if seq.finished:
                 self.scheduler.finish(seq)  # its KV blocks go back to the pool
                 self.seqs.pop(seq.request_id, None)

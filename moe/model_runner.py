@@ -4,7 +4,7 @@ It turns the scheduler's flat batch (sequences with how many of their tokens to 
 input ids and attention metadata, runs the model (two micro-batches through the overlap driver
 when asked, so the router's attention overlaps remote experts), records what is now in the KV
 cache, and returns the logits of the sequences whose prompt is complete (they sample this
-step). A step of decodes only goes through moe.cuda_graph when it is on (by default on CUDA with
+step). A sequence that asked for its prompt's logprobs (echo) gets them from its prompt's rows. A step of decodes only goes through moe.cuda_graph when it is on (by default on CUDA with
 the experts in this process): captured once per batch and context bucket, then replayed,
 invisible to the engine.
 """
@@ -25,6 +25,7 @@ from moe.overlap import forward_overlapped
 from moe.sequence import Sequence
 
 Scheduled = list[tuple[Sequence, int]]  # (sequence, tokens of it to compute this step)
+PROMPT_LOGITS_ROWS = 256  # prompt logprobs: logits of this many positions at once (256 x V floats)
 
 
 class ModelRunner:
@@ -67,7 +68,13 @@ class ModelRunner:
             hidden = forward_overlapped(self.model, inputs, self.kv_cache, self.experts)  # [T_m, H] each
         last, sampling = [], []
         for group, h, (_, meta) in zip(groups, hidden, inputs, strict=True):
+            row = 0
             for b, (seq, n) in enumerate(group):
+                if seq.needs_prompt_logprobs:
+                    for i in range(0, n, PROMPT_LOGITS_ROWS):  # logits [≤ rows, V] at a time
+                        rows = h[row + i : row + min(n, i + PROMPT_LOGITS_ROWS)]
+                        seq.add_prompt_logprobs(self.model.compute_logits(rows), seq.num_computed + i)
+                row += n
                 self._computed(seq, n)
                 if seq.num_computed == len(seq):  # prompt fully in the cache: this step samples
                     last.append(h[meta.last_index[b]])

@@ -35,6 +35,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     include_stop_str_in_output: bool = False
     logprobs: int | None = None  # None: none; k ≥ 0: the sampled token's and the k most likely
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first (echo)
     skip_special_tokens: bool = True
     grammar: str | None = None  # guided decoding: an llguidance grammar (moe.guided) the output must follow
 
@@ -54,7 +55,7 @@ class SamplingParams:
     def validate(self, vocab_size: int) -> None:
         """Raise RequestError naming the first out-of-range parameter."""
         checks = [
-            (self.max_tokens >= 1, "max_tokens", "must be at least 1"),
+            (self.max_tokens >= 1 or self.prompt_logprobs is not None, "max_tokens", "must be at least 1"),
             (0.0 <= self.temperature <= 2.0, "temperature", "must be between 0 and 2"),
             (0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]"),
             (self.top_k >= -1, "top_k", "must be -1, 0 (off) or a positive integer"),
@@ -64,6 +65,11 @@ class SamplingParams:
             (0.0 < self.repetition_penalty <= 2.0, "repetition_penalty", "must be in (0, 2]"),
             (0 <= self.min_tokens <= self.max_tokens, "min_tokens", "must be between 0 and max_tokens"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "top_logprobs", "must be between 0 and 20"),
+            (
+                self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
+                "logprobs",
+                "must be between 0 and 20",
+            ),
             (all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings"),
         ]
         for ok, param, why in checks:
@@ -142,6 +148,21 @@ def draw(probs: torch.Tensor, generators: list[torch.Generator | None]) -> list[
     target = u * cdf[:, -1]  # [R], in [0, total)
     idx = torch.searchsorted(cdf, target[:, None], right=True).squeeze(-1)  # first cdf > target
     return idx.clamp(max=probs.shape[1] - 1).tolist()
+
+
+def logprobs_of_rows(logits: torch.Tensor, token_ids: list[int], k: int) -> list[Logprobs]:
+    """logits [n, V], token_ids [n] → each row's logprobs of its token and its k most likely."""
+    lp = torch.log_softmax(logits.float(), dim=-1)  # [n, V]
+    chosen = lp.gather(1, torch.tensor(token_ids, device=lp.device)[:, None])[:, 0].tolist()  # [n]
+    if k > 0:
+        top = torch.topk(lp, k, dim=-1)
+        tops = [
+            list(zip(i, v, strict=True))
+            for i, v in zip(top.indices.tolist(), top.values.tolist(), strict=True)
+        ]
+    else:
+        tops = [[] for _ in token_ids]
+    return [Logprobs(t, c, tp) for t, c, tp in zip(token_ids, chosen, tops, strict=True)]
 
 
 def logprobs_of(logits: torch.Tensor, token_id: int, k: int) -> Logprobs:

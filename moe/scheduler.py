@@ -53,7 +53,8 @@ class Scheduler:
             budget -= n
         while self.waiting and not preempted and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            hit = self.blocks.cached_prefix(seq.token_ids)  # [] unless prefix caching is on
+            # [] unless prefix caching is on; a prompt whose logprobs are asked runs whole
+            hit = [] if seq.needs_prompt_logprobs else self.blocks.cached_prefix(seq.token_ids)
             start = len(hit) * self.blocks.block_size
             n = min(len(seq) - start, budget)
             if not self.blocks.can_allocate(seq.request_id, start + n, hit):

@@ -10,7 +10,7 @@ from enum import Enum
 import torch
 
 from moe.guided import GrammarMatcher
-from moe.sampling import Logprobs, SamplingParams, logprobs_of
+from moe.sampling import Logprobs, SamplingParams, logprobs_of, logprobs_of_rows
 from moe.tokenizer import IncrementalDetokenizer
 
 
@@ -37,9 +37,34 @@ class Sequence:
     text: str = ""  # output text so far (stop string excluded)
     sent_text_len: int = 0  # how much of `text` has been handed out
     sent_tokens: int = 0
+    sent_prompt: bool = False  # the first output (with the prompt logprobs) went out
     logprobs: list[Logprobs] = field(default_factory=list)
+    # prompt token i's logprobs given tokens < i (None for the first), when asked (echo)
+    prompt_logprobs: list[Logprobs | None] | None = None
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None]
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Prompt logprobs asked for and not all computed: its prompt must run through the
+        model (no prefix-cache hit), and the runner hands this sequence its prompt's logits."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens
+
+    def add_prompt_logprobs(self, logits: torch.Tensor, first: int) -> None:
+        """logits [n, V] of positions first .. first+n-1, each predicting the token after it:
+        record the prompt tokens' logprobs not recorded yet."""
+        assert self.prompt_logprobs is not None and self.params.prompt_logprobs is not None
+        start = len(self.prompt_logprobs)  # the next prompt token to score
+        stop = min(first + logits.shape[0] + 1, self.num_prompt_tokens)
+        if start < first + 1 or stop <= start:
+            return
+        rows = logits[start - 1 - first : stop - 1 - first]  # [stop - start, V]
+        targets = self.prompt_token_ids[start:stop]
+        self.prompt_logprobs.extend(logprobs_of_rows(rows, targets, self.params.prompt_logprobs))
 
     @property
     def token_ids(self) -> list[int]:
@@ -120,11 +145,13 @@ class Sequence:
             num_prompt_tokens=self.num_prompt_tokens,
             num_output_tokens=self.num_output_tokens,
             text=self.text[:end],
+            prompt_logprobs=None if self.sent_prompt else self.prompt_logprobs,
             queue_time=(self.first_scheduled_time or self.arrival_time) - self.arrival_time
             if self.sent_tokens == 0
             else None,
         )
         self.sent_tokens, self.sent_text_len = self.num_output_tokens, end
+        self.sent_prompt = True
         return out
 
 
@@ -142,6 +169,7 @@ class RequestOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     text: str = ""  # the whole output text so far
+    prompt_logprobs: list[Logprobs | None] | None = None  # first output only, when asked
     queue_time: float | None = None  # seconds from arrival to first scheduled (first output only)
 
     def merge(self, later: RequestOutput) -> RequestOutput:
@@ -157,5 +185,8 @@ class RequestOutput:
             num_prompt_tokens=later.num_prompt_tokens,
             num_output_tokens=later.num_output_tokens,
             text=later.text,
+            prompt_logprobs=self.prompt_logprobs
+            if self.prompt_logprobs is not None
+            else later.prompt_logprobs,
             queue_time=self.queue_time if self.queue_time is not None else later.queue_time,
         )

@@ -156,11 +156,25 @@ def test_n_choices_and_completions_with_echo_and_logprobs(api):
     choice = c.json()["choices"][0]
     assert choice["text"].startswith(prompt)
     lp = choice["logprobs"]
-    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == 4
+    n_prompt = c.json()["usage"]["prompt_tokens"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == n_prompt + 4
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None  # nothing predicts <s>
+    assert lp["text_offset"] == sorted(lp["text_offset"]) and lp["text_offset"][0] == 0
     assert all(
-        len(top) <= 2 and max(top.values()) >= v
-        for top, v in zip(lp["top_logprobs"], lp["token_logprobs"], strict=True)
+        len(top) <= 3 and max(top.values()) >= v and v in top.values()
+        for top, v in zip(lp["top_logprobs"][1:], lp["token_logprobs"][1:], strict=True)
     )
+    ids = post(api, {"prompt": prompt}, "/tokenize").json()["tokens"]
+    scored = post(
+        api, {"prompt": ids, "max_tokens": 0, "logprobs": 1, "echo": True}, "/v1/completions"
+    ).json()["choices"][0]  # the prompt only, as lm-eval scores it
+    assert scored["finish_reason"] == "length" and scored["text"] == prompt
+    assert scored["logprobs"]["token_logprobs"] == pytest.approx(lp["token_logprobs"][:n_prompt], abs=1e-5)
+    streamed = events(post(api, {"prompt": prompt, "max_tokens": 4, "temperature": 0, "logprobs": 2,
+                                 "echo": True, "stream": True}, "/v1/completions"))  # fmt: skip
+    assert "".join(e["choices"][0]["text"] for e in streamed[:-1]) == choice["text"]
+    tokens = [t for e in streamed[:-1] for t in e["choices"][0]["logprobs"]["tokens"]]
+    assert tokens == lp["tokens"]
     many = post(api, {"prompt": [prompt, "x"], "max_tokens": 2, "n": 2}, "/v1/completions").json()
     assert len(many["choices"]) == 4
     assert post(api, {"prompt": [prompt, "x"], "stream": True}, "/v1/completions").status_code == 400

@@ -111,3 +111,30 @@ def test_bf16_is_as_faithful_to_fp32_as_transformers_bf16(model_dir, device):
     print(f"bf16 vs fp32 along the greedy path: mean |logit error| {err}, same argmax {agree}")
     assert err["raymix"] <= 1.05 * err["transformers"]
     assert agree["raymix"] >= agree["transformers"] - 2
+
+
+@pytest.mark.parametrize("chunk", [None, 7])
+def test_prompt_logprobs_match_transformers_log_softmax(model_dir, hf_models, chunk):
+    """Prompt logprobs (echo; what lm-eval's log-likelihoods read) are transformers' log-softmax
+    at every prompt position, also when the prefill is chunked over steps and when a prefix of
+    the prompt is already in the prefix cache (a scored prompt is recomputed whole), with
+    max_tokens 0 (the prompt only) and 1."""
+    kw = {"max_num_batched_tokens": chunk} if chunk else {}
+    eng = engine(model_dir, enable_prefix_caching=True, block_size=4, **kw)
+    prompts = [eng.tokenizer.encode(p) for p in PROMPTS]
+    eng.generate(prompts, SamplingParams(max_tokens=1))  # fills the prefix cache
+    hf = hf_models(model_dir)
+    params = [
+        SamplingParams(max_tokens=i % 2, temperature=0.0, logprobs=2, prompt_logprobs=2) for i in range(5)
+    ]
+    for prompt, seq in zip(prompts, eng.generate(prompts, params), strict=True):
+        with torch.no_grad():
+            ref = torch.log_softmax(hf(torch.tensor([prompt], device=hf.device)).logits[0].float(), -1)
+        lps = seq.prompt_logprobs
+        assert lps is not None and len(lps) == len(prompt) and lps[0] is None
+        got = torch.tensor([lp.logprob for lp in lps[1:]])  # type: ignore[union-attr]
+        want = ref[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])].cpu()
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+        for pos, lp in enumerate(lps[1:]):
+            assert [t for t, _ in lp.top] == ref[pos].topk(2).indices.tolist()  # type: ignore[union-attr]
+        assert len(seq.output_token_ids) == seq.params.max_tokens
