@@ -246,7 +246,9 @@ def _add_error_handlers(app: FastAPI, ctx: ServingContext) -> None:
         route = f"{request.method} {request.url.path}"
         message = f"Invalid URL ({route})" if e.status_code == 404 else f"{e.detail} ({route})"
         code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
-        return answer(e.status_code, error_body(message, "invalid_request_error", None, code), e.headers)
+        return answer(
+            e.status_code, error_body(message, "invalid_request_error", None, code), dict(e.headers or {})
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:
