@@ -35,9 +35,11 @@ TOKENIZER_FILES = {
     "v3": "mistral_instruct_tokenizer_240323.model.v3",
 }
 VOCAB_SIZES = {"v1": 32000, "v3": 32768}
+FORMAT_VERSION = 2  # of the files make_tiny writes; part of the cached default model's name
 
 # Mistral's instruct format: [INST] user [/INST] answer</s>; a system prompt goes in front of
-# the last user message, as mistral-common does it.
+# the last user message, as mistral-common does it. No spaces after the control tokens: the
+# tokenizer gives every run of text between them its leading "▁" (see _sentencepiece_spaces).
 CHAT_TEMPLATE = (
     "{%- set ns = namespace(system='', last_user=-1) -%}"
     "{%- for m in messages -%}"
@@ -48,9 +50,9 @@ CHAT_TEMPLATE = (
     "{%- for m in messages -%}"
     "{%- if m['role'] == 'user' -%}"
     "{%- if loop.index0 == ns.last_user and ns.system -%}"
-    "{{ '[INST] ' + ns.system + '\\n\\n' + m['content'] + '[/INST]' }}"
-    "{%- else -%}{{ '[INST] ' + m['content'] + '[/INST]' }}{%- endif -%}"
-    "{%- elif m['role'] == 'assistant' -%}{{ ' ' + m['content'] + eos_token }}"
+    "{{ '[INST]' + ns.system + '\\n\\n' + m['content'] + '[/INST]' }}"
+    "{%- else -%}{{ '[INST]' + m['content'] + '[/INST]' }}{%- endif -%}"
+    "{%- elif m['role'] == 'assistant' -%}{{ m['content'] + eos_token }}"
     "{%- elif m['role'] != 'system' -%}{{ raise_exception('unsupported role: ' + m['role']) }}"
     "{%- endif -%}"
     "{%- endfor -%}"
@@ -143,6 +145,51 @@ def write_tokenizer(out: Path, version: str) -> None:
     tok = AutoTokenizer.from_pretrained(str(out))
     tok.chat_template = CHAT_TEMPLATE
     tok.save_pretrained(str(out))
+    _sentencepiece_spaces(out / "tokenizer.json")
+
+
+def _sentencepiece_spaces(path: Path) -> None:
+    """Make tokenizer.json encode as SentencePiece (and the server) does: every run of text
+    starts with "▁", SentencePiece's dummy prefix (transformers' conversion drops it, so "The"
+    would lose its "▁"; its Metaspace pre-tokenizer would not add it before " leading", where
+    SentencePiece does), words are split at each "▁" before merging, as SentencePiece does, and
+    decoding strips that one space (the normalizer and decoder of Mistral's own tokenizer.json
+    files). Runs between control tokens get the "▁" too, as in theirs, so the chat template
+    writes "[INST]" + content."""
+    from sentencepiece import SentencePieceProcessor
+
+    spec = json.loads(path.read_text())
+    spec["normalizer"] = {
+        "type": "Sequence",
+        "normalizers": [
+            {"type": "Prepend", "prepend": "\u2581"},
+            {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"},
+        ],
+    }
+    # SentencePiece's words: a run of whitespace with the text after it ("▁▁▁three"), byte-pair
+    # merged by piece score, best first; transformers' conversion ranks the whitespace merges
+    # ("▁▁", score -1e9) first, so "   three" became "▁▁" + "▁▁" + "three", not "▁▁▁" + "▁three".
+    spec["pre_tokenizer"] = {
+        "type": "Split",
+        "pattern": {"Regex": "\u2581+[^\u2581]*|[^\u2581]+"},
+        "behavior": "Isolated",
+        "invert": False,
+    }
+    sp = SentencePieceProcessor(model_file=str(path.parent / "tokenizer.model"))
+    vocab = spec["model"]["vocab"]
+    merges = [m.split(" ") if isinstance(m, str) else m for m in spec["model"]["merges"]]
+    merges.sort(key=lambda m: (-sp.get_score(vocab[m[0] + m[1]]), vocab[m[0] + m[1]]))
+    spec["model"]["merges"] = merges
+    spec["decoder"] = {
+        "type": "Sequence",
+        "decoders": [
+            {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+            {"type": "ByteFallback"},
+            {"type": "Fuse"},
+            {"type": "Strip", "content": " ", "start": 1, "stop": 0},
+        ],
+    }
+    path.write_text(json.dumps(spec, ensure_ascii=False))
 
 
 def make_tiny(
@@ -174,7 +221,9 @@ def cache_dir() -> Path:
 
 def default_model_dir() -> Path:
     """The embedded default model, generated once into the cache and reused after."""
-    key = hashlib.sha256(json.dumps([TINY.to_hf_dict(), CHAT_TEMPLATE, 0, "v3"]).encode()).hexdigest()[:12]
+    key = hashlib.sha256(
+        json.dumps([TINY.to_hf_dict(), CHAT_TEMPLATE, 0, "v3", FORMAT_VERSION]).encode()
+    ).hexdigest()[:12]
     target = cache_dir() / f"tiny-mixtral-{key}"
     if (target / "config.json").is_file():
         return target

@@ -106,9 +106,25 @@ class MistralTokenizer:
         self.bos_token_id: int | None = self.raw.bos_id
         self.eos_token_id = self.raw.eos_id
         self.vocab_size = self.raw.n_words
+        control_ids = set(range(self.raw.num_special_tokens)) | set(getattr(self.raw, "special_ids", ()))
+        controls = {self.raw.id_to_piece(i): i for i in sorted(control_ids)}  # v1: <unk> <s> </s>
+        self._controls = controls
+        self._split = re.compile(
+            "(" + "|".join(re.escape(c) for c in sorted(controls, key=len, reverse=True)) + ")"
+        )
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return list(self.raw.encode(text, bos=add_special_tokens, eos=False))
+        """A raw prompt's ids as transformers (and vLLM) encode it with the checkpoint's
+        tokenizer.json: control tokens written in the text ([INST], </s>) are control tokens,
+        and each run of text between them is encoded by SentencePiece (with its dummy prefix).
+        Chat messages go through apply_chat_template, where text is always text."""
+        ids = [self.raw.bos_id] if add_special_tokens else []
+        for k, part in enumerate(self._split.split(text)):
+            if k % 2:
+                ids.append(self._controls[part])
+            elif part:
+                ids.extend(self.raw.encode(part, bos=False, eos=False))
+        return ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         """Text of `ids`; with special tokens kept, each shows as its name ([INST], </s>) and the

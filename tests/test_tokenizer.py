@@ -75,3 +75,46 @@ def test_decoding_with_special_tokens_shows_their_names(tok):
     text = tok.decode(ids, skip_special_tokens=False)
     assert text.startswith("<s>[INST]") and text.count("[/INST]") == 2 and "</s>" in text
     assert "Hello!" in text and "What is 2+2?" in text and "\u2581" not in text
+
+
+CORPUS = [
+    "The quick brown fox",
+    " leading space",
+    "   three leading spaces",
+    "trailing spaces  ",
+    "a   b  \n  c \n",
+    "x\n  y\t\tz",
+    "a  .b   .c" + " " * 20 + "d" + " " * 40,
+    "abc123def ３４ ٣ x²",
+    "東京タワーTokyo Tower東京 Ελληνικά Кириллица",
+    "a\nb\n\nc",
+    "\nstarts with a newline",
+    "\ttab",
+    "12345 67.89 -0.5e10",
+    "naïve café — 東京タワー 😀👍🏽",
+    "Ⅻ ∑ ∫ ≠ \u00a0nbsp",
+    "[INST] What is 2+2? [/INST] 4</s>",
+    "[INST]no spaces[/INST]",
+    "<s>[INST] hi [/INST]",
+    "call [TOOL_CALLS] [{}]",
+    "</s></s>",
+    "",
+    " ",
+]
+
+
+@pytest.mark.parametrize("which", ["tiny_dir", "other_dir"])
+def test_tokenizer_files_encode_as_the_server_does(request, which):
+    """Clients that tokenize locally with the checkpoint's tokenizer.json (lm-eval, guidellm,
+    token counting) get the server's ids, and decode them to the server's text."""
+    from transformers import AutoTokenizer
+
+    d = request.getfixturevalue(which)
+    hf = AutoTokenizer.from_pretrained(str(d))
+    for mode in ("mistral", "hf"):
+        server = load_tokenizer(d, mode)
+        for text in CORPUS:
+            for special in (True, False):
+                ids = server.encode(text, add_special_tokens=special)
+                assert hf(text, add_special_tokens=special)["input_ids"] == ids, (mode, text)
+            assert hf.decode(ids, skip_special_tokens=True) == server.decode(ids), (mode, text)
