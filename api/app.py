@@ -21,6 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
+from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -51,6 +52,7 @@ from moe.errors import RequestError
 
 log = logging.getLogger("ray.serve")
 VERSION = "0.1.0"
+DOCS_ASSETS = "/static-offline-docs"  # fastapi-offline's Swagger UI and ReDoc files
 JSON_BODY_PATHS = {
     "/v1/chat/completions",
     "/v1/completions",
@@ -150,10 +152,11 @@ class RequestGuard:
 
 def build_api(ctx: ServingContext) -> FastAPI:
     s = ctx.settings
-    app = FastAPI(
+    app = FastAPIOffline(  # /docs and /redoc with their JS and CSS served from the package, no CDN
         title="raymix",
         description="OpenAI-compatible API for expert-parallel Mixtral serving",
         version=VERSION,
+        static_url=DOCS_ASSETS,
     )
     app.add_middleware(
         RequestGuard, keys=s.api_key, max_body=s.max_request_body_bytes, on_error=ctx.metrics.count_error

@@ -354,3 +354,18 @@ def test_sampling_params_cross_as_typed_requests(tiny_dir, engine):
         assert post(api, {**GOOD, "n": 2, "seed": 5, "top_k": 3}, headers={}).status_code == 200
     assert [type(r.params) for r in seen] == [SamplingParams] * 2
     assert [r.params.seed for r in seen] == [5, 6] and seen[0].params.top_k == 3
+
+
+def test_docs_load_nothing_from_other_hosts(api):
+    """/docs and /redoc work on an air-gapped cluster: every script and stylesheet they load is
+    served by raymix itself."""
+    import re
+
+    for page in ("/docs", "/redoc"):
+        html = api.get(page).text
+        assets = re.findall(r"""(?:src|href)=["']([^"']+)["']""", html) + re.findall(r"url: ?'([^']+)'", html)
+        assert any(a.endswith(".js") for a in assets), html
+        for url in assets:
+            assert url.startswith("/"), f"{page} loads {url} from another host"
+            r = api.get(url)
+            assert r.status_code == 200 and len(r.content) > 0, url
