@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -28,12 +29,15 @@ from api.protocol import (
     ChatMessageOut,
     DeltaMessage,
     FunctionDelta,
+    ToolCall,
     ToolCallDelta,
     TopLogprob,
 )
 from api.streaming import ChoiceStream, sse_response, start_choices
 from api.tool_calls import ChatPlan, parse_tool_calls, plan_chat
 from moe.sampling import Logprobs
+
+log = logging.getLogger("ray.serve")
 
 
 class ServingChat:
@@ -52,15 +56,17 @@ class ServingChat:
         )
         created = int(time.time())
         if req.stream:
-            return sse_response(self._stream(choices, rid, model, created, req.include_usage(), plan))
+            return sse_response(
+                self._stream(choices, rid, model, created, req.include_usage(), plan, req.parallel_tool_calls)
+            )
         results = await choices.collect()
         out = []
         for i, r in enumerate(results):
-            calls = None
+            calls, text = None, r.text
             if plan.tool_calls_token is not None and r.token_ids[:1] == [plan.tool_calls_token]:
-                calls = parse_tool_calls(r.text)
+                calls, text = self._calls(r.text, req.parallel_tool_calls), ""
             message = (
-                ChatMessageOut(content=None, tool_calls=calls) if calls else ChatMessageOut(content=r.text)
+                ChatMessageOut(content=None, tool_calls=calls) if calls else ChatMessageOut(content=text)
             )
             out.append(
                 ChatChoice(
@@ -75,7 +81,14 @@ class ServingChat:
         return JSONResponse(body.body())
 
     async def _stream(
-        self, choices: ChoiceStream, rid: str, model: str, created: int, include_usage: bool, plan: ChatPlan
+        self,
+        choices: ChoiceStream,
+        rid: str,
+        model: str,
+        created: int,
+        include_usage: bool,
+        plan: ChatPlan,
+        parallel: bool,
     ) -> AsyncIterator[str]:
         """Role chunk, content deltas, finish chunk per choice; usage; [DONE]."""
         extra: dict[str, Any] = {"usage": None} if include_usage else {}
@@ -108,10 +121,8 @@ class ServingChat:
                 continue
             reason = out.finish_reason
             if calling[i]:
-                calls = parse_tool_calls(held[i])
-                if calls is None:  # not a well-formed call after all: it was text
-                    yield delta(i, DeltaMessage(content=held[i]))
-                else:
+                calls = self._calls(held[i], parallel)
+                if calls is not None:
                     for k, c in enumerate(calls):
                         head = ToolCallDelta(
                             index=k,
@@ -129,6 +140,16 @@ class ServingChat:
             last = ChatCompletionChunk(id=rid, created=created, model=model, choices=[], usage=usage)
             yield json.dumps(last.body())
         yield "[DONE]"
+
+    @staticmethod
+    def _calls(text: str, parallel: bool) -> list[ToolCall] | None:
+        """An output after [TOOL_CALLS] as calls (only the first unless parallel_tool_calls).
+        One that is not a list of calls is dropped, never shown as content: a forced call's
+        grammar always closes (moe.guided), so only a free ("auto") one can be malformed."""
+        calls = parse_tool_calls(text)
+        if calls is None:
+            log.warning("dropped a malformed tool call (%d characters)", len(text))
+        return calls if parallel or calls is None else calls[:1]
 
     def _logprobs(self, lps: list[Logprobs]) -> ChatLogprobs:
         def entry(cls: type[TopLogprob], token_id: int, logprob: float, **extra: Any) -> Any:

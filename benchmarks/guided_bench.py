@@ -4,7 +4,7 @@ For each library installed (llguidance, xgrammar, outlines-core) on the embedded
 tokenizer: compile a JSON schema (per request; the tokenizer's own set-up, once per process,
 is not counted), then decode --tokens tokens choosing uniformly among the
 allowed ones (a random model, as the embedded checkpoint is) and time each step's mask +
-advance. The engine's own decode step is timed beside it, so the overhead reads as a fraction
+advance; `raymix` is the same with what closes the output within max_tokens. The engine's own decode step is timed beside it, so the overhead reads as a fraction
 of a step. Median of --runs runs; JSON + PNG in benchmarks/results/.
 
     .venv/bin/python benchmarks/guided_bench.py [--tokens 64] [--runs 5]
@@ -13,6 +13,7 @@ of a step. Median of --runs runs; JSON + PNG in benchmarks/results/.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import time
@@ -65,6 +66,43 @@ def run_llguidance(hf_tok, vocab: int, tokens: int, rng) -> tuple[float, list[fl
         if m.is_stopped():
             break
     return compile_s, steps
+
+
+def run_raymix(hf_tok, vocab: int, tokens: int, rng, budget: int | None = None) -> tuple[float, list[float]]:
+    """raymix's own per-token path: llguidance's mask and advance (the `llguidance` row) plus
+    the work that makes the output close within max_tokens (the closing path's length after
+    every token, and near the budget the check of the sampled token). max_tokens = --tokens,
+    so with this schema the budget is watched for most of the answer: the worst case; with
+    `budget` (a default-sized max_tokens) the common case."""
+    budget = budget or tokens
+    from moe.guided import WATCH_MARGIN, GrammarTokenizer
+
+    gt = _grammar_tokenizers.setdefault(
+        vocab, GrammarTokenizer(default_model_dir(), vocab, hf_tok.eos_token_id)
+    )
+    t0 = time.perf_counter()
+    from moe.guided import json_grammar
+
+    m = gt.matcher(json_grammar(SCHEMA), budget)
+    compile_s = time.perf_counter() - t0
+    import torch
+
+    mask = torch.zeros((vocab + 31) // 32, dtype=torch.int32)
+    steps = []
+    for i in range(tokens):
+        t = time.perf_counter()
+        m.fill_bitmask(mask)
+        tok = int(rng.choice(allowed(mask.numpy(), vocab)))
+        if budget - i - m.close_len <= WATCH_MARGIN:
+            tok = m.fit_budget(tok, budget - i, [])
+        m.advance(tok)
+        steps.append(time.perf_counter() - t)
+        if m.done:
+            break
+    return compile_s, steps
+
+
+_grammar_tokenizers: dict = {}
 
 
 def run_xgrammar(hf_tok, vocab: int, tokens: int, rng) -> tuple[float, list[float]]:
@@ -151,11 +189,15 @@ def main() -> None:
     results = {}
     for name, fn in [
         ("llguidance", run_llguidance),
+        ("raymix (llguidance + closing), max_tokens = --tokens", run_raymix),
+        ("raymix (llguidance + closing), max_tokens 4096", functools.partial(run_raymix, budget=4096)),
         ("xgrammar", run_xgrammar),
         ("outlines-core", run_outlines),
     ]:
         try:
-            __import__({"outlines-core": "outlines_core"}.get(name, name))
+            __import__(
+                {"outlines-core": "outlines_core"}.get(name, name.split(" ")[0].replace("raymix", "moe"))
+            )
         except ImportError:
             print(f"{name}: not installed, skipped")
             continue

@@ -180,7 +180,7 @@ class LLMEngine:
             detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens)
         seq = Sequence(request_id, list(prompt_token_ids), params, gen, detok)
         if params.grammar is not None:
-            seq.matcher = self.grammar_tokenizer().matcher(params.grammar)
+            seq.matcher = self.grammar_tokenizer().matcher(params.grammar, params.max_tokens)
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
 

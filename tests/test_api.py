@@ -295,6 +295,17 @@ def test_tool_calls_json_and_streamed_as_deltas(tiny_dir):
         assert args == {"index": 0, "function": {"arguments": '{"city": "Paris"}'}}
         assert all("content" not in d for d in deltas[1:])  # the raw call never leaks as text
         assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    two = '[{"name": "a", "arguments": {}}, {"name": "b", "arguments": {}}]'
+    with make_client(tiny_dir, ScriptedEngine(lambda r: [([tok.tool_calls_token_id, 5], two)])) as api:
+        assert len(post(api, body, headers={}).json()["choices"][0]["message"]["tool_calls"]) == 2
+        one = post(api, {**body, "parallel_tool_calls": False}, headers={}).json()["choices"][0]
+        assert [c["function"]["name"] for c in one["message"]["tool_calls"]] == ["a"]
+    cut = [([tok.tool_calls_token_id, 5], call[:30])]  # a free ("auto") call that did not close
+    with make_client(tiny_dir, ScriptedEngine(lambda r: cut)) as api:
+        choice = post(api, body, headers={}).json()["choices"][0]
+        assert choice["message"]["content"] == "" and "tool_calls" not in choice["message"]
+        streamed = events(post(api, {**body, "stream": True}, headers={}))[:-1]
+        assert "get_weather" not in json.dumps(streamed)  # the raw JSON never leaks as content
 
 
 class HalfDone(ScriptedEngine):

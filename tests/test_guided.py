@@ -248,3 +248,52 @@ def test_forced_tool_calls_with_defs_and_refs(engine, model, how):
         for call in json.loads(seq.text):
             model.model_validate(call["arguments"])
             jsonschema.validate(call["arguments"], tool["function"]["parameters"])
+
+
+CLOSING_CASES = {
+    "json_object": json_grammar(None),
+    "json_schema": json_grammar(
+        {
+            "type": "object",
+            "properties": {
+                "name": {"type": "string"},
+                "tags": {"type": "array", "items": {"type": "string"}},
+                "color": {"enum": ["red", "green"]},
+                "n": {"type": "integer"},
+            },
+            "required": ["name", "tags", "color", "n"],
+        }
+    ),
+}
+
+
+@pytest.mark.parametrize("case", [*CLOSING_CASES, "tools"])
+def test_structured_output_closes_within_every_max_tokens(engine, case, monkeypatch):
+    """Whatever the budget, from the shortest complete answer's length up, the output parses
+    (random weights wander: without closing most of these would be cut mid-JSON); below it the
+    request is refused, naming max_tokens."""
+    tok = engine.tokenizer
+    if case == "tools":
+        grammar = tool_call_grammar(TOOLS, tok.tool_calls_token_id)
+        prompt = tok.apply_chat_template([{"role": "user", "content": "Weather in Paris?"}], TOOLS)
+    else:
+        grammar, prompt = CLOSING_CASES[case], _prompt(engine)
+    shortest = engine.grammar_tokenizer().matcher(grammar).close_len
+    assert 2 <= shortest < 60
+    with pytest.raises(RequestError) as e:
+        engine.add_request("short", prompt, SamplingParams(max_tokens=shortest - 1, grammar=grammar))
+    assert e.value.param == "max_tokens"
+    budgets = list(range(shortest, shortest + 48))
+    params = [SamplingParams(max_tokens=b, temperature=1.0, seed=b, grammar=grammar) for b in budgets]
+    seqs = engine.generate([prompt] * len(budgets), params)
+    for b, seq in zip(budgets, seqs, strict=True):
+        assert seq.num_output_tokens <= b
+        value = json.loads(seq.text)  # parses, whatever the budget
+        if case == "tools":
+            assert seq.output_token_ids[0] == tok.tool_calls_token_id
+            assert all(c["name"] in ("get_weather", "add") for c in value)
+        elif case == "json_schema":
+            assert set(value) == {"name", "tags", "color", "n"}
+    monkeypatch.setattr("moe.sampler.WATCH_MARGIN", -(10**9))  # closing off: the same requests are cut
+    cut = [s.finish_reason == "length" for s in engine.generate([prompt] * len(budgets), params)]
+    assert sum(cut) >= len(budgets) // 5
