@@ -25,6 +25,7 @@ from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.access_log import AccessLog, current
 from api.context import ServingContext
 from api.errors import APIError, EngineUnavailable
 from api.protocol import (
@@ -131,6 +132,9 @@ class RequestGuard:
             raise APIError(
                 400, "The request body must be a JSON object.", "invalid_request_error", None, "invalid_json"
             )
+        record = current()
+        if scope.get("raymix.log_prompts") and record is not None:  # the operator opted in
+            record.prompt = data.get("messages", data.get("prompt"))
         return bytes(raw)
 
     @staticmethod
@@ -161,10 +165,11 @@ def build_api(ctx: ServingContext) -> FastAPI:
     app.add_middleware(
         RequestGuard, keys=s.api_key, max_body=s.max_request_body_bytes, on_error=ctx.metrics.count_error
     )
-    if s.cors_allow_origins:  # off unless configured; outermost, so preflights need no key
+    if s.cors_allow_origins:  # off unless configured; outside the guard, so preflights need no key
         app.add_middleware(
             CORSMiddleware, allow_origins=s.cors_allow_origins, allow_methods=["*"], allow_headers=["*"]
         )
+    app.add_middleware(AccessLog, log_prompts=s.access_log_prompts)  # outermost: every answer is logged
     _add_error_handlers(app, ctx)
     chat, completion, predict = ServingChat(ctx), ServingCompletion(ctx), ServingPredict(ctx)
 
@@ -179,13 +184,19 @@ def build_api(ctx: ServingContext) -> FastAPI:
 
     @app.get("/version", response_model=VersionResponse)
     async def version() -> dict[str, Any]:
-        return VersionResponse(version=VERSION).body()
+        return VersionResponse(version=VERSION, model_revision=ctx.revision).body()
 
     @app.get("/v1/models", response_model=ModelList, responses=ERRORS)
     async def models() -> dict[str, Any]:
         created = int(time.time())
         cards = [
-            ModelCard(id=n, created=created, root=ctx.names[0], max_model_len=ctx.max_model_len)
+            ModelCard(
+                id=n,
+                created=created,
+                root=ctx.names[0],
+                max_model_len=ctx.max_model_len,
+                revision=ctx.revision,
+            )
             for n in ctx.names
         ]
         return ModelList(data=cards).body()
@@ -193,7 +204,9 @@ def build_api(ctx: ServingContext) -> FastAPI:
     @app.get("/metrics")
     async def metrics() -> Response:
         stats, load = await asyncio.gather(ctx.engine.stats(), ctx.engine.expert_load())
-        body, content_type = ctx.metrics.render(stats, load)
+        body, content_type = ctx.metrics.render(
+            stats, load, {"model_name": ctx.names[0], "revision": ctx.revision or ""}
+        )
         return Response(body, media_type=content_type)
 
     @app.post("/tokenize", response_model=TokenizeResponse, responses=ERRORS)

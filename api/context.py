@@ -11,11 +11,13 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
+from api import access_log
 from api.engine_client import EngineClient
 from api.errors import APIError, EngineUnavailable
 from api.metrics import ServingMetrics
 from api.protocol import UsageInfo
 from cluster.config import RaymixSettings
+from moe.checkpoint import checkpoint_revision
 from moe.tokenizer import Tokenizer
 
 
@@ -29,6 +31,14 @@ class ServingContext:
     max_model_len: int | None = None  # learned from the engine on first use
 
     @cached_property
+    def revision(self) -> str | None:
+        """The served checkpoint's content hash (None when its directory is not readable here)."""
+        try:
+            return checkpoint_revision(self.settings.model_dir())
+        except OSError:
+            return None
+
+    @cached_property
     def names(self) -> list[str]:
         """Served model names, the main one first."""
         return self.settings.model_names()
@@ -36,6 +46,9 @@ class ServingContext:
     def model_name(self, requested: str | None) -> str:
         """The served name a request asks for (none: the main one), or 404."""
         if requested is None or requested in self.names:
+            record = access_log.current()
+            if record is not None:
+                record.model = requested or self.names[0]
             return requested or self.names[0]
         raise APIError(
             404,

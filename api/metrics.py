@@ -23,7 +23,12 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+)
 
 disable_created_metrics()  # no *_created series: they only add noise to dashboards
 
@@ -82,8 +87,10 @@ class ServingMetrics:
         self._recoveries_seen = 0
         self.load: dict[str, Any] = {}
         self.engine_stats: dict[str, Any] = {}
+        self.info: dict[str, str] = {}
         r.register(ExpertLoadCollector(self))
         r.register(PrefixCacheCollector(self))
+        r.register(ServingInfoCollector(self))
 
     def _inc(self, name: str, value: float = 1.0, **labels: str) -> None:
         series = self.series[name]
@@ -125,7 +132,15 @@ class ServingMetrics:
         if queue_time is not None:
             self._observe("request_queue_time_seconds", queue_time)
 
-    def render(self, engine_stats: dict[str, Any], load: dict[str, Any] | None = None) -> tuple[bytes, str]:
+    def render(
+        self,
+        engine_stats: dict[str, Any],
+        load: dict[str, Any] | None = None,
+        info: dict[str, str] | None = None,
+    ) -> tuple[bytes, str]:
+        """The exposition text, with the router's `engine_stats` and expert `load` as of now,
+        and `info` (model name, revision) as raymix:model_info."""
+        self.info = info or {}
         self.load = load or {}
         self.engine_stats = engine_stats
         for spec in ENGINE_GAUGES:
@@ -205,3 +220,25 @@ class PrefixCacheCollector:
             "Prompt tokens found in the prefix cache (not recomputed)",
             value=stats["prefix_cache_hits"],
         )
+
+
+class ServingInfoCollector:
+    """What is served and what it holds: raymix:model_info{model_name, revision} 1 (the
+    checkpoint's content hash, so a dashboard shows which weights answered), and on GPUs each
+    deployment's GPU memory (the router's stats carry `gpu_memory`: {deployment: {used, total}})."""
+
+    def __init__(self, metrics: ServingMetrics):
+        self.metrics = metrics
+
+    def collect(self):
+        if self.metrics.info:
+            info = InfoMetricFamily("raymix:model", "The served model and its checkpoint revision")
+            info.add_metric([], self.metrics.info)
+            yield info
+        memory = self.metrics.engine_stats.get("gpu_memory") or {}
+        if memory:
+            for key, doc in (("used", "GPU memory held by the process"), ("total", "The GPU's memory")):
+                family = GaugeMetricFamily(f"raymix:gpu_memory_{key}_bytes", doc, labels=["deployment"])
+                for deployment, m in sorted(memory.items()):
+                    family.add_metric([deployment], m[key])
+                yield family

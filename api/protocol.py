@@ -428,6 +428,7 @@ class ModelCard(BaseModel):
     owned_by: str = "raymix"
     root: str
     max_model_len: int | None
+    revision: str | None = None  # the checkpoint's content hash (moe.checkpoint.checkpoint_revision)
 
 
 class ModelList(OpenAIBody):
@@ -453,3 +454,4 @@ class PredictResponse(OpenAIBody):
 
 class VersionResponse(OpenAIBody):
     version: str
+    model_revision: str | None = None  # the served checkpoint's content hash

@@ -11,12 +11,12 @@ import asyncio
 import json
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi.responses import JSONResponse, Response
 
+from api.access_log import request_id
 from api.context import ServingContext
 from api.protocol import (
     ChatChoice,
@@ -50,7 +50,7 @@ class ServingChat:
         plan = await asyncio.to_thread(plan_chat, req, ctx.tokenizer)  # a schema compiles off the loop
         prompt = ctx.tokenizer.apply_chat_template(plan.messages, plan.tools)
         max_tokens = await ctx.max_tokens(req.requested_max_tokens(), len(prompt))
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        rid = f"chatcmpl-{request_id()}"  # X-Request-Id when the client sent one
         choices = await start_choices(
             ctx, rid, [prompt] * req.n, len(prompt), req, max_tokens, req.logprobs_k(), plan, req.stream
         )

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi.responses import JSONResponse, Response
 
+from api.access_log import request_id
 from api.context import ServingContext
 from api.errors import APIError
 from api.protocol import (
@@ -39,7 +39,7 @@ class ServingCompletion:
         prompts = [p if isinstance(p, list) else ctx.tokenizer.encode(p) for p in req.prompts()]
         if len(prompts) > 1 and req.stream:
             raise APIError.bad_request("Streaming takes a single prompt.", "prompt")
-        rid = f"cmpl-{uuid.uuid4().hex}"
+        rid = f"cmpl-{request_id()}"  # X-Request-Id when the client sent one
         created = int(time.time())
         per_choice = [p for p in prompts for _ in range(req.n)]  # choice k: prompt k // n
         prompt_tokens = sum(len(p) for p in prompts)

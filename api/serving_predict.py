@@ -8,11 +8,11 @@ logged and ends the stream).
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import AsyncIterator
 
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from api.access_log import request_id
 from api.context import ServingContext
 from api.errors import APIError, EngineUnavailable
 from api.protocol import PredictRequest, PredictResponse
@@ -30,7 +30,7 @@ class ServingPredict:
         ctx.model_name(req.model)
         prompt = ctx.tokenizer.apply_chat_template([m.to_template() for m in req.messages])
         max_tokens = await ctx.max_tokens(req.max_new_tokens, len(prompt))
-        rid = f"predict-{uuid.uuid4().hex}"
+        rid = f"predict-{request_id()}"  # X-Request-Id when the client sent one
         choices = await start_choices(
             ctx, rid, [prompt], len(prompt), req, max_tokens, None, None, req.stream
         )

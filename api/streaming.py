@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from sse_starlette.sse import EventSourceResponse
 
+from api import access_log
 from api.context import ServingContext
 from api.engine_client import Outputs
 from api.errors import APIError, EngineUnavailable
@@ -87,6 +88,8 @@ async def start_choices(
             if isinstance(item, Refusal):
                 raise APIError.from_refusal(item, ctx.settings.overload_status, ctx.settings.retry_after_s)
             i = index[item.request_id]
+            if (record := access_log.current()) is not None and record.ttft_s is None:
+                record.ttft_s = time.monotonic() - start
             if firsts[i] is None:
                 firsts[i] = item
             else:
@@ -186,6 +189,9 @@ class ChoiceStream:
         metrics.observe_request(
             self.prompt_tokens, self.completion_tokens, time.monotonic() - self.start, self.finish_reasons
         )
+        if (record := access_log.current()) is not None:
+            record.prompt_tokens, record.completion_tokens = self.prompt_tokens, self.completion_tokens
+            record.finish_reasons = list(self.finish_reasons)
 
     async def collect(self) -> list[ChoiceResult]:
         """Every choice's whole answer (the non-streaming endpoints)."""

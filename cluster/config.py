@@ -172,6 +172,10 @@ class RaymixSettings(BaseSettings):
         description="torch intra-op threads per process; default: cores / processes on the node",
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="Log level")
+    access_log_prompts: bool = Field(
+        default=False,
+        description="Write each request's prompt (messages or prompt) into its access-log line; off: never logged",
+    )
 
     @field_validator("served_model_name", "api_key", "cors_allow_origins", mode="before")
     @classmethod

@@ -49,3 +49,22 @@ class RayEngineGauges:
     def set(self, stats: dict[str, Any]) -> None:
         for name, gauge in self.series.items():
             gauge.set(float(stats.get(name, 0.0)))
+
+
+class RayGpuMemory:
+    """A deployment's GPU memory (moe.engine.gpu_memory) as raymix_gpu_memory_{used,total}_bytes,
+    tagged with the deployment (and shard)."""
+
+    def __init__(self, deployment: str) -> None:
+        from ray.util.metrics import Gauge
+
+        self.tags = {"deployment": deployment}
+        self.used = Gauge(
+            "raymix_gpu_memory_used_bytes", "GPU memory held by the process", tag_keys=("deployment",)
+        )
+        self.total = Gauge("raymix_gpu_memory_total_bytes", "The GPU's memory", tag_keys=("deployment",))
+
+    def set(self, memory: dict[str, int] | None) -> None:
+        if memory:
+            self.used.set(memory["used"], tags=self.tags)
+            self.total.set(memory["total"], tags=self.tags)

@@ -27,13 +27,13 @@ import torch
 from cluster.config import RaymixSettings
 from cluster.messages import EXPERT_SHARD, GenerateRequest, ModelInfo, Output, Refusal
 from deployments.placement_controller import PlacementController
-from deployments.ray_metrics import RayEngineGauges
+from deployments.ray_metrics import RayEngineGauges, RayGpuMemory
 from deployments.shard_pool import ShardPool
 from moe.async_engine import AsyncEngine, Sink
 from moe.checkpoint import CheckpointReader
 from moe.config import MixtralConfig
 from moe.data_plane import RemoteExperts, comm_device
-from moe.engine import LLMEngine, pick_device, pick_dtype
+from moe.engine import LLMEngine, gpu_memory, pick_device, pick_dtype
 from moe.model import MixtralDense
 from moe.sequence import RequestOutput
 from moe.tokenizer import load_tokenizer
@@ -121,6 +121,12 @@ class Router:
         sink = self._sink(subscriber)
         for r in requests:
             self.owned[subscriber].add(r.request_id)
+            log.info(
+                "request %s: %d prompt tokens, max_tokens %d",
+                r.request_id,
+                len(r.prompt_token_ids),
+                r.params.max_tokens,
+            )
             self.engine.add(r.request_id, r.prompt_token_ids, r.params, sink)
 
     async def stream(self, subscriber: str) -> AsyncIterator[list[Output]]:
@@ -134,6 +140,12 @@ class Router:
                     out = item if isinstance(item, RequestOutput) else Refusal.from_exception(rid, item)
                     if isinstance(out, Refusal) or out.finished:
                         self.owned[subscriber].discard(rid)
+                        how = (
+                            out.message
+                            if isinstance(out, Refusal)
+                            else f"{out.finish_reason}, {out.num_output_tokens} tokens"
+                        )
+                        log.info("request %s done: %s", rid, how)
                     batch.append(out)
                 yield batch
         finally:
@@ -173,6 +185,7 @@ class Router:
             "gpu_ids": list(self.pool.gpu[1]),
             "data_plane_transports": [self.pool.backends.get(k) for k in range(len(self.pool))],
             "expert_seconds": experts.seconds if experts else 0.0,
+            "gpu_memory": {"router": m} if (m := gpu_memory(self.device)) else {},
         }
 
     async def expert_load(self) -> dict[str, Any]:
@@ -193,9 +206,10 @@ class Router:
 
     async def _export_gauges(self, interval: float = 1.0) -> None:
         """The engine's gauges through Ray's metrics export (deployments/ray_metrics.py)."""
-        gauges = RayEngineGauges()
+        gauges, memory = RayEngineGauges(), RayGpuMemory("router")
         while True:
             gauges.set(self.engine.stats)
+            memory.set(gpu_memory(self.device))
             await asyncio.sleep(interval)
 
     def check_health(self) -> None:

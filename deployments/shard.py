@@ -17,10 +17,11 @@ from typing import Any
 import torch
 
 from cluster.config import RaymixSettings
+from deployments.ray_metrics import RayGpuMemory
 from moe.checkpoint import CheckpointReader
 from moe.config import MixtralConfig
 from moe.data_plane import Rendezvous, ShardServer
-from moe.engine import pick_device, pick_dtype
+from moe.engine import gpu_memory, pick_device, pick_dtype
 from moe.experts import LocalExperts
 
 log = logging.getLogger("ray.serve")
@@ -51,6 +52,7 @@ class ExpertShard:
         self.server: ShardServer | None = None
         self.connect_timeout = datetime.timedelta(seconds=s.data_plane_timeout_s)
         self.drain_timeout_s = s.drain_timeout_s
+        self.gpu_memory: RayGpuMemory | None = None
 
     def connect(self, rendezvous: Rendezvous) -> None:
         """Join the router's pair group (blocks until both ends are up), then serve batches."""
@@ -108,7 +110,11 @@ class ExpertShard:
 
     def check_health(self) -> None:
         """Unhealthy only if the data plane broke on this side; a router that went away will
-        connect again (its replacement calls `connect`), and the experts are still good."""
+        connect again (its replacement calls `connect`), and the experts are still good. Serve
+        calls it every few seconds: the shard's GPU memory is exported then."""
+        if self.gpu_memory is None:
+            self.gpu_memory = RayGpuMemory(f"expert_shard_{self.shard_id}")
+        self.gpu_memory.set(gpu_memory(self.device))
         s = self.server
         if s is not None and not s.alive and not s.router_gone:
             raise RuntimeError(f"expert shard {self.shard_id}: data plane stopped ({s.error})")

@@ -9,8 +9,10 @@ that a shard never touches another shard's experts. Only safetensors is accepted
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import struct
 import time
 from collections import defaultdict
 from collections.abc import Iterable
@@ -76,6 +78,29 @@ def expert_tensor_shapes(cfg: MixtralConfig, expert_ids: Iterable[int]) -> dict[
             shapes[expert_tensor_name(layer, e, "w3")] = (i, h)
             shapes[expert_tensor_name(layer, e, "w2")] = (h, i)
     return shapes
+
+
+REVISION_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
+
+
+def checkpoint_revision(model_dir: str | Path) -> str:
+    """A content hash naming what is served (16 hex digits): the config, generation config and
+    tokenizer files, and the weights' index (or, for unindexed safetensors files, each file's
+    header: its tensor names, dtypes, shapes and offsets). It changes when any of them does and
+    costs no read of the weights."""
+    d = Path(model_dir)
+    h = hashlib.sha256()
+    names = [*REVISION_FILES, *sorted(p.name for p in d.glob("tokenizer.model*")), INDEX_FILE]
+    for name in names:
+        f = d / name
+        if f.is_file():
+            h.update(name.encode() + b"\0" + f.read_bytes() + b"\0")
+    if not (d / INDEX_FILE).is_file():
+        for f in sorted(d.glob("*.safetensors")):
+            with f.open("rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                h.update(f.name.encode() + b"\0" + fh.read(min(n, 100_000_000)) + b"\0")
+    return h.hexdigest()[:16]
 
 
 class CheckpointReader:

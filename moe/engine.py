@@ -62,6 +62,15 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def gpu_memory(device: torch.device) -> dict[str, int] | None:
+    """On a GPU: the bytes this process's allocator holds there and the GPU's total (None on
+    the CPU)."""
+    if device.type != "cuda":
+        return None
+    _, total = torch.cuda.mem_get_info(device)
+    return {"used": int(torch.cuda.memory_reserved(device)), "total": int(total)}
+
+
 def pick_dtype(dtype: str, cfg: MixtralConfig, device: torch.device) -> torch.dtype:
     if dtype != "auto":
         return parse_dtype(dtype)

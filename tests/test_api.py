@@ -13,6 +13,7 @@ import json
 
 import httpx
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
 from api.app import build_api
@@ -380,3 +381,61 @@ def test_docs_load_nothing_from_other_hosts(api):
             assert url.startswith("/"), f"{page} loads {url} from another host"
             r = api.get(url)
             assert r.status_code == 200 and len(r.content) > 0, url
+
+
+def test_request_ids_access_log_and_model_revision(api, tiny_dir, engine, caplog, tmp_path):
+    import logging
+    import shutil
+
+    from moe.checkpoint import checkpoint_revision
+
+    secret = "my secret prompt text"
+    body = {"messages": [{"role": "user", "content": secret}], "max_tokens": 3, "temperature": 0}
+    with caplog.at_level(logging.INFO, logger="raymix.access"):
+        r = post(api, body, headers={**AUTH, "X-Request-Id": "trace-42"})
+        s = post(api, {**body, "stream": True})
+        bad = post(api, {**body, "temperature": 9})
+    assert r.headers["x-request-id"] == "trace-42" and r.json()["id"] == "chatcmpl-trace-42"
+    generated = s.headers["x-request-id"]
+    assert len(generated) == 32 and events(s)[0]["id"] == f"chatcmpl-{generated}"
+    lines = [json.loads(rec.getMessage()) for rec in caplog.records if rec.name == "raymix.access"]
+    assert [(x["request_id"], x["status"]) for x in lines] == [
+        ("trace-42", 200), (generated, 200), (bad.headers["x-request-id"], 400)
+    ]  # fmt: skip
+    first = lines[0]
+    assert first["model"] == "tiny" and first["path"] == "/v1/chat/completions"
+    assert first["prompt_tokens"] == r.json()["usage"]["prompt_tokens"] and first["completion_tokens"] == 3
+    assert first["finish_reason"] == "length" and 0 < first["ttft_s"] <= first["latency_s"]
+    assert lines[1]["completion_tokens"] == 3  # a stream's line is written when the stream ends
+    assert secret not in caplog.text  # prompts stay out of the log unless the operator opts in
+    with (
+        make_client(tiny_dir, LocalEngineClient(engine), access_log_prompts=True) as opted,
+        caplog.at_level(logging.INFO, logger="raymix.access"),
+    ):
+        post(opted, body, headers={})
+    assert json.loads(caplog.records[-1].getMessage())["prompt"] == body["messages"]
+
+    revision = checkpoint_revision(tiny_dir)
+    assert len(revision) == 16
+    assert api.get("/version").json()["model_revision"] == revision
+    assert api.get("/v1/models", headers=AUTH).json()["data"][0]["revision"] == revision
+    assert f'raymix:model_info{{model_name="tiny",revision="{revision}"}} 1.0' in api.get("/metrics").text
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_dir, copy)
+    assert checkpoint_revision(copy) == revision  # a content hash: the same files, the same name
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "rope_theta": 1.0}))
+    assert checkpoint_revision(copy) != revision
+
+
+def test_gpu_memory_is_exported_per_deployment():
+    """On GPUs the router's stats carry each deployment's GPU memory (none on the CPU)."""
+    from moe.engine import gpu_memory
+
+    assert gpu_memory(torch.device("cpu")) is None
+    stats = {"gpu_memory": {"router": {"used": 5 * 2**30, "total": 80 * 2**30}}}
+    text = ServingMetrics().render(stats)[0].decode()
+    values = dict(line.rsplit(" ", 1) for line in text.splitlines() if line.startswith("raymix:gpu"))
+    assert float(values['raymix:gpu_memory_used_bytes{deployment="router"}']) == 5 * 2**30
+    assert float(values['raymix:gpu_memory_total_bytes{deployment="router"}']) == 80 * 2**30
+    assert "gpu_memory" not in ServingMetrics().render({})[0].decode()
