@@ -66,6 +66,17 @@ class AccessRecord:
 _current: contextvars.ContextVar[AccessRecord | None] = contextvars.ContextVar("raymix_access", default=None)
 
 
+def to_stderr() -> None:
+    """Write the access log to this process's stderr (a Ray replica's log file) at INFO, one
+    JSON line each, whatever the process's other logging."""
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
 def current() -> AccessRecord | None:
     """The record of the HTTP request being served (None outside one)."""
     return _current.get()

@@ -10,6 +10,7 @@ import contextlib
 
 from ray import serve
 
+from api import access_log
 from api.app import build_api
 from api.context import ServingContext
 from api.metrics import ServingMetrics
@@ -23,6 +24,7 @@ from moe.tokenizer import load_tokenizer
 @serve.ingress()
 class Ingress:
     def __init__(self, settings: RaymixSettings, router: serve.handle.DeploymentHandle):
+        access_log.to_stderr()
         self.client = RouterClient(router)
         model_dir = settings.model_dir()
         self.context = ServingContext(

@@ -262,11 +262,17 @@ def test_deepinfra_input_fields_within_their_ranges(url, fields):
     assert len(j["choices"]) == fields.get("n", 1)
     if fields.get("max_tokens") == 0:
         assert j["choices"][0]["message"]["content"] == "" and j["usage"]["completion_tokens"] == 0
-    if "response_format" in fields and j["choices"][0]["finish_reason"] == "stop":
+    if "response_format" in fields:  # closed within max_tokens, whatever the weights
         assert isinstance(json.loads(j["choices"][0]["message"]["content"]), dict)
+        too_few = _deepinfra(url, body | fields | {"max_tokens": 3})
+        assert too_few.status_code == 400 and too_few.json()["error"]["param"] == "max_tokens"
     if fields.get("tool_choice") == "none":
         assert "tool_calls" not in j["choices"][0]["message"]
-    events = _deepinfra(url, body | {"max_tokens": 6, "stream": True} | fields, stream=True)
+    events = _deepinfra(
+        url,
+        body | {"max_tokens": 6 if "response_format" not in fields else 12, "stream": True} | fields,
+        stream=True,
+    )
     assert events[-1] == "[DONE]" and not any('"error"' in e for e in events)
 
 
