@@ -131,6 +131,13 @@ def test_lm_eval_local_completions_scores_as_its_hf_backend(base_url, tiny_dir, 
             assert greedy == greedy_ref
             n_choices += 1
     assert n_choices == sum(len(c) for _, c, _ in QUESTIONS)
+    print("\n| question | choice | local-completions (raymix) | hf | greedy |")
+    print("|---|---|---:|---:|---|")
+    for doc in sorted(ours):
+        for c, ((ll, greedy), (ll_ref, _)) in enumerate(zip(ours[doc], theirs[doc], strict=True)):
+            print(
+                f"| {QUESTIONS[doc][0].strip()} | {QUESTIONS[doc][1][c]} | {ll:.5f} | {ll_ref:.5f} | {greedy} |"
+            )
     acc = served["results"]["raymix_mc"]["acc,none"]
     assert acc == local["results"]["raymix_mc"]["acc,none"]
     print(f"\nlm-eval raymix_mc: {n_choices} choices, acc {acc:.3f} (local-completions = hf)")
