@@ -19,8 +19,10 @@ import statistics
 import time
 
 import numpy as np
+import torch
 from report import save  # benchmarks/report.py
 
+from moe.guided import GrammarTokenizer, allowed_tokens, json_grammar
 from moe.tiny import default_model_dir
 
 SCHEMA = {
@@ -40,11 +42,6 @@ SCHEMA = {
 }
 
 
-def allowed(bitmask: np.ndarray, vocab: int) -> np.ndarray:
-    bits = np.unpackbits(bitmask.view(np.uint8), bitorder="little")[:vocab]
-    return np.flatnonzero(bits)
-
-
 def run_llguidance(hf_tok, vocab: int, tokens: int, rng) -> tuple[float, list[float]]:
     import llguidance
     import llguidance.hf
@@ -59,7 +56,7 @@ def run_llguidance(hf_tok, vocab: int, tokens: int, rng) -> tuple[float, list[fl
     for _ in range(tokens):
         t = time.perf_counter()
         m.unsafe_compute_mask_ptr(mask.ctypes.data, mask.nbytes)
-        ok = allowed(mask, vocab)
+        ok = allowed_tokens(mask, vocab)
         tok = int(rng.choice(ok))
         m.consume_token(tok)
         steps.append(time.perf_counter() - t)
@@ -75,26 +72,18 @@ def run_raymix(hf_tok, vocab: int, tokens: int, rng, budget: int | None = None) 
     so with this schema the budget is watched for most of the answer: the worst case; with
     `budget` (a default-sized max_tokens) the common case."""
     budget = budget or tokens
-    from moe.guided import WATCH_MARGIN, GrammarTokenizer
-
-    gt = _grammar_tokenizers.setdefault(
-        vocab, GrammarTokenizer(default_model_dir(), vocab, hf_tok.eos_token_id)
-    )
+    gt = _grammar_tokenizer(vocab, hf_tok.eos_token_id)
     t0 = time.perf_counter()
-    from moe.guided import json_grammar
-
     m = gt.matcher(json_grammar(SCHEMA), budget)
     compile_s = time.perf_counter() - t0
-    import torch
-
     mask = torch.zeros((vocab + 31) // 32, dtype=torch.int32)
     steps = []
-    for i in range(tokens):
+    for _ in range(tokens):
         t = time.perf_counter()
         m.fill_bitmask(mask)
-        tok = int(rng.choice(allowed(mask.numpy(), vocab)))
-        if budget - i - m.close_len <= WATCH_MARGIN:
-            tok = m.fit_budget(tok, budget - i, [])
+        tok = int(rng.choice(allowed_tokens(mask.numpy(), vocab)))
+        if m.near_budget:
+            tok = m.fit_budget(tok, [])
         m.advance(tok)
         steps.append(time.perf_counter() - t)
         if m.done:
@@ -102,7 +91,10 @@ def run_raymix(hf_tok, vocab: int, tokens: int, rng, budget: int | None = None) 
     return compile_s, steps
 
 
-_grammar_tokenizers: dict = {}
+@functools.cache
+def _grammar_tokenizer(vocab: int, eos: int) -> GrammarTokenizer:
+    """raymix's llguidance vocabulary, built once per process (not timed)."""
+    return GrammarTokenizer(default_model_dir(), vocab, eos)
 
 
 def run_xgrammar(hf_tok, vocab: int, tokens: int, rng) -> tuple[float, list[float]]:
@@ -118,7 +110,7 @@ def run_xgrammar(hf_tok, vocab: int, tokens: int, rng) -> tuple[float, list[floa
     for _ in range(tokens):
         t = time.perf_counter()
         m.fill_next_token_bitmask(bitmask)
-        ok = allowed(bitmask[0].numpy(), vocab)
+        ok = allowed_tokens(bitmask[0].numpy(), vocab)
         tok = int(rng.choice(ok))
         m.accept_token(tok)
         steps.append(time.perf_counter() - t)

@@ -175,12 +175,14 @@ def _rebase(params: Any, index: int, defs: dict[str, Any]) -> Any:
     if not isinstance(params, dict):
         return params
     prefix = f"f{index}."
+    refers_to_root = False
 
     def ref(pointer: str) -> str:
+        nonlocal refers_to_root
         for section in ("/$defs/", "/definitions/"):
             if pointer.startswith(section):
                 return f"#/$defs/{prefix}{pointer[len(section) :]}"
-        defs[f"{prefix}root"] = root
+        refers_to_root = True
         return f"#/$defs/{prefix}root{pointer}"
 
     def walk(node: Any) -> Any:
@@ -193,12 +195,11 @@ def _rebase(params: Any, index: int, defs: dict[str, Any]) -> Any:
             out["$ref"] = ref(node["$ref"][1:])
         return out
 
-    root = {k: v for k, v in params.items() if k not in ("$defs", "definitions")}
     for section in ("definitions", "$defs"):
         for name, sub in (params.get(section) or {}).items():
             defs[f"{prefix}{name}"] = walk(sub)
-    root = walk(root)
-    if f"{prefix}root" in defs:
+    root = walk({k: v for k, v in params.items() if k not in ("$defs", "definitions")})
+    if refers_to_root:
         defs[f"{prefix}root"] = root
     return root
 
@@ -266,14 +267,18 @@ class GrammarMatcher:
         """bitmask: int32 [ceil(V / 32)] on the CPU, contiguous: bit t set ⇔ token t allowed."""
         self.m.unsafe_compute_mask_ptr(bitmask.data_ptr(), bitmask.numel() * 4)
 
-    def fit_budget(self, token: int, tokens_left: int, alternatives: list[int]) -> int:
-        """The token to emit with `tokens_left` tokens left (this one included): `token` when the
-        grammar can still be closed in the rest after it, else the first of `alternatives`
-        (allowed tokens, most likely first) that can, else the closing path's next token. Away
-        from the end (more room left than any one token can use up) `token` costs nothing."""
-        if tokens_left - self.close_len > WATCH_MARGIN:
-            self._next = None
-            return token
+    @property
+    def near_budget(self) -> bool:
+        """Whether one token could use up the room left for closing: then the sampled token
+        goes through `fit_budget`. Farther from the end any allowed token is safe."""
+        return self.left is not None and self.left - self.close_len <= WATCH_MARGIN
+
+    def fit_budget(self, token: int, alternatives: list[int]) -> int:
+        """Near the budget: `token` when the grammar can still be closed in the tokens left
+        after it, else the first of `alternatives` (allowed tokens, most likely first) that can,
+        else the closing path's next token, which always can."""
+        assert self.left is not None
+        tokens_left = self.left  # this one included
         for t in [token, *alternatives]:
             after = self.m.deep_copy()
             if after.consume_token(t):
@@ -313,6 +318,11 @@ WATCH_MARGIN = 48  # tokens: beyond this much room, no single token can break th
 FAR, REFRESH_EVERY = 256, 8
 
 
+def allowed_tokens(bitmask: np.ndarray, vocab_size: int) -> np.ndarray:
+    """The ids whose bit is set in an int32 bitmask [ceil(V / 32)] (llguidance's layout)."""
+    return np.flatnonzero(np.unpackbits(bitmask.view(np.uint8), bitorder="little")[:vocab_size])
+
+
 def closing_step(m: Any, closers: list[int], vocab_size: int) -> int:
     """The closing path's next token from m's state (m is not changed)."""
     for t in closers:
@@ -323,8 +333,7 @@ def closing_step(m: Any, closers: list[int], vocab_size: int) -> int:
         return int(forced[0])
     mask = np.zeros((vocab_size + 31) // 32, dtype=np.int32)
     m.unsafe_compute_mask_ptr(mask.ctypes.data, mask.nbytes)
-    bits = np.unpackbits(mask.view(np.uint8), bitorder="little")[:vocab_size]
-    allowed = np.flatnonzero(bits)
+    allowed = allowed_tokens(mask, vocab_size)
     if not len(allowed):
         raise RuntimeError("guided decoding: the grammar allows no token")
     return int(allowed[0])

@@ -4,7 +4,8 @@ It turns the scheduler's flat batch (sequences with how many of their tokens to 
 input ids and attention metadata, runs the model (two micro-batches through the overlap driver
 when asked, so the router's attention overlaps remote experts), records what is now in the KV
 cache, and returns the logits of the sequences whose prompt is complete (they sample this
-step). A sequence that asked for its prompt's logprobs (echo) gets them from its prompt's rows. A step of decodes only goes through moe.cuda_graph when it is on (by default on CUDA with
+step); a sequence that asked for its prompt's logprobs (echo) gets them from its prompt's rows.
+A step of decodes only goes through moe.cuda_graph when it is on (by default on CUDA with
 the experts in this process): captured once per batch and context bucket, then replayed,
 invisible to the engine.
 """

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from moe.guided import WATCH_MARGIN, apply_bitmask
+from moe.guided import apply_bitmask
 from moe.sampling import draw, filter_probs, process_logits
 from moe.sequence import Sequence
 
@@ -54,9 +54,9 @@ class Sampler:
             for i, t in zip(rand, draw(probs, [seqs[i].generator for i in rand]), strict=True):
                 tokens[i] = t
         for i in guided:  # structured output must close within max_tokens (moe.guided)
-            seq = seqs[i]
-            left = seq.params.max_tokens - seq.num_output_tokens
-            if left - seq.matcher.close_len <= WATCH_MARGIN:  # type: ignore[union-attr]
+            matcher = seqs[i].matcher
+            assert matcher is not None
+            if matcher.near_budget:
                 row = logits[i]
                 top = torch.topk(row, min(ALTERNATIVES, row.shape[0]))
                 alts = [
@@ -64,7 +64,7 @@ class Sampler:
                     for t, v in zip(top.indices.tolist(), top.values.tolist(), strict=True)
                     if v > float("-inf")
                 ]
-                tokens[i] = seq.matcher.fit_budget(tokens[i], left, alts)  # type: ignore[union-attr]
+                tokens[i] = matcher.fit_budget(tokens[i], alts)
         return tokens
 
     def _apply_grammars(self, logits: torch.Tensor, seqs: list[Sequence], rows: list[int]) -> torch.Tensor:

@@ -167,7 +167,4 @@ def logprobs_of_rows(logits: torch.Tensor, token_ids: list[int], k: int) -> list
 
 def logprobs_of(logits: torch.Tensor, token_id: int, k: int) -> Logprobs:
     """Raw-model logprobs of the chosen token and the k most likely, from logits [V]."""
-    lp = torch.log_softmax(logits, dim=-1)
-    top = torch.topk(lp, k) if k > 0 else None
-    top_list = list(zip(top.indices.tolist(), top.values.tolist(), strict=True)) if top is not None else []
-    return Logprobs(token_id, float(lp[token_id]), top_list)
+    return logprobs_of_rows(logits[None], [token_id], k)[0]

@@ -152,7 +152,7 @@ def _sentencepiece_spaces(path: Path) -> None:
     """Make tokenizer.json encode as SentencePiece (and the server) does: every run of text
     starts with "▁", SentencePiece's dummy prefix (transformers' conversion drops it, so "The"
     would lose its "▁"; its Metaspace pre-tokenizer would not add it before " leading", where
-    SentencePiece does), words are split at each "▁" before merging, as SentencePiece does, and
+    SentencePiece does), words are split and merged as SentencePiece does (see below), and
     decoding strips that one space (the normalizer and decoder of Mistral's own tokenizer.json
     files). Runs between control tokens get the "▁" too, as in theirs, so the chat template
     writes "[INST]" + content."""

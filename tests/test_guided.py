@@ -294,6 +294,6 @@ def test_structured_output_closes_within_every_max_tokens(engine, case, monkeypa
             assert all(c["name"] in ("get_weather", "add") for c in value)
         elif case == "json_schema":
             assert set(value) == {"name", "tags", "color", "n"}
-    monkeypatch.setattr("moe.sampler.WATCH_MARGIN", -(10**9))  # closing off: the same requests are cut
+    monkeypatch.setattr("moe.guided.WATCH_MARGIN", -(10**9))  # closing off: the same requests are cut
     cut = [s.finish_reason == "length" for s in engine.generate([prompt] * len(budgets), params)]
     assert sum(cut) >= len(budgets) // 5
