@@ -25,7 +25,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger("raymix.access")
-QUIET_PATHS = {"/health", "/metrics"}  # scraped every few seconds: not logged
+QUIET_PATHS = {"/health", "/metrics", "/experts"}  # polled every few seconds: not logged
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 

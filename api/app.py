@@ -1,5 +1,8 @@
 """`build_api`: the OpenAI-compatible HTTP API as a FastAPI app, from one ServingContext.
 
+Besides the API it serves the web page (`/`: a chat playground and the expert view, plain files
+from `api/web/` under `/ui`) and the expert view's data (`/experts`, `/experts/rebalance`).
+
 Routes are thin: each endpoint family has its serving module (chat, completions, Baseten's
 predict). In front of them `RequestGuard` checks the API key, the body's size and that it is a
 JSON object, before any route runs, so every client error is OpenAI-shaped; the exception
@@ -15,12 +18,14 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -40,6 +45,7 @@ from api.protocol import (
     ModelList,
     PredictRequest,
     PredictResponse,
+    RebalanceResponse,
     TokenizeRequest,
     TokenizeResponse,
     VersionResponse,
@@ -49,11 +55,14 @@ from api.protocol import (
 from api.serving_chat import ServingChat
 from api.serving_completion import ServingCompletion
 from api.serving_predict import ServingPredict
+from cluster.messages import ExpertStatus
 from moe.errors import RequestError
 
 log = logging.getLogger("ray.serve")
 VERSION = "0.1.0"
 DOCS_ASSETS = "/static-offline-docs"  # fastapi-offline's Swagger UI and ReDoc files
+WEB = Path(__file__).parent / "web"  # the web page's files (HTML, CSS, ES modules), under /ui
+REBALANCE = "/experts/rebalance"
 JSON_BODY_PATHS = {
     "/v1/chat/completions",
     "/v1/completions",
@@ -62,7 +71,10 @@ JSON_BODY_PATHS = {
     "/predict",
     "/production/predict",
 }
-PROTECTED = {("POST", p) for p in JSON_BODY_PATHS} | {("GET", "/v1/models")}  # need a key when keys are set
+PROTECTED = {("POST", p) for p in JSON_BODY_PATHS} | {
+    ("GET", "/v1/models"),
+    ("POST", REBALANCE),
+}  # need a key when keys are set
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 401, 404, 408, 413, 429, 503)
 }
@@ -172,6 +184,29 @@ def build_api(ctx: ServingContext) -> FastAPI:
     app.add_middleware(AccessLog, log_prompts=s.access_log_prompts)  # outermost: every answer is logged
     _add_error_handlers(app, ctx)
     chat, completion, predict = ServingChat(ctx), ServingCompletion(ctx), ServingPredict(ctx)
+
+    app.mount("/ui", StaticFiles(directory=WEB), name="ui")
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        """The web page: a chat playground and a live view of the experts."""
+        return FileResponse(WEB / "index.html")
+
+    @app.get("/experts", response_model=ExpertStatus, responses=ERRORS)
+    async def experts() -> ExpertStatus:
+        """Where each expert is computed (replicas included), whether each shard answers and its
+        round trip per layer, and the tokens per expert per layer over the recent window: the
+        router's own counters, read by the web page's expert view."""
+        try:
+            return await asyncio.wait_for(ctx.engine.expert_status(), timeout=10)
+        except Exception as e:  # the router is down or restarting
+            raise EngineUnavailable(str(e) or type(e).__name__) from None
+
+    @app.post(REBALANCE, response_model=RebalanceResponse, responses=ERRORS)
+    async def rebalance() -> dict[str, Any]:
+        """Re-plan the hot-expert replicas from the recent load (EPLB) and move to the plan while
+        serving; needs the API key when keys are set."""
+        return RebalanceResponse(**await ctx.engine.rebalance()).body()
 
     @app.get("/health")
     async def health() -> Response:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from api.errors import EngineUnavailable
-from cluster.messages import GenerateRequest, ModelInfo, Output, Refusal
+from cluster.messages import ExpertStatus, GenerateRequest, ModelInfo, Output, Refusal
 from moe.async_engine import AsyncEngine, Item, Sink
 from moe.sequence import RequestOutput
 
@@ -72,6 +72,14 @@ class EngineClient(Protocol):
         """Tokens per expert per layer and per-shard dispatch latency (empty in-process)."""
         ...
 
+    async def expert_status(self) -> ExpertStatus:
+        """The placement, each shard's health and the recent load (no shards in-process)."""
+        ...
+
+    async def rebalance(self) -> dict[str, Any]:
+        """Re-plan the hot-expert replicas from the recent load (EPLB) and move to the plan."""
+        ...
+
 
 class _OutputsSink(Sink):
     """An AsyncEngine sink that feeds one `Outputs`, refusals typed as the router types them."""
@@ -117,3 +125,23 @@ class LocalEngineClient:
 
     async def expert_load(self) -> dict[str, Any]:
         return {}
+
+    async def expert_status(self) -> ExpertStatus:
+        await asyncio.to_thread(self.engine.ready.wait)
+        eng = self.engine.engine
+        layers, experts = (eng.cfg.num_hidden_layers, eng.cfg.num_local_experts) if eng else (0, 0)
+        empty = [[0] * experts for _ in range(layers)]
+        return ExpertStatus(
+            ready=eng is not None and self.engine.error is None,
+            num_layers=layers,
+            num_experts=experts,
+            num_redundant_experts=0,
+            recent_expert_tokens=empty,
+            expert_tokens=empty,
+            balancedness=1.0,
+            shard_recoveries=0,
+            shards=[],  # the experts run in this process
+        )
+
+    async def rebalance(self) -> dict[str, Any]:
+        return {"changed": False, "reason": "the experts run in-process: there are no shards to balance"}

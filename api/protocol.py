@@ -455,3 +455,15 @@ class PredictResponse(OpenAIBody):
 class VersionResponse(OpenAIBody):
     version: str
     model_revision: str | None = None  # the served checkpoint's content hash
+
+
+class RebalanceResponse(OpenAIBody):
+    """What a rebalance (EPLB) did: the plan's predicted balancedness (mean / max tokens per
+    shard over the recent load) before and after, and the replicated experts with their shards."""
+
+    changed: bool
+    reason: str | None = OMIT()  # why nothing could be planned (no shards, no spare slots)
+    before: float | None = OMIT()
+    after: float | None = OMIT()
+    balancedness: float | None = OMIT()  # when the current placement is already the plan
+    replicas: dict[str, list[int]] = Field(default_factory=dict)  # expert -> its shards

@@ -5,6 +5,7 @@ vocabulary (a renamed field is a type error, not a KeyError at run time):
 
     ingress ──[GenerateRequest, ...]──▶ Router.submit
     ingress ◀──[RequestOutput | Refusal, ...] per engine step── Router.stream
+    ingress ◀──ExpertStatus── Router.expert_status      (the web page's expert view)
 
 The expert shards' per-layer tensors do not travel here: they go over the data plane
 (moe.data_plane).
@@ -77,16 +78,50 @@ class ModelInfo:
     pid: int
 
 
+@dataclass(frozen=True)
+class ShardStatus:
+    """One expert shard as the router sees it."""
+
+    shard_id: int
+    experts: list[int]  # the experts it computes now: its own, then replicas
+    replicas: list[int]  # of those, the ones it computes as a replica (a hot expert's copy)
+    healthy: bool  # it answered the router within the health timeout
+    detail: str  # why not healthy ("" when it is)
+    transport: str | None  # its data-plane link: "gloo" | "nccl" (None before it connected)
+    dispatch_ms: list[float | None]  # [layer] mean round trip of a layer batch, recent window
+    pid: int | None = None
+    device: str | None = None
+
+
+@dataclass(frozen=True)
+class ExpertStatus:
+    """Where the experts are and how the tokens spread over them: the router's own counters.
+    The recent window is the last layer batches that rebalancing plans from (it starts over
+    when the placement changes)."""
+
+    ready: bool  # the engine is up and its shards connected
+    num_layers: int
+    num_experts: int
+    num_redundant_experts: int  # spare expert slots for hot-expert replicas (0: no rebalancing)
+    recent_expert_tokens: list[list[int]]  # [layer][expert] token assignments, recent window
+    expert_tokens: list[list[int]]  # [layer][expert] token assignments since start
+    balancedness: float  # mean / max tokens per shard over the recent window (1 = even)
+    shard_recoveries: int  # shards replaced while serving
+    shards: list[ShardStatus]
+
+
 __all__ = [
     "APP_NAME",
     "EXPERT_SHARD",
     "INGRESS",
     "ROUTER",
+    "ExpertStatus",
     "GenerateRequest",
     "ModelInfo",
     "Output",
     "Refusal",
     "RequestOutput",
+    "ShardStatus",
     "extra_shard_app",
     "shard_deployment_name",
 ]

@@ -8,6 +8,7 @@ PlacementController's. What the router itself does is the engine host's job for 
     stream(subscriber)                       [RequestOutput | Refusal] per engine step, until closed
     abort([request id])                      stop requests now (a client went away)
     model_info / stats / expert_load         what /health, /metrics and the API read
+    expert_status                            placement, shard health and recent load (the web page)
     rebalance / resize                       placement changes, delegated to the controller
 """
 
@@ -25,7 +26,15 @@ from typing import Any
 import torch
 
 from cluster.config import RaymixSettings
-from cluster.messages import EXPERT_SHARD, GenerateRequest, ModelInfo, Output, Refusal
+from cluster.messages import (
+    EXPERT_SHARD,
+    ExpertStatus,
+    GenerateRequest,
+    ModelInfo,
+    Output,
+    Refusal,
+    ShardStatus,
+)
 from deployments.placement_controller import PlacementController
 from deployments.ray_metrics import RayEngineGauges, RayGpuMemory
 from deployments.shard_pool import ShardPool
@@ -39,6 +48,7 @@ from moe.sequence import RequestOutput
 from moe.tokenizer import load_tokenizer
 
 log = logging.getLogger("ray.serve")
+SHARD_HEALTH_TIMEOUT_S = 2.0  # a shard that does not answer `info` within this is shown unhealthy
 
 
 class Router:
@@ -192,6 +202,59 @@ class Router:
         experts = self._data_plane()
         return experts.load.snapshot() if experts else {}
 
+    async def expert_status(self) -> ExpertStatus:
+        """Where each expert is computed, whether each shard answers, and the recent load."""
+        experts = self._data_plane()
+        load = experts.load.snapshot() if experts else {}
+        cfg, placement = self.cfg, self.placement.placement
+        layers = range(cfg.num_hidden_layers)
+
+        def per_layer(counts: dict[int, list[int]]) -> list[list[int]]:
+            return [counts.get(layer, [0] * cfg.num_local_experts) for layer in layers]
+
+        pings = await asyncio.gather(*[self._ping(k) for k in range(len(self.pool))])
+        dispatch = load.get("recent_dispatch_seconds", [])
+        shards = []
+        for k, (info, problem) in enumerate(pings):
+            computes = placement.experts_on(k) if k < placement.num_shards else []
+            own = self.placement.primaries[k] if k < len(self.placement.primaries) else []
+            seconds = dispatch[k] if k < len(dispatch) else {}
+            shards.append(
+                ShardStatus(
+                    shard_id=k,
+                    experts=computes,
+                    replicas=[e for e in computes if e not in own],
+                    healthy=not problem,
+                    detail=problem,
+                    transport=self.pool.backends.get(k),
+                    dispatch_ms=[1000 * seconds[i] if i in seconds else None for i in layers],
+                    pid=info.get("pid"),
+                    device=info.get("device"),
+                )
+            )
+        return ExpertStatus(
+            ready=self.engine.ready.is_set() and self.engine.error is None,
+            num_layers=cfg.num_hidden_layers,
+            num_experts=cfg.num_local_experts,
+            num_redundant_experts=self.settings.num_redundant_experts,
+            recent_expert_tokens=per_layer(load.get("recent_expert_tokens", {})),
+            expert_tokens=per_layer(load.get("expert_tokens", {})),
+            balancedness=load.get("balancedness", 1.0),
+            shard_recoveries=experts.recoveries if experts else 0,
+            shards=shards,
+        )
+
+    async def _ping(self, k: int) -> tuple[dict[str, Any], str]:
+        """Shard k's `info`, or why it did not answer (it died and Serve is replacing it)."""
+        response = self.pool.handles[k].info.remote()
+        try:
+            return await asyncio.wait_for(_awaited(response), SHARD_HEALTH_TIMEOUT_S), ""
+        except asyncio.TimeoutError:
+            response.cancel()
+            return {}, f"no answer within {SHARD_HEALTH_TIMEOUT_S:g}s"
+        except Exception as e:
+            return {}, f"{type(e).__name__}: {e}"[:200]
+
     # ---- placement changes (deployments/placement_controller.py) ----
 
     async def rebalance(self) -> dict[str, Any]:
@@ -223,3 +286,7 @@ class Router:
             task.cancel()
         with contextlib.suppress(Exception):
             self.engine.stop(timeout=5)
+
+
+async def _awaited(response: Any) -> Any:
+    return await response

@@ -20,7 +20,7 @@ from typing import Any
 
 from api.engine_client import Outputs
 from api.errors import EngineUnavailable
-from cluster.messages import GenerateRequest, ModelInfo, Output, Refusal
+from cluster.messages import ExpertStatus, GenerateRequest, ModelInfo, Output, Refusal
 
 log = logging.getLogger("ray.serve")
 
@@ -52,6 +52,12 @@ class RouterClient:
 
     async def expert_load(self) -> dict[str, Any]:
         return await self.router.expert_load.remote()
+
+    async def expert_status(self) -> ExpertStatus:
+        return await self.router.expert_status.remote()
+
+    async def rebalance(self) -> dict[str, Any]:
+        return await self.router.rebalance.remote()
 
     def close(self) -> None:
         """End the stream (the router then aborts whatever of ours still runs)."""

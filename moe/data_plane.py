@@ -168,7 +168,8 @@ LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.
 
 class ExpertLoad:
     """What the router saw of the experts: token assignments per (layer, expert), per-shard
-    round-trip latencies (histogram counts), and how evenly the last `window` layer batches
+    round-trip latencies (histogram counts), and over the last `window` layer batches: the
+    assignments per (layer, expert), the round trip per (shard, layer), and how evenly they
     spread over the shards (mean / max tokens per shard: 1.0 is perfectly even).
 
     Counting stays on the ids' device (no host sync in the per-layer path); the metrics scrape,
@@ -182,7 +183,10 @@ class ExpertLoad:
         self.buckets = [[0] * (len(LATENCY_BUCKETS_S) + 1) for _ in range(num_shards)]
         self.latency_sum = [0.0] * num_shards
         self.recent: deque[torch.Tensor] = deque(maxlen=window)  # [S] assignments per shard per batch
-        self.recent_experts: deque[torch.Tensor] = deque(maxlen=window)  # [E] per batch, for rebalancing
+        self.recent_experts: deque[tuple[int, torch.Tensor]] = deque(maxlen=window)  # (layer, [E]) per batch
+        self.recent_latency: deque[tuple[int, int, float]] = deque(
+            maxlen=window * num_shards
+        )  # (shard, layer, s)
         self.holders = [1] * self.num_experts  # shards holding each expert (2+: replicated)
         self.lock = threading.Lock()
 
@@ -193,14 +197,14 @@ class ExpertLoad:
             self.tokens[layer] = self.tokens[layer] + per_expert if layer in self.tokens else per_expert
             if per_shard.numel() == self.num_shards:  # else routed before the shards were resized
                 self.recent.append(per_shard)
-            self.recent_experts.append(per_expert)
+            self.recent_experts.append((layer, per_expert))
 
     def recent_expert_load(self) -> list[float]:
         """Assignments per expert over the recent window (all layers together)."""
         with self.lock:
             if not self.recent_experts:
                 return [0.0] * self.num_experts
-            return torch.stack(list(self.recent_experts)).sum(0).float().cpu().tolist()
+            return torch.stack([t for _, t in self.recent_experts]).sum(0).float().cpu().tolist()
 
     def resize(self, num_shards: int, expert_to_shard: torch.Tensor) -> None:
         """A new number of shards (elastic resizing): per-shard figures start over."""
@@ -215,20 +219,30 @@ class ExpertLoad:
         with self.lock:
             self.recent.clear()
             self.recent_experts.clear()
+            self.recent_latency.clear()
 
-    def latency(self, shard: int, seconds: float) -> None:
+    def latency(self, shard: int, layer: int, seconds: float) -> None:
         i = next((j for j, b in enumerate(LATENCY_BUCKETS_S) if seconds <= b), len(LATENCY_BUCKETS_S))
         with self.lock:
             if shard >= self.num_shards:  # a batch posted before the shards were resized
                 return
             self.buckets[shard][i] += 1
             self.latency_sum[shard] += seconds
+            self.recent_latency.append((shard, layer, seconds))
 
     def snapshot(self) -> dict[str, Any]:
         with self.lock:
             tokens = {layer: t.tolist() for layer, t in sorted(self.tokens.items())}
             recent = torch.stack(list(self.recent)).sum(0).float().cpu() if self.recent else None
             counts, sums = [list(b) for b in self.buckets], list(self.latency_sum)
+            recent_tokens: dict[int, torch.Tensor] = {}
+            for layer, t in self.recent_experts:
+                recent_tokens[layer] = recent_tokens[layer] + t if layer in recent_tokens else t
+            latencies = list(self.recent_latency)
+            num_shards = self.num_shards
+        round_trips: dict[tuple[int, int], list[float]] = {}
+        for shard, layer, seconds in latencies:
+            round_trips.setdefault((shard, layer), []).append(seconds)
         balanced = float(recent.mean() / recent.max()) if recent is not None and recent.max() > 0 else 1.0
         return {
             "expert_tokens": tokens,
@@ -238,6 +252,11 @@ class ExpertLoad:
             "dispatch_latency_sum": sums,
             "balancedness": balanced,
             "expert_holders": list(self.holders),
+            "recent_expert_tokens": {layer: t.tolist() for layer, t in sorted(recent_tokens.items())},
+            "recent_dispatch_seconds": [  # per shard, per layer: mean round trip over the window
+                {layer: sum(v) / len(v) for (k, layer), v in sorted(round_trips.items()) if k == shard}
+                for shard in range(num_shards)
+            ],
         }
 
 
@@ -334,7 +353,7 @@ class RemoteExperts:
                         links[k] = self.reconnect(k)
                         self.recoveries += 1
                     link, works = self._exchange(links[k] if k < len(links) else link, layer, x, b, y)
-            self.load.latency(k, time.perf_counter() - posted)
+            self.load.latency(k, layer, time.perf_counter() - posted)
             parts.append((b.token_index, y.to(x.device, non_blocking=True)))
         out = combine(x.shape, x.dtype, parts)
         self.calls += 1

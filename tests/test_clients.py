@@ -8,22 +8,11 @@ from __future__ import annotations
 
 import enum
 import json
-import socket
-import threading
-import time
 
 import pytest
-import uvicorn
 from pydantic import BaseModel, Field
 
-from api.app import build_api
-from api.context import ServingContext
-from api.engine_client import LocalEngineClient
-from api.metrics import ServingMetrics
-from cluster.config import RaymixSettings
-from moe.async_engine import AsyncEngine
-from moe.engine import EngineConfig, LLMEngine
-from moe.tokenizer import load_tokenizer
+from tests.local_server import local_server
 
 QUESTIONS = [
     ("The capital of France is", ["Paris", "Berlin", "Madrid"], 0),
@@ -40,22 +29,8 @@ QUESTIONS = [
 @pytest.fixture(scope="module")
 def base_url(tiny_dir):
     """raymix's API served by uvicorn on 127.0.0.1, as `raymix serve` serves it (one process)."""
-    engine = AsyncEngine(lambda: LLMEngine.from_pretrained(tiny_dir, EngineConfig(max_model_len=2048)))
-    settings = RaymixSettings(model=str(tiny_dir), served_model_name=["tiny"])
-    ctx = ServingContext(settings, LocalEngineClient(engine), load_tokenizer(tiny_dir), {}, ServingMetrics())
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(build_api(ctx), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}/v1"
-    server.should_exit = True
-    thread.join(10)
-    engine.stop()
+    with local_server(tiny_dir, served_model_name=["tiny"]) as url:
+        yield f"{url}/v1"
 
 
 # ---- lm-eval: log-likelihoods over /v1/completions (echo + logprobs) ----
