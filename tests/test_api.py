@@ -383,6 +383,57 @@ def test_docs_load_nothing_from_other_hosts(api):
             assert r.status_code == 200 and len(r.content) > 0, url
 
 
+def test_web_page_loads_only_its_own_files(api):
+    """`/` is the web page; every stylesheet, script and ES module it loads (followed through the
+    modules' imports) is served by raymix itself from the package, and the vendored chart
+    library's licence ships beside it."""
+    import re
+
+    page = api.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    todo = re.findall(r"""(?:src|href)=["'](/[^"']+)["']""", page.text)
+    assert "/ui/app.js" in todo and not re.search(r"""(?:src|href)=["']https?:""", page.text)
+    seen = set()
+    while todo:
+        url = todo.pop()
+        if url in seen:
+            continue
+        seen.add(url)
+        r = api.get(url)
+        assert r.status_code == 200 and r.content, url
+        if url.endswith(".js"):
+            for target in re.findall(r"""^\s*import\b[^'"]*["']([^"']+)["']""", r.text, re.M):
+                assert target.startswith("./"), f"{url} imports {target}"
+                todo.append(url.rsplit("/", 1)[0] + "/" + target[2:])
+    assert {"/ui/chat.js", "/ui/experts.js", "/ui/vendor/uPlot.esm.js", "/ui/style.css"} <= seen
+    assert "MIT License" in api.get("/ui/vendor/uPlot.LICENSE").text
+    missing = api.get("/ui/nope.js")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+
+
+def test_expert_status_and_rebalance_in_process(api):
+    """The expert view's endpoints, documented in the OpenAPI schema: /experts answers without a
+    key (in-process: the model's shape, no shards, nothing counted); a rebalance needs the key
+    and says why it cannot plan here."""
+    status = api.get("/experts")
+    assert status.status_code == 200
+    body = status.json()
+    assert body["shards"] == [] and body["num_layers"] > 0 and body["num_experts"] == 8
+    assert len(body["recent_expert_tokens"]) == body["num_layers"]
+    assert all(len(row) == body["num_experts"] for row in body["expert_tokens"])
+    refused = api.post("/experts/rebalance")
+    assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
+    plan = api.post("/experts/rebalance", headers=AUTH)
+    assert (
+        plan.status_code == 200 and plan.json()["changed"] is False and "in-process" in plan.json()["reason"]
+    )
+    schema = api.get("/openapi.json").json()
+    assert {"/experts", "/experts/rebalance"} <= set(schema["paths"])
+    assert "/" not in schema["paths"]  # the page is not part of the API
+    shard = schema["components"]["schemas"]["ShardStatus"]["properties"]
+    assert {"experts", "replicas", "healthy", "dispatch_ms"} <= set(shard)
+
+
 def test_request_ids_access_log_and_model_revision(api, tiny_dir, engine, caplog, tmp_path):
     import logging
     import shutil

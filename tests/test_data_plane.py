@@ -134,3 +134,29 @@ def test_engine_over_remote_shards_is_token_identical(tiny_dir, remote, remote_e
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     got = [s.output_token_ids for s in eng.generate(prompts, params, arrival_steps=[0, 1, 4])]
     assert got == [s.output_token_ids for s in ref.generate(prompts, params, arrival_steps=[0, 1, 4])]
+
+
+def test_expert_load_recent_window_per_layer_and_shard():
+    """What the expert view reads: over the recent window, tokens per (layer, expert) and the
+    mean round trip per (shard, layer); the window forgets old batches (the totals do not) and
+    starts over on reset."""
+    from moe.data_plane import ExpertLoad
+
+    load = ExpertLoad(2, torch.tensor([0, 0, 1, 1]), window=3)
+    load.count(0, torch.tensor([[0, 1], [0, 2]]), torch.tensor([3, 1]))  # layer 0: two tokens
+    load.count(1, torch.tensor([[3, 2]]), torch.tensor([0, 2]))
+    load.latency(0, 0, 0.002)
+    load.latency(0, 0, 0.004)
+    load.latency(1, 1, 0.010)
+    snap = load.snapshot()
+    assert snap["recent_expert_tokens"] == {0: [2, 1, 1, 0], 1: [0, 0, 1, 1]}
+    assert snap["recent_dispatch_seconds"] == [{0: pytest.approx(0.003)}, {1: pytest.approx(0.010)}]
+    for _ in range(3):  # three more layer-1 batches push layer 0's out of the window
+        load.count(1, torch.tensor([[3, 3]]), torch.tensor([0, 2]))
+    snap = load.snapshot()
+    assert snap["recent_expert_tokens"] == {1: [0, 0, 0, 6]}
+    assert snap["expert_tokens"] == {0: [2, 1, 1, 0], 1: [0, 0, 1, 7]}
+    load.reset_window()
+    snap = load.snapshot()
+    assert snap["recent_expert_tokens"] == {} and snap["recent_dispatch_seconds"] == [{}, {}]
+    assert snap["balancedness"] == 1.0
