@@ -57,7 +57,8 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     t = time.monotonic()
     url = bringup.start(s)
     print(f"raymix: serving {', '.join(s.model_names())} at {url}/v1 (ready in {time.monotonic() - t:.0f}s)")
-    print(f"try:\n  {bringup.curl_example(s, url)}", flush=True)
+    print(f"try:\n  {bringup.curl_example(s, url)}")
+    print(f"or open {url}/ in a browser (chat playground and expert view)", flush=True)
     stop = False
 
     def on_signal(*_: Any) -> None:
