@@ -12,7 +12,9 @@ and telling each where to connect.
 Per layer and step the router sends each shard that has tokens one message, a byte buffer:
 a header [op, layer, n, inline] (int64), the routing [n, 2K] (float32: the K global expert ids
 it is to compute, -1 for the others, then their K weights) and the hidden states x [n, H] (model
-dtype). The shard answers with its weighted sum y [n, H].
+dtype). The shard answers with its weighted sum y [n, H]. On a GPU router every shard gets the
+whole layer batch instead (n = T, the ids it does not compute sent as -1; `whole_batch`): the
+sizes are then known without reading the routing, and posting a layer costs no host sync.
 
 Every receive is posted before the peer sends, because a gloo send that finds no receive posted
 waits for a ready-to-receive notice from the other side (one more round trip of process
@@ -37,7 +39,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from moe.experts import LocalExperts, Placement, ShardBatch, assign, combine, dispatch
+from moe.experts import LocalExperts, Placement, ShardBatch, assign, combine, dispatch, dispatch_whole
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +80,12 @@ def encode(layer: int, x: torch.Tensor, b: ShardBatch, inline: bool, device: tor
     pin = x.is_cuda and device.type == "cpu"
     msg = torch.empty(HEADER_BYTES + body_bytes(n, hidden, k, x.dtype), dtype=torch.uint8,
                       device=device, pin_memory=pin)  # fmt: skip
-    header = torch.tensor([FORWARD, layer, n, int(inline)], dtype=torch.long)
-    msg[:HEADER_BYTES].view(torch.long).copy_(header)
+    header = msg[:HEADER_BYTES].view(torch.long)
+    if msg.is_cuda:  # filled on the device: a copy from pageable host memory would sync
+        for i, value in enumerate((FORWARD, layer, n, int(inline))):
+            header[i].fill_(value)
+    else:
+        header.copy_(torch.tensor([FORWARD, layer, n, int(inline)], dtype=torch.long))
     split = HEADER_BYTES + n * 2 * k * 4
     route = msg[HEADER_BYTES:split].view(torch.float32).view(n, 2 * k)
     route[:, :k].copy_(b.expert_ids)
@@ -166,6 +172,12 @@ class ShardLink:
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0)
 
 
+def _counts(ids: torch.Tensor, n: int) -> torch.Tensor:
+    """How often each of 0..n-1 occurs in ids → [n] int64; bincount's size check would sync a GPU."""
+    flat = ids.flatten()
+    return torch.zeros(n, dtype=torch.long, device=ids.device).index_add_(0, flat, torch.ones_like(flat))
+
+
 class ExpertLoad:
     """What the router saw of the experts: token assignments per (layer, expert), per-shard
     round-trip latencies (histogram counts), and over the last `window` layer batches: the
@@ -190,9 +202,11 @@ class ExpertLoad:
         self.holders = [1] * self.num_experts  # shards holding each expert (2+: replicated)
         self.lock = threading.Lock()
 
-    def count(self, layer: int, expert_ids: torch.Tensor, per_shard: torch.Tensor) -> None:
-        """One layer batch: its routing [T, K] and the assignments each shard got [S]."""
-        per_expert = torch.bincount(expert_ids.flatten(), minlength=self.num_experts)  # [E]
+    def count(self, layer: int, expert_ids: torch.Tensor, shard_of: torch.Tensor, num_shards: int) -> None:
+        """One layer batch: its routing [T, K] and the shard computing each assignment [T, K],
+        of a placement over `num_shards` shards."""
+        per_expert = _counts(expert_ids, self.num_experts)  # [E]
+        per_shard = _counts(shard_of, num_shards)  # [S]
         with self.lock:
             self.tokens[layer] = self.tokens[layer] + per_expert if layer in self.tokens else per_expert
             if per_shard.numel() == self.num_shards:  # else routed before the shards were resized
@@ -278,8 +292,10 @@ class RemoteExperts:
         device: torch.device,
         reconnect: Callable[[int], ShardLink] | None = None,
         max_retries: int = 3,
+        whole_batch: bool | None = None,  # every shard gets all T tokens (default: on a GPU)
     ):
         self.routing = (placement.to(device), list(links))  # read once per layer: swapped whole
+        self.whole_batch = device.type == "cuda" if whole_batch is None else whole_batch
         self.hidden_size = hidden_size
         self.device = device
         self.reconnect = reconnect
@@ -320,8 +336,9 @@ class RemoteExperts:
         start = time.perf_counter()
         placement, links = self.routing
         shard_of = assign(expert_ids, placement)  # [T, K]
-        batches = dispatch(expert_ids, weights, placement, shard_of)
-        self.load.count(layer, expert_ids, torch.bincount(shard_of.flatten(), minlength=placement.num_shards))
+        split = dispatch_whole if self.whole_batch else dispatch
+        batches = split(expert_ids, weights, placement, shard_of)
+        self.load.count(layer, expert_ids, shard_of, placement.num_shards)
         pending = []
         for k, b in enumerate(batches):
             n = b.token_index.numel()

@@ -122,6 +122,22 @@ def dispatch(
     return batches
 
 
+def dispatch_whole(
+    expert_ids: torch.Tensor, weights: torch.Tensor, placement: Placement, shard_of: torch.Tensor
+) -> list[ShardBatch]:
+    """Every shard gets the whole batch, its ids -1 where another shard computes the assignment:
+    more bytes than `dispatch` (S·T rows rather than about T·min(K, S)), but each size is T,
+    known without reading the routing, so a GPU router posts the exchange with no host sync.
+
+    expert_ids [T, K], weights [T, K], shard_of [T, K] (`assign`) → one ShardBatch per shard.
+    """
+    rows = torch.arange(expert_ids.shape[0], device=expert_ids.device)  # [T]
+    return [
+        ShardBatch(rows, torch.where(shard_of == s, expert_ids, -1), weights)
+        for s in range(placement.num_shards)
+    ]
+
+
 def combine(
     hidden_shape: torch.Size, dtype: torch.dtype, parts: list[tuple[torch.Tensor, torch.Tensor]]
 ) -> torch.Tensor:

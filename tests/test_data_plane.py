@@ -40,7 +40,13 @@ def shard_main(model_dir: str, expert_ids: list[int], rdv: Rendezvous) -> None:
 class SpawnedShards:
     """N shard processes and the router-side RemoteExperts that reach them."""
 
-    def __init__(self, model_dir, num_shards: int, inline_tokens: int = Rendezvous.inline_tokens):
+    def __init__(
+        self,
+        model_dir,
+        num_shards: int,
+        inline_tokens: int = Rendezvous.inline_tokens,
+        whole_batch: bool = False,
+    ):
         cfg = MixtralConfig.from_pretrained(model_dir)
         groups = partition_experts(cfg.num_local_experts, num_shards)
         self.tmp = tempfile.mkdtemp()
@@ -56,7 +62,11 @@ class SpawnedShards:
             p.start()
         links = [ShardLink(store, r, torch.device("cpu"), TIMEOUT) for r in rdvs]
         self.experts = RemoteExperts(
-            links, Placement.from_groups(groups), cfg.hidden_size, torch.device("cpu")
+            links,
+            Placement.from_groups(groups),
+            cfg.hidden_size,
+            torch.device("cpu"),
+            whole_batch=whole_batch,
         )
         self.store = store
 
@@ -92,10 +102,22 @@ def remote_exact(tiny_dir):
     shards.close()
 
 
-@pytest.mark.parametrize("transport", ["one message", "header and body apart", "exact sizes, in order"])
+@pytest.fixture(scope="module")
+def remote_whole(tiny_dir):
+    """Every shard gets the whole layer batch (a GPU router's exchange, no host sync), with
+    NCCL's exact sizes and order."""
+    shards = SpawnedShards(tiny_dir, 3, inline_tokens=0, whole_batch=True)
+    yield shards.experts
+    shards.close()
+
+
+@pytest.mark.parametrize(
+    "transport",
+    ["one message", "header and body apart", "exact sizes, in order", "whole batch to every shard"],
+)
 @pytest.mark.parametrize("tokens", [1, 17, 64])
 def test_remote_layer_equals_in_process(
-    tiny_dir, remote, remote_small_buffer, remote_exact, tokens, transport
+    tiny_dir, remote, remote_small_buffer, remote_exact, remote_whole, tokens, transport
 ):
     cfg = MixtralConfig.from_pretrained(tiny_dir)
     local = InProcessExperts.from_checkpoint(CheckpointReader(tiny_dir), cfg, torch.float32)
@@ -105,9 +127,12 @@ def test_remote_layer_equals_in_process(
         torch.softmax(torch.randn(tokens, 2, generator=g), -1),
         torch.randint(0, 8, (tokens, 2), generator=g),
     )
-    experts = {"one message": remote, "header and body apart": remote_small_buffer}.get(
-        transport, remote_exact
-    )
+    experts = {
+        "one message": remote,
+        "header and body apart": remote_small_buffer,
+        "exact sizes, in order": remote_exact,
+        "whole batch to every shard": remote_whole,
+    }[transport]
     for layer in range(cfg.num_hidden_layers):
         torch.testing.assert_close(
             experts.forward(layer, x, ids, weights), local.forward(layer, x, ids, weights)
@@ -119,12 +144,16 @@ def test_remote_layer_equals_in_process(
         )
 
 
-@pytest.mark.parametrize("exact", [False, True], ids=["standing receive", "exact sizes, in order"])
+@pytest.mark.parametrize(
+    "exchange", ["standing receive", "exact sizes, in order", "whole batch to every shard"]
+)
 @pytest.mark.parametrize("overlap", [False, True])
-def test_engine_over_remote_shards_is_token_identical(tiny_dir, remote, remote_exact, overlap, exact):
+def test_engine_over_remote_shards_is_token_identical(
+    tiny_dir, remote, remote_exact, remote_whole, overlap, exchange
+):
     """Also with two-micro-batch overlap: both micro-batches' layers are in flight at once (with
     NCCL's discipline too: the second micro-batch's batch waits in order behind the first)."""
-    remote = remote_exact if exact else remote
+    remote = {"standing receive": remote, "exact sizes, in order": remote_exact}.get(exchange, remote_whole)
     cfg = MixtralConfig.from_pretrained(tiny_dir)
     dense = MixtralDense.from_checkpoint(CheckpointReader(tiny_dir), cfg, torch.float32)
     tok = load_tokenizer(tiny_dir)
@@ -143,8 +172,8 @@ def test_expert_load_recent_window_per_layer_and_shard():
     from moe.data_plane import ExpertLoad
 
     load = ExpertLoad(2, torch.tensor([0, 0, 1, 1]), window=3)
-    load.count(0, torch.tensor([[0, 1], [0, 2]]), torch.tensor([3, 1]))  # layer 0: two tokens
-    load.count(1, torch.tensor([[3, 2]]), torch.tensor([0, 2]))
+    load.count(0, torch.tensor([[0, 1], [0, 2]]), torch.tensor([[0, 0], [0, 1]]), 2)  # layer 0: two tokens
+    load.count(1, torch.tensor([[3, 2]]), torch.tensor([[1, 1]]), 2)
     load.latency(0, 0, 0.002)
     load.latency(0, 0, 0.004)
     load.latency(1, 1, 0.010)
@@ -152,7 +181,7 @@ def test_expert_load_recent_window_per_layer_and_shard():
     assert snap["recent_expert_tokens"] == {0: [2, 1, 1, 0], 1: [0, 0, 1, 1]}
     assert snap["recent_dispatch_seconds"] == [{0: pytest.approx(0.003)}, {1: pytest.approx(0.010)}]
     for _ in range(3):  # three more layer-1 batches push layer 0's out of the window
-        load.count(1, torch.tensor([[3, 3]]), torch.tensor([0, 2]))
+        load.count(1, torch.tensor([[3, 3]]), torch.tensor([[1, 1]]), 2)
     snap = load.snapshot()
     assert snap["recent_expert_tokens"] == {1: [0, 0, 0, 6]}
     assert snap["expert_tokens"] == {0: [2, 1, 1, 0], 1: [0, 0, 1, 7]}
@@ -160,3 +189,5 @@ def test_expert_load_recent_window_per_layer_and_shard():
     snap = load.snapshot()
     assert snap["recent_expert_tokens"] == {} and snap["recent_dispatch_seconds"] == [{}, {}]
     assert snap["balancedness"] == 1.0
+    load.count(0, torch.tensor([[0, 1], [0, 2]]), torch.tensor([[0, 0], [0, 1]]), 2)
+    assert load.snapshot()["balancedness"] == pytest.approx(2 / 3)  # shards got 3 and 1: mean 2, max 3

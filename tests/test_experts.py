@@ -8,7 +8,15 @@ import torch.nn.functional as F
 
 from moe.backend import InProcessExperts
 from moe.config import MixtralConfig
-from moe.experts import LocalExperts, Placement, dispatch, partition_experts, select_experts
+from moe.experts import (
+    LocalExperts,
+    Placement,
+    assign,
+    dispatch,
+    dispatch_whole,
+    partition_experts,
+    select_experts,
+)
 
 
 def reference_moe(x, router_logits, w1, w3, w2, top_k):
@@ -64,6 +72,30 @@ def test_replicas_split_a_hot_experts_tokens_and_compute_each_assignment_once():
     assert ones == [6, 0, 0]
     assigned = sum(int((b.expert_ids >= 0).sum()) for b in batches)
     assert assigned == ids.numel()  # every (token, expert) exactly once
+
+
+def test_whole_batch_dispatch_computes_what_dispatch_computes():
+    """A GPU router's dispatch (every shard gets all T tokens) asks each shard for exactly the
+    (token, expert) assignments the sparse one does, replicas included."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 8, (40, 2), generator=g)
+    w = torch.rand(40, 2, generator=g)
+    placement = Placement.from_groups([[0, 1, 2], [3, 4, 5], [6, 7, 0]])  # expert 0 replicated
+    shard_of = assign(ids, placement)
+    whole, sparse = dispatch_whole(ids, w, placement, shard_of), dispatch(ids, w, placement, shard_of)
+
+    def assignments(b):
+        return {
+            (int(t), int(e))
+            for t, row in zip(b.token_index, b.expert_ids, strict=True)
+            for e in row
+            if e >= 0
+        }
+
+    for wb, sb in zip(whole, sparse, strict=True):
+        assert wb.token_index.tolist() == list(range(40)) and torch.equal(wb.weights, w)
+        assert assignments(wb) == assignments(sb)
+    assert sum(len(assignments(b)) for b in whole) == len({(t, int(e)) for t in range(40) for e in ids[t]})
 
 
 @pytest.mark.parametrize(
