@@ -12,24 +12,42 @@ weights, is written once under --cache. Decode tok/s is timed after every sequen
 (the steps that sample tokens 2..N); transformers' by generate(N) minus generate(1). Median of
 --runs; figures printed, written to JSON and plotted to PNG.
 
+With --expert-shards N the same engine also runs as the router does in the cluster: its experts
+in N shard processes (moe.data_plane's ShardServer, spawned here: no Ray, no HTTP; those are
+serve_bench's), reached over the data plane: its default dispatch for the device (each shard
+gets the whole layer batch on CUDA, only its tokens on CPU), the other one, and the default with
+the two-micro-batch overlap. On
+CUDA shard k uses GPU k mod the GPU count; a shard on the router's own GPU is reached over gloo
+through pinned host memory (NCCL refuses two ranks on one device), others over NCCL.
+
     .venv/bin/python benchmarks/gpu_bench.py                          # on the GPU
+    .venv/bin/python benchmarks/gpu_bench.py --expert-shards 2        # + the data plane
     .venv/bin/python benchmarks/gpu_bench.py --device cpu --hidden-size 512 --intermediate-size 1024
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import multiprocessing as mp
+import os
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 from report import median_of, save  # benchmarks/report.py
 
+from moe.checkpoint import CheckpointReader
 from moe.config import MixtralConfig
+from moe.data_plane import RemoteExperts, Rendezvous, ShardLink, ShardServer, open_store
 from moe.engine import EngineConfig, LLMEngine
+from moe.experts import LocalExperts, Placement, partition_experts
+from moe.model import MixtralDense
 from moe.sampling import SamplingParams
 from moe.tiny import make_tiny
+from moe.tokenizer import load_tokenizer
 
 MIXTRAL_8X7B_LAYER = dict(
     hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8
@@ -107,6 +125,64 @@ def hf_decode_tok_s(hf, batch: list[list[int]], n: int, device: torch.device) ->
     return len(batch) * (n - 1) / max(generate(n) - generate(1), 1e-9)
 
 
+TIMEOUT = datetime.timedelta(seconds=300)
+
+
+def _shard_main(
+    model: str, expert_ids: list[int], rdv: Rendezvous, device: str, dtype: str, threads: int
+) -> None:
+    """One expert shard's process: load its experts, connect, answer layer batches until told to stop."""
+    torch.set_num_threads(threads)
+    cfg = MixtralConfig.from_pretrained(model)
+    experts = LocalExperts.from_checkpoint(
+        CheckpointReader(model), cfg, expert_ids, getattr(torch, dtype), torch.device(device)
+    )
+    server = ShardServer(experts, rdv, TIMEOUT, threads)
+    server.connect()
+    server.start()
+    assert server.thread is not None
+    server.thread.join()
+
+
+class Shards:
+    """N expert shard processes and the router's RemoteExperts reaching them."""
+
+    def __init__(self, model: Path, n: int, device: torch.device, dtype: str):
+        cfg = MixtralConfig.from_pretrained(model)
+        groups = partition_experts(cfg.num_local_experts, n)
+        url = f"file://{os.path.join(tempfile.mkdtemp(prefix='raymix-bench-'), 'store')}"
+        store = open_store(url, is_master=True, timeout=TIMEOUT)
+        gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+        devices = [torch.device(f"cuda:{k % gpus}") if gpus else torch.device("cpu") for k in range(n)]
+        router_gpu = device.index or 0
+        backends = ["nccl" if d.type == "cuda" and d.index != router_gpu else "gloo" for d in devices]
+        threads = max(1, (os.cpu_count() or 2) // (n + 1))
+        rdvs = [Rendezvous(url, f"shard{k}/", backends[k]) for k in range(n)]
+        ctx = mp.get_context("spawn")
+        self.procs = [
+            ctx.Process(target=_shard_main, args=(str(model), g, r, str(d), dtype, threads))
+            for g, r, d in zip(groups, rdvs, devices, strict=True)
+        ]
+        for p in self.procs:
+            p.start()
+        links = [ShardLink(store, r, device, TIMEOUT) for r in rdvs]
+        self.experts = RemoteExperts(links, Placement.from_groups(groups), cfg.hidden_size, device)
+        self.store = store  # the shards read it until they connect
+        self.backends = backends
+
+    def close(self) -> None:
+        self.experts.shutdown()
+        for p in self.procs:
+            p.join(timeout=60)
+
+
+def sharded_engine(model: Path, experts: RemoteExperts, config: EngineConfig) -> LLMEngine:
+    cfg = MixtralConfig.from_pretrained(model)
+    device, dtype = torch.device(config.device), getattr(torch, config.dtype)
+    dense = MixtralDense.from_checkpoint(CheckpointReader(model), cfg, dtype, device)
+    return LLMEngine(cfg, dense, experts, config, load_tokenizer(model))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="checkpoint directory (default: write a random one)")
@@ -121,6 +197,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--cache", default="/tmp/raymix-gpu-bench", help="where the random checkpoint is written")
     ap.add_argument("--no-transformers", action="store_true")
+    ap.add_argument("--expert-shards", type=int, default=0, help="also the engine over N shard processes")
     args = ap.parse_args()
     device = torch.device(args.device)
 
@@ -148,27 +225,43 @@ def main() -> None:
         flush=True,
     )
     limit = {b: b / (step_bytes(cfg, b, elem) / bw) for b in args.streams}
-    results: dict[str, dict[int, float]] = {"bandwidth limit": limit, "raymix engine": {}}
+    results: dict[str, dict[int, float]] = {"bandwidth limit": limit}
     max_len = args.prompt_tokens + args.tokens + 8
-    eng = LLMEngine.from_pretrained(
-        model,
-        EngineConfig(
+
+    def config(**extra) -> EngineConfig:
+        return EngineConfig(
             device=args.device,
             dtype=args.dtype,
             max_num_seqs=max(args.streams),
             max_model_len=max_len,
             num_kv_blocks=max(args.streams) * (-(-max_len // 16)) + 8,
-        ),
-    )
-    engine_decode_tok_s(eng, prompts(2, args.prompt_tokens, cfg.vocab_size), 4, device)  # warm-up
-    for b in args.streams:
-        batch = prompts(b, args.prompt_tokens, cfg.vocab_size)
-        results["raymix engine"][b] = median_of(
-            args.runs,
-            lambda batch=batch, eng=eng: engine_decode_tok_s(eng, batch, args.tokens, device),
-            f"engine x{b}",
+            **extra,
         )
-    del eng
+
+    def measure(name: str, eng: LLMEngine) -> None:
+        engine_decode_tok_s(eng, prompts(2, args.prompt_tokens, cfg.vocab_size), 4, device)  # warm-up
+        results[name] = {}
+        for b in args.streams:
+            batch = prompts(b, args.prompt_tokens, cfg.vocab_size)
+            results[name][b] = median_of(
+                args.runs,
+                lambda batch=batch, eng=eng: engine_decode_tok_s(eng, batch, args.tokens, device),
+                f"{name} x{b}",
+            )
+
+    measure("raymix engine", LLMEngine.from_pretrained(model, config()))
+    if args.expert_shards:
+        shards = Shards(model, args.expert_shards, device, args.dtype)
+        try:
+            print(f"{args.expert_shards} expert shards over {shards.backends}", flush=True)
+            n, default = args.expert_shards, shards.experts.whole_batch
+            for whole, overlap in ((default, False), (not default, False), (default, True)):
+                shards.experts.whole_batch = whole  # every shard gets the whole batch, or only its tokens
+                name = f"{n} shards, {'whole batch' if whole else 'sparse'}{', overlap' if overlap else ''}"
+                measure(name, sharded_engine(model, shards.experts, config(overlap=overlap)))
+            shards.experts.whole_batch = default
+        finally:
+            shards.close()
     if not args.no_transformers:
         from transformers import MixtralForCausalLM
 
@@ -202,6 +295,7 @@ def main() -> None:
             "device": str(device),
             "dtype": args.dtype,
             "copy_bandwidth_bytes_per_s": bw,
+            "expert_shards": args.expert_shards,
             "tokens": args.tokens,
             "tok_s": results,
             "fraction_of_limit": {n: {b: results[n][b] / limit[b] for b in args.streams} for n in names},
