@@ -248,7 +248,7 @@ class Router:
         """Shard k's `info`, or why it did not answer (it died and Serve is replacing it)."""
         response = self.pool.handles[k].info.remote()
         try:
-            return await asyncio.wait_for(_awaited(response), SHARD_HEALTH_TIMEOUT_S), ""
+            return await asyncio.wait_for(response, SHARD_HEALTH_TIMEOUT_S), ""
         except asyncio.TimeoutError:
             response.cancel()
             return {}, f"no answer within {SHARD_HEALTH_TIMEOUT_S:g}s"
@@ -286,7 +286,3 @@ class Router:
             task.cancel()
         with contextlib.suppress(Exception):
             self.engine.stop(timeout=5)
-
-
-async def _awaited(response: Any) -> Any:
-    return await response

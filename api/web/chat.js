@@ -1,10 +1,10 @@
 // The chat playground: streams /v1/chat/completions (SSE) into the page. The conversation and
 // the settings stay in this browser (localStorage); nothing is kept on the server.
 import { APIError, notice, request } from "./api.js";
+import { $, element } from "./dom.js";
 
 const STORE = "raymix.chat";
 const SETTINGS = ["model", "system", "temperature", "top_p", "max_tokens", "seed", "stop", "schema", "tools", "tool_choice"];
-const $ = (id) => document.getElementById(id);
 
 // Server-sent events of a fetch response → each `data:` payload parsed, until [DONE]
 async function* events(response) {
@@ -31,13 +31,6 @@ function load() {
     if (saved && Array.isArray(saved.messages)) return saved;
   } catch { /* nothing saved, or from another version */ }
   return { messages: [], settings: {} };
-}
-
-function element(tag, className, text) {
-  const e = document.createElement(tag);
-  if (className) e.className = className;
-  if (text !== undefined) e.textContent = text;
-  return e;
 }
 
 function statsLine(m) {

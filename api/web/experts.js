@@ -2,18 +2,11 @@
 // and draws the tokens per expert per layer, each shard's experts, health and round trip per
 // layer, and the balancedness over time; the rebalance button posts /experts/rebalance.
 import { request } from "./api.js";
+import { $, element } from "./dom.js";
 import uPlot from "./vendor/uPlot.esm.js";
 
 const POLL_MS = 1000;
 const HISTORY = 600; // balancedness points kept: 10 minutes at one a second
-const $ = (id) => document.getElementById(id);
-
-function element(tag, className, text) {
-  const e = document.createElement(tag);
-  if (className) e.className = className;
-  if (text !== undefined) e.textContent = text;
-  return e;
-}
 
 function compact(n) {
   return n >= 1e6 ? `${(n / 1e6).toFixed(1)}M` : n >= 1e4 ? `${Math.round(n / 1e3)}k` : n >= 1e3 ? `${(n / 1e3).toFixed(1)}k` : String(n);
