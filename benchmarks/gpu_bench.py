@@ -13,12 +13,10 @@ weights, is written once under --cache. Decode tok/s is timed after every sequen
 --runs; figures printed, written to JSON and plotted to PNG.
 
 With --expert-shards N the same engine also runs as the router does in the cluster: its experts
-in N shard processes (moe.data_plane's ShardServer, spawned here: no Ray, no HTTP; those are
-serve_bench's), reached over the data plane: its default dispatch for the device (each shard
-gets the whole layer batch on CUDA, only its tokens on CPU), the other one, and the default with
-the two-micro-batch overlap. On
-CUDA shard k uses GPU k mod the GPU count; a shard on the router's own GPU is reached over gloo
-through pinned host memory (NCCL refuses two ranks on one device), others over NCCL.
+in N shard processes (moe.local_shards, which says how they map to GPUs; no Ray, no HTTP: those
+are serve_bench's), reached over the data plane: its default dispatch for the device (each
+shard gets the whole layer batch on CUDA, only its tokens on CPU), the other one, and the
+default with the two-micro-batch overlap.
 
     .venv/bin/python benchmarks/gpu_bench.py                          # on the GPU
     .venv/bin/python benchmarks/gpu_bench.py --expert-shards 2        # + the data plane
@@ -29,10 +27,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import multiprocessing as mp
 import os
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -41,9 +37,9 @@ from report import median_of, save  # benchmarks/report.py
 
 from moe.checkpoint import CheckpointReader
 from moe.config import MixtralConfig
-from moe.data_plane import RemoteExperts, Rendezvous, ShardLink, ShardServer, open_store
+from moe.data_plane import RemoteExperts
 from moe.engine import EngineConfig, LLMEngine
-from moe.experts import LocalExperts, Placement, partition_experts
+from moe.local_shards import LocalShards
 from moe.model import MixtralDense
 from moe.sampling import SamplingParams
 from moe.tiny import make_tiny
@@ -125,57 +121,6 @@ def hf_decode_tok_s(hf, batch: list[list[int]], n: int, device: torch.device) ->
     return len(batch) * (n - 1) / max(generate(n) - generate(1), 1e-9)
 
 
-TIMEOUT = datetime.timedelta(seconds=300)
-
-
-def _shard_main(
-    model: str, expert_ids: list[int], rdv: Rendezvous, device: str, dtype: str, threads: int
-) -> None:
-    """One expert shard's process: load its experts, connect, answer layer batches until told to stop."""
-    torch.set_num_threads(threads)
-    cfg = MixtralConfig.from_pretrained(model)
-    experts = LocalExperts.from_checkpoint(
-        CheckpointReader(model), cfg, expert_ids, getattr(torch, dtype), torch.device(device)
-    )
-    server = ShardServer(experts, rdv, TIMEOUT, threads)
-    server.connect()
-    server.start()
-    assert server.thread is not None
-    server.thread.join()
-
-
-class Shards:
-    """N expert shard processes and the router's RemoteExperts reaching them."""
-
-    def __init__(self, model: Path, n: int, device: torch.device, dtype: str):
-        cfg = MixtralConfig.from_pretrained(model)
-        groups = partition_experts(cfg.num_local_experts, n)
-        url = f"file://{os.path.join(tempfile.mkdtemp(prefix='raymix-bench-'), 'store')}"
-        store = open_store(url, is_master=True, timeout=TIMEOUT)
-        gpus = torch.cuda.device_count() if device.type == "cuda" else 0
-        devices = [torch.device(f"cuda:{k % gpus}") if gpus else torch.device("cpu") for k in range(n)]
-        router_gpu = device.index or 0
-        backends = ["nccl" if d.type == "cuda" and d.index != router_gpu else "gloo" for d in devices]
-        threads = max(1, (os.cpu_count() or 2) // (n + 1))
-        rdvs = [Rendezvous(url, f"shard{k}/", backends[k]) for k in range(n)]
-        ctx = mp.get_context("spawn")
-        self.procs = [
-            ctx.Process(target=_shard_main, args=(str(model), g, r, str(d), dtype, threads))
-            for g, r, d in zip(groups, rdvs, devices, strict=True)
-        ]
-        for p in self.procs:
-            p.start()
-        links = [ShardLink(store, r, device, TIMEOUT) for r in rdvs]
-        self.experts = RemoteExperts(links, Placement.from_groups(groups), cfg.hidden_size, device)
-        self.store = store  # the shards read it until they connect
-        self.backends = backends
-
-    def close(self) -> None:
-        self.experts.shutdown()
-        for p in self.procs:
-            p.join(timeout=60)
-
-
 def sharded_engine(model: Path, experts: RemoteExperts, config: EngineConfig) -> LLMEngine:
     cfg = MixtralConfig.from_pretrained(model)
     device, dtype = torch.device(config.device), getattr(torch, config.dtype)
@@ -251,7 +196,10 @@ def main() -> None:
 
     measure("raymix engine", LLMEngine.from_pretrained(model, config()))
     if args.expert_shards:
-        shards = Shards(model, args.expert_shards, device, args.dtype)
+        threads = max(1, (os.cpu_count() or 2) // (args.expert_shards + 1))
+        shards = LocalShards(
+            model, args.expert_shards, device, args.dtype, threads, timeout=datetime.timedelta(seconds=300)
+        )
         try:
             print(f"{args.expert_shards} expert shards over {shards.backends}", flush=True)
             n, default = args.expert_shards, shards.experts.whole_batch

@@ -3,78 +3,26 @@ pair groups, give the same results as the in-process experts."""
 
 from __future__ import annotations
 
-import datetime
-import multiprocessing as mp
-import os
-import tempfile
-
 import pytest
 import torch
 
 from moe.backend import InProcessExperts
 from moe.checkpoint import CheckpointReader
 from moe.config import MixtralConfig
-from moe.data_plane import RemoteExperts, Rendezvous, ShardLink, open_store
 from moe.engine import EngineConfig, LLMEngine
-from moe.experts import LocalExperts, Placement, partition_experts
+from moe.local_shards import LocalShards
 from moe.model import MixtralDense
 from moe.sampling import SamplingParams
 from moe.tokenizer import load_tokenizer
 
-TIMEOUT = datetime.timedelta(seconds=60)
 
+class SpawnedShards(LocalShards):
+    """CPU shards for these tests: one thread each; closing checks they exited cleanly."""
 
-def shard_main(model_dir: str, expert_ids: list[int], rdv: Rendezvous) -> None:
-    from moe.data_plane import ShardServer
-
-    torch.set_num_threads(1)
-    cfg = MixtralConfig.from_pretrained(model_dir)
-    experts = LocalExperts.from_checkpoint(CheckpointReader(model_dir), cfg, expert_ids, torch.float32)
-    server = ShardServer(experts, rdv, TIMEOUT)
-    server.connect()
-    server.start()
-    assert server.thread is not None
-    server.thread.join()
-
-
-class SpawnedShards:
-    """N shard processes and the router-side RemoteExperts that reach them."""
-
-    def __init__(
-        self,
-        model_dir,
-        num_shards: int,
-        inline_tokens: int = Rendezvous.inline_tokens,
-        whole_batch: bool = False,
-    ):
-        cfg = MixtralConfig.from_pretrained(model_dir)
-        groups = partition_experts(cfg.num_local_experts, num_shards)
-        self.tmp = tempfile.mkdtemp()
-        url = f"file://{os.path.join(self.tmp, 'store')}"
-        store = open_store(url, is_master=True, timeout=TIMEOUT)
-        rdvs = [Rendezvous(url, f"shard{k}/", "gloo", inline_tokens=inline_tokens) for k in range(num_shards)]
-        ctx = mp.get_context("spawn")
-        self.procs = [
-            ctx.Process(target=shard_main, args=(str(model_dir), g, r))
-            for g, r in zip(groups, rdvs, strict=True)
-        ]
-        for p in self.procs:
-            p.start()
-        links = [ShardLink(store, r, torch.device("cpu"), TIMEOUT) for r in rdvs]
-        self.experts = RemoteExperts(
-            links,
-            Placement.from_groups(groups),
-            cfg.hidden_size,
-            torch.device("cpu"),
-            whole_batch=whole_batch,
-        )
-        self.store = store
-
-    def close(self) -> None:
-        self.experts.shutdown()
-        for p in self.procs:
-            p.join(timeout=30)
-            assert p.exitcode == 0
+    def close(self) -> list[int | None]:
+        codes = super().close(timeout_s=30)
+        assert codes == [0] * len(codes), codes
+        return codes
 
 
 @pytest.fixture(scope="module")

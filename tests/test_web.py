@@ -116,11 +116,11 @@ def set_settings(page: Any, **values: Any) -> None:
         page.fill(f"#{name}", str(value))
 
 
-def ask(page: Any, text: str) -> Any:
-    """Send a message; → the answer's box once its stats line is there (the stream ended)."""
+def ask(page: Any, text: str, until: str = ".stats") -> Any:
+    """Send a message; → the answer's box once `until` is in it (the stats line: the stream ended)."""
     page.fill("#prompt", text)
     page.press("#prompt", "Enter")
-    page.wait_for_selector(".msg.assistant:last-child .stats", timeout=60_000)
+    page.wait_for_selector(f".msg.assistant:last-child {until}", timeout=60_000)
     return page.locator(".msg.assistant").last
 
 
@@ -220,7 +220,7 @@ def test_chat_without_the_key_and_at_phone_width(browser, local_url):
     assert page.evaluate("() => document.documentElement.scrollWidth") <= 390
     assert page.locator("#settings").get_attribute("open") is None  # folded: the chat first
     assert page.locator("#prompt").is_visible()
-    refused = ask_refused(page, "Hello?")
+    refused = ask(page, "Hello?", until=".error").locator(".error").inner_text()
     assert "Incorrect API key" in refused
     page.fill("#api-key", KEY)
     page.dispatch_event("#api-key", "change")
@@ -234,13 +234,6 @@ def test_chat_without_the_key_and_at_phone_width(browser, local_url):
     # the only console errors: the browser's own lines for the two 401 answers
     assert p.errors and all("401" in e for e in p.errors), p.errors
     p.close()
-
-
-def ask_refused(page: Any, text: str) -> str:
-    page.fill("#prompt", text)
-    page.press("#prompt", "Enter")
-    page.wait_for_selector(".msg.assistant:last-child .error", timeout=30_000)
-    return page.locator(".msg.assistant:last-child .error").inner_text()
 
 
 # ---- the expert view (a real Ray cluster with two expert shards) ----
@@ -260,10 +253,12 @@ def cluster(browser) -> Iterator[Raymix]:
         yield r
 
 
+HEAT = "[...document.querySelectorAll('#heatmap .cell')].reduce((a, c) => a + Number(c.dataset.tokens), 0)"
+
+
 def heat(page: Any) -> int:
-    return page.evaluate(
-        "() => [...document.querySelectorAll('#heatmap .cell')].reduce((a, c) => a + Number(c.dataset.tokens), 0)"
-    )
+    """The heatmap's tokens, all cells together."""
+    return page.evaluate(f"() => {HEAT}")
 
 
 def shard_info(k: int) -> dict[str, Any]:
@@ -289,9 +284,7 @@ def test_expert_view_follows_traffic(browser, cluster):
     before = heat(page)
     client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key=KEY, max_retries=0, timeout=120)
     greedy_answers(client, [f"Tell me about expert {i}." for i in range(4)], 16, ignore_eos=True)
-    page.wait_for_function(
-        f"() => [...document.querySelectorAll('#heatmap .cell')].reduce((a, c) => a + Number(c.dataset.tokens), 0) > {before}"
-    )
+    page.wait_for_function(f"() => {HEAT} > {before}")
     assert heat(page) > before
     status = httpx.get(f"{cluster.url}/experts", timeout=30).json()
     assert page.locator("#heatmap .cell").count() == status["num_layers"] * status["num_experts"]
