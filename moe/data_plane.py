@@ -80,12 +80,10 @@ def encode(layer: int, x: torch.Tensor, b: ShardBatch, inline: bool, device: tor
     pin = x.is_cuda and device.type == "cpu"
     msg = torch.empty(HEADER_BYTES + body_bytes(n, hidden, k, x.dtype), dtype=torch.uint8,
                       device=device, pin_memory=pin)  # fmt: skip
-    header = msg[:HEADER_BYTES].view(torch.long)
-    if msg.is_cuda:  # filled on the device: a copy from pageable host memory would sync
-        for i, value in enumerate((FORWARD, layer, n, int(inline))):
-            header[i].fill_(value)
-    else:
-        header.copy_(torch.tensor([FORWARD, layer, n, int(inline)], dtype=torch.long))
+    header = torch.tensor([FORWARD, layer, n, int(inline)], dtype=torch.long)
+    if msg.is_cuda:  # one asynchronous copy from pinned memory: from pageable memory it would sync
+        header = header.pin_memory()
+    msg[:HEADER_BYTES].view(torch.long).copy_(header, non_blocking=True)
     split = HEADER_BYTES + n * 2 * k * 4
     route = msg[HEADER_BYTES:split].view(torch.float32).view(n, 2 * k)
     route[:, :k].copy_(b.expert_ids)
@@ -245,28 +243,30 @@ class ExpertLoad:
             self.recent_latency.append((shard, layer, seconds))
 
     def snapshot(self) -> dict[str, Any]:
-        with self.lock:
-            tokens = {layer: t.tolist() for layer, t in sorted(self.tokens.items())}
-            recent = torch.stack(list(self.recent)).sum(0).float().cpu() if self.recent else None
+        with self.lock:  # copies only: the engine's per-layer count() waits on this lock
+            tokens, shard_batches = dict(self.tokens), list(self.recent)
+            expert_batches, latencies = list(self.recent_experts), list(self.recent_latency)
             counts, sums = [list(b) for b in self.buckets], list(self.latency_sum)
-            recent_tokens: dict[int, torch.Tensor] = {}
-            for layer, t in self.recent_experts:
-                recent_tokens[layer] = recent_tokens[layer] + t if layer in recent_tokens else t
-            latencies = list(self.recent_latency)
             num_shards = self.num_shards
+        recent = torch.stack(shard_batches).sum(0).float().cpu() if shard_batches else None
+        by_layer: dict[int, list[torch.Tensor]] = {}
+        for layer, t in expert_batches:
+            by_layer.setdefault(layer, []).append(t)
         round_trips: dict[tuple[int, int], list[float]] = {}
         for shard, layer, seconds in latencies:
             round_trips.setdefault((shard, layer), []).append(seconds)
         balanced = float(recent.mean() / recent.max()) if recent is not None and recent.max() > 0 else 1.0
         return {
-            "expert_tokens": tokens,
+            "expert_tokens": {layer: t.tolist() for layer, t in sorted(tokens.items())},
             "expert_to_shard": self.expert_to_shard.tolist(),
             "dispatch_latency_buckets": LATENCY_BUCKETS_S,
             "dispatch_latency_counts": counts,
             "dispatch_latency_sum": sums,
             "balancedness": balanced,
             "expert_holders": list(self.holders),
-            "recent_expert_tokens": {layer: t.tolist() for layer, t in sorted(recent_tokens.items())},
+            "recent_expert_tokens": {
+                layer: torch.stack(ts).sum(0).tolist() for layer, ts in sorted(by_layer.items())
+            },
             "recent_dispatch_seconds": [  # per shard, per layer: mean round trip over the window
                 {layer: sum(v) / len(v) for (k, layer), v in sorted(round_trips.items()) if k == shard}
                 for shard in range(num_shards)
