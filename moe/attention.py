@@ -8,8 +8,9 @@ mask that is causal, bounded by the context length and, if the model has one, by
 window. Attention is then one batched `scaled_dot_product_attention` over [B, max_q] × [B, max_kv].
 
 `DecodeMetadata` is the same for a step of decodes only (one new token per sequence) in
-fixed-shape tensors, as the CUDA-graph runner (moe.cuda_graph) keeps them in static buffers:
-padded rows write to a scratch slot and see only it.
+fixed-shape tensors, as the CUDA-graph runner (moe.cuda_graph) keeps them in static buffers
+(`DenseDecode`): padded rows write to a scratch slot and see only it. It stays the reference
+for the decode attention that reads the pages in place (moe.flex_decode).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from moe.kv_cache import KVCache
 
 
 @dataclass
@@ -102,6 +105,48 @@ class DecodeMetadata:
         mask = self.mask[:, None, None, :]  # [B, 1, 1, L]
         out = F.scaled_dot_product_attention(q[:, :, None], kb, vb, attn_mask=mask, enable_gqa=gqa)
         return out[:, :, 0]  # [B, Hq, D]
+
+
+class DenseDecode:
+    """Static buffers of `DecodeMetadata` for decode steps of up to `max_batch` sequences with
+    contexts up to `max_context` (the reference decode attention of the CUDA-graph runner)."""
+
+    context_buckets = True  # [B, L] tensors: one graph per batch and context bucket
+
+    def __init__(self, kv_cache: KVCache, max_batch: int, max_context: int, sliding_window: int | None):
+        dev = kv_cache.k.device
+        self.block_size, self.scratch, self.sliding_window = (
+            kv_cache.block_size,
+            kv_cache.scratch_slot,
+            sliding_window,
+        )
+        self.kv_slots = torch.zeros(max_batch, max_context, dtype=torch.long, device=dev)  # [B, L]
+        self.mask = torch.zeros(max_batch, max_context, dtype=torch.bool, device=dev)  # [B, L]
+
+    def fill(self, tables: list[list[int]], context_lens: list[int], bsz: int, ctx: int) -> None:
+        """Write the step's context slots and mask into [:bsz, :ctx] (on the host, then one copy
+        each); padded rows see the scratch slot alone, so no row is fully masked (no NaN)."""
+        n, bs = len(tables), self.block_size
+        width = -(-ctx // bs)
+        table = torch.zeros(n, width, dtype=torch.long)
+        for i, t in enumerate(tables):
+            table[i, : len(t)] = torch.tensor(t[:width])
+        k_len = torch.tensor(context_lens)  # [n]
+        pos = torch.arange(ctx)  # [L]
+        mask = pos[None] < k_len[:, None]  # [n, L]
+        if self.sliding_window is not None:
+            mask &= pos[None] > (k_len[:, None] - 1) - self.sliding_window
+        slots = torch.where(mask, table[:, pos // bs] * bs + pos % bs, self.scratch)  # [n, L]
+        slots = torch.cat([slots, torch.full((bsz - n, ctx), self.scratch)])
+        mask = torch.cat([mask, torch.zeros(bsz - n, ctx, dtype=torch.bool)])
+        mask[n:, 0] = True
+        self.kv_slots[:bsz, :ctx].copy_(slots, non_blocking=True)
+        self.mask[:bsz, :ctx].copy_(mask, non_blocking=True)
+
+    def metadata(
+        self, positions: torch.Tensor, slot_mapping: torch.Tensor, bsz: int, ctx: int
+    ) -> DecodeMetadata:
+        return DecodeMetadata(positions, slot_mapping, self.kv_slots[:bsz, :ctx], self.mask[:bsz, :ctx])
 
 
 class RotaryEmbedding:

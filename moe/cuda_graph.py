@@ -3,12 +3,15 @@
 A decode step of a few streams is a few hundred small kernels; launched one by one from Python
 the host, not the GPU, sets the pace. A step of decodes only (one new token per sequence, in-
 process experts) has nothing data-dependent in its shapes once its batch is padded to a bucket
-(1, 2, 4, 8, then multiples of 16) and its contexts to a power-of-two length: every tensor it
-reads lives in static buffers (ids, positions, cache slots, the attention mask), the experts'
-grouped GEMMs keep their sizes on the device, and the whole step up to the logits is captured
-once per (batch, context) bucket and replayed. Prefill and mixed steps stay eager.
+(1, 2, 4, 8, then multiples of 16): every tensor it reads lives in static buffers (ids,
+positions, cache slots, the attention's block tables or gathered slots), the experts' grouped
+GEMMs keep their sizes on the device, and the whole step up to the logits is captured once per
+bucket and replayed. Prefill and mixed steps stay eager.
 
-Padded rows write their K/V to the cache's scratch slot and attend to it alone. With `capture`
+The decode attention is FlexAttention over the pages in place (moe.flex_decode: one graph per
+batch bucket), or the reference that gathers each context into [B, L] with L padded to a
+power of two (moe.attention.DenseDecode: one graph per batch and context bucket). Padded rows
+write their K/V to the cache's scratch slot and attend to no real key. With `capture`
 off (CPU) the same padded step runs eagerly: that is how the tests check it against the eager
 path on any machine.
 """
@@ -20,8 +23,9 @@ from typing import Any
 
 import torch
 
-from moe.attention import DecodeMetadata
+from moe.attention import DenseDecode
 from moe.backend import ExpertBackend
+from moe.flex_decode import FlexDecode
 from moe.kv_cache import KVCache
 from moe.model import MixtralDense
 
@@ -49,7 +53,11 @@ def smallest_fit(buckets: list[int], n: int) -> int:
 
 
 class DecodeGraphs:
-    """Static buffers and one captured graph per (batch, context) bucket, made on first use."""
+    """Static buffers and one captured graph per bucket, made on first use.
+
+    The decode attention's own buffers are `attention`'s: moe.flex_decode.FlexDecode (the pages
+    read in place; one graph per batch bucket) or moe.attention.DenseDecode (each context
+    gathered, the reference; one per batch and context bucket)."""
 
     def __init__(
         self,
@@ -60,6 +68,7 @@ class DecodeGraphs:
         max_model_len: int,
         sliding_window: int | None,
         capture: bool,
+        attention: str = "sdpa",
     ):
         self.model, self.experts, self.kv_cache = model, experts, kv_cache
         self.block_size = kv_cache.block_size
@@ -67,15 +76,25 @@ class DecodeGraphs:
         self.capture = capture
         self.batches = batch_buckets(max_batch)
         self.contexts = context_buckets(max_model_len)
-        b, ctx, dev = self.batches[-1], self.contexts[-1], model.device
+        b, dev = self.batches[-1], model.device
         self.ids = torch.zeros(b, dtype=torch.long, device=dev)  # [B]
         self.positions = torch.zeros(b, dtype=torch.long, device=dev)  # [B]
         self.slot_mapping = torch.zeros(b, dtype=torch.long, device=dev)  # [B]
-        self.kv_slots = torch.zeros(b, ctx, dtype=torch.long, device=dev)  # [B, L]
-        self.mask = torch.zeros(b, ctx, dtype=torch.bool, device=dev)  # [B, L]
+        self.attention: DenseDecode | FlexDecode = self._attention(attention)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool: Any = None  # the graphs share one memory pool
         self.steps = 0  # decode steps run here (replayed, or padded and eager without capture)
+
+    def _attention(self, name: str) -> DenseDecode | FlexDecode:
+        b = self.batches[-1]
+        if name == "flex":
+            # compiled on CUDA (the fused kernel); on the CPU its reference path checks the mask
+            return FlexDecode(self.kv_cache, b, self.sliding_window, compile=self.model.device.type == "cuda")
+        return DenseDecode(self.kv_cache, b, self.contexts[-1], self.sliding_window)
+
+    @property
+    def attention_backend(self) -> str:
+        return "flex" if isinstance(self.attention, FlexDecode) else "sdpa"
 
     def fits(self, num_seqs: int, max_context: int) -> bool:
         return num_seqs <= self.batches[-1] and max_context <= self.contexts[-1]
@@ -86,13 +105,20 @@ class DecodeGraphs:
         """The step of sequences whose last token (token_ids[b], at position context_lens[b] - 1)
         is new → their logits [b, V] in float32."""
         n = len(token_ids)
-        bsz, ctx = smallest_fit(self.batches, n), smallest_fit(self.contexts, max(context_lens))
+        bsz = smallest_fit(self.batches, n)
+        ctx = smallest_fit(self.contexts, max(context_lens)) if self.attention.context_buckets else 0
         self._fill(token_ids, block_tables, context_lens, bsz, ctx)
         self.steps += 1
         if self.capture and (bsz, ctx) not in self.graphs:
             try:
                 self.graphs[bsz, ctx] = self._capture(bsz, ctx)
-            except RuntimeError as e:  # something in the step syncs the host: stay eager
+            except RuntimeError as e:  # something in the step syncs the host, or does not compile
+                if isinstance(self.attention, FlexDecode):
+                    log.warning(
+                        "decode attention: FlexAttention failed (%s); gathering each context instead", e
+                    )
+                    self.attention, self.graphs = self._attention("sdpa"), {}
+                    return self.run(token_ids, block_tables, context_lens)
                 log.warning("decode CUDA graphs off: capture failed (%s); decode steps run eagerly", e)
                 self.capture = False
         if not self.capture:
@@ -104,42 +130,21 @@ class DecodeGraphs:
     def _fill(
         self, token_ids: list[int], tables: list[list[int]], context_lens: list[int], bsz: int, ctx: int
     ) -> None:
-        """Write the step into the static buffers' [:bsz, :ctx] (on the host, then one copy each)."""
-        n, bs, scratch = len(token_ids), self.block_size, self.kv_cache.scratch_slot
-        width = -(-ctx // bs)
-        table = torch.zeros(n, width, dtype=torch.long)
-        for i, t in enumerate(tables):
-            table[i, : len(t)] = torch.tensor(t[:width])
-        k_len = torch.tensor(context_lens)  # [n]
-        pos = torch.arange(ctx)  # [L]
-        slots = table[:, pos // bs] * bs + pos % bs  # [n, L]
-        mask = pos[None] < k_len[:, None]  # [n, L]
-        if self.sliding_window is not None:
-            mask &= pos[None] > (k_len[:, None] - 1) - self.sliding_window
-        slots = torch.where(mask, slots, scratch)
-        positions = k_len - 1  # [n]
-        slot_mapping = slots[torch.arange(n), positions]  # [n]
-        pad = bsz - n
-        ids = torch.tensor(token_ids + [0] * pad)
-        positions = torch.cat([positions, torch.zeros(pad, dtype=torch.long)])
-        slot_mapping = torch.cat([slot_mapping, torch.full((pad,), scratch)])
-        slots = torch.cat([slots, torch.full((pad, ctx), scratch)])
-        mask = torch.cat([mask, torch.zeros(pad, ctx, dtype=torch.bool)])
-        mask[n:, 0] = True  # a padded row sees the scratch slot: no fully masked row (no NaN)
-        self.ids[:bsz].copy_(ids, non_blocking=True)
-        self.positions[:bsz].copy_(positions, non_blocking=True)
-        self.slot_mapping[:bsz].copy_(slot_mapping, non_blocking=True)
-        self.kv_slots[:bsz, :ctx].copy_(slots, non_blocking=True)
-        self.mask[:bsz, :ctx].copy_(mask, non_blocking=True)
+        """Write the step into the static buffers' first bsz rows (built on the host, one copy each);
+        padded rows write their K/V to the scratch slot."""
+        bs, pad = self.block_size, bsz - len(token_ids)
+        positions = [c - 1 for c in context_lens]
+        slots = [t[p // bs] * bs + p % bs for t, p in zip(tables, positions, strict=True)]
+        self.ids[:bsz].copy_(torch.tensor(token_ids + [0] * pad), non_blocking=True)
+        self.positions[:bsz].copy_(torch.tensor(positions + [0] * pad), non_blocking=True)
+        self.slot_mapping[:bsz].copy_(
+            torch.tensor(slots + [self.kv_cache.scratch_slot] * pad), non_blocking=True
+        )
+        self.attention.fill(tables, context_lens, bsz, ctx)
 
     def _forward(self, bsz: int, ctx: int) -> torch.Tensor:
         """The step itself, reading only the static buffers → logits [bsz, V]."""
-        meta = DecodeMetadata(
-            positions=self.positions[:bsz],
-            slot_mapping=self.slot_mapping[:bsz],
-            kv_slots=self.kv_slots[:bsz, :ctx],
-            mask=self.mask[:bsz, :ctx],
-        )
+        meta = self.attention.metadata(self.positions[:bsz], self.slot_mapping[:bsz], bsz, ctx)
         hidden = self.model(self.ids[:bsz], meta, self.kv_cache, self.experts)  # [bsz, H]
         return self.model.compute_logits(hidden)  # [bsz, V]
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from moe import flex_decode
 from moe.backend import ExpertBackend, InProcessExperts
 from moe.checkpoint import CheckpointReader, parse_dtype
 from moe.config import MixtralConfig
@@ -54,6 +55,10 @@ class EngineConfig:
     # experts are in this process, unsplit, and no overlap. True on CPU runs the same padded
     # static-buffer step without capture (what the tests compare with the eager path).
     cuda_graphs: bool | None = None
+    # attention of those decode steps: "flex" reads each sequence's KV pages in place
+    # (FlexAttention, compiled on CUDA: moe.flex_decode), "sdpa" gathers each context into a
+    # dense tensor first (the reference); auto: flex on CUDA, sdpa on CPU
+    attention_backend: str = "auto"
 
 
 def pick_device(device: str) -> torch.device:
@@ -123,6 +128,7 @@ class LLMEngine:
         nonzero()). In float32 on CUDA, torch's grouped GEMM falls back to a per-group loop that
         reads its offsets on the host, so by default graphs are for bf16/fp16 models."""
         wanted = self.config.cuda_graphs
+        attention = self._attention_backend()
         on_cuda = self.device.type == "cuda"
         unsplit = isinstance(experts, InProcessExperts) and len(experts.shards) == 1
         if wanted is None:
@@ -139,7 +145,19 @@ class LLMEngine:
             self.max_model_len,
             self.cfg.sliding_window,
             capture=on_cuda,
+            attention=attention,
         )
+
+    def _attention_backend(self) -> str:
+        name = self.config.attention_backend
+        if name not in ("auto", "flex", "sdpa"):
+            raise ValueError(f"attention_backend must be auto, flex or sdpa, not {name!r}")
+        if name == "auto":
+            name = "flex" if self.device.type == "cuda" else "sdpa"
+        if name == "flex" and not flex_decode.AVAILABLE:
+            log.warning("attention_backend flex needs torch >= 2.9 (torch %s): using sdpa", torch.__version__)
+            name = "sdpa"
+        return name
 
     @classmethod
     def from_pretrained(

@@ -23,6 +23,7 @@ from moe.backend import ExpertBackend
 from moe.checkpoint import CheckpointReader, dense_tensor_shapes
 from moe.config import MixtralConfig
 from moe.experts import select_experts
+from moe.flex_decode import FlexDecodeMetadata
 from moe.kv_cache import KVCache
 
 
@@ -57,7 +58,7 @@ class Attention(nn.Module):
         cos_sin: tuple[torch.Tensor, torch.Tensor],
         k_cache: torch.Tensor,  # [slots, Hkv, D]
         v_cache: torch.Tensor,
-        meta: AttentionMetadata | DecodeMetadata,
+        meta: AttentionMetadata | DecodeMetadata | FlexDecodeMetadata,
     ) -> torch.Tensor:
         t = x.shape[0]
         q = self.q_proj(x).view(t, self.n_heads, self.head_dim)  # [T, Hq, D]
@@ -129,7 +130,7 @@ class MixtralDense(nn.Module):
     def forward(  # type: ignore[override]
         self,
         input_ids: torch.Tensor,  # [T]
-        meta: AttentionMetadata | DecodeMetadata,
+        meta: AttentionMetadata | DecodeMetadata | FlexDecodeMetadata,
         kv_cache: KVCache,
         experts: ExpertBackend,
     ) -> torch.Tensor:

@@ -25,12 +25,16 @@ def test_buckets():
     assert context_buckets(300) == [128, 256, 512]
 
 
-def test_greedy_outputs_identical_with_decode_graphs(model_dir):
+@pytest.mark.parametrize("attention", ["sdpa", "flex"])
+def test_greedy_outputs_identical_with_decode_graphs(model_dir, attention):
     """Continuous batching (requests join mid-way, so decode steps of 1..5 sequences, padded to
-    2, 4, 8) and contexts past a 128 bucket; the second model has a sliding window of 7."""
+    2, 4, 8) and contexts past a 128 bucket; the second model has a sliding window of 7. With
+    either decode attention: the dense gather, or FlexAttention over the pages in place."""
     kw = dict(max_model_len=256, block_size=8)
     eager = LLMEngine.from_pretrained(model_dir, EngineConfig(cuda_graphs=False, **kw))
-    graphs = LLMEngine.from_pretrained(model_dir, EngineConfig(cuda_graphs=True, **kw))
+    graphs = LLMEngine.from_pretrained(
+        model_dir, EngineConfig(cuda_graphs=True, attention_backend=attention, **kw)
+    )
     prompts = [eager.tokenizer.encode(p * 4) for p in PROMPTS]  # up to ~120 tokens + 40
     arrivals = [0, 0, 2, 5, 9]
     a = [s.output_token_ids for s in eager.generate(prompts, GREEDY, arrival_steps=arrivals)]
@@ -38,6 +42,7 @@ def test_greedy_outputs_identical_with_decode_graphs(model_dir):
     assert a == b
     runner = graphs.runner.decode_graphs
     assert runner is not None and runner.steps >= GREEDY.max_tokens - 1
+    assert runner.attention_backend == attention
     assert eager.runner.decode_graphs is None
     assert graphs.blocks.num_used_blocks == 0
 
@@ -63,8 +68,10 @@ def decode_logits_both_ways(eng: LLMEngine) -> tuple[torch.Tensor, torch.Tensor,
     return eager, first.clone(), again
 
 
-def test_padded_decode_step_logits_equal_eager(tiny_dir):
-    eng = LLMEngine.from_pretrained(tiny_dir, EngineConfig(max_model_len=256, cuda_graphs=True, device="cpu"))
+@pytest.mark.parametrize("attention", ["sdpa", "flex"])
+def test_padded_decode_step_logits_equal_eager(tiny_dir, attention):
+    config = EngineConfig(max_model_len=256, cuda_graphs=True, device="cpu", attention_backend=attention)
+    eng = LLMEngine.from_pretrained(tiny_dir, config)
     eager, first, again = decode_logits_both_ways(eng)
     torch.testing.assert_close(first, eager)
     torch.testing.assert_close(again, eager)

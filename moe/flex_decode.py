@@ -1,0 +1,129 @@
+"""Decode attention that reads each sequence's KV pages where they lie, with FlexAttention.
+
+The reference decode attention (moe.attention.DecodeMetadata) gathers every sequence's context
+into a dense [B, L] tensor in every layer, L a power-of-two bucket: B·L·Hkv·D elements of K and
+of V copied out of the cache and read again, padding included. Here the cache of one layer is
+seen as one long sequence of slots, [1, Hkv, slots, D] (a view, no copy), and decode query b
+attends to it through a block mask whose blocks are the KV cache's own blocks: row b of the
+mask lists b's block table, so the kernel reads the pages of b's context and nothing else, once.
+Within those pages `mask_mod` maps a slot back to its position in b's sequence (physical →
+logical block, as vLLM's FlexAttention backend does) and keeps the positions below b's context
+length (and inside the sliding window, if the model has one).
+
+Compiled (torch.compile, on CUDA), this is FlexAttention's decoding kernel, one per batch
+bucket: the query heads of a GQA group share each K/V tile, the context is split across SMs.
+Every tensor it reads lives in the static buffers below, so the decode CUDA graph captures it,
+and no shape depends on the contexts: one graph per batch bucket, not per context bucket.
+Uncompiled (the CPU tests), FlexAttention runs its reference path, which scores every slot of
+the cache: the same mask, for checking it, slow.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+from moe.kv_cache import KVCache
+
+Q_BLOCK = 16  # the block mask's query tile: one row of blocks for the one query of each sequence
+# BlockMask.from_kv_blocks(compute_q_blocks=False) (torch 2.9+): no backward-pass indices to sort
+AVAILABLE = "compute_q_blocks" in inspect.signature(BlockMask.from_kv_blocks).parameters
+
+
+class FlexDecodeMetadata:
+    """One decode step's inputs to every layer's attention (B rows, padded ones included)."""
+
+    def __init__(
+        self,
+        positions: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        block_mask: BlockMask,
+        num_slots: int,
+        attention,
+    ):
+        self.positions = positions  # [B] position of each new token
+        self.slot_mapping = slot_mapping  # [B] cache slot its K/V is written to (pads: the scratch slot)
+        self.block_mask = block_mask  # row b: b's blocks of the cache, mask_mod: its positions in them
+        self.num_slots = num_slots  # the blocks' slots (the scratch slot past them is left out)
+        self.attention = attention  # flex_attention, compiled or not
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
+    ) -> torch.Tensor:
+        """q [B, Hq, D], k/v [B, Hkv, D]; k_cache/v_cache [slots, Hkv, D] of one layer → [B, Hq, D]."""
+        k_cache[self.slot_mapping] = k
+        v_cache[self.slot_mapping] = v
+        keys = k_cache[: self.num_slots].permute(1, 0, 2)[None]  # [1, Hkv, slots, D], a view
+        values = v_cache[: self.num_slots].permute(1, 0, 2)[None]  # [1, Hkv, slots, D]
+        gqa = keys.shape[1] != q.shape[1]
+        out = self.attention(q[:, :, None], keys, values, block_mask=self.block_mask, enable_gqa=gqa)
+        return out[:, :, 0]  # [B, Hq, D]
+
+
+class FlexDecode:
+    """Static buffers of the block mask for decode steps of up to `max_batch` sequences."""
+
+    context_buckets = False  # nothing depends on the contexts' lengths: graphs per batch bucket only
+
+    def __init__(self, kv_cache: KVCache, max_batch: int, sliding_window: int | None, compile: bool):
+        nb, bs, dev = kv_cache.num_blocks, kv_cache.block_size, kv_cache.k.device
+        self.num_blocks, self.block_size, self.num_slots = nb, bs, nb * bs
+        self.kv_indices = torch.zeros(max_batch, 1, 1, nb, dtype=torch.int32, device=dev)  # [B, 1, 1, blocks]
+        self.kv_num_blocks = torch.zeros(max_batch, 1, 1, dtype=torch.int32, device=dev)  # [B, 1, 1]
+        self.context_lens = torch.zeros(max_batch, dtype=torch.int32, device=dev)  # [B]
+        # [B, blocks + 1]: the logical index of each physical block in b's table, -1 where the
+        # block is not b's; the last column takes the writes of table entries past b's length
+        self.logical = torch.full((max_batch, nb + 1), -1, dtype=torch.int32, device=dev)
+        self.block_ids = torch.arange(nb, dtype=torch.int32, device=dev)  # [blocks]
+        self.attention = (
+            torch.compile(flex_attention, fullgraph=True, dynamic=False) if compile else flex_attention
+        )
+        self.masks: dict[int, BlockMask] = {}
+        logical, lens = self.logical, self.context_lens
+
+        def mask_mod(
+            b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor
+        ) -> torch.Tensor:
+            block = logical[b, kv_idx // bs]
+            pos = block * bs + kv_idx % bs  # the slot's position in sequence b
+            keep = (block >= 0) & (pos < lens[b])
+            if sliding_window is not None:
+                keep = keep & (pos > lens[b] - 1 - sliding_window)
+            return keep
+
+        self.mask_mod = mask_mod
+
+    def fill(self, tables: list[list[int]], context_lens: list[int], bsz: int, ctx: int) -> None:
+        """Write the step's block tables and lengths into rows [:bsz] (pads: no blocks)."""
+        n, bs = len(tables), self.block_size
+        pages = [-(-c // bs) for c in context_lens]
+        table = torch.zeros(n, max(pages), dtype=torch.int32)
+        for i, (t, p) in enumerate(zip(tables, pages, strict=True)):
+            table[i, :p] = torch.tensor(t[:p], dtype=torch.int32)
+        pad = [0] * (bsz - n)
+        self.kv_indices[:n, 0, 0, : table.shape[1]].copy_(table, non_blocking=True)
+        self.kv_num_blocks[:bsz, 0, 0].copy_(torch.tensor(pages + pad, dtype=torch.int32), non_blocking=True)
+        self.context_lens[:bsz].copy_(torch.tensor(context_lens + pad, dtype=torch.int32), non_blocking=True)
+
+    def metadata(
+        self, positions: torch.Tensor, slot_mapping: torch.Tensor, bsz: int, ctx: int
+    ) -> FlexDecodeMetadata:
+        """The step's metadata for rows [:bsz], after writing their physical → logical map (on the
+        device, in the graph: a fill and one scatter of [bsz, blocks])."""
+        valid = self.block_ids[None] < self.kv_num_blocks[:bsz, 0]  # [bsz, blocks]
+        target = torch.where(valid, self.kv_indices[:bsz, 0, 0], self.num_blocks)  # [bsz, blocks]
+        logical = self.logical[:bsz]
+        logical.fill_(-1)
+        logical.scatter_(1, target.long(), torch.where(valid, self.block_ids[None], -1))
+        if bsz not in self.masks:  # views of the static buffers: made once per bucket
+            self.masks[bsz] = BlockMask.from_kv_blocks(
+                self.kv_num_blocks[:bsz],
+                self.kv_indices[:bsz],
+                BLOCK_SIZE=(Q_BLOCK, self.block_size),
+                mask_mod=self.mask_mod,
+                seq_lengths=(1, self.num_slots),
+                compute_q_blocks=False,
+            )
+        return FlexDecodeMetadata(positions, slot_mapping, self.masks[bsz], self.num_slots, self.attention)
