@@ -32,6 +32,10 @@ Q_BLOCK = 16  # the block mask's query tile: one row of blocks for the one query
 AVAILABLE = "compute_q_blocks" in inspect.signature(BlockMask.from_kv_blocks).parameters
 
 
+def ints(values: list[int]) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int32)
+
+
 class FlexDecodeMetadata:
     """One decode step's inputs to every layer's attention (B rows, padded ones included)."""
 
@@ -63,15 +67,29 @@ class FlexDecodeMetadata:
 
 
 class FlexDecode:
-    """Static buffers of the block mask for decode steps of up to `max_batch` sequences."""
+    """Static buffers of the block mask for decode steps of up to `max_batch` sequences.
+
+    The mask's blocks of row b are b's pages in two lists, as FlexAttention takes them: the full
+    ones (every slot a position of b's context inside the window: mask_mod is not evaluated
+    there) and the partial ones (the last page, and with a sliding window its first)."""
 
     context_buckets = False  # nothing depends on the contexts' lengths: graphs per batch bucket only
 
     def __init__(self, kv_cache: KVCache, max_batch: int, sliding_window: int | None, compile: bool):
         nb, bs, dev = kv_cache.num_blocks, kv_cache.block_size, kv_cache.k.device
         self.num_blocks, self.block_size, self.num_slots = nb, bs, nb * bs
-        self.kv_indices = torch.zeros(max_batch, 1, 1, nb, dtype=torch.int32, device=dev)  # [B, 1, 1, blocks]
-        self.kv_num_blocks = torch.zeros(max_batch, 1, 1, dtype=torch.int32, device=dev)  # [B, 1, 1]
+        self.sliding_window = sliding_window
+
+        def blocks() -> tuple[torch.Tensor, torch.Tensor]:  # counts [B, 1, 1], block ids [B, 1, 1, blocks]
+            return (
+                torch.zeros(max_batch, 1, 1, dtype=torch.int32, device=dev),
+                torch.zeros(max_batch, 1, 1, nb, dtype=torch.int32, device=dev),
+            )
+
+        self.num_partial, self.partial = blocks()
+        self.num_full, self.full = blocks()
+        self.tables = torch.zeros(max_batch, nb, dtype=torch.int32, device=dev)  # [B, blocks] block tables
+        self.num_pages = torch.zeros(max_batch, dtype=torch.int32, device=dev)  # [B] blocks in each table
         self.context_lens = torch.zeros(max_batch, dtype=torch.int32, device=dev)  # [B]
         # [B, blocks + 1]: the logical index of each physical block in b's table, -1 where the
         # block is not b's; the last column takes the writes of table entries past b's length
@@ -96,31 +114,46 @@ class FlexDecode:
         self.mask_mod = mask_mod
 
     def fill(self, tables: list[list[int]], context_lens: list[int], bsz: int, ctx: int) -> None:
-        """Write the step's block tables and lengths into rows [:bsz] (pads: no blocks)."""
-        n, bs = len(tables), self.block_size
+        """Write the step's block tables, their full and partial pages and the lengths into rows
+        [:bsz] (pads: no blocks), built on the host, one copy each."""
+        n, bs, w = len(tables), self.block_size, self.sliding_window
         pages = [-(-c // bs) for c in context_lens]
-        table = torch.zeros(n, max(pages), dtype=torch.int32)
-        for i, (t, p) in enumerate(zip(tables, pages, strict=True)):
-            table[i, :p] = torch.tensor(t[:p], dtype=torch.int32)
+        width = max(pages)
+        table, full, partial = (torch.zeros(n, width, dtype=torch.int32) for _ in range(3))
+        num_full, num_partial = [0] * bsz, [0] * bsz
+        for i, (t, length) in enumerate(zip(tables, context_lens, strict=True)):
+            table[i, : pages[i]] = torch.tensor(t[: pages[i]], dtype=torch.int32)
+            start = max(0, length - w) if w is not None else 0  # the first position attended to
+            whole = [j for j in range(start // bs, pages[i]) if j * bs >= start and (j + 1) * bs <= length]
+            part = [j for j in range(start // bs, pages[i]) if j not in whole]
+            num_full[i], num_partial[i] = len(whole), len(part)
+            full[i, : len(whole)] = table[i, whole]
+            partial[i, : len(part)] = table[i, part]
+        self.tables[:n, :width].copy_(table, non_blocking=True)
+        self.full[:n, 0, 0, :width].copy_(full, non_blocking=True)
+        self.partial[:n, 0, 0, :width].copy_(partial, non_blocking=True)
+        self.num_full[:bsz, 0, 0].copy_(ints(num_full), non_blocking=True)
+        self.num_partial[:bsz, 0, 0].copy_(ints(num_partial), non_blocking=True)
         pad = [0] * (bsz - n)
-        self.kv_indices[:n, 0, 0, : table.shape[1]].copy_(table, non_blocking=True)
-        self.kv_num_blocks[:bsz, 0, 0].copy_(torch.tensor(pages + pad, dtype=torch.int32), non_blocking=True)
-        self.context_lens[:bsz].copy_(torch.tensor(context_lens + pad, dtype=torch.int32), non_blocking=True)
+        self.num_pages[:bsz].copy_(ints(pages + pad), non_blocking=True)
+        self.context_lens[:bsz].copy_(ints(context_lens + pad), non_blocking=True)
 
     def metadata(
         self, positions: torch.Tensor, slot_mapping: torch.Tensor, bsz: int, ctx: int
     ) -> FlexDecodeMetadata:
         """The step's metadata for rows [:bsz], after writing their physical → logical map (on the
         device, in the graph: a fill and one scatter of [bsz, blocks])."""
-        valid = self.block_ids[None] < self.kv_num_blocks[:bsz, 0]  # [bsz, blocks]
-        target = torch.where(valid, self.kv_indices[:bsz, 0, 0], self.num_blocks)  # [bsz, blocks]
+        valid = self.block_ids[None] < self.num_pages[:bsz, None]  # [bsz, blocks]
+        target = torch.where(valid, self.tables[:bsz], self.num_blocks)  # [bsz, blocks]
         logical = self.logical[:bsz]
         logical.fill_(-1)
         logical.scatter_(1, target.long(), torch.where(valid, self.block_ids[None], -1))
         if bsz not in self.masks:  # views of the static buffers: made once per bucket
             self.masks[bsz] = BlockMask.from_kv_blocks(
-                self.kv_num_blocks[:bsz],
-                self.kv_indices[:bsz],
+                self.num_partial[:bsz],
+                self.partial[:bsz],
+                self.num_full[:bsz],
+                self.full[:bsz],
                 BLOCK_SIZE=(Q_BLOCK, self.block_size),
                 mask_mod=self.mask_mod,
                 seq_lengths=(1, self.num_slots),
