@@ -20,6 +20,7 @@ default with the two-micro-batch overlap.
 
     .venv/bin/python benchmarks/gpu_bench.py                          # on the GPU
     .venv/bin/python benchmarks/gpu_bench.py --expert-shards 2        # + the data plane
+    .venv/bin/python benchmarks/gpu_bench.py --attention flex sdpa --prompt-tokens 2000  # long contexts
     .venv/bin/python benchmarks/gpu_bench.py --device cpu --hidden-size 512 --intermediate-size 1024
 """
 
@@ -143,6 +144,13 @@ def main() -> None:
     ap.add_argument("--cache", default="/tmp/raymix-gpu-bench", help="where the random checkpoint is written")
     ap.add_argument("--no-transformers", action="store_true")
     ap.add_argument("--expert-shards", type=int, default=0, help="also the engine over N shard processes")
+    ap.add_argument(
+        "--attention",
+        nargs="+",
+        default=["auto"],
+        choices=["auto", "flex", "sdpa"],
+        help="decode attention of the in-process engine, one row each (auto: flex on CUDA, sdpa on CPU)",
+    )
     args = ap.parse_args()
     device = torch.device(args.device)
 
@@ -194,7 +202,9 @@ def main() -> None:
                 f"{name} x{b}",
             )
 
-    measure("raymix engine", LLMEngine.from_pretrained(model, config()))
+    for attention in args.attention:
+        name = "raymix engine" if len(args.attention) == 1 else f"raymix engine, {attention} attention"
+        measure(name, LLMEngine.from_pretrained(model, config(attention_backend=attention)))
     if args.expert_shards:
         threads = max(1, (os.cpu_count() or 2) // (args.expert_shards + 1))
         shards = LocalShards(
@@ -231,11 +241,12 @@ def main() -> None:
         cells = " ".join(f"{results[n][b]:>18.1f} ({results[n][b] / limit[b]:.2f})" for n in names)
         print(f"{b:>8} {limit[b]:>9.0f} {cells}")
     if "transformers generate" in results:
+        ours = results[names[0]]
         ratios = ", ".join(
-            f"{b}: {results['raymix engine'][b] / results['transformers generate'][b]:.2f}x"
+            f"{b}: {ours[b] / results['transformers generate'][b]:.2f}x"
             for b in args.streams
         )
-        print(f"raymix / transformers: {ratios}")
+        print(f"{names[0]} / transformers: {ratios}")
     save(
         f"gpu_bench_{device.type}",
         {

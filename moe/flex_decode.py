@@ -21,6 +21,7 @@ the cache: the same mask, for checking it, slow.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
@@ -29,6 +30,7 @@ from moe.kv_cache import KVCache
 
 Q_BLOCK = 16  # the block mask's query tile: one row of blocks for the one query of each sequence
 # BlockMask.from_kv_blocks(compute_q_blocks=False) (torch 2.9+): no backward-pass indices to sort
+RECOMPILE_LIMIT = 64  # compiled versions of flex_attention kept: batch buckets, times engines in a process
 AVAILABLE = "compute_q_blocks" in inspect.signature(BlockMask.from_kv_blocks).parameters
 
 
@@ -45,7 +47,7 @@ class FlexDecodeMetadata:
         slot_mapping: torch.Tensor,
         block_mask: BlockMask,
         num_slots: int,
-        attention,
+        attention: Callable[..., torch.Tensor],
     ):
         self.positions = positions  # [B] position of each new token
         self.slot_mapping = slot_mapping  # [B] cache slot its K/V is written to (pads: the scratch slot)
@@ -95,9 +97,13 @@ class FlexDecode:
         # block is not b's; the last column takes the writes of table entries past b's length
         self.logical = torch.full((max_batch, nb + 1), -1, dtype=torch.int32, device=dev)
         self.block_ids = torch.arange(nb, dtype=torch.int32, device=dev)  # [blocks]
-        self.attention = (
-            torch.compile(flex_attention, fullgraph=True, dynamic=False) if compile else flex_attention
-        )
+        self.attention: Callable[..., torch.Tensor] = flex_attention
+        if compile:
+            # one kernel per batch bucket (the decoding kernel wants a static batch): dynamo's
+            # default of 8 versions of a function would stop at the 9th bucket
+            dynamo = torch._dynamo.config
+            dynamo.recompile_limit = max(dynamo.recompile_limit, RECOMPILE_LIMIT)
+            self.attention = torch.compile(flex_attention, fullgraph=True, dynamic=False)
         self.masks: dict[int, BlockMask] = {}
         logical, lens = self.logical, self.context_lens
 
