@@ -102,7 +102,8 @@ class FlexDecode:
             # one kernel per batch bucket (the decoding kernel wants a static batch): dynamo's
             # default of 8 versions of a function would stop at the 9th bucket
             dynamo = torch._dynamo.config
-            dynamo.recompile_limit = max(dynamo.recompile_limit, RECOMPILE_LIMIT)
+            limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"  # < 2.7
+            setattr(dynamo, limit, max(getattr(dynamo, limit), RECOMPILE_LIMIT))
             self.attention = torch.compile(flex_attention, fullgraph=True, dynamic=False)
         self.masks: dict[int, BlockMask] = {}
         logical, lens = self.logical, self.context_lens
