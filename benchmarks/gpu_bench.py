@@ -242,10 +242,7 @@ def main() -> None:
         print(f"{b:>8} {limit[b]:>9.0f} {cells}")
     if "transformers generate" in results:
         ours = results[names[0]]
-        ratios = ", ".join(
-            f"{b}: {ours[b] / results['transformers generate'][b]:.2f}x"
-            for b in args.streams
-        )
+        ratios = ", ".join(f"{b}: {ours[b] / results['transformers generate'][b]:.2f}x" for b in args.streams)
         print(f"{names[0]} / transformers: {ratios}")
     save(
         f"gpu_bench_{device.type}",
