@@ -88,6 +88,11 @@ class RaymixSettings(BaseSettings):
         default=True,
         description="Reuse the KV blocks of shared prompt prefixes (system prompts, earlier turns) across requests",
     )
+    attention_backend: Literal["auto", "flex", "sdpa"] = Field(
+        default="auto",
+        description="Decode attention: flex reads each sequence's KV pages in place (FlexAttention), sdpa gathers each "
+        "context into a dense tensor first; auto: flex on GPUs, sdpa on CPU",
+    )
     generation_config: Literal["auto", "none"] = Field(
         default="auto",
         description="auto: default temperature, top_p, top_k, repetition_penalty and max tokens from the checkpoint's "
@@ -217,6 +222,7 @@ class RaymixSettings(BaseSettings):
             overlap=bool(self.overlap),
             max_queued_requests=self.max_queued_requests,
             enable_prefix_caching=self.enable_prefix_caching,
+            attention_backend=self.attention_backend,
         )
 
     @classmethod

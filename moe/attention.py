@@ -149,6 +149,14 @@ class DenseDecode:
         return DecodeMetadata(positions, slot_mapping, self.kv_slots[:bsz, :ctx], self.mask[:bsz, :ctx])
 
 
+def decode_slots(tables: list[list[int]], context_lens: list[int], block_size: int) -> list[int]:
+    """The cache slot of each sequence's new (last) token, at position context_len - 1."""
+    return [
+        t[(c - 1) // block_size] * block_size + (c - 1) % block_size
+        for t, c in zip(tables, context_lens, strict=True)
+    ]
+
+
 class RotaryEmbedding:
     """Mixtral's RoPE (rotate-half form), computed in float32 exactly as transformers does."""
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from moe.attention import DenseDecode
+from moe.attention import DenseDecode, decode_slots
 from moe.backend import ExpertBackend
 from moe.flex_decode import FlexDecode
 from moe.kv_cache import KVCache
@@ -132,9 +132,9 @@ class DecodeGraphs:
     ) -> None:
         """Write the step into the static buffers' first bsz rows (built on the host, one copy each);
         padded rows write their K/V to the scratch slot."""
-        bs, pad = self.block_size, bsz - len(token_ids)
+        pad = bsz - len(token_ids)
         positions = [c - 1 for c in context_lens]
-        slots = [t[p // bs] * bs + p % bs for t, p in zip(tables, positions, strict=True)]
+        slots = decode_slots(tables, context_lens, self.block_size)
         self.ids[:bsz].copy_(torch.tensor(token_ids + [0] * pad), non_blocking=True)
         self.positions[:bsz].copy_(torch.tensor(positions + [0] * pad), non_blocking=True)
         self.slot_mapping[:bsz].copy_(

@@ -22,8 +22,9 @@ from moe import flex_decode
 from moe.backend import ExpertBackend, InProcessExperts
 from moe.checkpoint import CheckpointReader, parse_dtype
 from moe.config import MixtralConfig
-from moe.cuda_graph import DecodeGraphs
+from moe.cuda_graph import DecodeGraphs, batch_buckets
 from moe.errors import OverloadedError, RequestError
+from moe.flex_decode import FlexDecode
 from moe.guided import GrammarTokenizer
 from moe.kv_cache import BlockManager, KVCache
 from moe.model import MixtralDense
@@ -55,9 +56,9 @@ class EngineConfig:
     # experts are in this process, unsplit, and no overlap. True on CPU runs the same padded
     # static-buffer step without capture (what the tests compare with the eager path).
     cuda_graphs: bool | None = None
-    # attention of those decode steps: "flex" reads each sequence's KV pages in place
-    # (FlexAttention, compiled on CUDA: moe.flex_decode), "sdpa" gathers each context into a
-    # dense tensor first (the reference); auto: flex on CUDA, sdpa on CPU
+    # attention of decode-only steps (in the graphs or not): "flex" reads each sequence's KV
+    # pages in place (FlexAttention, compiled on CUDA: moe.flex_decode), "sdpa" gathers each
+    # context into a dense tensor first (the reference; prefill always); auto: flex on CUDA
     attention_backend: str = "auto"
 
 
@@ -109,8 +110,18 @@ class LLMEngine:
         self.kv_cache = KVCache(cfg, num_blocks, bs, model.dtype, self.device)
         self.blocks = BlockManager(num_blocks, bs, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
+        attention = self._attention_backend()
+        graphs = self._decode_graphs(experts, attention)
+        eager_flex = None
+        if attention == "flex":  # decode steps the graphs do not take (all of them without graphs)
+            flex_batch = batch_buckets(config.max_num_seqs)[-1]
+            on_cuda = self.device.type == "cuda"
+            eager_flex = [
+                FlexDecode(self.kv_cache, flex_batch, cfg.sliding_window, compile=on_cuda)
+                for _ in range(2 if config.overlap else 1)
+            ]
         self.runner = ModelRunner(
-            cfg, model, experts, self.kv_cache, self.blocks, config.overlap, self._decode_graphs(experts)
+            cfg, model, experts, self.kv_cache, self.blocks, config.overlap, graphs, eager_flex
         )
         self.seqs: dict[str, Sequence] = {}
         eos = list(cfg.eos_token_ids)
@@ -122,13 +133,12 @@ class LLMEngine:
         self.model_dir = model_dir
         self._grammar_tokenizer: GrammarTokenizer | None = None
 
-    def _decode_graphs(self, experts: ExpertBackend) -> DecodeGraphs | None:
+    def _decode_graphs(self, experts: ExpertBackend, attention: str) -> DecodeGraphs | None:
         """The CUDA-graph decode runner, when on: graphs need the whole step on this device with
         nothing that syncs the host (remote experts do; split in-process experts dispatch with
         nonzero()). In float32 on CUDA, torch's grouped GEMM falls back to a per-group loop that
         reads its offsets on the host, so by default graphs are for bf16/fp16 models."""
         wanted = self.config.cuda_graphs
-        attention = self._attention_backend()
         on_cuda = self.device.type == "cuda"
         unsplit = isinstance(experts, InProcessExperts) and len(experts.shards) == 1
         if wanted is None:

@@ -21,12 +21,15 @@ the cache: the same mask, for checking it, slow.
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Callable
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from moe.kv_cache import KVCache
+
+log = logging.getLogger(__name__)
 
 Q_BLOCK = 16  # the block mask's query tile: one row of blocks for the one query of each sequence
 # BlockMask.from_kv_blocks(compute_q_blocks=False) (torch 2.9+): no backward-pass indices to sort
@@ -55,6 +58,11 @@ class FlexDecodeMetadata:
         self.num_slots = num_slots  # the blocks' slots (the scratch slot past them is left out)
         self.attention = attention  # flex_attention, compiled or not
 
+    @property
+    def last_index(self) -> torch.Tensor:
+        """[n] the row of each sequence's token (one per sequence)."""
+        return torch.arange(self.positions.shape[0], device=self.positions.device)
+
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     ) -> torch.Tensor:
@@ -63,9 +71,12 @@ class FlexDecodeMetadata:
         v_cache[self.slot_mapping] = v
         keys = k_cache[: self.num_slots].permute(1, 0, 2)[None]  # [1, Hkv, slots, D], a view
         values = v_cache[: self.num_slots].permute(1, 0, 2)[None]  # [1, Hkv, slots, D]
+        n, rows = q.shape[0], self.block_mask.kv_num_blocks.shape[0]
+        if n < rows:  # an eager step: queries padded to the batch bucket (pad rows have no blocks)
+            q = torch.cat([q, q.new_zeros(rows - n, *q.shape[1:])])
         gqa = keys.shape[1] != q.shape[1]
         out = self.attention(q[:, :, None], keys, values, block_mask=self.block_mask, enable_gqa=gqa)
-        return out[:, :, 0]  # [B, Hq, D]
+        return out[:n, :, 0]  # [n, Hq, D]
 
 
 class FlexDecode:
@@ -80,7 +91,9 @@ class FlexDecode:
     def __init__(self, kv_cache: KVCache, max_batch: int, sliding_window: int | None, compile: bool):
         nb, bs, dev = kv_cache.num_blocks, kv_cache.block_size, kv_cache.k.device
         self.num_blocks, self.block_size, self.num_slots = nb, bs, nb * bs
-        self.sliding_window = sliding_window
+        self.sliding_window, self.max_batch = sliding_window, max_batch
+        self.kv_cache = kv_cache
+        self.warm: set[int] = set()  # batch buckets whose kernel ran
 
         def blocks() -> tuple[torch.Tensor, torch.Tensor]:  # counts [B, 1, 1], block ids [B, 1, 1, blocks]
             return (
@@ -167,3 +180,19 @@ class FlexDecode:
                 compute_q_blocks=False,
             )
         return FlexDecodeMetadata(positions, slot_mapping, self.masks[bsz], self.num_slots, self.attention)
+
+    def ready(self, meta: FlexDecodeMetadata, bsz: int, num_heads: int) -> bool:
+        """Run bucket bsz's attention once (compiling it) before a step uses it, so a kernel that
+        fails to build is found before the step has written anything: False then."""
+        if bsz in self.warm:
+            return True
+        keys = self.kv_cache.k[0, : self.num_slots].permute(1, 0, 2)[None]  # [1, Hkv, slots, D]
+        values = self.kv_cache.v[0, : self.num_slots].permute(1, 0, 2)[None]
+        q = keys.new_zeros(bsz, num_heads, 1, keys.shape[-1])  # [bsz, Hq, 1, D]: any queries will do
+        try:
+            meta.attention(q, keys, values, block_mask=meta.block_mask, enable_gqa=num_heads != keys.shape[1])
+        except RuntimeError as e:
+            log.warning("decode attention: FlexAttention failed (%s); gathering each context instead", e)
+            return False
+        self.warm.add(bsz)
+        return True

@@ -16,10 +16,11 @@ import time
 
 import torch
 
-from moe.attention import AttentionMetadata
+from moe.attention import AttentionMetadata, decode_slots
 from moe.backend import ExpertBackend
 from moe.config import MixtralConfig
-from moe.cuda_graph import DecodeGraphs
+from moe.cuda_graph import DecodeGraphs, batch_buckets, smallest_fit
+from moe.flex_decode import FlexDecode, FlexDecodeMetadata
 from moe.kv_cache import BlockManager, KVCache
 from moe.model import MixtralDense
 from moe.overlap import forward_overlapped
@@ -39,6 +40,7 @@ class ModelRunner:
         blocks: BlockManager,
         overlap: bool = False,
         decode_graphs: DecodeGraphs | None = None,
+        decode_attention: list[FlexDecode] | None = None,
     ):
         self.cfg = cfg
         self.model = model
@@ -48,6 +50,10 @@ class ModelRunner:
         self.overlap = overlap
         self.device = model.device
         self.decode_graphs = decode_graphs
+        # eager decode-only steps (no graphs: remote experts, float32): FlexAttention over the
+        # pages, one set of buffers per micro-batch; None: the dense gather of AttentionMetadata
+        self.decode_attention = decode_attention
+        self.batches = batch_buckets(decode_attention[0].max_batch) if decode_attention else []
 
     def execute(self, scheduled: Scheduled) -> tuple[torch.Tensor, list[Sequence]]:
         """Run the model on the step's flat batch → (logits [S, V] for the S sequences that
@@ -62,7 +68,7 @@ class ModelRunner:
                     self._computed(seq, 1)
                 return logits, seqs
         groups = self._micro_batches(scheduled)
-        inputs = [self._inputs(group) for group in groups]  # ([T_m] ids, metadata) each
+        inputs = [self._inputs(group, m) for m, group in enumerate(groups)]  # ([T_m] ids, metadata) each
         if len(inputs) == 1:
             hidden = [self.model(*inputs[0], self.kv_cache, self.experts)]  # [T, H]
         else:
@@ -90,12 +96,22 @@ class ModelRunner:
         if self.blocks.num_unhashed(seq.request_id, seq.num_computed):
             self.blocks.cache_full_blocks(seq.request_id, seq.token_ids, seq.num_computed)
 
-    def _inputs(self, group: Scheduled) -> tuple[torch.Tensor, AttentionMetadata]:
+    def _inputs(
+        self, group: Scheduled, m: int
+    ) -> tuple[torch.Tensor, AttentionMetadata | FlexDecodeMetadata]:
+        """Micro-batch m's input ids [T_m] and attention metadata."""
         input_ids: list[int] = []
         for seq, n in group:
             input_ids.extend(seq.token_ids[seq.num_computed : seq.num_computed + n])
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = time.monotonic()
+        ids = torch.tensor(input_ids, dtype=torch.long).to(self.device, non_blocking=True)  # [T]
+        if self.decode_attention is not None and all(
+            n == 1 and s.num_computed + 1 == len(s) for s, n in group
+        ):
+            flex = self._flex_metadata([s for s, _ in group], self.decode_attention[m])
+            if flex is not None:
+                return ids, flex
         meta = AttentionMetadata.build(
             [self.blocks.tables[s.request_id] for s, _ in group],
             [s.num_computed + n for s, n in group],
@@ -104,8 +120,25 @@ class ModelRunner:
             self.cfg.sliding_window,
             self.device,
         )
-        ids = torch.tensor(input_ids, dtype=torch.long).to(self.device, non_blocking=True)  # [T]
         return ids, meta
+
+    def _flex_metadata(self, seqs: list[Sequence], flex: FlexDecode) -> FlexDecodeMetadata | None:
+        """A decode-only micro-batch's metadata for FlexAttention (its block mask padded to a
+        batch bucket, so a kernel is built per bucket); None if its kernel does not build (then
+        every later step gathers)."""
+        tables = [self.blocks.tables[s.request_id] for s in seqs]
+        lens = [len(s) for s in seqs]
+        bsz = smallest_fit(self.batches, len(seqs))
+        flex.fill(tables, lens, bsz, 0)
+        positions = torch.tensor([c - 1 for c in lens]).to(self.device, non_blocking=True)  # [n]
+        slots = torch.tensor(decode_slots(tables, lens, self.blocks.block_size)).to(
+            self.device, non_blocking=True
+        )
+        meta = flex.metadata(positions, slots, bsz, 0)
+        if not flex.ready(meta, bsz, self.cfg.num_attention_heads):
+            self.decode_attention = None
+            return None
+        return meta
 
     def _micro_batches(self, scheduled: Scheduled) -> list[Scheduled]:
         """Two halves of about equal token counts when overlap is on, else one batch."""

@@ -17,6 +17,7 @@ import torch
 
 from moe.attention import AttentionMetadata
 from moe.backend import ExpertBackend
+from moe.flex_decode import FlexDecodeMetadata
 from moe.kv_cache import KVCache
 from moe.model import DecoderLayer, MixtralDense
 
@@ -35,7 +36,9 @@ class PendingMoE:
 @torch.inference_mode()
 def forward_overlapped(
     model: MixtralDense,
-    micro_batches: list[tuple[torch.Tensor, AttentionMetadata]],  # ([T_m] ids, metadata) each
+    micro_batches: list[
+        tuple[torch.Tensor, AttentionMetadata | FlexDecodeMetadata]
+    ],  # ([T_m] ids, metadata) each
     kv_cache: KVCache,
     experts: ExpertBackend,
 ) -> list[torch.Tensor]:

@@ -38,10 +38,18 @@ def test_every_setting_is_a_flag_with_help():
         assert name in flags and field.description and field.description in flags[name].help
 
 
-@pytest.mark.parametrize("bad", [{"port": 0}, {"expert_shards": 0}, {"dtype": "int4"}, {"nonsense": 1}])
+@pytest.mark.parametrize(
+    "bad",
+    [{"port": 0}, {"expert_shards": 0}, {"dtype": "int4"}, {"attention_backend": "flash"}, {"nonsense": 1}],
+)
 def test_out_of_range_settings_are_refused(bad):
     with pytest.raises(ValidationError):
         RaymixSettings(**bad)
+
+
+def test_attention_backend_reaches_the_router_engine():
+    assert RaymixSettings().engine_config().attention_backend == "auto"
+    assert RaymixSettings(attention_backend="sdpa").engine_config().attention_backend == "sdpa"
 
 
 def test_placement_asks_for_gpus_only_when_there_are_some():

@@ -13,6 +13,8 @@ from moe.config import MixtralConfig
 from moe.engine import EngineConfig, LLMEngine
 from moe.flex_decode import FlexDecode
 from moe.kv_cache import KVCache
+from moe.sampling import SamplingParams
+from tests.test_reference import PROMPTS
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CFG = MixtralConfig(hidden_size=256, num_attention_heads=8, num_key_value_heads=2, num_hidden_layers=1)
@@ -97,3 +99,45 @@ def test_attention_backend_is_checked(tiny_dir):
     eng = LLMEngine.from_pretrained(tiny_dir, EngineConfig(cuda_graphs=True, device="cpu"))
     assert eng.runner.decode_graphs is not None
     assert eng.runner.decode_graphs.attention_backend == "sdpa"  # auto: flex on CUDA only
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["one-batch", "two-micro-batches"])
+def test_eager_decode_steps_read_the_pages_in_place(model_dir, overlap):
+    """Without decode graphs (the router with remote shards; float32 on CUDA) decode-only steps
+    take FlexAttention too, each micro-batch its own buffers: outputs token-identical to the
+    gather, through continuous batching and (second model) a sliding window."""
+    kw = dict(max_model_len=256, block_size=8, cuda_graphs=False, overlap=overlap, device="cpu")
+    gather = LLMEngine.from_pretrained(model_dir, EngineConfig(attention_backend="sdpa", **kw), num_shards=2)
+    flex = LLMEngine.from_pretrained(model_dir, EngineConfig(attention_backend="flex", **kw), num_shards=2)
+    assert flex.runner.decode_attention is not None and len(flex.runner.decode_attention) == (
+        2 if overlap else 1
+    )
+    assert gather.runner.decode_attention is None
+    prompts = [gather.tokenizer.encode(p * 3) for p in PROMPTS]
+    greedy = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    arrivals = [0, 0, 1, 4, 7]
+    a = [s.output_token_ids for s in gather.generate(prompts, greedy, arrival_steps=arrivals)]
+    b = [s.output_token_ids for s in flex.generate(prompts, greedy, arrival_steps=arrivals)]
+    assert a == b
+    assert all(d.warm for d in flex.runner.decode_attention)  # every micro-batch's buffers were used
+
+
+def test_a_kernel_that_does_not_build_falls_back_to_the_gather(tiny_dir, caplog):
+    config = EngineConfig(max_model_len=256, cuda_graphs=False, attention_backend="flex", device="cpu")
+    eng = LLMEngine.from_pretrained(tiny_dir, config)
+    ref = LLMEngine.from_pretrained(
+        tiny_dir, EngineConfig(max_model_len=256, cuda_graphs=False, device="cpu")
+    )
+
+    def does_not_build(*args, **kwargs):
+        raise RuntimeError("no kernel for this GPU")
+
+    assert eng.runner.decode_attention is not None
+    eng.runner.decode_attention[0].attention = does_not_build
+    prompts = [eng.tokenizer.encode(p) for p in PROMPTS[:3]]
+    greedy = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    with caplog.at_level("WARNING"):
+        out = [s.output_token_ids for s in eng.generate(prompts, greedy)]
+    assert out == [s.output_token_ids for s in ref.generate(prompts, greedy)]
+    assert eng.runner.decode_attention is None
+    assert "FlexAttention failed (no kernel for this GPU)" in caplog.text
