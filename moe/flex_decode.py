@@ -32,8 +32,8 @@ from moe.kv_cache import KVCache
 log = logging.getLogger(__name__)
 
 Q_BLOCK = 16  # the block mask's query tile: one row of blocks for the one query of each sequence
-# BlockMask.from_kv_blocks(compute_q_blocks=False) (torch 2.9+): no backward-pass indices to sort
 RECOMPILE_LIMIT = 64  # compiled versions of flex_attention kept: batch buckets, times engines in a process
+# BlockMask.from_kv_blocks(compute_q_blocks=False) (torch 2.9+): no backward-pass indices to sort
 AVAILABLE = "compute_q_blocks" in inspect.signature(BlockMask.from_kv_blocks).parameters
 
 
@@ -42,7 +42,8 @@ def ints(values: list[int]) -> torch.Tensor:
 
 
 class FlexDecodeMetadata:
-    """One decode step's inputs to every layer's attention (B rows, padded ones included)."""
+    """One decode step's inputs to every layer's attention: B rows in a graph (padded ones
+    included), in an eager step the n real ones (the queries are padded to B in `attend`)."""
 
     def __init__(
         self,
@@ -52,8 +53,8 @@ class FlexDecodeMetadata:
         num_slots: int,
         attention: Callable[..., torch.Tensor],
     ):
-        self.positions = positions  # [B] position of each new token
-        self.slot_mapping = slot_mapping  # [B] cache slot its K/V is written to (pads: the scratch slot)
+        self.positions = positions  # [B or n] position of each new token
+        self.slot_mapping = slot_mapping  # [B or n] cache slot its K/V is written to (pads: the scratch slot)
         self.block_mask = block_mask  # row b: b's blocks of the cache, mask_mod: its positions in them
         self.num_slots = num_slots  # the blocks' slots (the scratch slot past them is left out)
         self.attention = attention  # flex_attention, compiled or not

@@ -6,8 +6,9 @@ when asked, so the router's attention overlaps remote experts), records what is 
 cache, and returns the logits of the sequences whose prompt is complete (they sample this
 step); a sequence that asked for its prompt's logprobs (echo) gets them from its prompt's rows.
 A step of decodes only goes through moe.cuda_graph when it is on (by default on CUDA with
-the experts in this process): captured once per batch and context bucket, then replayed,
-invisible to the engine.
+the experts in this process): captured once per bucket, then replayed, invisible to the engine.
+Other decode-only steps (remote experts, float32) read the KV pages in place with FlexAttention
+when `decode_attention` is given (moe.flex_decode); prefill and mixed steps gather each context.
 """
 
 from __future__ import annotations
