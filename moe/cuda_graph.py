@@ -112,13 +112,16 @@ class DecodeGraphs:
         if self.capture and (bsz, ctx) not in self.graphs:
             try:
                 self.graphs[bsz, ctx] = self._capture(bsz, ctx)
-            except RuntimeError as e:  # something in the step syncs the host, or does not compile
+            except Exception as e:  # the kernel does not build (dynamo raises more than RuntimeError), or
+                # something in the step syncs the host
                 if isinstance(self.attention, FlexDecode):
                     log.warning(
                         "decode attention: FlexAttention failed (%s); gathering each context instead", e
                     )
                     self.attention, self.graphs = self._attention("sdpa"), {}
                     return self.run(token_ids, block_tables, context_lens)
+                if not isinstance(e, RuntimeError):
+                    raise
                 log.warning("decode CUDA graphs off: capture failed (%s); decode steps run eagerly", e)
                 self.capture = False
         if not self.capture:

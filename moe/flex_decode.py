@@ -32,7 +32,9 @@ from moe.kv_cache import KVCache
 log = logging.getLogger(__name__)
 
 Q_BLOCK = 16  # the block mask's query tile: one row of blocks for the one query of each sequence
-RECOMPILE_LIMIT = 64  # compiled versions of flex_attention kept: batch buckets, times engines in a process
+# compiled versions of flex_attention kept, one per shape: per batch bucket (up to 20) and per KV
+# cache size (a process holds one engine when serving; a test session many)
+RECOMPILE_LIMIT = 256
 # BlockMask.from_kv_blocks(compute_q_blocks=False) (torch 2.9+): no backward-pass indices to sort
 AVAILABLE = "compute_q_blocks" in inspect.signature(BlockMask.from_kv_blocks).parameters
 
@@ -113,11 +115,13 @@ class FlexDecode:
         self.block_ids = torch.arange(nb, dtype=torch.int32, device=dev)  # [blocks]
         self.attention: Callable[..., torch.Tensor] = flex_attention
         if compile:
-            # one kernel per batch bucket (the decoding kernel wants a static batch): dynamo's
-            # default of 8 versions of a function would stop at the 9th bucket
+            # one kernel per shape (the decoding kernel wants a static batch): dynamo's default of
+            # 8 versions of a function would stop at the 9th batch bucket
             dynamo = torch._dynamo.config
             limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"  # < 2.7
-            setattr(dynamo, limit, max(getattr(dynamo, limit), RECOMPILE_LIMIT))
+            for name in (limit, "accumulated_recompile_limit"):
+                if hasattr(dynamo, name):
+                    setattr(dynamo, name, max(getattr(dynamo, name), RECOMPILE_LIMIT))
             self.attention = torch.compile(flex_attention, fullgraph=True, dynamic=False)
         self.masks: dict[int, BlockMask] = {}
         logical, lens = self.logical, self.context_lens
@@ -192,7 +196,7 @@ class FlexDecode:
         q = keys.new_zeros(bsz, num_heads, 1, keys.shape[-1])  # [bsz, Hq, 1, D]: any queries will do
         try:
             meta.attention(q, keys, values, block_mask=meta.block_mask, enable_gqa=num_heads != keys.shape[1])
-        except RuntimeError as e:
+        except Exception as e:  # inductor's errors, and dynamo's recompile limit (not a RuntimeError)
             log.warning("decode attention: FlexAttention failed (%s); gathering each context instead", e)
             return False
         self.warm.add(bsz)

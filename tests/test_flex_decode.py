@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch._dynamo.exc import FailOnRecompileLimitHit
 
 from moe.attention import DenseDecode
 from moe.config import MixtralConfig
@@ -122,7 +123,15 @@ def test_eager_decode_steps_read_the_pages_in_place(model_dir, overlap):
     assert all(d.warm for d in flex.runner.decode_attention)  # every micro-batch's buffers were used
 
 
-def test_a_kernel_that_does_not_build_falls_back_to_the_gather(tiny_dir, caplog):
+@pytest.mark.parametrize(
+    "error",
+    [
+        RuntimeError("no kernel for this GPU"),
+        FailOnRecompileLimitHit("no kernel for this GPU"),
+    ],
+    ids=["inductor", "recompile-limit"],
+)
+def test_a_kernel_that_does_not_build_falls_back_to_the_gather(tiny_dir, caplog, error):
     config = EngineConfig(max_model_len=256, cuda_graphs=False, attention_backend="flex", device="cpu")
     eng = LLMEngine.from_pretrained(tiny_dir, config)
     ref = LLMEngine.from_pretrained(
@@ -130,7 +139,7 @@ def test_a_kernel_that_does_not_build_falls_back_to_the_gather(tiny_dir, caplog)
     )
 
     def does_not_build(*args, **kwargs):
-        raise RuntimeError("no kernel for this GPU")
+        raise error
 
     assert eng.runner.decode_attention is not None
     eng.runner.decode_attention[0].attention = does_not_build
