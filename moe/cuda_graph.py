@@ -106,22 +106,17 @@ class DecodeGraphs:
         is new → their logits [b, V] in float32."""
         n = len(token_ids)
         bsz = smallest_fit(self.batches, n)
+        if isinstance(self.attention, FlexDecode) and not self.attention.ready(
+            bsz, self.model.cfg.num_attention_heads
+        ):
+            self.attention, self.graphs = self._attention("sdpa"), {}  # the kernel did not build
         ctx = smallest_fit(self.contexts, max(context_lens)) if self.attention.context_buckets else 0
         self._fill(token_ids, block_tables, context_lens, bsz, ctx)
         self.steps += 1
         if self.capture and (bsz, ctx) not in self.graphs:
             try:
                 self.graphs[bsz, ctx] = self._capture(bsz, ctx)
-            except Exception as e:  # the kernel does not build (dynamo raises more than RuntimeError), or
-                # something in the step syncs the host
-                if isinstance(self.attention, FlexDecode):
-                    log.warning(
-                        "decode attention: FlexAttention failed (%s); gathering each context instead", e
-                    )
-                    self.attention, self.graphs = self._attention("sdpa"), {}
-                    return self.run(token_ids, block_tables, context_lens)
-                if not isinstance(e, RuntimeError):
-                    raise
+            except RuntimeError as e:  # something in the step syncs the host: stay eager
                 log.warning("decode CUDA graphs off: capture failed (%s); decode steps run eagerly", e)
                 self.capture = False
         if not self.capture:

@@ -18,12 +18,12 @@ from typing import Any
 
 import torch
 
-from moe import flex_decode
 from moe.backend import ExpertBackend, InProcessExperts
 from moe.checkpoint import CheckpointReader, parse_dtype
 from moe.config import MixtralConfig
 from moe.cuda_graph import DecodeGraphs, batch_buckets
 from moe.errors import OverloadedError, RequestError
+from moe.flex_decode import AVAILABLE as FLEX_AVAILABLE
 from moe.flex_decode import FlexDecode
 from moe.guided import GrammarTokenizer
 from moe.kv_cache import BlockManager, KVCache
@@ -113,7 +113,7 @@ class LLMEngine:
         attention = self._attention_backend()
         graphs = self._decode_graphs(experts, attention)
         eager_flex = None
-        if attention == "flex":  # decode steps the graphs do not take (all of them without graphs)
+        if attention == "flex" and graphs is None:  # the graphs take every decode-only step they exist for
             flex_batch = batch_buckets(config.max_num_seqs)[-1]
             on_cuda = self.device.type == "cuda"
             eager_flex = [
@@ -164,7 +164,7 @@ class LLMEngine:
             raise ValueError(f"attention_backend must be auto, flex or sdpa, not {name!r}")
         if name == "auto":
             name = "flex" if self.device.type == "cuda" else "sdpa"
-        if name == "flex" and not flex_decode.AVAILABLE:
+        if name == "flex" and not FLEX_AVAILABLE:
             log.warning("attention_backend flex needs torch >= 2.9 (torch %s): using sdpa", torch.__version__)
             name = "sdpa"
         return name

@@ -23,6 +23,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Callable
+from functools import cached_property
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
@@ -61,7 +62,7 @@ class FlexDecodeMetadata:
         self.num_slots = num_slots  # the blocks' slots (the scratch slot past them is left out)
         self.attention = attention  # flex_attention, compiled or not
 
-    @property
+    @cached_property
     def last_index(self) -> torch.Tensor:
         """[n] the row of each sequence's token (one per sequence)."""
         return torch.arange(self.positions.shape[0], device=self.positions.device)
@@ -149,10 +150,11 @@ class FlexDecode:
         for i, (t, length) in enumerate(zip(tables, context_lens, strict=True)):
             table[i, : pages[i]] = torch.tensor(t[: pages[i]], dtype=torch.int32)
             start = max(0, length - w) if w is not None else 0  # the first position attended to
-            whole = [j for j in range(start // bs, pages[i]) if j * bs >= start and (j + 1) * bs <= length]
-            part = [j for j in range(start // bs, pages[i]) if j not in whole]
-            num_full[i], num_partial[i] = len(whole), len(part)
-            full[i, : len(whole)] = table[i, whole]
+            lo = -(-start // bs)  # full pages: [lo, hi), every slot in [start, length)
+            hi = max(lo, length // bs)
+            part = sorted({j for j in (start // bs, pages[i] - 1) if not lo <= j < hi})  # at most 2
+            num_full[i], num_partial[i] = hi - lo, len(part)
+            full[i, : hi - lo] = table[i, lo:hi]
             partial[i, : len(part)] = table[i, part]
         self.tables[:n, :width].copy_(table, non_blocking=True)
         self.full[:n, 0, 0, :width].copy_(full, non_blocking=True)
@@ -173,7 +175,13 @@ class FlexDecode:
         logical = self.logical[:bsz]
         logical.fill_(-1)
         logical.scatter_(1, target.long(), torch.where(valid, self.block_ids[None], -1))
-        if bsz not in self.masks:  # views of the static buffers: made once per bucket
+        return FlexDecodeMetadata(
+            positions, slot_mapping, self._block_mask(bsz), self.num_slots, self.attention
+        )
+
+    def _block_mask(self, bsz: int) -> BlockMask:
+        """Rows [:bsz] as a block mask: views of the static buffers, made once per bucket."""
+        if bsz not in self.masks:
             self.masks[bsz] = BlockMask.from_kv_blocks(
                 self.num_partial[:bsz],
                 self.partial[:bsz],
@@ -184,18 +192,20 @@ class FlexDecode:
                 seq_lengths=(1, self.num_slots),
                 compute_q_blocks=False,
             )
-        return FlexDecodeMetadata(positions, slot_mapping, self.masks[bsz], self.num_slots, self.attention)
+        return self.masks[bsz]
 
-    def ready(self, meta: FlexDecodeMetadata, bsz: int, num_heads: int) -> bool:
+    def ready(self, bsz: int, num_heads: int) -> bool:
         """Run bucket bsz's attention once (compiling it) before a step uses it, so a kernel that
-        fails to build is found before the step has written anything: False then."""
+        fails to build is found before the step has written anything (or is captured): False then."""
         if bsz in self.warm:
             return True
         keys = self.kv_cache.k[0, : self.num_slots].permute(1, 0, 2)[None]  # [1, Hkv, slots, D]
         values = self.kv_cache.v[0, : self.num_slots].permute(1, 0, 2)[None]
         q = keys.new_zeros(bsz, num_heads, 1, keys.shape[-1])  # [bsz, Hq, 1, D]: any queries will do
         try:
-            meta.attention(q, keys, values, block_mask=meta.block_mask, enable_gqa=num_heads != keys.shape[1])
+            self.attention(
+                q, keys, values, block_mask=self._block_mask(bsz), enable_gqa=num_heads != keys.shape[1]
+            )
         except Exception as e:  # inductor's errors, and dynamo's recompile limit (not a RuntimeError)
             log.warning("decode attention: FlexAttention failed (%s); gathering each context instead", e)
             return False

@@ -135,11 +135,10 @@ class ModelRunner:
         slots = torch.tensor(decode_slots(tables, lens, self.blocks.block_size)).to(
             self.device, non_blocking=True
         )
-        meta = flex.metadata(positions, slots, bsz, 0)
-        if not flex.ready(meta, bsz, self.cfg.num_attention_heads):
+        if not flex.ready(bsz, self.cfg.num_attention_heads):
             self.decode_attention = None
             return None
-        return meta
+        return flex.metadata(positions, slots, bsz, 0)
 
     def _micro_batches(self, scheduled: Scheduled) -> list[Scheduled]:
         """Two halves of about equal token counts when overlap is on, else one batch."""
