@@ -1,7 +1,9 @@
 """Request tracing and the access log: one request id per HTTP request, one JSON line per request.
 
 `AccessLog` (ASGI middleware, outermost) takes the client's `X-Request-Id` (or makes one),
-answers with it in the `X-Request-Id` header, and when the response is done writes one line to
+answers with it in the `X-Request-Id` header (unless a proxy in front does: Ray Serve's proxy
+puts the id in the request's headers, making one when the client sent none, and answers with it
+itself), and when the response is done writes one line to
 the `raymix.access` logger: request id, method, path, status, model, prompt and completion
 tokens, time to first token, latency, finish reasons. Prompts are never logged unless the
 operator opts in (`access_log_prompts`). The endpoints fill the line's fields through
@@ -89,9 +91,11 @@ def request_id() -> str:
 
 
 class AccessLog:
-    def __init__(self, app: ASGIApp, log_prompts: bool = False) -> None:
+    def __init__(self, app: ASGIApp, log_prompts: bool = False, echo_request_id: bool = True) -> None:
+        """echo_request_id: answer with the X-Request-Id header (off behind a proxy that does)."""
         self.app = app
         self.log_prompts = log_prompts
+        self.echo_request_id = echo_request_id
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -106,8 +110,9 @@ class AccessLog:
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 record.status = message["status"]
-                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
-                message = {**message, "headers": [*headers, (b"x-request-id", rid.encode())]}
+                if self.echo_request_id:
+                    headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
+                    message = {**message, "headers": [*headers, (b"x-request-id", rid.encode())]}
             await send(message)
 
         try:

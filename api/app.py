@@ -166,7 +166,8 @@ class RequestGuard:
         return {**scope, "headers": headers}, receive
 
 
-def build_api(ctx: ServingContext) -> FastAPI:
+def build_api(ctx: ServingContext, behind_serve_proxy: bool = False) -> FastAPI:
+    """behind_serve_proxy: Ray Serve's proxy is in front (it sets and echoes X-Request-Id)."""
     s = ctx.settings
     app = FastAPIOffline(  # /docs and /redoc with their JS and CSS served from the package, no CDN
         title="raymix",
@@ -181,7 +182,8 @@ def build_api(ctx: ServingContext) -> FastAPI:
         app.add_middleware(
             CORSMiddleware, allow_origins=s.cors_allow_origins, allow_methods=["*"], allow_headers=["*"]
         )
-    app.add_middleware(AccessLog, log_prompts=s.access_log_prompts)  # outermost: every answer is logged
+    # outermost: every answer is logged
+    app.add_middleware(AccessLog, log_prompts=s.access_log_prompts, echo_request_id=not behind_serve_proxy)
     _add_error_handlers(app, ctx)
     chat, completion, predict = ServingChat(ctx), ServingCompletion(ctx), ServingPredict(ctx)
 

@@ -38,7 +38,7 @@ class Ingress:
         )
 
     def __serve_build_asgi_app__(self):
-        return build_api(self.context)
+        return build_api(self.context, behind_serve_proxy=True)
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -25,10 +25,16 @@ from moe.tokenizer import load_tokenizer
 
 
 @contextmanager
-def local_server(model_dir: Path, max_model_len: int = 2048, **settings: Any) -> Iterator[str]:
-    """→ the server's base URL (http://127.0.0.1:<port>); stopped with its engine at the end."""
+def local_server(
+    model_dir: Path,
+    max_model_len: int = 2048,
+    build_engine: Callable[[], LLMEngine] | None = None,
+    **settings: Any,
+) -> Iterator[str]:
+    """→ the server's base URL (http://127.0.0.1:<port>); stopped with its engine at the end.
+    build_engine: makes the engine (default: the checkpoint's, in this process)."""
     engine = AsyncEngine(
-        lambda: LLMEngine.from_pretrained(model_dir, EngineConfig(max_model_len=max_model_len))
+        build_engine or (lambda: LLMEngine.from_pretrained(model_dir, EngineConfig(max_model_len=max_model_len)))
     )
     s = RaymixSettings(model=str(model_dir), **settings)
     ctx = ServingContext(s, LocalEngineClient(engine), load_tokenizer(model_dir), {}, ServingMetrics())

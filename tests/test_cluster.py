@@ -237,6 +237,17 @@ def test_bad_input_gets_openai_errors(client, raymix, body, status, param, code)
     assert post(raymix.url, GOOD).status_code == 200  # and the server keeps serving
 
 
+def test_request_id_comes_back_once(client, raymix):
+    """Behind Serve's proxy the X-Request-Id header comes back once: the client's id, or one
+    made for it, which also names the response."""
+    r = post(raymix.url, GOOD, headers={**AUTH, "X-Request-Id": "trace-7f3a9c"})
+    assert r.headers.get_list("x-request-id") == ["trace-7f3a9c"]
+    assert r.json()["id"] == "chatcmpl-trace-7f3a9c"
+    r = post(raymix.url, GOOD)
+    (made,) = r.headers.get_list("x-request-id")
+    assert r.json()["id"] == f"chatcmpl-{made}"
+
+
 def test_api_keys(client, raymix):
     assert post(raymix.url, GOOD, headers={}).status_code == 401
     r = post(raymix.url, GOOD, headers={"Authorization": "Bearer wrong"})

@@ -15,7 +15,10 @@ import time
 import httpx
 import pytest
 
+from moe.backend import InProcessExperts
+from moe.engine import EngineConfig, LLMEngine
 from tests.cluster_harness import Raymix, free_port, ray_cluster
+from tests.local_server import local_server
 
 SETTINGS = dict(
     expert_shards=2,
@@ -23,7 +26,6 @@ SETTINGS = dict(
     kv_cache_memory_mb=64,
     max_num_seqs=4,
     max_queued_requests=4,
-    request_timeout_s=4.0,
 )
 GOOD = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 BAD = [
@@ -121,17 +123,49 @@ def test_overload_gets_429_with_retry_after_then_normal_service(rm):
     assert post(rm.url, json.dumps(GOOD).encode()).status_code == 200
 
 
-def test_request_timeout_is_408_and_frees_the_request(rm):
+class PacedExperts(InProcessExperts):
+    """The experts of every layer take at least `seconds`: a model whose speed does not depend
+    on the machine's, so a request of N tokens provably runs past a timeout shorter than
+    N x layers x seconds."""
+
+    def __init__(self, inner: InProcessExperts, seconds: float):
+        super().__init__(inner.shards, len(inner.placement.count))
+        self.seconds = seconds
+
+    def submit(self, layer, x, expert_ids, weights):
+        time.sleep(self.seconds)
+        return super().submit(layer, x, expert_ids, weights)
+
+
+def test_request_timeout_is_408_and_frees_the_request(tiny_dir):
+    """A request still running at request_timeout_s gets 408 (an error event on a stream), and
+    the engine drops it: nothing running, every KV block back. The engine here needs at least
+    4 layers x 20 ms per token, so 400 tokens take 32 s or more against a 1 s timeout on any
+    machine (the real engine and HTTP server, no Ray: the API's timeout is the same code there)."""
+
+    def build():
+        eng = LLMEngine.from_pretrained(tiny_dir, EngineConfig(max_model_len=512))
+        eng.experts = eng.runner.experts = PacedExperts(eng.experts, 0.02)
+        built.append(eng)
+        return eng
+
+    built: list[LLMEngine] = []
     long = {**GOOD, "max_tokens": 400, "ignore_eos": True}
-    r = post(rm.url, json.dumps(long).encode())
-    assert r.status_code == 408 and r.json()["error"]["code"] == "request_timeout"
-    with httpx.stream(
-        "POST", f"{rm.url}/v1/chat/completions", json={**long, "stream": True}, timeout=60
-    ) as s:
-        events = [line[6:] for line in s.iter_lines() if line.startswith("data: ")]
-    assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "request_timeout"
-    stats = rm.wait_idle()
-    assert stats["num_requests_running"] == 0 and stats["num_used_kv_blocks"] == 0
+    with local_server(tiny_dir, build_engine=build, request_timeout_s=1.0) as url:
+        start = time.monotonic()
+        r = post(url, json.dumps(long).encode())
+        assert r.status_code == 408 and r.json()["error"]["code"] == "request_timeout"
+        assert time.monotonic() - start < 10
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json={**long, "stream": True}, timeout=60) as s:
+            events = [line[6:] for line in s.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "request_timeout"
+        assert len(events) > 2  # some tokens were streamed before the timeout
+        (eng,) = built
+        deadline = time.monotonic() + 10
+        while eng.has_unfinished() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stats = eng.stats()
+        assert stats["num_requests_running"] == 0 and stats["num_used_kv_blocks"] == 0
 
 
 def test_cancelled_streams_release_everything(rm):
