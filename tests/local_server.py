@@ -34,7 +34,8 @@ def local_server(
     """→ the server's base URL (http://127.0.0.1:<port>); stopped with its engine at the end.
     build_engine: makes the engine (default: the checkpoint's, in this process)."""
     engine = AsyncEngine(
-        build_engine or (lambda: LLMEngine.from_pretrained(model_dir, EngineConfig(max_model_len=max_model_len)))
+        build_engine
+        or (lambda: LLMEngine.from_pretrained(model_dir, EngineConfig(max_model_len=max_model_len)))
     )
     s = RaymixSettings(model=str(model_dir), **settings)
     ctx = ServingContext(s, LocalEngineClient(engine), load_tokenizer(model_dir), {}, ServingMetrics())
