@@ -27,7 +27,7 @@ from gpu_bench import copy_bandwidth, sync  # benchmarks/gpu_bench.py
 from report import save  # benchmarks/report.py
 
 from moe.attention import DenseDecode
-from moe.config import MixtralConfig
+from moe.config import ModelConfig
 from moe.cuda_graph import context_buckets, smallest_fit
 from moe.flex_decode import FlexDecode
 from moe.kv_cache import KVCache
@@ -52,7 +52,7 @@ def layer_seconds(run, device: torch.device, iters: int) -> float:
     return (time.perf_counter() - t) / iters
 
 
-def measure(cfg: MixtralConfig, b: int, ctx: int, args: argparse.Namespace, bw: float) -> dict[str, dict]:
+def measure(cfg: ModelConfig, b: int, ctx: int, args: argparse.Namespace, bw: float) -> dict[str, dict]:
     """Both backends on b sequences of ctx tokens, their blocks spread over the cache →
     {backend: {"us": per layer, "fraction": of the limit}} (a backend that fails: its error)."""
     device, dtype, bs = torch.device(args.device), getattr(torch, args.dtype), args.block_size
@@ -106,7 +106,7 @@ def main() -> None:
     args = ap.parse_args()
     device = torch.device(args.device)
     # Mixtral's attention: 32 query heads, 8 KV heads, of --head-dim
-    cfg = MixtralConfig(num_hidden_layers=1, hidden_size=32 * args.head_dim, head_dim=args.head_dim)
+    cfg = ModelConfig(num_hidden_layers=1, hidden_size=32 * args.head_dim, head_dim=args.head_dim)
     bw = copy_bandwidth(device, 2**30 if device.type == "cuda" else 2**28)
     print(f"{args.dtype} on {device}; copy bandwidth {bw / 1e9:.0f} GB/s", flush=True)
     table = {(b, c): measure(cfg, b, c, args, bw) for b in args.streams for c in args.contexts}

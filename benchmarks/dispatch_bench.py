@@ -27,7 +27,7 @@ import torch
 from report import save  # benchmarks/report.py
 
 from moe.checkpoint import CheckpointReader
-from moe.config import MixtralConfig
+from moe.config import ModelConfig
 from moe.data_plane import RemoteExperts, Rendezvous, ShardLink, ShardServer, open_store
 from moe.experts import LocalExperts, Placement, combine, dispatch, partition_experts, select_experts
 from moe.tiny import default_model_dir
@@ -40,7 +40,7 @@ class ShardActor:
 
     def __init__(self, model_dir: str, expert_ids: list[int]):
         torch.set_num_threads(1)
-        cfg = MixtralConfig.from_pretrained(model_dir)
+        cfg = ModelConfig.from_pretrained(model_dir)
         self.experts = LocalExperts.from_checkpoint(
             CheckpointReader(model_dir), cfg, expert_ids, torch.float32
         )
@@ -163,7 +163,7 @@ def main() -> None:
     from ray import serve
 
     model_dir = args.model or str(default_model_dir())
-    cfg = MixtralConfig.from_pretrained(model_dir)
+    cfg = ModelConfig.from_pretrained(model_dir)
     groups = partition_experts(cfg.num_local_experts, args.shards)
     placement = Placement.from_groups(groups)
     torch.set_num_threads(1)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from report import save  # benchmarks/report.py
 
-from moe.config import MixtralConfig
+from moe.config import ModelConfig
 from moe.experts import LocalExperts, select_experts
 
 
@@ -62,7 +62,7 @@ def main() -> None:
     args = ap.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     h, i, e = args.hidden, args.intermediate, args.experts
-    cfg = MixtralConfig(hidden_size=h, intermediate_size=i, num_hidden_layers=1, num_local_experts=e)
+    cfg = ModelConfig(hidden_size=h, intermediate_size=i, num_hidden_layers=1, num_local_experts=e)
     g = torch.Generator().manual_seed(0)
     gate_up = (torch.randn(e, 2 * i, h, generator=g) / h**0.5).to(device, dtype)
     down = (torch.randn(e, h, i, generator=g) / i**0.5).to(device, dtype)

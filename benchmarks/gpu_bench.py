@@ -37,7 +37,7 @@ import torch
 from report import median_of, save  # benchmarks/report.py
 
 from moe.checkpoint import CheckpointReader
-from moe.config import MixtralConfig
+from moe.config import ModelConfig
 from moe.data_plane import RemoteExperts
 from moe.engine import EngineConfig, LLMEngine
 from moe.local_shards import LocalShards
@@ -71,7 +71,7 @@ def copy_bandwidth(device: torch.device, nbytes: int, runs: int = 10) -> float:
     return 2 * src.numel() * 4 / statistics.median(times)
 
 
-def step_bytes(cfg: MixtralConfig, batch: int, elem: int) -> float:
+def step_bytes(cfg: ModelConfig, batch: int, elem: int) -> float:
     """Expected weight bytes one decode step of `batch` sequences reads."""
     h, i, d = cfg.hidden_size, cfg.intermediate_size, cfg.attn_head_dim
     attn = h * d * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)  # q, o; k, v
@@ -123,7 +123,7 @@ def hf_decode_tok_s(hf, batch: list[list[int]], n: int, device: torch.device) ->
 
 
 def sharded_engine(model: Path, experts: RemoteExperts, config: EngineConfig) -> LLMEngine:
-    cfg = MixtralConfig.from_pretrained(model)
+    cfg = ModelConfig.from_pretrained(model)
     device, dtype = torch.device(config.device), getattr(torch, config.dtype)
     dense = MixtralDense.from_checkpoint(CheckpointReader(model), cfg, dtype, device)
     return LLMEngine(cfg, dense, experts, config, load_tokenizer(model))
@@ -167,7 +167,7 @@ def main() -> None:
         if not (model / "config.json").is_file():
             print(f"writing a random checkpoint {shape} to {model} ...", flush=True)
             make_tiny(model, max_position_embeddings=4096, **shape)
-    cfg = MixtralConfig.from_pretrained(model)
+    cfg = ModelConfig.from_pretrained(model)
     dtype = getattr(torch, args.dtype)
     elem = torch.tensor([], dtype=dtype).element_size()
     bw = copy_bandwidth(device, 2**30 if device.type == "cuda" else 2**28)

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from moe.config import MixtralConfig
+from moe.config import ModelConfig
 from moe.experts import partition_experts
 
-MIXTRAL_8X7B = MixtralConfig(
+MIXTRAL_8X7B = ModelConfig(
     vocab_size=32000,
     hidden_size=4096,
     intermediate_size=14336,
@@ -24,7 +24,7 @@ MIXTRAL_8X7B = MixtralConfig(
     num_local_experts=8,
     num_experts_per_tok=2,
 )
-MIXTRAL_8X22B = MixtralConfig(
+MIXTRAL_8X22B = ModelConfig(
     vocab_size=32768,
     hidden_size=6144,
     intermediate_size=16384,
@@ -53,7 +53,7 @@ class Plan:
         return [p * dtype_bytes for p in self.shard_params]
 
 
-def capacity_plan(cfg: MixtralConfig, num_shards: int, dtype_bytes: int = 2) -> Plan:
+def capacity_plan(cfg: ModelConfig, num_shards: int, dtype_bytes: int = 2) -> Plan:
     h, i, L, d = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.attn_head_dim
     per_expert = 3 * h * i * L  # w1, w3, w2 of one expert id across all layers
     groups = partition_experts(cfg.num_local_experts, num_shards)
@@ -70,7 +70,7 @@ def capacity_plan(cfg: MixtralConfig, num_shards: int, dtype_bytes: int = 2) -> 
 
 
 def decode_step_seconds(
-    cfg: MixtralConfig,
+    cfg: ModelConfig,
     num_shards: int,
     batch: int,
     link: str,
@@ -101,7 +101,7 @@ def decode_step_seconds(
     }
 
 
-def gpus_needed(cfg: MixtralConfig, gpu_bytes: float, dtype_bytes: int = 2, headroom: float = 0.8) -> int:
+def gpus_needed(cfg: ModelConfig, gpu_bytes: float, dtype_bytes: int = 2, headroom: float = 0.8) -> int:
     """Fewest expert shards whose largest shard fits `headroom` of a GPU, plus the router's GPU."""
     for n in range(1, cfg.num_local_experts + 1):
         if max(capacity_plan(cfg, n, dtype_bytes).shard_bytes(dtype_bytes)) <= headroom * gpu_bytes:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cluster.config import RaymixSettings
-from moe.config import MixtralConfig
+from moe.config import ModelConfig
 from moe.experts import partition_experts
 
 
@@ -107,7 +107,7 @@ def threads_per_process(nodes: list[str | None], router_node: str | None, defaul
     return [max(1, int(cpus.get(n, default) // here[n])) for n in nodes]  # type: ignore[arg-type,index]
 
 
-def deployment_plan(settings: RaymixSettings, cfg: MixtralConfig, gpus: float) -> DeploymentPlan:
+def deployment_plan(settings: RaymixSettings, cfg: ModelConfig, gpus: float) -> DeploymentPlan:
     if settings.expert_shards > cfg.num_local_experts:
         raise ValueError(
             f"expert_shards={settings.expert_shards} but the model has only {cfg.num_local_experts} experts per layer"

@@ -19,7 +19,7 @@ from cluster.placement import cluster_gpus, deployment_plan, pin, reserve_nodes,
 from deployments.ingress import Ingress
 from deployments.router import Router
 from deployments.shard import ExpertShard
-from moe.config import MixtralConfig
+from moe.config import ModelConfig
 
 
 def shard_deployment(s: RaymixSettings, name: str, options: dict[str, Any]) -> Any:
@@ -36,7 +36,7 @@ def shard_deployment(s: RaymixSettings, name: str, options: dict[str, Any]) -> A
 
 def build_app(args: dict[str, Any] | RaymixSettings | None = None) -> Application:
     s = args if isinstance(args, RaymixSettings) else RaymixSettings(**(args or {}))
-    cfg = MixtralConfig.from_pretrained(s.model_dir())
+    cfg = ModelConfig.from_pretrained(s.model_dir())
     p = deployment_plan(s, cfg, cluster_gpus())
     shard_nodes: list[str | None] = [None] * len(p.expert_groups)
     router_node = None

@@ -40,7 +40,7 @@ from deployments.ray_metrics import RayEngineGauges, RayGpuMemory
 from deployments.shard_pool import ShardPool
 from moe.async_engine import AsyncEngine, Sink
 from moe.checkpoint import CheckpointReader
-from moe.config import MixtralConfig
+from moe.config import ModelConfig
 from moe.data_plane import RemoteExperts, comm_device
 from moe.engine import LLMEngine, gpu_memory, pick_device, pick_dtype
 from moe.model import MixtralDense
@@ -62,7 +62,7 @@ class Router:
         self.settings = s = settings
         self.num_threads = num_threads
         self.model_dir = s.model_dir()
-        self.cfg = MixtralConfig.from_pretrained(self.model_dir)
+        self.cfg = ModelConfig.from_pretrained(self.model_dir)
         self.device = pick_device("auto")
         self.transport = (
             s.data_plane if s.data_plane != "auto" else ("nccl" if self.device.type == "cuda" else "gloo")

@@ -19,7 +19,7 @@ import torch
 from cluster.config import RaymixSettings
 from deployments.ray_metrics import RayGpuMemory
 from moe.checkpoint import CheckpointReader
-from moe.config import MixtralConfig
+from moe.config import ModelConfig
 from moe.data_plane import Rendezvous, ShardServer
 from moe.engine import gpu_memory, pick_device, pick_dtype
 from moe.experts import LocalExperts
@@ -35,7 +35,7 @@ class ExpertShard:
         self.shard_id = shard_id
         self.expert_ids = expert_ids
         model_dir = s.model_dir()
-        cfg = MixtralConfig.from_pretrained(model_dir)
+        cfg = ModelConfig.from_pretrained(model_dir)
         self.device = pick_device("auto")
         dtype = pick_dtype(s.dtype, cfg, self.device)
         start = time.perf_counter()

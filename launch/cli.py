@@ -114,14 +114,14 @@ def cmd_generate(ns: argparse.Namespace) -> int:
 
 def cmd_plan(ns: argparse.Namespace) -> int:
     from cluster.capacity import MIXTRAL_8X7B, MIXTRAL_8X22B, capacity_plan, decode_step_seconds, gpus_needed
-    from moe.config import MixtralConfig
+    from moe.config import ModelConfig
     from moe.tiny import default_model_dir
 
     models = {"mixtral-8x7b": MIXTRAL_8X7B, "mixtral-8x22b": MIXTRAL_8X22B}
     cfg = (
         models[ns.model]
         if ns.model in models
-        else MixtralConfig.from_pretrained(ns.model or default_model_dir())
+        else ModelConfig.from_pretrained(ns.model or default_model_dir())
     )
     n = ns.expert_shards
     p = capacity_plan(cfg, n, ns.dtype_bytes)

@@ -18,7 +18,7 @@ from cluster.config import RaymixSettings
 from cluster.messages import APP_NAME, EXPERT_SHARD, ROUTER, extra_shard_app
 from cluster.placement import cluster_gpus, deployment_plan
 from deployments.app import shard_deployment
-from moe.config import MixtralConfig
+from moe.config import ModelConfig
 
 
 def scale(settings: RaymixSettings, num_shards: int) -> dict[str, Any]:
@@ -26,7 +26,7 @@ def scale(settings: RaymixSettings, num_shards: int) -> dict[str, Any]:
     router = serve.get_deployment_handle(ROUTER, app_name=APP_NAME)
     stats = router.stats.remote().result()
     base, current = stats["base_shards"], stats["expert_shards"]
-    cfg = MixtralConfig.from_pretrained(settings.model_dir())
+    cfg = ModelConfig.from_pretrained(settings.model_dir())
     p = deployment_plan(
         settings.model_copy(update={"expert_shards": max(num_shards, 1)}), cfg, cluster_gpus()
     )

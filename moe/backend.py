@@ -14,8 +14,9 @@ from typing import Any, Protocol
 import torch
 
 from moe.checkpoint import CheckpointReader
-from moe.config import MixtralConfig
+from moe.config import ModelConfig
 from moe.experts import LocalExperts, Placement, combine, dispatch, partition_experts
+from moe.quantization import QuantizationConfig
 
 
 class ExpertBackend(Protocol):
@@ -42,13 +43,14 @@ class InProcessExperts:
     def from_checkpoint(
         cls,
         reader: CheckpointReader,
-        cfg: MixtralConfig,
+        cfg: ModelConfig,
         dtype: torch.dtype,
         device: str | torch.device = "cpu",
         num_shards: int = 1,
+        quant: QuantizationConfig | None = None,
     ) -> InProcessExperts:
         groups = partition_experts(cfg.num_local_experts, num_shards)
-        shards = [LocalExperts.from_checkpoint(reader, cfg, g, dtype, device) for g in groups]
+        shards = [LocalExperts.from_checkpoint(reader, cfg, g, dtype, device, quant) for g in groups]
         return cls(shards, cfg.num_local_experts)
 
     def submit(

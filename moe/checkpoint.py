@@ -1,10 +1,17 @@
-"""Reading a Hugging Face Mixtral checkpoint: one `model.safetensors` or a sharded set with
-`model.safetensors.index.json`.
+"""Reading a Hugging Face Mixtral (or dense Mistral) checkpoint: one `model.safetensors` or a
+sharded set with `model.safetensors.index.json`.
 
 Only the tensors asked for are read (safetensors maps the file and copies just those), so a
 router loads the dense part alone and an expert shard loads only its experts of every layer.
 Every tensor read is recorded in `CheckpointReader.tensors_read`, which is how the tests check
 that a shard never touches another shard's experts. Only safetensors is accepted: no pickle.
+
+`CheckpointReader.check` reads the files' headers only (names, dtypes, shapes) and refuses, in
+one line, any tensor raymix cannot use as it is stored, before a weight is read. Linear layers
+load as plain tensors or, stored FP8 (or quantized at load), as moe.fp8 tensors with their scales.
+Experts are named as the Hub's Mixtral files name them (`experts.{e}.w1/w3/w2`) or as
+llm-compressor writes them under transformers 5 (`experts.{e}.gate_proj/up_proj/down_proj`); a
+dense Mistral's MLP (`mlp.gate_proj/up_proj/down_proj`) is its one expert.
 """
 
 from __future__ import annotations
@@ -21,8 +28,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from moe.config import MixtralConfig
+from moe.config import ModelConfig
 from moe.errors import CheckpointError
+from moe.fp8 import Fp8Tensor, Weight
+from moe.quantization import QuantizationConfig
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +39,11 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+PLAIN = ("F32", "BF16", "F16")  # safetensors dtypes read as they are (cast to the compute dtype)
+FP8_STORED = "F8_E4M3"  # a linear weight with its scale (moe.fp8)
+WEIGHT_SCALES = ("weight_scale", "weight_scale_inv")  # compressed-tensors and AutoFP8; block FP8's
+INPUT_SCALES = ("input_scale", "act_scale")  # AutoFP8 wrote act_scale before June 2024
+PROJ = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}  # transformers' names of w1/w3/w2
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -41,8 +55,8 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     return DTYPES[key]
 
 
-def dense_tensor_shapes(cfg: MixtralConfig) -> dict[str, tuple[int, ...]]:
-    """Name → shape of every tensor of the dense part (all but the experts)."""
+def dense_tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Name → shape of every tensor of the dense part (all but the experts, or a dense model's MLP)."""
     h, d = cfg.hidden_size, cfg.attn_head_dim
     q, kv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, h)}
@@ -55,29 +69,57 @@ def dense_tensor_shapes(cfg: MixtralConfig) -> dict[str, tuple[int, ...]]:
             p + "self_attn.k_proj.weight": (kv, h),
             p + "self_attn.v_proj.weight": (kv, h),
             p + "self_attn.o_proj.weight": (h, q),
-            p + "block_sparse_moe.gate.weight": (cfg.num_local_experts, h),
         }
+        if cfg.is_moe:
+            shapes[p + "block_sparse_moe.gate.weight"] = (cfg.num_local_experts, h)
     shapes["model.norm.weight"] = (h,)
     if not cfg.tie_word_embeddings:
         shapes["lm_head.weight"] = (cfg.vocab_size, h)
     return shapes
 
 
-def expert_tensor_name(layer: int, expert: int, w: str) -> str:
-    """w is w1 (gate proj), w3 (up proj) or w2 (down proj), as in the Hub layout."""
-    return f"model.layers.{layer}.block_sparse_moe.experts.{expert}.{w}.weight"
+def expert_prefix(layer: int, expert: int, w: str, style: str = "hub") -> str:
+    """The module name of an expert's projection w: w1 (gate), w3 (up) or w2 (down). style "hub":
+    `...block_sparse_moe.experts.{e}.w1`; "proj": `...experts.{e}.gate_proj`; "mlp": a dense
+    model's `model.layers.{l}.mlp.gate_proj` (its one expert, 0)."""
+    if style == "mlp":
+        return f"model.layers.{layer}.mlp.{PROJ[w]}"
+    return f"model.layers.{layer}.block_sparse_moe.experts.{expert}.{PROJ[w] if style == 'proj' else w}"
 
 
-def expert_tensor_shapes(cfg: MixtralConfig, expert_ids: Iterable[int]) -> dict[str, tuple[int, ...]]:
-    """Name → shape of the given experts' weights in every layer."""
+def expert_tensor_name(layer: int, expert: int, w: str, style: str = "hub") -> str:
+    return expert_prefix(layer, expert, w, style) + ".weight"
+
+
+def expert_shapes(
+    cfg: ModelConfig, expert_ids: Iterable[int], style: str | None = None
+) -> dict[str, tuple[int, int]]:
+    """Module name → weight shape [N, K] of the given experts' projections in every layer
+    (style: as `expert_prefix`; default "hub", "mlp" for a dense model)."""
+    style = style or ("hub" if cfg.is_moe else "mlp")
     h, i = cfg.hidden_size, cfg.intermediate_size
-    shapes: dict[str, tuple[int, ...]] = {}
+    shapes: dict[str, tuple[int, int]] = {}
     for layer in range(cfg.num_hidden_layers):
         for e in expert_ids:
-            shapes[expert_tensor_name(layer, e, "w1")] = (i, h)
-            shapes[expert_tensor_name(layer, e, "w3")] = (i, h)
-            shapes[expert_tensor_name(layer, e, "w2")] = (h, i)
+            shapes[expert_prefix(layer, e, "w1", style)] = (i, h)
+            shapes[expert_prefix(layer, e, "w3", style)] = (i, h)
+            shapes[expert_prefix(layer, e, "w2", style)] = (h, i)
     return shapes
+
+
+def expert_tensor_shapes(
+    cfg: ModelConfig, expert_ids: Iterable[int], style: str | None = None
+) -> dict[str, tuple[int, ...]]:
+    """Tensor name → shape of the given experts' weights in every layer."""
+    return {p + ".weight": shape for p, shape in expert_shapes(cfg, expert_ids, style).items()}
+
+
+def linear_modules(cfg: ModelConfig) -> set[str]:
+    """The dense part's linear layers (attention projections, gates, LM head): their weights may
+    be stored FP8. An expert's projections are linear layers too (`expert_shapes`)."""
+    names = {n.removesuffix(".weight") for n in dense_tensor_shapes(cfg) if n.endswith("_proj.weight")}
+    names |= {n.removesuffix(".weight") for n in dense_tensor_shapes(cfg) if n.endswith("gate.weight")}
+    return names | ({"lm_head"} if not cfg.tie_word_embeddings else set())
 
 
 REVISION_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
@@ -112,6 +154,7 @@ class CheckpointReader:
             raise CheckpointError(f"{self.model_dir}: model directory does not exist")
         self.tensors_read: list[str] = []
         self.weight_map = self._weight_map()
+        self._headers: dict[str, tuple[str, tuple[int, ...]]] | None = None
 
     def _weight_map(self) -> dict[str, Path]:
         index = self.model_dir / INDEX_FILE
@@ -142,6 +185,107 @@ class CheckpointReader:
             for name in self._open(f).keys():  # noqa: SIM118 (safe_open is not iterable)
                 wm[name] = f
         return wm
+
+    def header(self, name: str) -> tuple[str, tuple[int, ...]]:
+        """A tensor's safetensors dtype ("BF16", "F8_E4M3", ...) and shape, from its file's header:
+        no data is read."""
+        if name not in self.weight_map:
+            raise CheckpointError(f"{self.model_dir}: tensor {name!r} is missing from the checkpoint")
+        if self._headers is None:
+            self._headers = {}
+            for path in sorted(set(self.weight_map.values())):
+                with self._open(path) as f:
+                    for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+                        sl = f.get_slice(key)
+                        self._headers[key] = (sl.get_dtype(), tuple(sl.get_shape()))
+        if name not in self._headers:
+            raise CheckpointError(f"{self.weight_map[name]}: tensor {name!r} is missing from the file")
+        return self._headers[name]
+
+    def expert_style(self, cfg: ModelConfig) -> str:
+        """How this checkpoint names the experts (see `expert_prefix`)."""
+        if not cfg.is_moe:
+            return "mlp"
+        return "proj" if expert_tensor_name(0, 0, "w1", "proj") in self.weight_map else "hub"
+
+    def scale_names(self, module: str) -> tuple[str | None, str | None]:
+        """The weight scale's and the static input scale's tensor names of an FP8 linear (None: absent)."""
+        weight = next((f"{module}.{s}" for s in WEIGHT_SCALES if f"{module}.{s}" in self.weight_map), None)
+        inputs = next((f"{module}.{s}" for s in INPUT_SCALES if f"{module}.{s}" in self.weight_map), None)
+        return weight, inputs
+
+    def check(self, cfg: ModelConfig, quant: QuantizationConfig | None) -> None:
+        """Every tensor the model reads is present, of its shape, and stored in a dtype raymix
+        uses as it is: bf16/fp16/fp32, or, for a linear layer's weight in a checkpoint whose
+        config says FP8, FP8 E4M3 with its scale (and its input scale when activations are
+        static). Headers only; a CheckpointError names the first tensor that is not."""
+        style = self.expert_style(cfg)
+        linears = {m + ".weight" for m in linear_modules(cfg)}
+        expected = dense_tensor_shapes(cfg) | expert_tensor_shapes(cfg, range(cfg.num_local_experts), style)
+        for name, shape in expected.items():
+            dtype, stored = self.header(name)
+            where = self.weight_map[name]
+            if stored != tuple(shape):
+                raise CheckpointError(f"{where}: tensor {name!r} has shape {stored}, expected {tuple(shape)}")
+            if dtype in PLAIN:
+                continue
+            module = name.removesuffix(".weight")
+            linear = name in linears or ".experts." in name or ".mlp." in name
+            if dtype != FP8_STORED or not linear:
+                raise CheckpointError(
+                    f"{where}: tensor {name!r} is stored as {dtype}; raymix reads "
+                    "F32, BF16 or F16 tensors, and F8_E4M3 linear weights with their scales"
+                )
+            if quant is None or quant.method == "online":
+                raise CheckpointError(
+                    f"{where}: tensor {name!r} is FP8 but config.json has no quantization_config "
+                    "saying how to read it"
+                )
+            weight_scale, input_scale = self.scale_names(module)
+            if weight_scale is None:
+                raise CheckpointError(
+                    f"{where}: FP8 tensor {name!r} has no scale ({module}.weight_scale is missing)"
+                )
+            if quant.activation == "static" and input_scale is None:
+                raise CheckpointError(
+                    f"{where}: FP8 tensor {name!r} has no static activation scale "
+                    f"({module}.input_scale is missing; the config says activations are static)"
+                )
+
+    def load_linears(
+        self,
+        shapes: dict[str, tuple[int, int]],
+        dtype: torch.dtype,
+        device: str | torch.device = "cpu",
+        quant: QuantizationConfig | None = None,
+        quantize: bool = False,
+    ) -> dict[str, Weight]:
+        """Module name → its weight [N, K]: a plain tensor in `dtype`, or an Fp8Tensor where it is
+        stored FP8 (with its scales) or, with `quantize` and `--quantization fp8` (quant.method
+        "online"), quantized here per output channel, from the stored precision."""
+        static = quant is not None and quant.activation == "static"
+        fp8: dict[str, tuple[str, str | None]] = {}  # module → (weight scale, static input scale)
+        names: dict[str, tuple[int, ...]] = {m + ".weight": shapes[m] for m in shapes}
+        for m in shapes:
+            if self.header(m + ".weight")[0] == FP8_STORED:
+                weight_scale, input_scale = self.scale_names(m)
+                assert weight_scale is not None  # check() refused it otherwise
+                fp8[m] = (weight_scale, input_scale if static else None)
+                names |= {n: self.header(n)[1] for n in fp8[m] if n is not None}
+        raw = self.load(names, dtype=None, device=device)
+        out: dict[str, Weight] = {}
+        for m in shapes:
+            w = raw.pop(m + ".weight")
+            if m in fp8:
+                weight_scale, input_scale = fp8[m]
+                block = quant.weight_block if quant is not None else None
+                s_in = raw.pop(input_scale) if input_scale else None
+                out[m] = Fp8Tensor.from_checkpoint(m, w, raw.pop(weight_scale), s_in, block)
+            elif quantize and quant is not None and quant.method == "online":
+                out[m] = Fp8Tensor.quantize(w)
+            else:
+                out[m] = w.to(dtype)
+        return out
 
     def _open(self, path: Path):
         try:
@@ -179,9 +323,9 @@ class CheckpointReader:
                         raise CheckpointError(
                             f"{path}: tensor {name!r} has shape {tuple(t.shape)}, expected {tuple(shapes[name])}"
                         )
-                    if not t.is_floating_point():
+                    if not t.is_floating_point() or (dtype is not None and t.dtype == torch.float8_e4m3fn):
                         raise CheckpointError(
-                            f"{path}: tensor {name!r} has dtype {t.dtype}, expected a float type"
+                            f"{path}: tensor {name!r} has dtype {t.dtype}, expected bf16, fp16 or fp32"
                         )
                     out[name] = t.to(device=device, dtype=dtype or t.dtype)
                     self.tensors_read.append(name)
@@ -194,3 +338,16 @@ class CheckpointReader:
                 time.perf_counter() - start,
             )
         return out
+
+
+def open_checkpoint(
+    model_dir: str | Path, quantization: str | None = None
+) -> tuple[ModelConfig, QuantizationConfig | None, CheckpointReader]:
+    """A checkpoint's config, its quantization (or `quantization`, "fp8": quantized at load) and a
+    reader, every tensor's header checked: what raymix cannot serve is refused here, in one line,
+    before any weight is read."""
+    cfg = ModelConfig.from_pretrained(model_dir)
+    quant = QuantizationConfig.from_pretrained(model_dir, quantization)
+    reader = CheckpointReader(model_dir)
+    reader.check(cfg, quant)
+    return cfg, quant, reader

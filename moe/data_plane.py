@@ -430,7 +430,7 @@ class ShardServer:
         if self.num_threads:  # OpenMP's thread count is per calling thread: set it in this one
             torch.set_num_threads(self.num_threads)
         hidden, k = self.experts.cfg.hidden_size, self.experts.cfg.num_experts_per_tok
-        dtype = self.experts.gate_up[0].dtype
+        dtype = self.experts.dtype
         size = HEADER_BYTES + body_bytes(self.rendezvous.inline, hidden, k, dtype)
         pin = self.device.type == "cuda" and self.comm.type == "cpu"
         # two standing receive buffers: one is read while the next batch arrives in the other.

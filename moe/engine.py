@@ -19,8 +19,8 @@ from typing import Any
 import torch
 
 from moe.backend import ExpertBackend, InProcessExperts
-from moe.checkpoint import CheckpointReader, parse_dtype
-from moe.config import MixtralConfig
+from moe.checkpoint import open_checkpoint, parse_dtype
+from moe.config import ModelConfig
 from moe.cuda_graph import DecodeGraphs, batch_buckets
 from moe.errors import OverloadedError, RequestError
 from moe.flex_decode import AVAILABLE as FLEX_AVAILABLE
@@ -47,6 +47,7 @@ class EngineConfig:
     kv_cache_memory_bytes: int = 512 * 2**20
     num_kv_blocks: int | None = None  # overrides kv_cache_memory_bytes
     dtype: str = "auto"  # auto: float32 on CPU, the checkpoint's dtype on GPU
+    quantization: str | None = None  # "fp8": quantize an unquantized checkpoint's linears at load
     device: str = "auto"  # auto: cuda if available, else cpu
     tokenizer_mode: str = "auto"
     overlap: bool = False  # two micro-batches per step, so attention overlaps remote experts
@@ -77,7 +78,7 @@ def gpu_memory(device: torch.device) -> dict[str, int] | None:
     return {"used": int(torch.cuda.memory_reserved(device)), "total": int(total)}
 
 
-def pick_dtype(dtype: str, cfg: MixtralConfig, device: torch.device) -> torch.dtype:
+def pick_dtype(dtype: str, cfg: ModelConfig, device: torch.device) -> torch.dtype:
     if dtype != "auto":
         return parse_dtype(dtype)
     return parse_dtype(cfg.torch_dtype) if device.type == "cuda" else torch.float32
@@ -86,7 +87,7 @@ def pick_dtype(dtype: str, cfg: MixtralConfig, device: torch.device) -> torch.dt
 class LLMEngine:
     def __init__(
         self,
-        cfg: MixtralConfig,
+        cfg: ModelConfig,
         model: MixtralDense,
         experts: ExpertBackend,
         config: EngineConfig | None = None,
@@ -175,12 +176,11 @@ class LLMEngine:
     ) -> LLMEngine:
         """All of a checkpoint in this process: the dense part plus every expert."""
         config = config or EngineConfig()
-        cfg = MixtralConfig.from_pretrained(model_dir)
+        cfg, quant, reader = open_checkpoint(model_dir, config.quantization)
         device = pick_device(config.device)
         dtype = pick_dtype(config.dtype, cfg, device)
-        reader = CheckpointReader(model_dir)
-        model = MixtralDense.from_checkpoint(reader, cfg, dtype, device)
-        experts = InProcessExperts.from_checkpoint(reader, cfg, dtype, device, num_shards)
+        model = MixtralDense.from_checkpoint(reader, cfg, dtype, device, quant)
+        experts = InProcessExperts.from_checkpoint(reader, cfg, dtype, device, num_shards, quant)
         return cls(cfg, model, experts, config, load_tokenizer(model_dir, config.tokenizer_mode), model_dir)
 
     # ---- requests in and out ----

@@ -16,8 +16,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from moe.checkpoint import CheckpointReader, expert_tensor_name, expert_tensor_shapes
-from moe.config import MixtralConfig
+from moe import fp8
+from moe.checkpoint import CheckpointReader, expert_prefix, expert_shapes
+from moe.config import ModelConfig
+from moe.fp8 import Weight
+from moe.quantization import QuantizationConfig
 
 
 def select_experts(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,16 +154,27 @@ def combine(
 class LocalExperts:
     """The experts with the given global ids, for every layer, held in this process.
 
-    Per layer: gate_up [n, 2I, H] (w1 stacked over w3, one GEMM for both) and down [n, H, I].
+    Per layer: gate_up [n, 2I, H] (w1 stacked over w3, one GEMM for both) and down [n, H, I],
+    plain tensors or FP8 with their scales (moe.fp8). A dense model's MLP is its one expert.
     """
 
     def __init__(
-        self, cfg: MixtralConfig, expert_ids: list[int], gate_up: list[torch.Tensor], down: list[torch.Tensor]
+        self,
+        cfg: ModelConfig,
+        expert_ids: list[int],
+        gate_up: list[Weight],
+        down: list[Weight],
+        w8a8: bool = False,
+        dtype: torch.dtype | None = None,
     ):
+        """dtype: what they compute in (needed with FP8 weights; default: the weights' dtype)."""
         self.cfg = cfg
         self.expert_ids = list(expert_ids)
         self.gate_up = gate_up
         self.down = down
+        self.w8a8 = w8a8  # FP8 weights computed as FP8 GEMMs (moe.fp8.w8a8_supported)
+        w0 = gate_up[0]
+        self.dtype = dtype or (w0.dtype if isinstance(w0, torch.Tensor) else torch.float32)
         expert_map = torch.full((cfg.num_local_experts,), -1, dtype=torch.long)
         expert_map[self.expert_ids] = torch.arange(len(self.expert_ids))
         self.expert_map = expert_map.to(gate_up[0].device)
@@ -169,67 +183,75 @@ class LocalExperts:
     def from_checkpoint(
         cls,
         reader: CheckpointReader,
-        cfg: MixtralConfig,
+        cfg: ModelConfig,
         expert_ids: list[int],
         dtype: torch.dtype,
         device: str | torch.device = "cpu",
+        quant: QuantizationConfig | None = None,
     ) -> LocalExperts:
+        """Read these experts of every layer (FP8 where stored so, or quantized at load when
+        quant.method is "online"), and nothing else."""
         if not expert_ids:  # a shard waiting for experts (elastic resizing)
             return cls.empty(cfg, dtype, device)
-        t = reader.load(expert_tensor_shapes(cfg, expert_ids), dtype=dtype, device=device)
-        gate_up, down = [], []
+        style = reader.expert_style(cfg)
+        t = reader.load_linears(expert_shapes(cfg, expert_ids, style), dtype, device, quant, quantize=True)
+        gate_up: list[Weight] = []
+        down: list[Weight] = []
         for layer in range(cfg.num_hidden_layers):
+            names = {w: [expert_prefix(layer, e, w, style) for e in expert_ids] for w in ("w1", "w3", "w2")}
             gate_up.append(
-                torch.stack(
-                    [
-                        torch.cat(
-                            [t[expert_tensor_name(layer, e, "w1")], t[expert_tensor_name(layer, e, "w3")]]
-                        )
-                        for e in expert_ids
-                    ]
+                fp8.stack(
+                    [fp8.cat_rows([t[w1], t[w3]]) for w1, w3 in zip(names["w1"], names["w3"], strict=True)]
                 )
             )
-            down.append(torch.stack([t[expert_tensor_name(layer, e, "w2")] for e in expert_ids]))
-            for e in expert_ids:  # free the per-expert copies as we go
-                for w in ("w1", "w2", "w3"):
-                    del t[expert_tensor_name(layer, e, w)]
-        return cls(cfg, expert_ids, gate_up, down)
+            down.append(fp8.stack([t[w2] for w2 in names["w2"]]))
+            for name in names["w1"] + names["w3"] + names["w2"]:  # free the per-expert copies as we go
+                del t[name]
+        w8a8 = fp8.w8a8_supported(torch.device(device), dtype, grouped=True)
+        return cls(cfg, expert_ids, gate_up, down, w8a8, dtype)
 
     @classmethod
-    def empty(
-        cls, cfg: MixtralConfig, dtype: torch.dtype, device: str | torch.device = "cpu"
-    ) -> LocalExperts:
+    def empty(cls, cfg: ModelConfig, dtype: torch.dtype, device: str | torch.device = "cpu") -> LocalExperts:
         h, i, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
-        gate_up = [torch.empty(0, 2 * i, h, dtype=dtype, device=device) for _ in range(layers)]
-        down = [torch.empty(0, h, i, dtype=dtype, device=device) for _ in range(layers)]
+        gate_up: list[Weight] = [torch.empty(0, 2 * i, h, dtype=dtype, device=device) for _ in range(layers)]
+        down: list[Weight] = [torch.empty(0, h, i, dtype=dtype, device=device) for _ in range(layers)]
         return cls(cfg, [], gate_up, down)
 
-    def regroup(self, reader: CheckpointReader, expert_ids: list[int]) -> LocalExperts:
+    def regroup(
+        self, reader: CheckpointReader, expert_ids: list[int], quant: QuantizationConfig | None = None
+    ) -> LocalExperts:
         """The same kind of holder for another set of experts: those already held are reused,
         the others read from the checkpoint (hot-expert replication adds and drops replicas)."""
-        dtype = self.gate_up[0].dtype
+        dtype = self.dtype
         if not expert_ids:
             return LocalExperts.empty(self.cfg, dtype, self.device)
         missing = [e for e in expert_ids if e not in self.expert_ids]
         fresh = (
-            LocalExperts.from_checkpoint(reader, self.cfg, missing, dtype, self.device) if missing else None
+            LocalExperts.from_checkpoint(reader, self.cfg, missing, dtype, self.device, quant)
+            if missing
+            else None
         )
 
-        def pick(layer: int, e: int, which: str) -> torch.Tensor:
+        def pick(layer: int, e: int, which: str) -> Weight:
             if e in self.expert_ids:
                 src, j = self, self.expert_ids.index(e)
             else:
                 assert fresh is not None
                 src, j = fresh, fresh.expert_ids.index(e)
-            return (src.gate_up if which == "gate_up" else src.down)[layer][j]
+            return fp8.select((src.gate_up if which == "gate_up" else src.down)[layer], j)
 
         layers = range(self.cfg.num_hidden_layers)
-        gate_up = [torch.stack([pick(layer, e, "gate_up") for e in expert_ids]) for layer in layers]
-        down = [torch.stack([pick(layer, e, "down") for e in expert_ids]) for layer in layers]
-        return LocalExperts(self.cfg, expert_ids, gate_up, down)
+        gate_up = [fp8.stack([pick(layer, e, "gate_up") for e in expert_ids]) for layer in layers]
+        down = [fp8.stack([pick(layer, e, "down") for e in expert_ids]) for layer in layers]
+        w8a8 = fp8.w8a8_supported(self.device, dtype, grouped=True)
+        return LocalExperts(self.cfg, expert_ids, gate_up, down, w8a8, dtype)
 
     def num_parameters(self) -> int:
-        return sum(w.numel() for w in self.gate_up) + sum(w.numel() for w in self.down)
+        return sum(w.shape.numel() for w in self.gate_up) + sum(w.shape.numel() for w in self.down)
+
+    def nbytes(self) -> int:
+        """Bytes of the weights held (FP8 with their scales: about half of bf16's)."""
+        return sum(fp8.nbytes(w) for w in self.gate_up) + sum(fp8.nbytes(w) for w in self.down)
 
     @property
     def device(self) -> torch.device:
@@ -244,12 +266,19 @@ class LocalExperts:
         The (token, expert) assignments are sorted by expert and each projection is one grouped
         GEMM over them, with the group offsets counted and summed on the device: no host sync and
         a fixed number of launches whatever the routing (the per-expert loop it replaces is the
-        reference in tests/test_experts.py). The weighted sum accumulates in float32.
+        reference in tests/test_experts.py). The weighted sum accumulates in float32. A dense
+        model's MLP (one expert, every token's with weight 1) is two plain GEMMs.
         """
         n, k = expert_ids.shape
         e = len(self.expert_ids)
+        inter = self.cfg.intermediate_size
         if e == 0 or n == 0:
             return torch.zeros_like(x)
+        if not self.cfg.is_moe:
+            gu = fp8.linear(x, fp8.select(self.gate_up[layer], 0), self.w8a8)  # [n, 2I]
+            return fp8.linear(
+                F.silu(gu[:, :inter]) * gu[:, inter:], fp8.select(self.down[layer], 0), self.w8a8
+            )
         local = self.expert_map[expert_ids.clamp(min=0)]  # [n, K] local index, -1: not held
         local = torch.where((expert_ids < 0) | (local < 0), e, local).flatten()  # [nK]; e: not here
         order = torch.argsort(local, stable=True)  # [nK] assignments grouped by expert, others last
@@ -257,12 +286,12 @@ class LocalExperts:
         counts.index_add_(0, local, torch.ones_like(local, dtype=torch.int32))  # [e+1], no sync
         offs = counts[:e].cumsum(0, dtype=torch.int32)  # [e] end row of each expert's group
         rows = order // k  # [nK] token of each sorted assignment
-        inter = self.cfg.intermediate_size
-        gu = F.grouped_mm(x[rows], self.gate_up[layer].transpose(-2, -1), offs=offs)  # [nK, 2I]
+        group = local[order]  # [nK] local expert of each sorted assignment (e: not here)
+        gu = fp8.grouped_mm(x[rows], self.gate_up[layer], offs, group, self.w8a8)  # [nK, 2I]
         h = F.silu(gu[:, :inter]) * gu[:, inter:]  # [nK, I]
-        y = F.grouped_mm(h, self.down[layer].transpose(-2, -1), offs=offs)  # [nK, H]
+        y = fp8.grouped_mm(h, self.down[layer], offs, group, self.w8a8)  # [nK, H]
         # rows past offs[-1] (assignments not held here) are unwritten: they go to a spare row
-        dest = torch.where(local[order] < e, rows, n)  # [nK]
+        dest = torch.where(group < e, rows, n)  # [nK]
         out = torch.zeros(n + 1, x.shape[1], dtype=torch.float32, device=x.device)
         out.index_add_(0, dest, y.float() * weights.flatten()[order, None])
         return out[:n].to(x.dtype)  # [n, H]

@@ -17,13 +17,13 @@ from collections import OrderedDict
 
 import torch
 
-from moe.config import MixtralConfig
+from moe.config import ModelConfig
 
 
 class KVCache:
     def __init__(
         self,
-        cfg: MixtralConfig,
+        cfg: ModelConfig,
         num_blocks: int,
         block_size: int,
         dtype: torch.dtype,
@@ -37,7 +37,7 @@ class KVCache:
         self.block_size = block_size
 
     @staticmethod
-    def bytes_per_block(cfg: MixtralConfig, block_size: int, dtype: torch.dtype) -> int:
+    def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
         elem = torch.tensor([], dtype=dtype).element_size()
         return 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.attn_head_dim * elem
 

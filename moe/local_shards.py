@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from moe.checkpoint import CheckpointReader
-from moe.config import MixtralConfig
+from moe.config import ModelConfig
 from moe.data_plane import INLINE_TOKENS, RemoteExperts, Rendezvous, ShardLink, ShardServer, open_store
 from moe.experts import LocalExperts, Placement, partition_experts
 
@@ -33,7 +33,7 @@ def serve_shard(
 ) -> None:
     """One shard's process: load its experts, connect, answer layer batches until told to stop."""
     torch.set_num_threads(threads)
-    cfg = MixtralConfig.from_pretrained(model_dir)
+    cfg = ModelConfig.from_pretrained(model_dir)
     experts = LocalExperts.from_checkpoint(
         CheckpointReader(model_dir), cfg, expert_ids, getattr(torch, dtype), torch.device(device)
     )
@@ -59,7 +59,7 @@ class LocalShards:
         whole_batch: bool | None = None,  # RemoteExperts' dispatch (None: its default for the device)
         timeout: datetime.timedelta = datetime.timedelta(seconds=60),
     ):
-        cfg = MixtralConfig.from_pretrained(model_dir)
+        cfg = ModelConfig.from_pretrained(model_dir)
         groups = partition_experts(cfg.num_local_experts, num_shards)
         url = f"file://{os.path.join(tempfile.mkdtemp(prefix='raymix-shards-'), 'store')}"
         self.store = open_store(url, is_master=True, timeout=timeout)  # the shards read it until they connect

@@ -20,11 +20,18 @@ from torch import nn
 
 from moe.attention import AttentionMetadata, DecodeMetadata, RotaryEmbedding, apply_rotary
 from moe.backend import ExpertBackend
-from moe.checkpoint import CheckpointReader, dense_tensor_shapes
-from moe.config import MixtralConfig
+from moe.checkpoint import CheckpointReader, dense_tensor_shapes, linear_modules
+from moe.config import ModelConfig
 from moe.experts import select_experts
 from moe.flex_decode import FlexDecodeMetadata
+from moe.fp8 import Fp8Linear, Fp8Tensor, w8a8_supported
 from moe.kv_cache import KVCache
+from moe.quantization import QuantizationConfig
+
+
+def _state_name(checkpoint_name: str) -> str:
+    """A checkpoint's tensor or module name → MixtralDense's."""
+    return checkpoint_name.removeprefix("model.").replace("block_sparse_moe.gate", "gate")
 
 
 class RMSNorm(nn.Module):
@@ -43,7 +50,7 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: MixtralConfig):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
         d = cfg.attn_head_dim
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, d
@@ -72,23 +79,27 @@ class Attention(nn.Module):
 class DecoderLayer(nn.Module):
     """One layer's dense weights; its experts are elsewhere (the backend)."""
 
-    def __init__(self, cfg: MixtralConfig):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.gate = nn.Linear(cfg.hidden_size, cfg.num_local_experts, bias=False)
+        # a dense model has no gate: its MLP is the one expert, every token's with weight 1
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_local_experts, bias=False) if cfg.is_moe else None
         self.top_k = cfg.num_experts_per_tok
 
     def submit_moe(self, layer: int, x: torch.Tensor, experts: ExpertBackend) -> object:
         """x [T, H] (normalised) → the backend's handle for this layer's MoE output [T, H]:
         gate, top-k experts per token, then the experts wherever they live."""
+        if self.gate is None:
+            ids = torch.zeros(x.shape[0], 1, dtype=torch.long, device=x.device)  # [T, 1]
+            return experts.submit(layer, x, ids, torch.ones(x.shape[0], 1, device=x.device))
         weights, ids = select_experts(self.gate(x), self.top_k)  # [T, K], [T, K]
         return experts.submit(layer, x, ids, weights)
 
 
 class MixtralDense(nn.Module):
-    def __init__(self, cfg: MixtralConfig):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
@@ -101,17 +112,32 @@ class MixtralDense(nn.Module):
     def from_checkpoint(
         cls,
         reader: CheckpointReader,
-        cfg: MixtralConfig,
+        cfg: ModelConfig,
         dtype: torch.dtype,
         device: str | torch.device = "cpu",
+        quant: QuantizationConfig | None = None,
     ) -> MixtralDense:
+        """The dense part, its attention projections FP8 where the checkpoint stores them so (or
+        `--quantization fp8` asks: quant.method "online"); gates and LM head always in `dtype`."""
         with torch.device("meta"):
             model = cls(cfg)
-        tensors = reader.load(dense_tensor_shapes(cfg), dtype=dtype, device=device)
-        state = {
-            name.removeprefix("model.").replace("block_sparse_moe.gate", "gate"): t
-            for name, t in tensors.items()
-        }
+        shapes = dense_tensor_shapes(cfg)
+        linears = linear_modules(cfg)
+        matrices = {m: (shapes[m + ".weight"][0], shapes[m + ".weight"][1]) for m in linears}
+        projections = {m: shape for m, shape in matrices.items() if m.endswith("_proj")}
+        rest = {m: shape for m, shape in matrices.items() if m not in projections}
+        weights = reader.load_linears(projections, dtype, device, quant, quantize=True)
+        for m, w in reader.load_linears(rest, dtype, device, quant).items():
+            weights[m] = w.dequantize(dtype) if isinstance(w, Fp8Tensor) else w
+        plain = {n: shape for n, shape in shapes.items() if n.removesuffix(".weight") not in linears}
+        state = {_state_name(n): t for n, t in reader.load(plain, dtype=dtype, device=device).items()}
+        w8a8 = w8a8_supported(torch.device(device), dtype)
+        for m, w in weights.items():
+            if isinstance(w, Fp8Tensor):  # its module becomes an Fp8Linear holding it
+                parent, attr = _state_name(m).rsplit(".", 1)
+                setattr(model.get_submodule(parent), attr, Fp8Linear(w, w8a8))
+            else:
+                state[_state_name(m) + ".weight"] = w
         if cfg.tie_word_embeddings:
             state["lm_head.weight"] = state["embed_tokens.weight"]
         model.load_state_dict(state, assign=True, strict=True)
@@ -121,6 +147,11 @@ class MixtralDense(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.embed_tokens.weight.device
+
+    def nbytes(self) -> int:
+        """Bytes of the weights held (FP8 projections with their scales)."""
+        fp8 = [m.fp8 for m in self.modules() if isinstance(m, Fp8Linear)]
+        return sum(p.numel() * p.element_size() for p in self.parameters()) + sum(w.nbytes for w in fp8)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -19,7 +19,7 @@ import torch
 
 from moe.attention import AttentionMetadata, decode_slots
 from moe.backend import ExpertBackend
-from moe.config import MixtralConfig
+from moe.config import ModelConfig
 from moe.cuda_graph import DecodeGraphs, batch_buckets, smallest_fit
 from moe.flex_decode import FlexDecode, FlexDecodeMetadata
 from moe.kv_cache import BlockManager, KVCache
@@ -34,7 +34,7 @@ PROMPT_LOGITS_ROWS = 256  # prompt logprobs: logits of this many positions at on
 class ModelRunner:
     def __init__(
         self,
-        cfg: MixtralConfig,
+        cfg: ModelConfig,
         model: MixtralDense,
         experts: ExpertBackend,
         kv_cache: KVCache,

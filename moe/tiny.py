@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import save_file
 
 from moe.checkpoint import INDEX_FILE, SINGLE_FILE, dense_tensor_shapes, expert_tensor_shapes
-from moe.config import MixtralConfig
+from moe.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ CHAT_TEMPLATE = (
     "{%- endfor -%}"
 )
 
-TINY = MixtralConfig(
+TINY = ModelConfig(
     vocab_size=32768,
     hidden_size=256,
     intermediate_size=512,
@@ -84,7 +84,7 @@ def tokenizer_source(version: str) -> Path:
     return path
 
 
-def random_weights(cfg: MixtralConfig, seed: int) -> dict[str, torch.Tensor]:
+def random_weights(cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
     """Deterministic weights: the same (config, seed) always gives the same tensors."""
     g = torch.Generator().manual_seed(seed)
     shapes = dense_tensor_shapes(cfg) | expert_tensor_shapes(cfg, range(cfg.num_local_experts))
@@ -199,7 +199,7 @@ def make_tiny(
     num_files: int = 1,
     **overrides,
 ) -> Path:
-    """Write a tiny Mixtral checkpoint to `out_dir`; `overrides` change MixtralConfig fields."""
+    """Write a tiny Mixtral checkpoint to `out_dir`; `overrides` change ModelConfig fields."""
     if tokenizer not in TOKENIZER_FILES:
         raise ValueError(f"tokenizer must be one of {sorted(TOKENIZER_FILES)}, got {tokenizer!r}")
     cfg = replace(TINY, vocab_size=VOCAB_SIZES[tokenizer], **overrides)

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from moe.checkpoint import CheckpointReader, dense_tensor_shapes, expert_tensor_shapes
-from moe.config import MixtralConfig
+from moe.config import ModelConfig
 from moe.engine import EngineConfig, LLMEngine
 from moe.errors import CheckpointError
 from moe.experts import LocalExperts
@@ -22,14 +22,14 @@ def test_sharded_checkpoint_with_index_loads(other_dir):
     assert (other_dir / "model.safetensors.index.json").is_file()
     assert len(list(other_dir.glob("model-*-of-00003.safetensors"))) == 3
     reader = CheckpointReader(other_dir)
-    cfg = MixtralConfig.from_pretrained(other_dir)
+    cfg = ModelConfig.from_pretrained(other_dir)
     assert len(set(reader.weight_map.values())) == 3
     t = reader.load(dense_tensor_shapes(cfg) | expert_tensor_shapes(cfg, range(cfg.num_local_experts)))
     assert len(t) == len(reader.weight_map)
 
 
 def test_one_shards_experts_read_only_those_tensors(other_dir):
-    cfg = MixtralConfig.from_pretrained(other_dir)
+    cfg = ModelConfig.from_pretrained(other_dir)
     reader = CheckpointReader(other_dir)
     experts = LocalExperts.from_checkpoint(reader, cfg, [1, 2], torch.float32)
     read = set(reader.tensors_read)
@@ -40,7 +40,7 @@ def test_one_shards_experts_read_only_those_tensors(other_dir):
 
 
 def test_dense_part_reads_no_expert(tiny_dir):
-    cfg = MixtralConfig.from_pretrained(tiny_dir)
+    cfg = ModelConfig.from_pretrained(tiny_dir)
     reader = CheckpointReader(tiny_dir)
     reader.load(dense_tensor_shapes(cfg))
     assert not any(".experts." in n for n in reader.tensors_read)
@@ -49,7 +49,7 @@ def test_dense_part_reads_no_expert(tiny_dir):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_checkpoints_load(tiny_dir, tmp_path, dtype):
     d = shutil.copytree(tiny_dir, tmp_path / "half")
-    cfg = MixtralConfig.from_pretrained(d)
+    cfg = ModelConfig.from_pretrained(d)
     save_file({n: t.to(dtype) for n, t in random_weights(cfg, seed=0).items()}, str(d / "model.safetensors"))
     eng = LLMEngine.from_pretrained(d)
     assert eng.model.dtype == torch.float32  # computed in float32 on CPU
@@ -84,7 +84,7 @@ def test_missing_shard_file_is_named(other_dir, tmp_path):
 def test_wrong_shape_is_named(tiny_dir, tmp_path):
     d = broken_copy(tiny_dir, tmp_path / "s")
     reader = CheckpointReader(d)
-    cfg = MixtralConfig.from_pretrained(d)
+    cfg = ModelConfig.from_pretrained(d)
     t = reader.load(dense_tensor_shapes(cfg) | expert_tensor_shapes(cfg, range(8)))
     t["model.layers.1.self_attn.k_proj.weight"] = torch.zeros(3, 3)
     save_file(t, str(d / "model.safetensors"))

@@ -300,9 +300,9 @@ def scrape(url: str) -> dict[str, float]:
 
 
 def test_metrics_count_exactly_what_was_sent(client, raymix):
-    from moe.config import MixtralConfig
+    from moe.config import ModelConfig
 
-    cfg = MixtralConfig.from_pretrained(default_model_dir())
+    cfg = ModelConfig.from_pretrained(default_model_dir())
     before = scrape(raymix.url)
     usages = []
     for k, stream in enumerate([False, False, False, True, True]):

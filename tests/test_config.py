@@ -11,7 +11,7 @@ from cluster.capacity import MIXTRAL_8X7B, MIXTRAL_8X22B, capacity_plan, gpus_ne
 from cluster.config import RaymixSettings
 from cluster.placement import deployment_plan as placement
 from launch.cli import add_settings_flags, settings_from
-from moe.config import MixtralConfig
+from moe.config import ModelConfig
 
 
 def parse(argv: list[str]) -> RaymixSettings:
@@ -53,7 +53,7 @@ def test_attention_backend_reaches_the_router_engine():
 
 
 def test_placement_asks_for_gpus_only_when_there_are_some():
-    cfg = MixtralConfig(num_local_experts=8)
+    cfg = ModelConfig(num_local_experts=8)
     cpu = placement(RaymixSettings(expert_shards=3), cfg, gpus=0)
     assert cpu.expert_groups == [[0, 1, 2], [3, 4, 5], [6, 7]]
     assert "num_gpus" not in cpu.shard_options and cpu.router_options["num_gpus"] == 0
@@ -114,7 +114,7 @@ def first_fit(shares: list[float], gpus: int) -> bool:
 def test_router_and_shards_share_gpus_when_there_are_too_few(gpus, shards):
     """A one-GPU workstation (or any cluster with fewer GPUs than processes) still places the
     router and every shard: each asks for an even fraction; with enough GPUs, one each."""
-    p = placement(RaymixSettings(expert_shards=shards), MixtralConfig(num_local_experts=8), gpus=gpus)
+    p = placement(RaymixSettings(expert_shards=shards), ModelConfig(num_local_experts=8), gpus=gpus)
     asks = [p.router_options["num_gpus"]] + [p.shard_gpus] * shards
     assert first_fit(asks, gpus)
     assert all(a > 0 for a in asks)
@@ -123,7 +123,7 @@ def test_router_and_shards_share_gpus_when_there_are_too_few(gpus, shards):
     else:
         assert all(a < 1 for a in asks)
     # an explicit router_gpus is kept, and the shards share the rest
-    cpu_router = placement(RaymixSettings(expert_shards=shards, router_gpus=0), MixtralConfig(), gpus=gpus)
+    cpu_router = placement(RaymixSettings(expert_shards=shards, router_gpus=0), ModelConfig(), gpus=gpus)
     assert cpu_router.router_options["num_gpus"] == 0
     assert first_fit([cpu_router.shard_gpus] * shards, gpus)
 

@@ -8,7 +8,7 @@ import torch
 
 from moe.backend import InProcessExperts
 from moe.checkpoint import CheckpointReader
-from moe.config import MixtralConfig
+from moe.config import ModelConfig
 from moe.engine import EngineConfig, LLMEngine
 from moe.local_shards import LocalShards
 from moe.model import MixtralDense
@@ -67,7 +67,7 @@ def remote_whole(tiny_dir):
 def test_remote_layer_equals_in_process(
     tiny_dir, remote, remote_small_buffer, remote_exact, remote_whole, tokens, transport
 ):
-    cfg = MixtralConfig.from_pretrained(tiny_dir)
+    cfg = ModelConfig.from_pretrained(tiny_dir)
     local = InProcessExperts.from_checkpoint(CheckpointReader(tiny_dir), cfg, torch.float32)
     g = torch.Generator().manual_seed(tokens)
     x = torch.randn(tokens, cfg.hidden_size, generator=g)
@@ -102,7 +102,7 @@ def test_engine_over_remote_shards_is_token_identical(
     """Also with two-micro-batch overlap: both micro-batches' layers are in flight at once (with
     NCCL's discipline too: the second micro-batch's batch waits in order behind the first)."""
     remote = {"standing receive": remote, "exact sizes, in order": remote_exact}.get(exchange, remote_whole)
-    cfg = MixtralConfig.from_pretrained(tiny_dir)
+    cfg = ModelConfig.from_pretrained(tiny_dir)
     dense = MixtralDense.from_checkpoint(CheckpointReader(tiny_dir), cfg, torch.float32)
     tok = load_tokenizer(tiny_dir)
     eng = LLMEngine(cfg, dense, remote, EngineConfig(max_model_len=256, overlap=overlap), tok)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from moe.checkpoint import CheckpointReader
-from moe.config import MixtralConfig
+from moe.config import ModelConfig
 from moe.eplb import balancedness, plan_replicas, shard_loads
 from moe.experts import LocalExperts, select_experts
 
@@ -34,7 +34,7 @@ def test_no_replica_when_it_would_not_help_or_there_is_no_room():
 
 
 def test_regrouped_experts_compute_what_fresh_ones_do(tiny_dir):
-    cfg = MixtralConfig.from_pretrained(tiny_dir)
+    cfg = ModelConfig.from_pretrained(tiny_dir)
     reader = CheckpointReader(tiny_dir)
     held = LocalExperts.from_checkpoint(reader, cfg, [0, 1], torch.float32)
     grown = held.regroup(reader, [0, 1, 5])

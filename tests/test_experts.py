@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from moe.backend import InProcessExperts
-from moe.config import MixtralConfig
+from moe.config import ModelConfig
 from moe.experts import (
     LocalExperts,
     Placement,
@@ -37,9 +37,7 @@ def reference_moe(x, router_logits, w1, w3, w2, top_k):
 def test_sharded_moe_matches_reference(tokens, num_experts, top_k, num_shards):
     g = torch.Generator().manual_seed(tokens * 100 + num_experts)
     h, i = 32, 48
-    cfg = MixtralConfig(
-        hidden_size=h, intermediate_size=i, num_hidden_layers=1, num_local_experts=num_experts
-    )
+    cfg = ModelConfig(hidden_size=h, intermediate_size=i, num_hidden_layers=1, num_local_experts=num_experts)
     w1, w3 = torch.randn(num_experts, i, h, generator=g), torch.randn(num_experts, i, h, generator=g)
     w2 = torch.randn(num_experts, h, i, generator=g)
     x, logits = torch.randn(tokens, h, generator=g), torch.randn(tokens, num_experts, generator=g)
@@ -105,7 +103,7 @@ def test_replicated_experts_give_the_same_output(groups):
     """Hot-expert replication only moves work: the MoE output equals the plain reference."""
     torch.manual_seed(0)
     num_experts, hidden, inter, top_k = 8, 32, 48, 2
-    cfg = MixtralConfig(
+    cfg = ModelConfig(
         hidden_size=hidden, intermediate_size=inter, num_local_experts=num_experts, num_hidden_layers=1
     )
     w1, w3, w2 = (
@@ -155,7 +153,7 @@ def test_grouped_gemm_experts_match_the_per_expert_loop(device, dtype, tokens):
     """Held experts 1, 4, 6 of 8 (one held but never routed here), ids held elsewhere and -1
     (computed by another shard) mixed in: the grouped path adds exactly what the loop adds."""
     g = torch.Generator().manual_seed(tokens)
-    cfg = MixtralConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_local_experts=8)
+    cfg = ModelConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_local_experts=8)
     held = [1, 4, 6]
     gate_up = torch.randn(3, 192, 64, generator=g).to(device, dtype)
     down = torch.randn(3, 64, 96, generator=g).to(device, dtype)

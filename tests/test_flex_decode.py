@@ -10,7 +10,7 @@ import torch
 from torch._dynamo.exc import FailOnRecompileLimitHit
 
 from moe.attention import DenseDecode
-from moe.config import MixtralConfig
+from moe.config import ModelConfig
 from moe.engine import EngineConfig, LLMEngine
 from moe.flex_decode import FlexDecode
 from moe.kv_cache import KVCache
@@ -18,7 +18,7 @@ from moe.sampling import SamplingParams
 from tests.test_reference import PROMPTS
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-CFG = MixtralConfig(hidden_size=256, num_attention_heads=8, num_key_value_heads=2, num_hidden_layers=1)
+CFG = ModelConfig(hidden_size=256, num_attention_heads=8, num_key_value_heads=2, num_hidden_layers=1)
 BLOCK = 4
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from moe.checkpoint import expert_tensor_shapes
-from moe.config import MixtralConfig
+from moe.config import ModelConfig
 from moe.tiny import default_model_dir
 from tests.cluster_harness import Raymix, free_port, ray_cluster
 
@@ -24,7 +24,7 @@ def test_four_shards_on_four_gpus_each_with_its_experts(raymix):
 
     # Four GPUs, four shards: the router gets none here (router_gpus=0), so everything fits.
     url = raymix.deploy(expert_shards=4, router_gpus=0, max_model_len=256, kv_cache_memory_mb=32)
-    cfg = MixtralConfig.from_pretrained(default_model_dir())
+    cfg = ModelConfig.from_pretrained(default_model_dir())
     infos = [
         serve.get_deployment_handle(f"ExpertShard{k}", app_name="raymix").info.remote().result()
         for k in range(4)
