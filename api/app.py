@@ -221,7 +221,9 @@ def build_api(ctx: ServingContext, behind_serve_proxy: bool = False) -> FastAPI:
 
     @app.get("/version", response_model=VersionResponse)
     async def version() -> dict[str, Any]:
-        return VersionResponse(version=VERSION, model_revision=ctx.revision).body()
+        return VersionResponse(
+            version=VERSION, model_revision=ctx.revision, quantization=ctx.quantization
+        ).body()
 
     @app.get("/v1/models", response_model=ModelList, responses=ERRORS)
     async def models() -> dict[str, Any]:
@@ -233,6 +235,7 @@ def build_api(ctx: ServingContext, behind_serve_proxy: bool = False) -> FastAPI:
                 root=ctx.names[0],
                 max_model_len=ctx.max_model_len,
                 revision=ctx.revision,
+                quantization=ctx.quantization,
             )
             for n in ctx.names
         ]

@@ -18,6 +18,8 @@ from api.metrics import ServingMetrics
 from api.protocol import UsageInfo
 from cluster.config import RaymixSettings
 from moe.checkpoint import checkpoint_revision
+from moe.errors import CheckpointError
+from moe.quantization import QuantizationConfig
 from moe.tokenizer import Tokenizer
 
 
@@ -37,6 +39,15 @@ class ServingContext:
             return checkpoint_revision(self.settings.model_dir())
         except OSError:
             return None
+
+    @cached_property
+    def quantization(self) -> str | None:
+        """How the weights are held: "fp8" (an FP8 checkpoint, or --quantization fp8), None: as stored."""
+        try:
+            quant = QuantizationConfig.from_pretrained(self.settings.model_dir(), self.settings.quantization)
+        except CheckpointError:  # the engine refused it: nothing is served anyway
+            return None
+        return quant.name if quant else None
 
     @cached_property
     def names(self) -> list[str]:

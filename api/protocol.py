@@ -429,6 +429,7 @@ class ModelCard(BaseModel):
     root: str
     max_model_len: int | None
     revision: str | None = None  # the checkpoint's content hash (moe.checkpoint.checkpoint_revision)
+    quantization: str | None = None  # "fp8" when the weights are held as FP8; None: as stored
 
 
 class ModelList(OpenAIBody):
@@ -455,6 +456,7 @@ class PredictResponse(OpenAIBody):
 class VersionResponse(OpenAIBody):
     version: str
     model_revision: str | None = None  # the served checkpoint's content hash
+    quantization: str | None = None  # "fp8" when the weights are held as FP8; None: as stored
 
 
 class RebalanceResponse(OpenAIBody):

@@ -3,8 +3,11 @@
 For a Mixtral config and a number of expert shards (one GPU each) plus the router's GPU:
 parameters and bytes per shard, the router's dense weights, KV bytes per token, bytes that cross
 the data plane per MoE layer, and a decode step time from first principles (weights streamed
-from HBM once per step; the dispatch over NVLink or InfiniBand; per-message latency). It is a
-model, not a measurement: docs/performance.md sets it beside what was measured on CPU.
+from HBM once per step; the dispatch over NVLink or InfiniBand; per-message latency). With
+`fp8`, the experts' and attention projections' weights count one byte each plus a float32 scale
+per output row (moe.fp8); embeddings, norms, gates and LM head stay at `dtype_bytes`. A dense
+model (Mistral) has no shards: its MLP is counted in the router's part. It is a model, not a
+measurement: docs/performance.md sets it beside what was measured on CPU.
 """
 
 from __future__ import annotations
@@ -48,25 +51,41 @@ class Plan:
     dense_params: int
     kv_bytes_per_token: int
     dispatch_bytes_per_token_layer: int
+    bytes_per_expert: int  # one expert id's weights across all layers, as held (FP8 with scales)
+    dense_bytes: int  # the router's weights, as held
 
-    def shard_bytes(self, dtype_bytes: int = 2) -> list[int]:
-        return [p * dtype_bytes for p in self.shard_params]
+    def shard_bytes(self) -> list[int]:
+        return [len(g) * self.bytes_per_expert for g in self.expert_groups]
 
 
-def capacity_plan(cfg: ModelConfig, num_shards: int, dtype_bytes: int = 2) -> Plan:
+def capacity_plan(cfg: ModelConfig, num_shards: int, dtype_bytes: int = 2, fp8: bool = False) -> Plan:
     h, i, L, d = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.attn_head_dim
+    weight_bytes = 1 if fp8 else dtype_bytes
+    scale_bytes = 4 if fp8 else 0  # per output row
     per_expert = 3 * h * i * L  # w1, w3, w2 of one expert id across all layers
-    groups = partition_experts(cfg.num_local_experts, num_shards)
-    attn = h * cfg.num_attention_heads * d * 2 + h * cfg.num_key_value_heads * d * 2
-    dense = (
-        L * (attn + cfg.num_local_experts * h + 2 * h)
-        + cfg.vocab_size * h * (1 if cfg.tie_word_embeddings else 2)
-        + h
-    )
+    expert_bytes = per_expert * weight_bytes + (2 * i + h) * L * scale_bytes
+    groups = partition_experts(cfg.num_local_experts, num_shards) if cfg.is_moe and num_shards else []
+    q, kv_dim = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
+    attn = h * q * 2 + h * kv_dim * 2
+    gate = cfg.num_local_experts * h if cfg.is_moe else 0
+    other = L * (gate + 2 * h) + cfg.vocab_size * h * (1 if cfg.tie_word_embeddings else 2) + h
+    dense = L * attn + other
+    dense_bytes = L * (attn * weight_bytes + (2 * q + 2 * kv_dim) * scale_bytes) + other * dtype_bytes
+    if not cfg.is_moe:  # its MLP (the one "expert") is the router's
+        dense, dense_bytes = dense + per_expert, dense_bytes + expert_bytes
     kv = 2 * L * cfg.num_key_value_heads * d * dtype_bytes
     # a token goes to at most top_k shards, and its result comes back: 2 directions
-    dispatch = 2 * cfg.num_experts_per_tok * h * dtype_bytes
-    return Plan(groups, per_expert, [len(g) * per_expert for g in groups], dense, kv, dispatch)
+    dispatch = 2 * cfg.num_experts_per_tok * h * dtype_bytes if groups else 0
+    return Plan(
+        groups,
+        per_expert,
+        [len(g) * per_expert for g in groups],
+        dense,
+        kv,
+        dispatch,
+        expert_bytes,
+        dense_bytes,
+    )
 
 
 def decode_step_seconds(
@@ -76,21 +95,23 @@ def decode_step_seconds(
     link: str,
     hbm_bytes_per_s: float = 2.0e12,
     dtype_bytes: int = 2,
+    fp8: bool = False,
 ) -> dict[str, float]:
     """Memory-bound decode: each shard streams the weights of the experts its tokens hit; the
     router streams the dense weights; the data plane moves `batch` tokens per layer."""
-    p = capacity_plan(cfg, num_shards, dtype_bytes)
+    p = capacity_plan(cfg, num_shards, dtype_bytes, fp8)
     bw, lat = LINKS[link]
-    per_layer_expert_bytes = 3 * cfg.hidden_size * cfg.intermediate_size * dtype_bytes
+    per_layer_expert_bytes = p.bytes_per_expert / cfg.num_hidden_layers
     # the busiest shard reads each of its experts that a token hits (all of them once batch x top_k
     # covers them); the shards read in parallel
-    hit = min(max(len(g) for g in p.expert_groups), batch * cfg.num_experts_per_tok)
+    held = max((len(g) for g in p.expert_groups), default=0)
+    hit = min(held, batch * cfg.num_experts_per_tok)
     expert_s = hit * per_layer_expert_bytes * cfg.num_hidden_layers / hbm_bytes_per_s
-    dense_s = p.dense_params * dtype_bytes / hbm_bytes_per_s
+    dense_s = p.dense_bytes / hbm_bytes_per_s
     # per layer the router's link carries batch x top_k hidden states out and as many back
     # (full duplex: the two directions overlap), plus a message latency each way
     one_way = batch * cfg.num_experts_per_tok * cfg.hidden_size * dtype_bytes
-    dispatch_s = cfg.num_hidden_layers * (one_way / bw + 2 * lat)
+    dispatch_s = cfg.num_hidden_layers * (one_way / bw + 2 * lat) if p.expert_groups else 0.0
     total = expert_s + dense_s + dispatch_s
     return {
         "experts_s": expert_s,
@@ -101,10 +122,17 @@ def decode_step_seconds(
     }
 
 
-def gpus_needed(cfg: ModelConfig, gpu_bytes: float, dtype_bytes: int = 2, headroom: float = 0.8) -> int:
-    """Fewest expert shards whose largest shard fits `headroom` of a GPU, plus the router's GPU."""
+def gpus_needed(
+    cfg: ModelConfig, gpu_bytes: float, dtype_bytes: int = 2, headroom: float = 0.8, fp8: bool = False
+) -> int:
+    """Fewest expert shards whose largest shard fits `headroom` of a GPU, plus the router's GPU
+    (a dense model: the router's alone)."""
+    if not cfg.is_moe:
+        if capacity_plan(cfg, 0, dtype_bytes, fp8).dense_bytes > headroom * gpu_bytes:
+            raise ValueError("the model does not fit one GPU: it needs tensor parallelism")
+        return 1
     for n in range(1, cfg.num_local_experts + 1):
-        if max(capacity_plan(cfg, n, dtype_bytes).shard_bytes(dtype_bytes)) <= headroom * gpu_bytes:
+        if max(capacity_plan(cfg, n, dtype_bytes, fp8).shard_bytes()) <= headroom * gpu_bytes:
             return n + 1
     raise ValueError(
         "even one expert per shard does not fit: this model needs tensor parallelism inside a shard"

@@ -80,6 +80,11 @@ class RaymixSettings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         default="auto", description="Compute dtype; auto: float32 on CPU, the checkpoint's on GPU"
     )
+    quantization: Literal["fp8"] | None = Field(
+        default=None,
+        description="fp8: quantize an unquantized checkpoint's linear layers to FP8 at load (per output channel; "
+        "gates and LM head stay); FP8 checkpoints are served as FP8 without it",
+    )
     tokenizer_mode: Literal["auto", "hf", "mistral"] = Field(
         default="auto",
         description="auto: mistral-common when the checkpoint has tokenizer.model.v*, else transformers",
@@ -218,6 +223,7 @@ class RaymixSettings(BaseSettings):
             block_size=self.block_size,
             kv_cache_memory_bytes=self.kv_cache_memory_mb * 2**20,
             dtype=self.dtype,
+            quantization=self.quantization,
             tokenizer_mode=self.tokenizer_mode,
             overlap=bool(self.overlap),
             max_queued_requests=self.max_queued_requests,

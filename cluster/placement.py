@@ -18,6 +18,7 @@ receives every output of the router).
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ from typing import Any
 from cluster.config import RaymixSettings
 from moe.config import ModelConfig
 from moe.experts import partition_experts
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -107,21 +110,37 @@ def threads_per_process(nodes: list[str | None], router_node: str | None, defaul
     return [max(1, int(cpus.get(n, default) // here[n])) for n in nodes]  # type: ignore[arg-type,index]
 
 
-def deployment_plan(settings: RaymixSettings, cfg: ModelConfig, gpus: float) -> DeploymentPlan:
-    if settings.expert_shards > cfg.num_local_experts:
-        raise ValueError(
-            f"expert_shards={settings.expert_shards} but the model has only {cfg.num_local_experts} experts per layer"
+def expert_shards(settings: RaymixSettings, cfg: ModelConfig) -> int:
+    """How many expert shards serve this model: none for a dense model (its MLP runs on the
+    router; an explicit --expert-shards then gets a warning), else --expert-shards."""
+    if cfg.is_moe:
+        return settings.expert_shards
+    if "expert_shards" in settings.model_fields_set:
+        log.warning(
+            "expert_shards=%d ignored: this model (model_type %s) is dense, it has no experts to shard; "
+            "it is served whole by the router",
+            settings.expert_shards,
+            cfg.model_type,
         )
-    groups = partition_experts(cfg.num_local_experts, settings.expert_shards)
+    return 0
+
+
+def deployment_plan(settings: RaymixSettings, cfg: ModelConfig, gpus: float) -> DeploymentPlan:
+    n = expert_shards(settings, cfg)
+    if n > cfg.num_local_experts:
+        raise ValueError(
+            f"expert_shards={n} but the model has only {cfg.num_local_experts} experts per layer"
+        )
+    groups = partition_experts(cfg.num_local_experts, n) if n else []
     use_gpus = gpus > 0
     if settings.router_gpus is not None:  # as given; the shards share the rest
         router_gpus = settings.router_gpus
-        share = gpu_share(gpus - router_gpus, settings.expert_shards) if use_gpus else 0.0
+        share = gpu_share(gpus - router_gpus, n) if use_gpus else 0.0
     else:
-        share = gpu_share(gpus, settings.expert_shards + 1)
+        share = gpu_share(gpus, n + 1)
         router_gpus = share
     gpu = {"num_gpus": share} if use_gpus else {}
-    processes = settings.expert_shards + 1
+    processes = n + 1
     threads = settings.torch_threads or max(1, (os.cpu_count() or 1) // processes)
     return DeploymentPlan(
         expert_groups=groups,

@@ -19,7 +19,7 @@ from cluster.placement import cluster_gpus, deployment_plan, pin, reserve_nodes,
 from deployments.ingress import Ingress
 from deployments.router import Router
 from deployments.shard import ExpertShard
-from moe.config import ModelConfig
+from moe.checkpoint import open_checkpoint
 
 
 def shard_deployment(s: RaymixSettings, name: str, options: dict[str, Any]) -> Any:
@@ -36,13 +36,14 @@ def shard_deployment(s: RaymixSettings, name: str, options: dict[str, Any]) -> A
 
 def build_app(args: dict[str, Any] | RaymixSettings | None = None) -> Application:
     s = args if isinstance(args, RaymixSettings) else RaymixSettings(**(args or {}))
-    cfg = ModelConfig.from_pretrained(s.model_dir())
+    cfg, _, _ = open_checkpoint(s.model_dir(), s.quantization)  # what cannot be served is refused here
     p = deployment_plan(s, cfg, cluster_gpus())
     shard_nodes: list[str | None] = [None] * len(p.expert_groups)
     router_node = None
     if s.placement_strategy != "none":
         shard_bundle = {"GPU": p.shard_gpus} if p.use_gpus else {"CPU": max(s.shard_cpus, 0.001)}
-        shard_nodes = list(reserve_nodes([shard_bundle] * len(p.expert_groups), s.placement_strategy))
+        if p.expert_groups:
+            shard_nodes = list(reserve_nodes([shard_bundle] * len(p.expert_groups), s.placement_strategy))
         router_bundle = {"GPU": float(p.router_options["num_gpus"])} if p.router_options["num_gpus"] else {}
         (router_node,) = reserve_nodes([router_bundle or {"CPU": max(s.router_cpus, 0.001)}], "PACK")
     threads = [p.torch_threads] * len(shard_nodes)

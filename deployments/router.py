@@ -39,8 +39,8 @@ from deployments.placement_controller import PlacementController
 from deployments.ray_metrics import RayEngineGauges, RayGpuMemory
 from deployments.shard_pool import ShardPool
 from moe.async_engine import AsyncEngine, Sink
-from moe.checkpoint import CheckpointReader
-from moe.config import ModelConfig
+from moe.backend import ExpertBackend, InProcessExperts
+from moe.checkpoint import open_checkpoint
 from moe.data_plane import RemoteExperts, comm_device
 from moe.engine import LLMEngine, gpu_memory, pick_device, pick_dtype
 from moe.model import MixtralDense
@@ -62,7 +62,7 @@ class Router:
         self.settings = s = settings
         self.num_threads = num_threads
         self.model_dir = s.model_dir()
-        self.cfg = ModelConfig.from_pretrained(self.model_dir)
+        self.cfg, self.quant, self.reader = open_checkpoint(self.model_dir, s.quantization)
         self.device = pick_device("auto")
         self.transport = (
             s.data_plane if s.data_plane != "auto" else ("nccl" if self.device.type == "cuda" else "gloo")
@@ -75,22 +75,32 @@ class Router:
             self.device,
             datetime.timedelta(seconds=s.data_plane_timeout_s),
             s.shard_recovery_timeout_s,
-            holding=lambda k: self.placement.holding(k),
+            holding=lambda k: self.controller.holding(k),
         )
-        self.placement = PlacementController(
-            self.pool,
-            expert_groups,
-            self.cfg.num_local_experts,
-            s.num_redundant_experts,
-            data_plane=self._data_plane,
-            busy=lambda: self.engine.engine is not None and self.engine.engine.has_unfinished(),
-        )
+        # a dense model has no shards: its MLP runs here (the engine's in-process experts)
+        self.placement: PlacementController | None = None
+        if self.cfg.is_moe:
+            self.placement = PlacementController(
+                self.pool,
+                expert_groups,
+                self.cfg.num_local_experts,
+                s.num_redundant_experts,
+                data_plane=self._data_plane,
+                busy=lambda: self.engine.engine is not None and self.engine.engine.has_unfinished(),
+            )
         self.engine = AsyncEngine(self._build_engine, name="router-engine")
         # background work, started with the replica (the constructor runs on its event loop)
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._export_gauges())]
-        if s.eplb_interval_s:
+        if s.eplb_interval_s and self.placement is not None:
             self._tasks.append(loop.create_task(self.placement.run_eplb(s.eplb_interval_s)))
+
+    @property
+    def controller(self) -> PlacementController:
+        """The placement controller (a MoE model's; a dense model has none)."""
+        if self.placement is None:
+            raise RuntimeError(f"{self.model_dir} is a dense model: it has no experts to place")
+        return self.placement
 
     def _build_engine(self) -> LLMEngine:
         """Runs on the engine thread: OpenMP's thread count is per thread, so it is set here."""
@@ -99,21 +109,27 @@ class Router:
         s, cfg = self.settings, self.cfg
         start = time.perf_counter()
         dtype = pick_dtype(s.dtype, cfg, self.device)
-        model = MixtralDense.from_checkpoint(CheckpointReader(self.model_dir), cfg, dtype, self.device)
+        model = MixtralDense.from_checkpoint(self.reader, cfg, dtype, self.device, self.quant)
         tokenizer = load_tokenizer(self.model_dir, s.tokenizer_mode)
-        experts = RemoteExperts(
-            self.pool.open(),
-            self.placement.placement,
-            cfg.hidden_size,
-            comm_device(self.transport, self.device),
-            reconnect=self.pool.rejoin,
-        )
+        experts: ExpertBackend
+        if self.placement is None:  # dense: the MLP is computed here
+            experts = InProcessExperts.from_checkpoint(self.reader, cfg, dtype, self.device, 1, self.quant)
+            where = "MLP here too (a dense model)"
+        else:
+            experts = RemoteExperts(
+                self.pool.open(),
+                self.placement.placement,
+                cfg.hidden_size,
+                comm_device(self.transport, self.device),
+                reconnect=self.pool.rejoin,
+            )
+            where = f"{len(self.pool)} shards over {self.transport}"
         log.info(
-            "router ready in %.1fs: dense part on %s, %d shards over %s",
+            "router ready in %.1fs: dense part on %s (%s), %s",
             time.perf_counter() - start,
             self.device,
-            len(self.pool),
-            self.transport,
+            self.quant.describe() if self.quant else dtype,
+            where,
         )
         config = s.engine_config()
         config.overlap = s.overlap if s.overlap is not None else self.device.type == "cuda"
@@ -206,7 +222,7 @@ class Router:
         """Where each expert is computed, whether each shard answers, and the recent load."""
         experts = self._data_plane()
         load = experts.load.snapshot() if experts else {}
-        cfg, placement = self.cfg, self.placement.placement
+        cfg = self.cfg
         layers = range(cfg.num_hidden_layers)
 
         def per_layer(counts: dict[int, list[int]]) -> list[list[int]]:
@@ -216,8 +232,9 @@ class Router:
         dispatch = load.get("recent_dispatch_seconds", [])
         shards = []
         for k, (info, problem) in enumerate(pings):
+            placement = self.controller.placement
             computes = placement.experts_on(k) if k < placement.num_shards else []
-            own = self.placement.primaries[k] if k < len(self.placement.primaries) else []
+            own = self.controller.primaries[k] if k < len(self.controller.primaries) else []
             seconds = dispatch[k] if k < len(dispatch) else {}
             shards.append(
                 ShardStatus(
@@ -259,11 +276,13 @@ class Router:
 
     async def rebalance(self) -> dict[str, Any]:
         """Re-plan the hot-expert replicas from the recent load and move to the plan while serving."""
+        if self.placement is None:
+            return {"changed": False, "reason": "a dense model has no experts to balance"}
         return await self.placement.rebalance()
 
     async def resize(self, num_shards: int, extra_apps: list[str]) -> dict[str, Any]:
         """Serve with `num_shards` expert shards from now on (`raymix scale`)."""
-        return await self.placement.resize(num_shards, extra_apps, EXPERT_SHARD)
+        return await self.controller.resize(num_shards, extra_apps, EXPERT_SHARD)
 
     # ---- lifecycle ----
 

@@ -18,8 +18,7 @@ import torch
 
 from cluster.config import RaymixSettings
 from deployments.ray_metrics import RayGpuMemory
-from moe.checkpoint import CheckpointReader
-from moe.config import ModelConfig
+from moe.checkpoint import open_checkpoint
 from moe.data_plane import Rendezvous, ShardServer
 from moe.engine import gpu_memory, pick_device, pick_dtype
 from moe.experts import LocalExperts
@@ -34,20 +33,22 @@ class ExpertShard:
             torch.set_num_threads(num_threads)
         self.shard_id = shard_id
         self.expert_ids = expert_ids
-        model_dir = s.model_dir()
-        cfg = ModelConfig.from_pretrained(model_dir)
+        cfg, self.quant, self.reader = open_checkpoint(s.model_dir(), s.quantization)
         self.device = pick_device("auto")
         dtype = pick_dtype(s.dtype, cfg, self.device)
         start = time.perf_counter()
-        self.reader = CheckpointReader(model_dir)
-        self.experts = LocalExperts.from_checkpoint(self.reader, cfg, expert_ids, dtype, self.device)
+        self.experts = LocalExperts.from_checkpoint(
+            self.reader, cfg, expert_ids, dtype, self.device, self.quant
+        )
         log.info(
-            "expert shard %d: experts %s of %d layers loaded on %s in %.1fs",
+            "expert shard %d: experts %s of %d layers loaded on %s in %.1fs (%s, %.2f GB)",
             shard_id,
             expert_ids,
             cfg.num_hidden_layers,
             self.device,
             time.perf_counter() - start,
+            self.quant.describe() if self.quant else dtype,
+            self.experts.nbytes() / 1e9,
         )
         self.server: ShardServer | None = None
         self.connect_timeout = datetime.timedelta(seconds=s.data_plane_timeout_s)
@@ -66,7 +67,7 @@ class ExpertShard:
         replicas while serving): experts already held are kept, others read from the
         checkpoint; the data-plane thread picks the new set up at its next layer batch."""
         start = time.perf_counter()
-        experts = self.experts.regroup(self.reader, sorted(expert_ids))
+        experts = self.experts.regroup(self.reader, sorted(expert_ids), self.quant)
         self.experts = experts
         if self.server is not None:
             self.server.experts = experts
@@ -87,6 +88,7 @@ class ExpertShard:
             "shard_id": self.shard_id,
             "expert_ids": self.expert_ids,
             "num_parameters": self.experts.num_parameters(),
+            "nbytes": self.experts.nbytes(),
             "tensors_read": len(self.reader.tensors_read),
             "experts_read": sorted(
                 {int(n.split(".experts.")[1].split(".")[0]) for n in self.reader.tensors_read}

@@ -20,6 +20,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from cluster.config import RaymixSettings
+from moe.errors import CheckpointError
 
 
 def add_settings_flags(parser: argparse.ArgumentParser) -> None:
@@ -47,13 +48,17 @@ def settings_from(ns: argparse.Namespace) -> RaymixSettings:
 
 
 def cmd_serve(ns: argparse.Namespace) -> int:
-    from launch import bringup
+    from cluster.placement import expert_shards
+    from moe.checkpoint import open_checkpoint
 
     s = settings_from(ns)
-    print(
-        f"raymix: starting {s.expert_shards} expert shards + router + ingress for {s.model_dir()} ...",
-        flush=True,
-    )
+    cfg, quant, _ = open_checkpoint(s.model_dir(), s.quantization)  # refused here, before Ray starts
+    from launch import bringup
+
+    shards = expert_shards(s, cfg)
+    what = f"{shards} expert shards + router" if shards else "the router (a dense model: no expert shards)"
+    served = f", {quant.describe()}" if quant else ""
+    print(f"raymix: starting {what} + ingress for {s.model_dir()}{served} ...", flush=True)
     t = time.monotonic()
     url = bringup.start(s)
     print(f"raymix: serving {', '.join(s.model_names())} at {url}/v1 (ready in {time.monotonic() - t:.0f}s)")
@@ -83,11 +88,19 @@ def cmd_make_tiny(ns: argparse.Namespace) -> int:
             ("hidden_size", ns.hidden_size),
             ("intermediate_size", ns.intermediate_size),
             ("num_hidden_layers", ns.num_layers),
+            ("sliding_window", ns.sliding_window),
         )
         if v is not None
     }
-    out = make_tiny(ns.dir, seed=ns.seed, tokenizer=ns.tokenizer, num_files=ns.num_files, **sizes)
-    print(f"wrote a tiny Mixtral checkpoint to {out}")
+    out = make_tiny(
+        ns.dir,
+        seed=ns.seed,
+        tokenizer=ns.tokenizer,
+        num_files=ns.num_files,
+        model_type=ns.model_type,
+        **sizes,
+    )
+    print(f"wrote a tiny {ns.model_type} checkpoint to {out}")
     return 0
 
 
@@ -97,7 +110,8 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     from moe.tiny import default_model_dir
 
     model = ns.model or default_model_dir()
-    eng = LLMEngine.from_pretrained(model, EngineConfig(max_model_len=2048), num_shards=ns.shards)
+    config = EngineConfig(max_model_len=2048, quantization=ns.quantization)
+    eng = LLMEngine.from_pretrained(model, config, num_shards=ns.shards)
     assert eng.tokenizer is not None
     prompt = eng.tokenizer.apply_chat_template([{"role": "user", "content": ns.prompt}])
     params = SamplingParams(max_tokens=ns.max_tokens, temperature=ns.temperature, seed=ns.seed)
@@ -114,40 +128,45 @@ def cmd_generate(ns: argparse.Namespace) -> int:
 
 def cmd_plan(ns: argparse.Namespace) -> int:
     from cluster.capacity import MIXTRAL_8X7B, MIXTRAL_8X22B, capacity_plan, decode_step_seconds, gpus_needed
-    from moe.config import ModelConfig
+    from moe.checkpoint import open_checkpoint
     from moe.tiny import default_model_dir
 
     models = {"mixtral-8x7b": MIXTRAL_8X7B, "mixtral-8x22b": MIXTRAL_8X22B}
-    cfg = (
-        models[ns.model]
-        if ns.model in models
-        else ModelConfig.from_pretrained(ns.model or default_model_dir())
-    )
-    n = ns.expert_shards
-    p = capacity_plan(cfg, n, ns.dtype_bytes)
+    if ns.model in models:
+        cfg, fp8 = models[ns.model], ns.quantization == "fp8"
+    else:  # the checkpoint's own config and quantization, every tensor's header checked
+        cfg, quant, _ = open_checkpoint(ns.model or default_model_dir(), ns.quantization)
+        fp8 = quant is not None
+    n = ns.expert_shards if cfg.is_moe else 0
+    p = capacity_plan(cfg, n, ns.dtype_bytes, fp8)
     gb = 1e9
-    print(
-        f"{cfg.num_hidden_layers} layers x {cfg.num_local_experts} experts, hidden {cfg.hidden_size}; {n} expert shards"
-    )
-    for k, (group, b) in enumerate(zip(p.expert_groups, p.shard_bytes(ns.dtype_bytes), strict=True)):
+    weights = "fp8 weights (1 byte + a float32 scale per row)" if fp8 else f"{ns.dtype_bytes}-byte weights"
+    if cfg.is_moe:
+        print(
+            f"{cfg.num_hidden_layers} layers x {cfg.num_local_experts} experts, hidden {cfg.hidden_size}; "
+            f"{n} expert shards; {weights}"
+        )
+    else:
+        print(f"{cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, dense: the router alone; {weights}")
+    for k, (group, b) in enumerate(zip(p.expert_groups, p.shard_bytes(), strict=True)):
         print(f"  ExpertShard{k}: experts {group} of every layer, {b / gb:.2f} GB")
+    part = "dense part" if cfg.is_moe else "whole model"
     print(
-        f"  Router: dense part {p.dense_params * ns.dtype_bytes / gb:.2f} GB + KV cache "
-        f"{p.kv_bytes_per_token / 1e3:.1f} KB per token"
+        f"  Router: {part} {p.dense_bytes / gb:.2f} GB + KV cache {p.kv_bytes_per_token / 1e3:.1f} KB per token"
     )
-    print(
-        f"  data plane: {p.dispatch_bytes_per_token_layer / 1e3:.1f} KB per token per MoE layer (out and back)"
-    )
-    print(
-        f"  GPUs needed (one per shard + the router): {gpus_needed(cfg, ns.gpu_memory_gb * gb, ns.dtype_bytes)} "
-        f"of {ns.gpu_memory_gb:.0f} GB"
-    )
-    for link in ("nvlink", "infiniband-200g"):
+    if cfg.is_moe:
+        print(
+            f"  data plane: {p.dispatch_bytes_per_token_layer / 1e3:.1f} KB per token per MoE layer (out and back)"
+        )
+    needed = gpus_needed(cfg, ns.gpu_memory_gb * gb, ns.dtype_bytes, fp8=fp8)
+    print(f"  GPUs needed (one per shard + the router): {needed} of {ns.gpu_memory_gb:.0f} GB")
+    for link in ("nvlink", "infiniband-200g") if cfg.is_moe else ("nvlink",):
         for batch in (1, 64):
-            r = decode_step_seconds(cfg, n, batch, link, dtype_bytes=ns.dtype_bytes)
+            r = decode_step_seconds(cfg, n, batch, link, dtype_bytes=ns.dtype_bytes, fp8=fp8)
             print(
-                f"  model, {link}, batch {batch}: step {r['step_s'] * 1e3:.1f} ms (experts {r['experts_s'] * 1e3:.1f}, "
-                f"dense {r['dense_s'] * 1e3:.1f}, dispatch {r['dispatch_s'] * 1e3:.2f}) -> {r['tok_s']:.0f} tok/s"
+                f"  model, {link if cfg.is_moe else 'one GPU'}, batch {batch}: step {r['step_s'] * 1e3:.1f} ms "
+                f"(experts {r['experts_s'] * 1e3:.1f}, dense {r['dense_s'] * 1e3:.1f}, "
+                f"dispatch {r['dispatch_s'] * 1e3:.2f}) -> {r['tok_s']:.0f} tok/s"
             )
     return 0
 
@@ -191,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hidden-size", type=int, default=None, help="default 256")
     p.add_argument("--intermediate-size", type=int, default=None, help="default 512")
     p.add_argument("--num-layers", type=int, default=None, help="default 4")
+    p.add_argument("--model-type", choices=["mixtral", "mistral"], default="mixtral", help="mistral: dense")
+    p.add_argument("--sliding-window", type=int, default=None, help="default none")
     p.set_defaults(func=cmd_make_tiny)
     p = sub.add_parser("generate", help="generate in this process (no Ray): a quick check of a checkpoint")
     p.add_argument("--model", default=None)
@@ -199,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--shards", type=int, default=1, help="in-process expert shards")
+    p.add_argument("--quantization", choices=["fp8"], default=None, help="quantize at load")
     p.set_defaults(func=cmd_generate)
     p = sub.add_parser("plan", help="expert -> shard map, memory per shard, GPUs needed, a decode-time model")
     p.add_argument(
@@ -209,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--expert-shards", type=int, default=8)
     p.add_argument("--gpu-memory-gb", type=float, default=80.0)
     p.add_argument("--dtype-bytes", type=int, default=2, help="2 for bf16/fp16")
+    p.add_argument(
+        "--quantization", choices=["fp8"], default=None, help="count FP8 weights (a checkpoint's own is read)"
+    )
     p.set_defaults(func=cmd_plan)
     p = sub.add_parser("scale", help="resize a running deployment's expert shards (--expert-shards N)")
     add_settings_flags(p)
@@ -225,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as e:
         print(f"raymix: invalid settings:\n{e}", file=sys.stderr)
         return 2
+    except CheckpointError as e:  # a checkpoint raymix cannot serve: one line, no traceback
+        print(f"raymix: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

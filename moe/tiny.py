@@ -1,4 +1,5 @@
-"""The embedded default model: a tiny Mixtral-format checkpoint generated from a seed.
+"""The embedded default model: a tiny Mixtral-format checkpoint generated from a seed (and tiny
+dense Mistral ones for the tests).
 
 `make_tiny(dir)` writes what a Hugging Face Mixtral checkpoint holds — config.json,
 generation_config.json, safetensors under the Hub tensor names (one file, or several with
@@ -120,12 +121,15 @@ def write_weights(tensors: dict[str, torch.Tensor], out: Path, num_files: int) -
     (out / INDEX_FILE).write_text(json.dumps(index, indent=2))
 
 
-def write_tokenizer(out: Path, version: str) -> None:
+def write_tokenizer(out: Path, version: str, mistral_file: bool = True) -> None:
+    """mistral_file: also write tokenizer.model.{version}, which selects mistral-common's chat
+    format; without it the checkpoint's own chat_template is used (as for Mistral-7B-v0.2)."""
     from transformers import AutoTokenizer
 
     src = tokenizer_source(version)
     shutil.copyfile(src, out / "tokenizer.model")
-    shutil.copyfile(src, out / f"tokenizer.model.{version}")
+    if mistral_file:
+        shutil.copyfile(src, out / f"tokenizer.model.{version}")
     (out / "tokenizer_config.json").write_text(
         json.dumps(
             {
@@ -197,21 +201,23 @@ def make_tiny(
     seed: int = 0,
     tokenizer: str = "v3",
     num_files: int = 1,
+    mistral_tokenizer_file: bool = True,
     **overrides,
 ) -> Path:
-    """Write a tiny Mixtral checkpoint to `out_dir`; `overrides` change ModelConfig fields."""
+    """Write a tiny Mixtral checkpoint to `out_dir`; `overrides` change ModelConfig fields
+    (model_type="mistral": a dense Mistral). mistral_tokenizer_file: see `write_tokenizer`."""
     if tokenizer not in TOKENIZER_FILES:
         raise ValueError(f"tokenizer must be one of {sorted(TOKENIZER_FILES)}, got {tokenizer!r}")
     cfg = replace(TINY, vocab_size=VOCAB_SIZES[tokenizer], **overrides)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    log.info("writing a tiny Mixtral checkpoint (seed %d, tokenizer %s) to %s", seed, tokenizer, out)
+    log.info("writing a tiny %s checkpoint (seed %d, tokenizer %s) to %s", cfg.model_type, seed, tokenizer, out)
     (out / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2))
     (out / "generation_config.json").write_text(
         json.dumps({"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}, indent=2)
     )
     write_weights(random_weights(cfg, seed), out, num_files)
-    write_tokenizer(out, tokenizer)
+    write_tokenizer(out, tokenizer, mistral_tokenizer_file)
     return out
 
 

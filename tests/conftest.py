@@ -11,16 +11,15 @@ from moe.tiny import make_tiny
 
 # A second shape, different in every size: no GQA sharing ratio of the default, 4 experts,
 # Mixtral 8x7B's v1 tokenizer, a sliding window shorter than the prompts, a sharded checkpoint.
-OTHER = dict(
+OTHER_SIZES = dict(
     hidden_size=128,
     intermediate_size=320,
     num_hidden_layers=3,
     num_attention_heads=4,
     num_key_value_heads=1,
-    num_local_experts=4,
-    sliding_window=7,
     rope_theta=10000.0,
 )
+OTHER = dict(OTHER_SIZES, num_local_experts=4, sliding_window=7)
 
 
 @pytest.fixture(scope="session")
@@ -38,10 +37,28 @@ def model_dir(request, tiny_dir, other_dir):
     return tiny_dir if request.param == "tiny" else other_dir
 
 
-def hf_model(path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-    from transformers import MixtralForCausalLM
+@pytest.fixture(scope="session")
+def mistral_dir(tmp_path_factory):
+    """A tiny dense Mistral, as Mistral-7B-Instruct-v0.2 is laid out: v1 tokenizer, its chat
+    template in tokenizer_config.json (no tokenizer.model.v* file), no sliding window."""
+    d = tmp_path_factory.mktemp("mistral")
+    return make_tiny(d, seed=2, tokenizer="v1", mistral_tokenizer_file=False, model_type="mistral")
 
-    return MixtralForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
+
+@pytest.fixture(scope="session")
+def mistral_window_dir(tmp_path_factory):
+    """A tiny dense Mistral with a sliding window shorter than the prompts (Mistral-7B-v0.1's)."""
+    d = tmp_path_factory.mktemp("mistral-window")
+    return make_tiny(d, seed=3, num_files=2, model_type="mistral", sliding_window=6, **OTHER_SIZES)
+
+
+def hf_model(path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    """transformers' MixtralForCausalLM, or MistralForCausalLM for a dense checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
+    assert type(model).__name__ in ("MixtralForCausalLM", "MistralForCausalLM")
+    return model
 
 
 @pytest.fixture(scope="session")

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
-from moe.checkpoint import CheckpointReader, dense_tensor_shapes, expert_tensor_shapes
+from moe.checkpoint import CheckpointReader, dense_tensor_shapes, expert_tensor_shapes, open_checkpoint
 from moe.config import ModelConfig
 from moe.engine import EngineConfig, LLMEngine
 from moe.errors import CheckpointError
@@ -115,3 +118,100 @@ def test_bad_config_is_named(tiny_dir, tmp_path):
         LLMEngine.from_pretrained(d)
     with pytest.raises(CheckpointError, match="does not exist"):
         CheckpointReader(tmp_path / "nowhere")
+
+
+# ---- what raymix cannot serve: refused in one line before a weight is read ----
+
+INT8_W8A8 = {
+    "quant_method": "compressed-tensors",
+    "format": "int-quantized",
+    "config_groups": {
+        "group_0": {
+            "targets": ["Linear"],
+            "weights": {"num_bits": 8, "type": "int", "strategy": "channel", "symmetric": True},
+            "input_activations": {"num_bits": 8, "type": "int", "strategy": "token", "dynamic": True},
+        }
+    },
+}
+NVFP4 = {
+    "quant_method": "compressed-tensors",
+    "format": "nvfp4-pack-quantized",
+    "config_groups": {
+        "group_0": {
+            "targets": ["Linear"],
+            "weights": {"num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size": 16},
+        }
+    },
+}
+REFUSED_CONFIGS = {
+    "gptq": ({"quant_method": "gptq", "bits": 4, "group_size": 128}, "quantization method 'gptq'"),
+    "awq": ({"quant_method": "awq", "bits": 4, "version": "gemm"}, "quantization method 'awq'"),
+    "bitsandbytes": ({"quant_method": "bitsandbytes", "load_in_4bit": True}, "method 'bitsandbytes'"),
+    "int8-w8a8": (INT8_W8A8, "format 'int-quantized'"),
+    "nvfp4": (NVFP4, "format 'nvfp4-pack-quantized'"),
+}
+
+
+def with_quantization_config(src, dst, quantization_config):
+    d = broken_copy(src, dst)
+    raw = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**raw, "quantization_config": quantization_config}))
+    return d
+
+
+@pytest.mark.parametrize("method", list(REFUSED_CONFIGS))
+def test_unsupported_quantization_is_refused_by_name(tiny_dir, tmp_path, method):
+    """A bf16 checkpoint whose config says GPTQ (or AWQ, bitsandbytes, int8, NVFP4) is refused,
+    not served as if its weights were plain; the message names the method and what is supported."""
+    config, named = REFUSED_CONFIGS[method]
+    d = with_quantization_config(tiny_dir, tmp_path / method, config)
+    with pytest.raises(CheckpointError, match="supported: FP8") as e:
+        open_checkpoint(d)
+    assert named in str(e.value) and "\n" not in str(e.value)
+
+
+def test_tensors_raymix_cannot_use_as_stored_are_refused(tiny_dir, tmp_path, tmp_path_factory):
+    from moe.fp8_checkpoint import write_fp8
+
+    q = write_fp8(tiny_dir, tmp_path_factory.mktemp("fp8"), "compressed-tensors", "channel", "static")
+    name = "model.layers.1.block_sparse_moe.experts.5.w2"
+    for missing, why in (("weight_scale", "has no scale"), ("input_scale", "has no static activation scale")):
+        d = broken_copy(q, tmp_path / missing)
+        tensors = load_file(d / "model.safetensors")
+        del tensors[f"{name}.{missing}"]
+        save_file(tensors, str(d / "model.safetensors"))
+        with pytest.raises(CheckpointError, match=f"FP8 tensor '{name}.weight' {why}"):
+            open_checkpoint(d)
+    d = broken_copy(tiny_dir, tmp_path / "int")  # packed integers, and no config saying how
+    tensors = load_file(d / "model.safetensors")
+    tensors["model.layers.0.self_attn.q_proj.weight"] = torch.zeros(256, 256, dtype=torch.int32)
+    save_file(tensors, str(d / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"q_proj\.weight' is stored as I32; raymix reads F32, BF16"):
+        open_checkpoint(d)
+    d = broken_copy(tiny_dir, tmp_path / "fp8-no-config")
+    tensors = load_file(d / "model.safetensors")
+    tensors["model.layers.0.self_attn.q_proj.weight"] = tensors["model.layers.0.self_attn.q_proj.weight"].to(
+        torch.float8_e4m3fn
+    )
+    save_file(tensors, str(d / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"is FP8 but config\.json has no quantization_config"):
+        open_checkpoint(d)
+
+
+@pytest.mark.parametrize("command", ["plan", "serve"])
+def test_cli_prints_one_line_and_exits_nonzero(tiny_dir, tmp_path, command):
+    """`raymix serve` and `raymix plan` on a GPTQ config: one line naming it, exit 1, no
+    traceback, and serve starts nothing (it refuses before Ray)."""
+    d = with_quantization_config(tiny_dir, tmp_path / "gptq", REFUSED_CONFIGS["gptq"][0])
+    raymix = Path(sys.executable).parent / "raymix"
+    r = subprocess.run(
+        [str(raymix), command, "--model", str(d), *(["--port", "1"] if command == "serve" else [])],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 1, r.stderr
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith(f"raymix: {d / 'config.json'}: quantization method 'gptq' is not supported")
+    assert "supported: FP8" in lines[0] and "Traceback" not in r.stderr and "starting" not in r.stdout
