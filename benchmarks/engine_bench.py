@@ -1,11 +1,14 @@
 """In-process engine throughput vs transformers `generate` on the same checkpoint.
 
 Output tokens per second of the engine (all experts in this process) at 1, 8 and 32 concurrent
-sequences, against `MixtralForCausalLM.generate` one request at a time and as a static batch.
-Median of --runs runs; figures are printed, written to JSON and plotted to PNG. Compare the
-ratios of one run: this machine is noisy.
+sequences, against transformers' `generate` (MixtralForCausalLM, or MistralForCausalLM for a
+dense checkpoint) one request at a time and as a static batch. Median of --runs runs; figures
+are printed, written to JSON and plotted to PNG. Compare the ratios of one run: this machine is
+noisy. An FP8 checkpoint (or --quantization fp8) is timed without transformers, which cannot
+run FP8 weights in float32; the weights' bytes are printed with the figures.
 
     .venv/bin/python benchmarks/engine_bench.py [--model DIR] [--tokens 64] [--runs 3]
+        [--quantization fp8] [--no-transformers] [--name engine_bench]
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ from pathlib import Path
 import torch
 from report import median_of, save  # benchmarks/report.py
 
+from moe.backend import InProcessExperts
 from moe.engine import EngineConfig, LLMEngine
+from moe.quantization import QuantizationConfig
 from moe.sampling import SamplingParams
 from moe.tiny import default_model_dir
 
@@ -69,27 +74,52 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64, help="output tokens per sequence")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--quantization", choices=["fp8"], default=None, help="quantize the weights at load")
+    ap.add_argument("--no-transformers", action="store_true", help="time the engine alone")
+    ap.add_argument("--name", default="engine_bench", help="results file name (benchmarks/results/NAME.*)")
     args = ap.parse_args()
     model = Path(args.model) if args.model else default_model_dir()
-    from transformers import MixtralForCausalLM
-
     print(
         f"model {model}; torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor()}"
     )
-    eng = LLMEngine.from_pretrained(model, EngineConfig(max_num_seqs=max(args.concurrency)))
-    hf = MixtralForCausalLM.from_pretrained(str(model), dtype=torch.float32).eval()
+    config = EngineConfig(max_num_seqs=max(args.concurrency), quantization=args.quantization)
+    eng = LLMEngine.from_pretrained(model, config)
+    assert isinstance(eng.experts, InProcessExperts)
+    weights = eng.model.nbytes() + sum(s.nbytes() for s in eng.experts.shards)
+    quant = QuantizationConfig.from_pretrained(model, args.quantization)
+    print(f"weights held: {weights / 1e6:.1f} MB ({quant.describe() if quant else eng.model.dtype})")
     pad = eng.tokenizer.eos_token_id
     engine_tok_s(eng, prompts(eng.tokenizer, 2), 4)  # warm-up
-    results: dict[str, dict[int, float]] = {"raymix engine": {}, "transformers static batch": {}}
+    results: dict[str, dict[int, float]] = {"raymix engine": {}}
+    hf = None
+    if not (args.no_transformers or quant):
+        from transformers import AutoModelForCausalLM
+
+        hf = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32).eval()
+        results["transformers static batch"] = {}
     for c in args.concurrency:
         batch = prompts(eng.tokenizer, c)
         results["raymix engine"][c] = median_of(
             args.runs, lambda b=batch: engine_tok_s(eng, b, args.tokens), f"engine x{c}"
         )
-        results["transformers static batch"][c] = median_of(
-            args.runs, lambda b=batch: hf_tok_s(hf, b, args.tokens, pad), f"transformers batch {c}"
-        )
+        if hf is not None:
+            results["transformers static batch"][c] = median_of(
+                args.runs, lambda b=batch: hf_tok_s(hf, b, args.tokens, pad), f"transformers batch {c}"
+            )
     print(f"\noutput tok/s, {args.tokens} tokens per sequence, median of {args.runs} runs")
+    if hf is None:
+        for c in args.concurrency:
+            print(f"{c:>12} {results['raymix engine'][c]:>10.1f}")
+        save(
+            args.name,
+            {"model": str(model), "tokens": args.tokens, "weight_bytes": weights, "results": results},
+            results,
+            xscale="log",
+            xlabel="concurrent sequences",
+            ylabel="output tok/s",
+            title=f"In-process engine ({quant.describe() if quant else eng.model.dtype})",
+        )
+        return
     print(f"{'concurrency':>12} {'engine':>10} {'hf static':>10} {'ratio':>7}")
     for c in args.concurrency:
         e, h = results["raymix engine"][c], results["transformers static batch"][c]
@@ -99,8 +129,8 @@ def main() -> None:
         f"{results['raymix engine'][args.concurrency[-1]] / results['transformers static batch'][1]:.2f}x"
     )
     save(
-        "engine_bench",
-        {"model": str(model), "tokens": args.tokens, "results": results},
+        args.name,
+        {"model": str(model), "tokens": args.tokens, "weight_bytes": weights, "results": results},
         results,
         xscale="log",
         xlabel="concurrent sequences",

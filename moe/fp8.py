@@ -12,12 +12,16 @@ Two ways to compute with it, chosen once per process from the device (`w8a8_supp
   `torch._scaled_grouped_mm` for the experts (SM90, SM100). Block-scaled weights go weight-only.
 - weight-only everywhere else (CPU, older GPUs): the FP8 values cast to the compute dtype on the
   fly, the matmul in that dtype and the per-row scale applied to its output, which is the same
-  product: (x Wq^T) * s = x (Wq * s)^T.
+  product: (x Wq^T) * s = x (Wq * s)^T. On the CPU the cast is compiled (`cast`): eager PyTorch
+  converts FP8 one element at a time, 10x slower than inductor's vectorized loop (measured:
+  5.6 vs 0.54 ms for a 3584 x 512 weight, one thread), which made FP8 decode 15x slower than
+  float32 there.
 The reference in the tests is every weight dequantized up front, then the unquantized model.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe.errors import CheckpointError
+
+log = logging.getLogger(__name__)
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
@@ -79,7 +85,7 @@ class Fp8Tensor:
         else:
             s = self.scale.repeat_interleave(self.block[0], -2)[..., :n, :]
             s = s.repeat_interleave(self.block[1], -1)[..., :k]  # [..., N, K]
-        return (self.data.float() * s).to(dtype)
+        return (cast(self.data, torch.float32) * s).to(dtype)
 
     @property
     def shape(self) -> torch.Size:
@@ -96,6 +102,30 @@ class Fp8Tensor:
 
 
 Weight = torch.Tensor | Fp8Tensor  # a linear layer's weight [..., N, K], as it is held
+
+
+class _Cast:
+    """FP8 values → `dtype`: compiled on the CPU (eager falls back, with one warning, where
+    inductor cannot build: no C++ compiler), plain `.to` on GPUs, where it is fast already."""
+
+    def __init__(self) -> None:
+        self.compiled = None
+        self.failed = False
+
+    def __call__(self, data: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if data.device.type != "cpu" or self.failed:
+            return data.to(dtype)
+        try:
+            if self.compiled is None:
+                self.compiled = torch.compile(lambda t, dt: t.to(dt), dynamic=True)
+            return self.compiled(data, dtype)
+        except Exception as e:  # inductor's build failed (dynamo raises many kinds)
+            log.warning("FP8 weights: compiled cast unavailable (%s); casting eagerly, ~10x slower", e)
+            self.failed = True
+            return data.to(dtype)
+
+
+cast = _Cast()
 
 
 def nbytes(w: Weight) -> int:
@@ -182,7 +212,7 @@ def linear(x: torch.Tensor, w: Weight, w8a8: bool = False) -> torch.Tensor:
         return torch._scaled_mm(xq, w.data.t(), scale_a=sa, scale_b=w.scale[None, :], out_dtype=x.dtype)
     if w.block is not None:
         return F.linear(x, w.dequantize(x.dtype))
-    return F.linear(x, w.data.to(x.dtype)) * w.scale.to(x.dtype)
+    return F.linear(x, cast(w.data, x.dtype)) * w.scale.to(x.dtype)
 
 
 def grouped_mm(
@@ -201,9 +231,17 @@ def grouped_mm(
         return torch._scaled_grouped_mm(
             xq, w.data.transpose(-2, -1), sa.reshape(-1), w.scale, offs=offs, out_dtype=x.dtype
         )
+    if x.device.type == "cpu":  # cast only the groups with rows (a host read, free on the CPU):
+        hit = torch.diff(offs, prepend=offs.new_zeros(1)) > 0  # [G]  # a decode step hits few
+        if not bool(hit.all()):
+            if not bool(hit.any()):
+                return x.new_zeros(x.shape[0], w.data.shape[-2])  # no row here: all are unwritten
+            idx = hit.nonzero().squeeze(1)  # dropping empty groups keeps the others' end rows
+            sub = Fp8Tensor(w.data[idx], w.scale[idx], None, w.block)
+            return grouped_mm(x, sub, offs[idx], torch.searchsorted(idx, g), w8a8)
     if w.block is not None:
         return F.grouped_mm(x, w.dequantize(x.dtype).transpose(-2, -1), offs=offs)
-    return F.grouped_mm(x, w.data.to(x.dtype).transpose(-2, -1), offs=offs) * w.scale[g].to(x.dtype)
+    return F.grouped_mm(x, cast(w.data, x.dtype).transpose(-2, -1), offs=offs) * w.scale[g].to(x.dtype)
 
 
 class Fp8Linear(nn.Module):

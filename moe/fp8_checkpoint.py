@@ -44,7 +44,9 @@ def _ignored(module: str, ignore: list[str]) -> bool:
     return any(re.match(p[3:], module) if p.startswith("re:") else module == p for p in ignore)
 
 
-def _quantize(w: torch.Tensor, strategy: str, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_as_stored(
+    w: torch.Tensor, strategy: str, block: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """w [N, K] → (FP8 values [N, K], scale: [] per tensor, [N, 1] per channel, [N/bn, K/bk] per block)."""
     w32 = w.float()
     if strategy == "channel":
@@ -106,7 +108,7 @@ def write_fp8(
         if module not in linears or _ignored(target, list(ignore)):
             tensors[target + name[len(module) :]] = t
             continue
-        data, scale = _quantize(t, strategy, block)
+        data, scale = quantize_as_stored(t, strategy, block)
         tensors[target + ".weight"] = data
         if fmt == "fp8":
             key = "weight_scale_inv" if strategy == "block" else "weight_scale"

@@ -211,7 +211,9 @@ def make_tiny(
     cfg = replace(TINY, vocab_size=VOCAB_SIZES[tokenizer], **overrides)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    log.info("writing a tiny %s checkpoint (seed %d, tokenizer %s) to %s", cfg.model_type, seed, tokenizer, out)
+    log.info(
+        "writing a tiny %s checkpoint (seed %d, tokenizer %s) to %s", cfg.model_type, seed, tokenizer, out
+    )
     (out / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2))
     (out / "generation_config.json").write_text(
         json.dumps({"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}, indent=2)

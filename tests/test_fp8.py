@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from moe.backend import InProcessExperts
@@ -16,7 +17,8 @@ from moe.checkpoint import CheckpointReader, expert_shapes, open_checkpoint
 from moe.engine import EngineConfig, LLMEngine
 from moe.experts import LocalExperts
 from moe.fp8 import FP8, FP8_MAX, Fp8Linear, Fp8Tensor, quantize_activations
-from moe.fp8_checkpoint import write_dequantized, write_fp8
+from moe.fp8 import grouped_mm as fp8_grouped_mm
+from moe.fp8_checkpoint import quantize_as_stored, write_dequantized, write_fp8
 from moe.model import MixtralDense
 from moe.sampling import SamplingParams
 from tests.conftest import hf_model
@@ -140,3 +142,23 @@ def test_w8a8_linear_equals_its_emulation():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         # and within FP8's rounding of the weight-only result
         assert (got - Fp8Linear(weight, w8a8=False)(x)).abs().max() < 0.1 * (x @ w.T).abs().max()
+
+
+@pytest.mark.parametrize("counts", [[3, 0, 2, 0], [0, 0, 4, 1], [2, 2, 2, 2]])
+def test_fp8_grouped_mm_equals_the_dequantized_weights(counts):
+    """The experts' GEMM over FP8 weights (only the groups with rows cast, on the CPU) against
+    torch's grouped GEMM over the dequantized weights, with empty groups and rows past the last
+    group (assignments another shard computes), per-row and per-block scales."""
+    torch.manual_seed(0)
+    w = torch.randn(4, 32, 48) / 7
+    rows = sum(counts)
+    x = torch.randn(rows + 2, 48)
+    offs = torch.tensor(counts).cumsum(0).to(torch.int32)
+    group = torch.cat([torch.full((c,), i) for i, c in enumerate(counts)] + [torch.full((2,), 4)])
+    per_row = Fp8Tensor.quantize(w)
+    data, scale = zip(*(quantize_as_stored(w[e], "block", (16, 16)) for e in range(4)), strict=True)
+    per_block = Fp8Tensor(torch.stack(data), torch.stack(scale), None, (16, 16))
+    for weight in (per_row, per_block):
+        want = F.grouped_mm(x, weight.dequantize(torch.float32).transpose(-2, -1), offs=offs)
+        got = fp8_grouped_mm(x, weight, offs, group)
+        torch.testing.assert_close(got[:rows], want[:rows], rtol=1e-5, atol=1e-5)
