@@ -22,6 +22,7 @@ The reference in the tests is every weight dequantized up front, then the unquan
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -109,7 +110,7 @@ class _Cast:
     inductor cannot build: no C++ compiler), plain `.to` on GPUs, where it is fast already."""
 
     def __init__(self) -> None:
-        self.compiled = None
+        self.compiled: Callable[[torch.Tensor, torch.dtype], torch.Tensor] | None = None
         self.failed = False
 
     def __call__(self, data: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
