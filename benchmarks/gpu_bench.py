@@ -21,6 +21,7 @@ default with the two-micro-batch overlap.
     .venv/bin/python benchmarks/gpu_bench.py                          # on the GPU
     .venv/bin/python benchmarks/gpu_bench.py --expert-shards 2        # + the data plane
     .venv/bin/python benchmarks/gpu_bench.py --attention flex sdpa --prompt-tokens 2000  # long contexts
+    .venv/bin/python benchmarks/gpu_bench.py --quantization fp8       # + FP8 weights, vs FP8's limit
     .venv/bin/python benchmarks/gpu_bench.py --device cpu --hidden-size 512 --intermediate-size 1024
 """
 
@@ -36,10 +37,12 @@ from pathlib import Path
 import torch
 from report import median_of, save  # benchmarks/report.py
 
+from moe.backend import InProcessExperts
 from moe.checkpoint import CheckpointReader
 from moe.config import ModelConfig
 from moe.data_plane import RemoteExperts
 from moe.engine import EngineConfig, LLMEngine
+from moe.fp8 import Fp8Linear
 from moe.local_shards import LocalShards
 from moe.model import MixtralDense
 from moe.sampling import SamplingParams
@@ -71,14 +74,17 @@ def copy_bandwidth(device: torch.device, nbytes: int, runs: int = 10) -> float:
     return 2 * src.numel() * 4 / statistics.median(times)
 
 
-def step_bytes(cfg: ModelConfig, batch: int, elem: int) -> float:
-    """Expected weight bytes one decode step of `batch` sequences reads."""
+def step_bytes(cfg: ModelConfig, batch: int, elem: int, fp8: bool = False) -> float:
+    """Expected weight bytes one decode step of `batch` sequences reads (fp8: the attention
+    projections and experts one byte a weight and a float32 scale a row; gates and LM head at elem)."""
     h, i, d = cfg.hidden_size, cfg.intermediate_size, cfg.attn_head_dim
-    attn = h * d * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)  # q, o; k, v
+    rows = d * (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) + h  # q, k, v; o
+    w, scale = (1, 4) if fp8 else (elem, 0)
+    attn = w * h * d * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads) + scale * rows
     e, k = cfg.num_local_experts, cfg.num_experts_per_tok
     experts_hit = e * (1 - (1 - k / e) ** batch)
-    layer = attn + h * e + experts_hit * 3 * h * i
-    return elem * (cfg.num_hidden_layers * layer + cfg.vocab_size * h)
+    layer = attn + elem * h * e + experts_hit * (w * 3 * h * i + scale * (2 * i + h))
+    return cfg.num_hidden_layers * layer + elem * cfg.vocab_size * h
 
 
 def prompts(n: int, length: int, vocab: int) -> list[list[int]]:
@@ -151,6 +157,12 @@ def main() -> None:
         choices=["auto", "flex", "sdpa"],
         help="decode attention of the in-process engine, one row each (auto: flex on CUDA, sdpa on CPU)",
     )
+    ap.add_argument(
+        "--quantization",
+        choices=["fp8"],
+        default=None,
+        help="also the engine with FP8 weights (quantized at load), against the limit of FP8's bytes",
+    )
     args = ap.parse_args()
     device = torch.device(args.device)
 
@@ -179,6 +191,9 @@ def main() -> None:
     )
     limit = {b: b / (step_bytes(cfg, b, elem) / bw) for b in args.streams}
     results: dict[str, dict[int, float]] = {"bandwidth limit": limit}
+    fp8_limit = {b: b / (step_bytes(cfg, b, elem, fp8=True) / bw) for b in args.streams}
+    if args.quantization:
+        results["bandwidth limit, fp8"] = fp8_limit
     max_len = args.prompt_tokens + args.tokens + 8
 
     def config(**extra) -> EngineConfig:
@@ -205,6 +220,13 @@ def main() -> None:
     for attention in args.attention:
         name = "raymix engine" if len(args.attention) == 1 else f"raymix engine, {attention} attention"
         measure(name, LLMEngine.from_pretrained(model, config(attention_backend=attention)))
+    if args.quantization:
+        eng = LLMEngine.from_pretrained(model, config(quantization=args.quantization))
+        w8a8 = [isinstance(m, Fp8Linear) and m.w8a8 for m in eng.model.modules() if isinstance(m, Fp8Linear)]
+        experts = eng.experts.shards[0] if isinstance(eng.experts, InProcessExperts) else None
+        print(f"fp8: linears W8A8 {all(w8a8)}, experts W8A8 {experts.w8a8 if experts else None}", flush=True)
+        measure("raymix engine, fp8", eng)
+        del eng
     if args.expert_shards:
         threads = max(1, (os.cpu_count() or 2) // (args.expert_shards + 1))
         shards = LocalShards(
@@ -235,10 +257,14 @@ def main() -> None:
     print(
         f"\ndecode tok/s, {args.tokens} greedy tokens per sequence, median of {args.runs}; (fraction of the limit)"
     )
-    names = [n for n in results if n != "bandwidth limit"]
+    names = [n for n in results if not n.startswith("bandwidth limit")]
+
+    def limit_of(name: str) -> dict[int, float]:  # an FP8 row reads FP8's bytes
+        return fp8_limit if name.endswith("fp8") else limit
+
     print(f"{'streams':>8} {'limit':>9} " + " ".join(f"{n:>28}" for n in names))
     for b in args.streams:
-        cells = " ".join(f"{results[n][b]:>18.1f} ({results[n][b] / limit[b]:.2f})" for n in names)
+        cells = " ".join(f"{results[n][b]:>18.1f} ({results[n][b] / limit_of(n)[b]:.2f})" for n in names)
         print(f"{b:>8} {limit[b]:>9.0f} {cells}")
     if "transformers generate" in results:
         ours = results[names[0]]
@@ -254,7 +280,9 @@ def main() -> None:
             "expert_shards": args.expert_shards,
             "tokens": args.tokens,
             "tok_s": results,
-            "fraction_of_limit": {n: {b: results[n][b] / limit[b] for b in args.streams} for n in names},
+            "fraction_of_limit": {
+                n: {b: results[n][b] / limit_of(n)[b] for b in args.streams} for n in names
+            },
         },
         results,
         xscale="log",
