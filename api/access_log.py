@@ -15,6 +15,7 @@ lines carry it too.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import json
 import logging
@@ -28,6 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger("raymix.access")
 QUIET_PATHS = {"/health", "/metrics", "/experts"}  # polled every few seconds: not logged
+CLIENT_CLOSED_REQUEST = 499  # the client left before the answer was complete (nginx's and Serve's)
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -107,18 +109,34 @@ class AccessLog:
         if self.log_prompts:
             scope = {**scope, "raymix.log_prompts": True}
 
+        complete = gone = False  # the whole answer sent; the client went away first
+
         async def send_with_id(message: Message) -> None:
+            nonlocal complete
             if message["type"] == "http.response.start":
                 record.status = message["status"]
                 if self.echo_request_id:
                     headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
                     message = {**message, "headers": [*headers, (b"x-request-id", rid.encode())]}
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                complete = True
             await send(message)
 
+        async def watch_disconnect() -> Message:
+            nonlocal gone
+            message = await receive()
+            gone = gone or message["type"] == "http.disconnect"
+            return message
+
         try:
-            await self.app(scope, receive, send_with_id)
+            await self.app(scope, watch_disconnect, send_with_id)
+        except asyncio.CancelledError:  # Serve's proxy cancels a request whose client left
+            gone = True
+            raise
         finally:
             _current.reset(token)
+            if gone and not complete:
+                record.status = CLIENT_CLOSED_REQUEST
             record.status = record.status or 500  # an exception answered outside: a server error
             if record.path not in QUIET_PATHS:
                 log.info(record.line())

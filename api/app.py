@@ -13,14 +13,17 @@ ingress deployment hosts this app with a router client, a test with an in-proces
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
@@ -46,15 +49,19 @@ from api.protocol import (
     PredictRequest,
     PredictResponse,
     RebalanceResponse,
+    ResponseObject,
+    ResponsesRequest,
     TokenizeRequest,
     TokenizeResponse,
     VersionResponse,
     error_body,
+    template_messages,
     validation_param,
 )
 from api.serving_chat import ServingChat
 from api.serving_completion import ServingCompletion
 from api.serving_predict import ServingPredict
+from api.serving_responses import ServingResponses
 from cluster.messages import ExpertStatus
 from moe.errors import RequestError
 
@@ -66,6 +73,7 @@ REBALANCE = "/experts/rebalance"
 JSON_BODY_PATHS = {
     "/v1/chat/completions",
     "/v1/completions",
+    "/v1/responses",
     "/tokenize",
     "/detokenize",
     "/predict",
@@ -74,10 +82,65 @@ JSON_BODY_PATHS = {
 PROTECTED = {("POST", p) for p in JSON_BODY_PATHS} | {
     ("GET", "/v1/models"),
     ("POST", REBALANCE),
-}  # need a key when keys are set
+}  # need a key when keys are set (and every GET under /v1/models/)
+MAX_JSON_DEPTH = 128  # arrays and objects in a request body (a deep JSON schema has ~60)
+JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+
+
+OPENS, CLOSES = np.frombuffer(b"[{", dtype=np.uint8), np.frombuffer(b"]}", dtype=np.uint8)
+
+
+def too_deep(raw: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether a JSON text's arrays and objects nest deeper than `limit`, told without parsing
+    it: brackets outside strings, counted in one vectorized pass (milliseconds for a 4 MB body
+    of them); a body with no more opening brackets than the limit is not scanned at all."""
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return False
+    skeleton = np.frombuffer(JSON_STRING.sub(b"", raw), dtype=np.uint8)
+    steps = np.isin(skeleton, OPENS).astype(np.int32) - np.isin(skeleton, CLOSES).astype(np.int32)
+    return int(np.cumsum(steps).max(initial=0)) > limit
+
+
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 401, 404, 408, 413, 429, 503)
 }
+
+
+class CancelOnDisconnect:
+    """ASGI middleware: a request whose client goes away is cancelled, so the engine stops
+    generating for nobody (a stream stops by itself; a non-streaming answer would not, under
+    uvicorn). The client's messages are read by one pump and handed to the route in order;
+    when the pump reads `http.disconnect` before the route has answered, the route is
+    cancelled (its choices abort their engine requests as they unwind). Behind Ray Serve the
+    proxy cancels the request itself; this changes nothing there."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        inbox: asyncio.Queue[Message] = asyncio.Queue()
+
+        async def pump() -> None:
+            while True:
+                message = await receive()
+                inbox.put_nowait(message)
+                if message["type"] == "http.disconnect":
+                    return
+
+        route = asyncio.ensure_future(self.app(scope, inbox.get, send))
+        reader = asyncio.ensure_future(pump())
+        try:
+            await asyncio.wait({route, reader}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            reader.cancel()
+            if not route.done():  # the client left first
+                route.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await route
+        if not route.cancelled():
+            route.result()  # the route's own exception, if it raised
 
 
 class RequestGuard:
@@ -97,7 +160,7 @@ class RequestGuard:
             return await self.app(scope, receive, send)
         route = (scope["method"], scope["path"])
         try:
-            if self.keys and route in PROTECTED:
+            if self.keys and (route in PROTECTED or route[1].startswith(("/v1/models/", "/v1/responses/"))):
                 self._check_key(scope)
             if route[0] == "POST" and route[1] in JSON_BODY_PATHS:
                 body = await self._read_json(scope, receive)
@@ -134,9 +197,17 @@ class RequestGuard:
                 raise too_large
             if not message.get("more_body", False):
                 break
+        if too_deep(bytes(raw)):  # told before json.loads recurses that deep
+            raise APIError(
+                400,
+                f"Invalid JSON body: nested deeper than {MAX_JSON_DEPTH} levels.",
+                "invalid_request_error",
+                None,
+                "invalid_json",
+            )
         try:
             data = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
             raise APIError(
                 400, f"Invalid JSON body: {e}", "invalid_request_error", None, "invalid_json"
             ) from None
@@ -175,6 +246,7 @@ def build_api(ctx: ServingContext, behind_serve_proxy: bool = False) -> FastAPI:
         version=VERSION,
         static_url=DOCS_ASSETS,
     )
+    app.add_middleware(CancelOnDisconnect)  # innermost: the routes see the body RequestGuard replays
     app.add_middleware(
         RequestGuard, keys=s.api_key, max_body=s.max_request_body_bytes, on_error=ctx.metrics.count_error
     )
@@ -186,6 +258,7 @@ def build_api(ctx: ServingContext, behind_serve_proxy: bool = False) -> FastAPI:
     app.add_middleware(AccessLog, log_prompts=s.access_log_prompts, echo_request_id=not behind_serve_proxy)
     _add_error_handlers(app, ctx)
     chat, completion, predict = ServingChat(ctx), ServingCompletion(ctx), ServingPredict(ctx)
+    responses = ServingResponses(ctx)
 
     app.mount("/ui", StaticFiles(directory=WEB), name="ui")
 
@@ -225,21 +298,29 @@ def build_api(ctx: ServingContext, behind_serve_proxy: bool = False) -> FastAPI:
             version=VERSION, model_revision=ctx.revision, quantization=ctx.quantization
         ).body()
 
+    async def card(name: str, created: int) -> ModelCard:
+        try:  # the context length once the engine is up (null while it loads)
+            max_len: int | None = await ctx.context_len()
+        except (APIError, EngineUnavailable):
+            max_len = None
+        return ModelCard(
+            id=name,
+            created=created,
+            root=ctx.names[0],
+            max_model_len=max_len,
+            revision=ctx.revision,
+            quantization=ctx.quantization,
+        )
+
     @app.get("/v1/models", response_model=ModelList, responses=ERRORS)
     async def models() -> dict[str, Any]:
         created = int(time.time())
-        cards = [
-            ModelCard(
-                id=n,
-                created=created,
-                root=ctx.names[0],
-                max_model_len=ctx.max_model_len,
-                revision=ctx.revision,
-                quantization=ctx.quantization,
-            )
-            for n in ctx.names
-        ]
-        return ModelList(data=cards).body()
+        return ModelList(data=[await card(n, created) for n in ctx.names]).body()
+
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=ERRORS)
+    async def model(model_id: str) -> dict[str, Any]:
+        """One served model (OpenAI's `models.retrieve`); 404 model_not_found for another id."""
+        return (await card(ctx.model_name(model_id), int(time.time()))).model_dump()
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -253,7 +334,7 @@ def build_api(ctx: ServingContext, behind_serve_proxy: bool = False) -> FastAPI:
     async def tokenize(req: TokenizeRequest) -> dict[str, Any]:
         ctx.model_name(req.model)
         if req.messages is not None:
-            tokens = ctx.tokenizer.apply_chat_template([m.to_template() for m in req.messages])
+            tokens = ctx.tokenizer.apply_chat_template(template_messages(req.messages))
         elif req.prompt is not None:
             tokens = ctx.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
         else:
@@ -277,6 +358,21 @@ def build_api(ctx: ServingContext, behind_serve_proxy: bool = False) -> FastAPI:
     @app.post("/v1/completions", response_model=CompletionResponse, responses=ERRORS)
     async def completions(req: CompletionRequest) -> Response:
         return await completion.create(req)
+
+    @app.post("/v1/responses", response_model=ResponseObject, responses=ERRORS)
+    async def responses_create(req: ResponsesRequest) -> Response:
+        """OpenAI's Responses API, stateless (nothing is stored; see api/serving_responses.py)."""
+        return await responses.create(req)
+
+    @app.get("/v1/responses/{response_id}", response_model=ResponseObject, responses=ERRORS)
+    async def responses_retrieve(response_id: str) -> Response:
+        raise APIError(
+            404,
+            f"No response with id '{response_id}': responses are not stored here (store is false).",
+            "invalid_request_error",
+            "response_id",
+            "not_found",
+        )
 
     @app.post("/predict", response_model=PredictResponse, responses=ERRORS)
     @app.post("/production/predict", response_model=PredictResponse, responses=ERRORS)

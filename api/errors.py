@@ -40,14 +40,17 @@ class APIError(Exception):
         return cls(503, message, "service_unavailable")
 
     @classmethod
-    def from_refusal(cls, r: Refusal, overload_status: int, retry_after_s: int) -> APIError:
-        """The engine's refusal of a request, as the client should see it."""
+    def from_refusal(
+        cls, r: Refusal, overload_status: int, retry_after_s: int, prompt_param: str = "prompt"
+    ) -> APIError:
+        """The engine's refusal of a request, as the client should see it; what the engine calls
+        the prompt is named as the request names it (`prompt_param`: messages, prompt, input)."""
         if r.server_error:
             return cls.unavailable(r.message)
         if r.overloaded:
             headers = {"Retry-After": str(retry_after_s)}
             return cls(overload_status, r.message, "rate_limit_error", None, "overloaded", headers)
-        return cls.bad_request(r.message, r.param, r.code)
+        return cls.bad_request(r.message, prompt_param if r.param == "prompt" else r.param, r.code)
 
 
 class EngineUnavailable(RuntimeError):

@@ -82,7 +82,7 @@ class ChatMessage(BaseModel):
 
     def text(self) -> str:
         if isinstance(self.content, list):
-            return "".join(p.text or "" for p in self.content if p.type == "text")
+            return "".join(p.text or "" for p in self.content if p.type in TEXT_PARTS)
         return self.content or ""
 
     def to_template(self) -> dict[str, Any]:
@@ -92,6 +92,23 @@ class ChatMessage(BaseModel):
             if getattr(self, k) is not None:
                 d[k] = getattr(self, k)
         return d
+
+
+TEXT_PARTS = ("text", "input_text", "output_text")  # chat's, and the Responses API's
+
+
+def template_messages(messages: list[ChatMessage], field: str = "messages") -> list[dict[str, Any]]:
+    """The messages as the chat template takes them, their text parts joined. A part this
+    text-only model cannot read (image_url, input_audio, file, ...) is refused, naming it,
+    rather than dropped: an answer about a picture the model never saw would be worse."""
+    for i, m in enumerate(messages):
+        for j, part in enumerate(m.content if isinstance(m.content, list) else []):
+            if part.type not in TEXT_PARTS:
+                raise RequestError(
+                    f"content parts of type {part.type!r} are not supported: this model reads text only",
+                    param=f"{field}.{i}.content.{j}",
+                )
+    return [m.to_template() for m in messages]
 
 
 class SamplingFields(BaseModel):
@@ -469,3 +486,277 @@ class RebalanceResponse(OpenAIBody):
     after: float | None = OMIT()
     balancedness: float | None = OMIT()  # when the current placement is already the plan
     replicas: dict[str, list[int]] = Field(default_factory=dict)  # expert -> its shards
+
+
+# ---- the Responses API (POST /v1/responses), stateless: a request becomes a chat request ----
+
+
+class ResponsesContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+
+
+class ResponsesInputItem(BaseModel):
+    """A message ({role, content}), a function call the model made, or a tool's output for it."""
+
+    model_config = ConfigDict(extra="allow")
+    type: Literal["message", "function_call", "function_call_output"] = "message"
+    role: Literal["user", "assistant", "system", "developer"] | None = None
+    content: str | list[ResponsesContentPart] | None = None
+    call_id: str | None = None
+    name: str | None = None
+    arguments: str | None = None
+    output: str | None = None
+
+
+class ResponsesTool(BaseModel):
+    """The Responses API's function tool: the function's fields at the top level."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str
+    name: str | None = None
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ResponsesToolChoice(BaseModel):
+    type: Literal["function"]
+    name: str
+
+
+class ResponsesTextFormat(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+    type: Literal["text", "json_object", "json_schema"]
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponsesText(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    format: ResponsesTextFormat | None = None
+
+
+class ResponsesRequest(BaseModel):
+    """OpenAI's Responses request. Nothing is stored: the answer says `store: false`, and
+    `previous_response_id` (a stored conversation) is refused; the conversation comes whole in
+    `input`, and is served as a chat request (`to_chat`)."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    input: str | list[ResponsesInputItem] = Field(min_length=1)
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    tools: list[ResponsesTool] | None = Field(default=None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | ResponsesToolChoice | None = None
+    parallel_tool_calls: bool = True
+    text: ResponsesText | None = None
+    stream: bool = False
+    store: bool | None = None
+    previous_response_id: str | None = None
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+
+    def to_chat(self) -> ChatCompletionRequest:
+        """The same conversation as a chat request: instructions as the system message, function
+        calls as an assistant's tool_calls, their outputs as tool messages; function tools,
+        tool_choice and text.format in chat's shape. Raises RequestError naming what it refuses."""
+        if self.previous_response_id is not None:
+            raise RequestError(
+                "previous_response_id is not supported: no response is stored here; send the whole "
+                "conversation in input",
+                param="previous_response_id",
+            )
+        messages: list[dict[str, Any]] = []
+        if self.instructions:
+            messages.append({"role": "system", "content": self.instructions})
+        items = (
+            [ResponsesInputItem(role="user", content=self.input)]
+            if isinstance(self.input, str)
+            else self.input
+        )
+        for i, item in enumerate(items):
+            if item.type == "function_call":
+                call = {
+                    "id": item.call_id,
+                    "type": "function",
+                    "function": {"name": item.name, "arguments": item.arguments or "{}"},
+                }
+                last = messages[-1] if messages else None
+                if last is not None and last.get("tool_calls") and not last["content"]:
+                    last["tool_calls"].append(call)  # parallel calls: one assistant turn
+                else:
+                    messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
+            elif item.type == "function_call_output":
+                messages.append({"role": "tool", "content": item.output or "", "tool_call_id": item.call_id})
+            else:
+                if item.role is None:
+                    raise RequestError("a message needs a role", param=f"input.{i}.role")
+                parts = item.content if isinstance(item.content, list) else []
+                for j, part in enumerate(parts):
+                    if part.type not in TEXT_PARTS:
+                        raise RequestError(
+                            f"content parts of type {part.type!r} are not supported: this model reads text only",
+                            param=f"input.{i}.content.{j}",
+                        )
+                text = item.content if isinstance(item.content, str) else "".join(p.text or "" for p in parts)
+                messages.append({"role": item.role, "content": text})
+        tools = None
+        for k, t in enumerate(self.tools or []):
+            if t.type != "function" or not t.name:
+                raise RequestError(
+                    f"tools of type {t.type!r} are not supported (only function)", param=f"tools.{k}"
+                )
+        if self.tools:
+            tools = [
+                {
+                    "type": "function",
+                    "function": t.model_dump(
+                        include={"name", "description", "parameters", "strict"}, exclude_none=True
+                    ),
+                }
+                for t in self.tools
+            ]
+        choice: Any = self.tool_choice
+        if isinstance(choice, ResponsesToolChoice):
+            choice = {"type": "function", "function": {"name": choice.name}}
+        fmt = self.text.format if self.text else None
+        response_format = None
+        if fmt is not None and fmt.type == "json_schema":
+            schema = {
+                "name": fmt.name,
+                "description": fmt.description,
+                "schema": fmt.schema_ or {},
+                "strict": fmt.strict,
+            }
+            response_format = {"type": "json_schema", "json_schema": schema}
+        elif fmt is not None and fmt.type == "json_object":
+            response_format = {"type": "json_object"}
+        return ChatCompletionRequest.model_validate(
+            {
+                "model": self.model,
+                "messages": messages,
+                "max_tokens": self.max_output_tokens,
+                "temperature": self.temperature,
+                "top_p": self.top_p,
+                "tools": tools,
+                "tool_choice": choice,
+                "parallel_tool_calls": self.parallel_tool_calls,
+                "response_format": response_format,
+                "stream": self.stream,
+                "user": self.user,
+            }
+        )
+
+
+class ResponseOutputText(BaseModel):
+    type: Literal["output_text"] = "output_text"
+    text: str
+    annotations: list[Any] = Field(default_factory=list)
+    logprobs: list[Any] = Field(default_factory=list)
+
+
+class ResponseMessageItem(OpenAIBody):
+    type: Literal["message"] = "message"
+    id: str
+    status: Literal["in_progress", "completed", "incomplete"] = "completed"
+    role: Literal["assistant"] = "assistant"
+    content: list[ResponseOutputText]
+
+
+class ResponseFunctionCallItem(OpenAIBody):
+    type: Literal["function_call"] = "function_call"
+    id: str
+    call_id: str
+    name: str
+    arguments: str
+    status: Literal["in_progress", "completed", "incomplete"] = "completed"
+
+
+class ResponseUsage(BaseModel):
+    input_tokens: int
+    input_tokens_details: dict[str, int] = Field(default_factory=lambda: {"cached_tokens": 0})
+    output_tokens: int
+    output_tokens_details: dict[str, int] = Field(default_factory=lambda: {"reasoning_tokens": 0})
+    total_tokens: int
+
+    @classmethod
+    def of(cls, input_tokens: int, output_tokens: int) -> ResponseUsage:
+        return cls(
+            input_tokens=input_tokens, output_tokens=output_tokens, total_tokens=input_tokens + output_tokens
+        )
+
+
+class ResponseObject(OpenAIBody):
+    """A `response`: while it runs (`in_progress`, no output yet), then `completed`, or
+    `incomplete` with the reason when max_output_tokens cut it."""
+
+    id: str
+    object: Literal["response"] = "response"
+    created_at: int
+    status: Literal["in_progress", "completed", "incomplete"] = "in_progress"
+    incomplete_details: dict[str, str] | None = None
+    error: dict[str, Any] | None = None
+    model: str
+    output: list[ResponseMessageItem | ResponseFunctionCallItem] = Field(default_factory=list)
+    instructions: str | None = None
+    max_output_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    tools: list[dict[str, Any]] = Field(default_factory=list)
+    tool_choice: Any = "auto"
+    parallel_tool_calls: bool = True
+    text: dict[str, Any] = Field(default_factory=lambda: {"format": {"type": "text"}})
+    truncation: Literal["disabled"] = "disabled"
+    store: Literal[False] = False
+    previous_response_id: None = None
+    metadata: dict[str, str] = Field(default_factory=dict)
+    user: str | None = None
+    usage: ResponseUsage | None = None
+
+    @classmethod
+    def of(cls, req: ResponsesRequest, response_id: str, model: str, created_at: int) -> ResponseObject:
+        """The response to `req` before any output: the request's settings echoed, as OpenAI does."""
+        return cls(
+            id=response_id,
+            created_at=created_at,
+            model=model,
+            instructions=req.instructions,
+            max_output_tokens=req.max_output_tokens,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            tools=[t.model_dump(exclude_none=True) for t in req.tools or []],
+            tool_choice=req.tool_choice.model_dump()
+            if isinstance(req.tool_choice, BaseModel)
+            else req.tool_choice or "auto",
+            parallel_tool_calls=req.parallel_tool_calls,
+            text=req.text.model_dump(by_alias=True, exclude_none=True)
+            if req.text
+            else {"format": {"type": "text"}},
+            metadata=req.metadata or {},
+            user=req.user,
+        )
+
+    def finished(
+        self,
+        output: list[ResponseMessageItem | ResponseFunctionCallItem],
+        finish_reason: str | None,
+        usage: ResponseUsage,
+    ) -> ResponseObject:
+        cut = finish_reason == "length"
+        if cut:
+            for item in output:
+                item.status = "incomplete"
+        return self.model_copy(
+            update={
+                "status": "incomplete" if cut else "completed",
+                "incomplete_details": {"reason": "max_output_tokens"} if cut else None,
+                "output": output,
+                "usage": usage,
+            }
+        )

@@ -29,12 +29,11 @@ from api.protocol import (
     ChatMessageOut,
     DeltaMessage,
     FunctionDelta,
-    ToolCall,
     ToolCallDelta,
     TopLogprob,
 )
 from api.streaming import ChoiceStream, sse_response, start_choices
-from api.tool_calls import ChatPlan, parse_tool_calls, plan_chat
+from api.tool_calls import ChatPlan, calls_of, plan_chat
 from moe.sampling import Logprobs
 
 log = logging.getLogger("ray.serve")
@@ -64,7 +63,7 @@ class ServingChat:
         for i, r in enumerate(results):
             calls, text = None, r.text
             if plan.tool_calls_token is not None and r.token_ids[:1] == [plan.tool_calls_token]:
-                calls, text = self._calls(r.text, req.parallel_tool_calls), ""
+                calls, text = calls_of(r.text, req.parallel_tool_calls), ""
             message = (
                 ChatMessageOut(content=None, tool_calls=calls) if calls else ChatMessageOut(content=text)
             )
@@ -121,7 +120,7 @@ class ServingChat:
                 continue
             reason = out.finish_reason
             if calling[i]:
-                calls = self._calls(held[i], parallel)
+                calls = calls_of(held[i], parallel)
                 if calls is not None:
                     for k, c in enumerate(calls):
                         head = ToolCallDelta(
@@ -140,16 +139,6 @@ class ServingChat:
             last = ChatCompletionChunk(id=rid, created=created, model=model, choices=[], usage=usage)
             yield json.dumps(last.body())
         yield "[DONE]"
-
-    @staticmethod
-    def _calls(text: str, parallel: bool) -> list[ToolCall] | None:
-        """An output after [TOOL_CALLS] as calls (only the first unless parallel_tool_calls).
-        One that is not a list of calls is dropped, never shown as content: a forced call's
-        grammar always closes (moe.guided), so only a free ("auto") one can be malformed."""
-        calls = parse_tool_calls(text)
-        if calls is None:
-            log.warning("dropped a malformed tool call (%d characters)", len(text))
-        return calls if parallel or calls is None else calls[:1]
 
     def _logprobs(self, lps: list[Logprobs]) -> ChatLogprobs:
         def entry(cls: type[TopLogprob], token_id: int, logprob: float, **extra: Any) -> Any:

@@ -45,7 +45,17 @@ class ServingCompletion:
         prompt_tokens = sum(len(p) for p in prompts)
         scored = req.logprobs if req.echo else None  # k for the prompt's tokens
         choices = await start_choices(
-            ctx, rid, per_choice, prompt_tokens, req, req.max_tokens, req.logprobs, None, req.stream, scored
+            ctx,
+            rid,
+            per_choice,
+            prompt_tokens,
+            req,
+            req.max_tokens,
+            req.logprobs,
+            None,
+            req.stream,
+            scored,
+            prompt_param="prompt",
         )
         if req.stream:
             return sse_response(self._stream(choices, rid, model, created, req, per_choice))

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from api.access_log import request_id
 from api.context import ServingContext
 from api.errors import APIError, EngineUnavailable
-from api.protocol import PredictRequest, PredictResponse
+from api.protocol import PredictRequest, PredictResponse, template_messages
 from api.streaming import ChoiceStream, start_choices
 
 log = logging.getLogger("ray.serve")
@@ -28,7 +28,7 @@ class ServingPredict:
     async def create(self, req: PredictRequest) -> Response:
         ctx = self.ctx
         ctx.model_name(req.model)
-        prompt = ctx.tokenizer.apply_chat_template([m.to_template() for m in req.messages])
+        prompt = ctx.tokenizer.apply_chat_template(template_messages(req.messages))
         max_tokens = await ctx.max_tokens(req.max_new_tokens, len(prompt))
         rid = f"predict-{request_id()}"  # X-Request-Id when the client sent one
         choices = await start_choices(

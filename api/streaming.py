@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -46,17 +47,23 @@ async def start_choices(
     plan: ChatPlan | None = None,
     streaming: bool = False,
     prompt_logprobs: int | None = None,
+    prompt_param: str = "messages",
 ) -> ChoiceStream:
-    """Submit choice i (prompts[i]) as engine request `{request_id}-{i}` and wait for every
-    choice's first output. `prompt_tokens`: the request's, as usage counts them;
-    `prompt_logprobs`: k to score the prompts' tokens too (completions' echo)."""
+    """Submit choice i (prompts[i]) as engine request `{request_id}-{i}-{tag}` and wait for
+    every choice's first output. The tag is new for every HTTP request: a client's X-Request-Id
+    is a trace id, not a key (gateways send one id with several calls), so the engine's ids
+    are unique whatever the client sent, and still carry it into the router's log lines.
+    `prompt_tokens`: the request's, as usage counts them; `prompt_logprobs`: k to score the
+    prompts' tokens too (completions' echo); `prompt_param`: what a too-long prompt is
+    called in the request (messages, prompt, input)."""
     start = time.monotonic()
-    rids = [f"{request_id}-{i}" for i in range(len(prompts))]
+    tag = secrets.token_hex(4)
+    rids = [f"{request_id}-{i}-{tag}" for i in range(len(prompts))]
     if max_tokens == 0 and prompt_logprobs is None:  # nothing to compute (DeepInfra allows it)
         ctx_len = await ctx.context_len()
         if any(len(p) > ctx_len for p in prompts):
             raise APIError.bad_request(
-                f"This model's maximum context length is {ctx_len} tokens.", "messages"
+                f"This model's maximum context length is {ctx_len} tokens.", prompt_param
             )
         empty = [_empty_output(rid, len(p)) for rid, p in zip(rids, prompts, strict=True)]
         return ChoiceStream(ctx, None, rids, empty, prompt_tokens, start, streaming)
@@ -86,7 +93,8 @@ async def start_choices(
         while any(f is None for f in firsts):
             item = await outputs.next()
             if isinstance(item, Refusal):
-                raise APIError.from_refusal(item, ctx.settings.overload_status, ctx.settings.retry_after_s)
+                s = ctx.settings
+                raise APIError.from_refusal(item, s.overload_status, s.retry_after_s, prompt_param)
             i = index[item.request_id]
             if (record := access_log.current()) is not None and record.ttft_s is None:
                 record.ttft_s = time.monotonic() - start
@@ -208,18 +216,29 @@ class ChoiceStream:
         return results
 
 
-def sse_response(events: AsyncIterator[str]) -> EventSourceResponse:
-    """Server-sent events; an error after the headers went out is an error event, then [DONE]."""
+def sse_response(
+    events: AsyncIterator[str] | AsyncIterator[dict[str, str]], done: bool = True
+) -> EventSourceResponse:
+    """Server-sent events (data lines, or {"event", "data"} for named events); an error after the
+    headers went out is an error event, then [DONE] (`done`: the chat and completions streams
+    end with it; the Responses API's ends at its last event and has a typed error event)."""
 
-    async def guarded() -> AsyncIterator[str]:
+    def error(body: dict) -> str | dict[str, str]:
+        if done:
+            return json.dumps(body)
+        return {"event": "error", "data": json.dumps({"type": "error", **body["error"]})}
+
+    async def guarded() -> AsyncIterator[str | dict[str, str]]:
         try:
             async for event in events:
                 yield event
         except APIError as e:
-            yield json.dumps(e.body)
-            yield "[DONE]"
+            yield error(e.body)
         except EngineUnavailable as e:
-            yield json.dumps(error_body(str(e), "service_unavailable"))
+            yield error(error_body(str(e), "service_unavailable"))
+        else:
+            return
+        if done:
             yield "[DONE]"
 
     return EventSourceResponse(guarded(), ping=15)

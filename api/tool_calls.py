@@ -16,12 +16,13 @@ back into OpenAI `tool_calls`.
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import string
 from dataclasses import dataclass
 from typing import Any
 
-from api.protocol import ChatCompletionRequest, FunctionCall, NamedToolChoice, ToolCall
+from api.protocol import ChatCompletionRequest, FunctionCall, NamedToolChoice, ToolCall, template_messages
 from moe.errors import RequestError
 from moe.guided import json_grammar, tool_call_grammar
 from moe.tokenizer import Tokenizer
@@ -32,6 +33,7 @@ SAFE_PROMPT = (
     "Avoid harmful, unethical, prejudiced, or negative content. Ensure replies promote fairness and positivity."
 )
 ID_CHARS = string.ascii_letters + string.digits
+log = logging.getLogger("ray.serve")
 
 
 @dataclass
@@ -44,7 +46,7 @@ class ChatPlan:
 
 
 def plan_chat(req: ChatCompletionRequest, tokenizer: Tokenizer) -> ChatPlan:
-    messages = [m.to_template() for m in req.messages]
+    messages = template_messages(req.messages)
     if req.safe_prompt:
         messages.insert(0, {"role": "system", "content": SAFE_PROMPT})
     tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
@@ -109,3 +111,13 @@ def parse_tool_calls(text: str) -> list[ToolCall] | None:
             ToolCall(id=new_tool_call_id(), function=FunctionCall(name=c["name"], arguments=arguments))
         )
     return out
+
+
+def calls_of(text: str, parallel: bool) -> list[ToolCall] | None:
+    """An output after [TOOL_CALLS] as calls (only the first unless parallel_tool_calls). One
+    that is not a list of calls is dropped (None), never shown as content: a forced call's
+    grammar always closes (moe.guided), so only a free ("auto") one can be malformed."""
+    calls = parse_tool_calls(text)
+    if calls is None:
+        log.warning("dropped a malformed tool call (%d characters)", len(text))
+    return calls if parallel or calls is None else calls[:1]

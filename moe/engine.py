@@ -204,7 +204,7 @@ class LLMEngine:
                 f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
                 f"{n + params.max_tokens} tokens ({n} in the messages, {params.max_tokens} in the completion). "
                 "Please reduce the length of the messages or completion.",
-                param="messages",
+                param="prompt",  # the API names it as its request does (messages, prompt, input)
                 code="context_length_exceeded",
             )
         if params.stop and self.tokenizer is None:

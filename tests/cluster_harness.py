@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import concurrent.futures as cf
+import json
 import socket
 import time
 from contextlib import contextmanager
@@ -96,7 +98,31 @@ def greedy_answer(client: Any, question: str, max_tokens: int, **extra: Any) -> 
 
 def greedy_answers(client: Any, questions: list[str], max_tokens: int, **extra: Any) -> list[str]:
     """The questions asked concurrently (they share the engine's batch), answers in order."""
-    import concurrent.futures as cf
-
     with cf.ThreadPoolExecutor(len(questions)) as pool:
         return list(pool.map(lambda q: greedy_answer(client, q, max_tokens, **extra), questions))
+
+
+def same_id_requests(
+    url: str, count: int, stream: bool, n: int = 1, headers: dict[str, str] | None = None
+) -> list[tuple[int, list[str], str]]:
+    """`count` chat requests at once that all carry the X-Request-Id "trace-shared" → (status,
+    text of each choice, X-Request-Id answered) per request."""
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "ignore_eos": True}
+    body |= {"n": n, "stream": stream}
+    headers = {**(headers or {}), "X-Request-Id": "trace-shared"}
+
+    def one(_: int) -> tuple[int, list[str], str]:
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, headers=headers, timeout=60) as r:
+            raw = r.read().decode()
+        if not stream:
+            choices = json.loads(raw)["choices"] if r.status_code == 200 else []
+            return r.status_code, [c["message"]["content"] for c in choices], r.headers["x-request-id"]
+        texts = [""] * n
+        for line in raw.splitlines():
+            if line.startswith("data: {"):
+                for c in json.loads(line[6:])["choices"]:
+                    texts[c["index"]] += c["delta"].get("content") or ""
+        return r.status_code, texts, r.headers["x-request-id"]
+
+    with cf.ThreadPoolExecutor(count) as pool:
+        return list(pool.map(one, range(count)))

@@ -80,6 +80,8 @@ def events(r: httpx.Response) -> list:
         ({**GOOD, "max_tokens": 100000}, 400, "messages", "context_length_exceeded"),
         ({**GOOD, "model": "gpt-17"}, 404, "model", "model_not_found"),
         (b"[" + b"1," * 40000 + b"1]", 413, None, "request_too_large"),
+        (b"[" * 30000 + b"]" * 30000, 400, None, "invalid_json"),  # nested past the depth limit
+        (b'{"messages": ' + b"[" * 129 + b"]" * 129 + b"}", 400, None, "invalid_json"),
     ],
 )
 def test_bad_input_gets_openai_errors(api, body, status, param, code):
@@ -490,3 +492,67 @@ def test_gpu_memory_is_exported_per_deployment():
     assert float(values['raymix:gpu_memory_used_bytes{deployment="router"}']) == 5 * 2**30
     assert float(values['raymix:gpu_memory_total_bytes{deployment="router"}']) == 80 * 2**30
     assert "gpu_memory" not in ServingMetrics().render({})[0].decode()
+
+
+def test_json_nested_deeper_than_the_limit_is_named_and_shallower_is_read(api):
+    deep = post(api, b'{"a": ' + b"[" * 30_000 + b"]" * 30_000 + b"}")  # within the body limit
+    assert deep.status_code == 400 and "nested deeper than 128 levels" in deep.json()["error"]["message"]
+    inside_a_string = {**GOOD, "user": "[" * 1000}  # brackets in strings do not nest
+    assert post(api, inside_a_string).status_code == 200
+    schema: dict = {"type": "integer"}
+    for _ in range(20):  # a 20-level JSON schema (~45 levels of JSON) is served
+        schema = {"type": "object", "properties": {"x": schema}}
+    body = {
+        **GOOD,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "d", "schema": schema}},
+    }
+    assert post(api, {**body, "max_tokens": 200}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "part",
+    [
+        {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}},
+        {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}},
+        {"type": "file", "file": {"file_id": "file-123"}},
+    ],
+)
+def test_parts_a_text_model_cannot_read_are_refused_by_name(api, part):
+    content = [{"type": "text", "text": "What is in this?"}, part]
+    for path, body in (
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": content}], "max_tokens": 3}),
+        ("/tokenize", {"messages": [{"role": "user", "content": content}]}),
+        ("/production/predict", {"messages": [{"role": "user", "content": content}]}),
+    ):
+        r = post(api, body, path=path)
+        assert r.status_code == 400, (path, r.text)
+        assert r.json()["error"]["param"] == "messages.0.content.1" and part["type"] in r.text
+    text_only = [{"type": "text", "text": "What is "}, {"type": "text", "text": "in this?"}]
+    joined = post(api, {"messages": [{"role": "user", "content": "What is in this?"}]}, path="/tokenize")
+    parts = post(api, {"messages": [{"role": "user", "content": text_only}]}, path="/tokenize")
+    assert parts.json()["tokens"] == joined.json()["tokens"]  # text parts are still joined
+
+
+def test_completions_name_the_prompt_when_it_is_too_long(api):
+    r = post(api, {"prompt": "hello " * 300, "max_tokens": 10}, path="/v1/completions")
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    assert r.json()["error"]["code"] == "context_length_exceeded"
+    r = post(api, {"prompt": "hello", "max_tokens": 1000}, path="/v1/completions")
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+
+
+def test_model_retrieve_and_max_model_len(api):
+    import openai
+
+    listed = api.get("/v1/models", headers=AUTH).json()["data"][0]
+    assert listed["max_model_len"] == 256
+    r = api.get("/v1/models/tiny", headers=AUTH)
+    assert r.status_code == 200 and r.json() == {**listed, "created": r.json()["created"]}
+    assert r.json()["object"] == "model" and r.json()["owned_by"] == "raymix"
+    missing = api.get("/v1/models/gpt-17", headers=AUTH)
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+    assert api.get("/v1/models/tiny").status_code == 401  # behind the key like the list
+    client = openai.OpenAI(base_url="http://testserver/v1", api_key=KEY, http_client=api, max_retries=0)
+    assert client.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-17")

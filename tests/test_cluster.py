@@ -15,7 +15,15 @@ import torch
 from moe.engine import EngineConfig, LLMEngine
 from moe.sampling import SamplingParams
 from moe.tiny import default_model_dir
-from tests.cluster_harness import Raymix, free_port, greedy_answer, greedy_answers, metric, ray_cluster
+from tests.cluster_harness import (
+    Raymix,
+    free_port,
+    greedy_answer,
+    greedy_answers,
+    metric,
+    ray_cluster,
+    same_id_requests,
+)
 
 KEY = "sk-raymix-test"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -488,3 +496,13 @@ def test_resizing_expert_shards_under_load_loses_nothing(raymix, reference):
     assert all(text == reference[q] for q, text in done)
     assert router.stats.remote().result()["expert_shards"] == 2
     assert not {extra_shard_app(2), extra_shard_app(3)} & set(serve.status().applications)
+
+
+@pytest.mark.parametrize("count,stream,n", [(2, False, 1), (4, True, 1), (4, False, 2)])
+def test_requests_sharing_an_x_request_id_are_all_answered(client, raymix, count, stream, n):
+    """Through the router, where they hung: 2 and 4 requests at once with one X-Request-Id,
+    streamed and not, n > 1; every one answered in full, the id in every answer's header."""
+    results = same_id_requests(raymix.url, count, stream, n, headers=AUTH)
+    assert [status for status, _, _ in results] == [200] * count
+    assert all(len(texts) == n and all(texts) for _, texts, _ in results)
+    assert {rid for _, _, rid in results} == {"trace-shared"}

@@ -17,7 +17,7 @@ import pytest
 
 from moe.backend import InProcessExperts
 from moe.engine import EngineConfig, LLMEngine
-from tests.cluster_harness import Raymix, free_port, ray_cluster
+from tests.cluster_harness import Raymix, free_port, ray_cluster, same_id_requests
 from tests.local_server import local_server
 
 SETTINGS = dict(
@@ -206,3 +206,39 @@ def test_non_streaming_client_that_gives_up_is_aborted(rm):
         httpx.post(f"{rm.url}/v1/chat/completions", json=body, timeout=1.0)  # the client leaves after 1 s
     stats = rm.wait_idle(timeout=20)
     assert (stats["num_requests_running"], stats["num_used_kv_blocks"]) == (0, 0)
+
+
+@pytest.mark.parametrize("count,stream,n", [(2, False, 1), (4, True, 1), (4, False, 2), (2, True, 3)])
+def test_requests_sharing_an_x_request_id_are_all_answered(tiny_dir, count, stream, n):
+    """A gateway's trace id on several calls at once: every request is answered in full, and
+    the id still comes back (here: the API over the in-process engine; tests/test_cluster.py
+    does the same through the router)."""
+    with local_server(tiny_dir, request_timeout_s=60) as url:
+        results = same_id_requests(url, count, stream, n)
+    assert [status for status, _, _ in results] == [200] * count
+    assert all(len(texts) == n and all(texts) for _, texts, _ in results)
+    assert {rid for _, _, rid in results} == {"trace-shared"}
+
+
+def test_a_request_the_client_cancels_is_logged_as_499(tiny_dir, caplog):
+    import logging
+
+    body = {**GOOD, "max_tokens": 400, "ignore_eos": True}
+    with local_server(tiny_dir) as url, caplog.at_level(logging.INFO, logger="raymix.access"):
+        with httpx.stream(
+            "POST",
+            f"{url}/v1/chat/completions",
+            json={**body, "stream": True},
+            headers={"X-Request-Id": "gone-1"},
+        ) as s:
+            next(s.iter_lines())  # the first event, then the client leaves
+        with pytest.raises(httpx.TimeoutException):
+            post(url, json.dumps(body).encode(), timeout=0.5)  # leaves before the answer
+        post(url, json.dumps(GOOD).encode())  # a request after them: its line comes last
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and len(caplog.records) < 3:
+            time.sleep(0.1)
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "raymix.access"]
+    by_id = {line["request_id"]: line["status"] for line in lines}
+    assert by_id["gone-1"] == 499
+    assert sorted(line["status"] for line in lines) == [200, 499, 499]
