@@ -21,6 +21,10 @@ from deployments.router import Router
 from deployments.shard import ExpertShard
 from moe.checkpoint import open_checkpoint
 
+# how often a draining replica checks for requests still running (Serve's default 2 s, once per
+# deployment in the shutdown chain ingress -> router -> shards: ~6 s of an idle shutdown)
+DRAIN_POLL_S = 0.2
+
 
 def shard_deployment(s: RaymixSettings, name: str, options: dict[str, Any]) -> Any:
     """The Serve deployment of one expert shard (one replica: each shard holds its own experts)."""
@@ -31,6 +35,7 @@ def shard_deployment(s: RaymixSettings, name: str, options: dict[str, Any]) -> A
         max_ongoing_requests=16,
         health_check_period_s=5,
         graceful_shutdown_timeout_s=s.drain_timeout_s + 15,
+        graceful_shutdown_wait_loop_s=DRAIN_POLL_S,
     )(ExpertShard)
 
 
@@ -63,10 +68,12 @@ def build_app(args: dict[str, Any] | RaymixSettings | None = None) -> Applicatio
         health_check_period_s=5,
         # its ongoing requests are the ingress replicas' streams: it drains as long as they do
         graceful_shutdown_timeout_s=s.drain_timeout_s + 5,
+        graceful_shutdown_wait_loop_s=DRAIN_POLL_S,
     )(Router).bind(s, shards, p.expert_groups, p.torch_threads)
     return serve.deployment(
         name=INGRESS,
         ray_actor_options=pin({"num_cpus": 0}, router_node),
         max_ongoing_requests=100_000,
         graceful_shutdown_timeout_s=s.drain_timeout_s,
+        graceful_shutdown_wait_loop_s=DRAIN_POLL_S,
     )(Ingress).bind(s, router)

@@ -5,6 +5,7 @@ processes and data-plane links are the ShardPool's; which shard computes which e
 PlacementController's. What the router itself does is the engine host's job for the ingress:
 
     submit(subscriber, [GenerateRequest])    start requests; outputs go to the subscriber's stream
+    drain(timeout_s)                         refuse new requests (503), wait for those in flight
     stream(subscriber)                       [RequestOutput | Refusal] per engine step, until closed
     abort([request id])                      stop requests now (a client went away)
     model_info / stats / expert_load         what /health, /metrics and the API read
@@ -48,6 +49,10 @@ from moe.sequence import RequestOutput
 from moe.tokenizer import load_tokenizer
 
 log = logging.getLogger("ray.serve")
+
+
+class ShuttingDown(RuntimeError):
+    """A request that came while the router drains: refused as unavailable (503)."""
 SHARD_HEALTH_TIMEOUT_S = 2.0  # a shard that does not answer `info` within this is shown unhealthy
 
 
@@ -89,6 +94,7 @@ class Router:
                 busy=lambda: self.engine.engine is not None and self.engine.engine.has_unfinished(),
             )
         self.engine = AsyncEngine(self._build_engine, name="router-engine")
+        self.draining = False  # set by drain(): new requests are refused
         # background work, started with the replica (the constructor runs on its event loop)
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._export_gauges())]
@@ -145,6 +151,9 @@ class Router:
     async def submit(self, subscriber: str, requests: list[GenerateRequest]) -> None:
         """Add requests; their outputs (or refusals) arrive on the subscriber's stream."""
         sink = self._sink(subscriber)
+        if self.draining:
+            sink.put([(r.request_id, ShuttingDown("the server is shutting down")) for r in requests])
+            return
         for r in requests:
             self.owned[subscriber].add(r.request_id)
             log.info(
@@ -201,7 +210,7 @@ class Router:
         experts = self._data_plane()
         return {
             **self.engine.stats,
-            "ready": self.engine.ready.is_set() and self.engine.error is None,
+            "ready": self.engine.ready.is_set() and self.engine.error is None and not self.draining,
             "steps": self.engine.steps,
             "step_seconds": self.engine.step_seconds,
             "shard_recoveries": experts.recoveries if experts else 0,
@@ -285,6 +294,19 @@ class Router:
         return await self.controller.resize(num_shards, extra_apps, EXPERT_SHARD)
 
     # ---- lifecycle ----
+
+    async def drain(self, timeout_s: float) -> dict[str, Any]:
+        """The first step of a shutdown: from now on new requests are refused (503, and /health
+        says 503 so load balancers stop sending), and this returns once the requests in flight
+        have finished, or after timeout_s. → the engine's gauges at that moment."""
+        self.draining = True
+        deadline = time.monotonic() + timeout_s
+        while self.engine.engine is not None and self.engine.engine.has_unfinished():
+            if time.monotonic() > deadline:
+                log.warning("drain: requests still running after %.0fs; stopping anyway", timeout_s)
+                break
+            await asyncio.sleep(0.1)
+        return self.engine.stats
 
     async def _export_gauges(self, interval: float = 1.0) -> None:
         """The engine's gauges through Ray's metrics export (deployments/ray_metrics.py)."""

@@ -1,21 +1,36 @@
-"""Bring-up: start (or join) Ray, deploy the app, wait until the model answers, say where.
+"""Bring-up: start (or join) Ray, deploy the app, wait until the model answers, say where;
+and the way down.
 
 By default an embedded local Ray is started on 127.0.0.1 for this process; `address` joins an
 existing cluster instead. `start` returns once /health is 200, i.e. the router has loaded the
 dense part and every shard has loaded its experts and joined the data plane.
+
+The way down (`shutdown`): Serve stops taking requests and drains the ones in flight (each
+deployment's graceful shutdown, up to drain_timeout_s), then Ray stops. A container runtime or
+a terminal sends SIGTERM (or SIGINT) to the whole process group: had the embedded Ray's
+daemons and workers been in it, they would die at once with the requests they serve, and the
+drain would wait on a dead GCS. So `raymix serve` with an embedded Ray runs as two processes
+(`supervise`): the one started, which only relays SIGTERM and SIGINT, and the server in a
+session of its own with all of Ray under it. If the first is killed outright, the server is
+told to stop (Linux's PR_SET_PDEATHSIG), and Ray's processes share the server's fate.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
+import signal
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
+from typing import Any
 
 from cluster.config import RaymixSettings
-from cluster.messages import APP_NAME
+from cluster.messages import APP_NAME, ROUTER
 from deployments.app import build_app
 
 log = logging.getLogger(__name__)
@@ -81,11 +96,50 @@ def curl_example(s: RaymixSettings, url: str) -> str:
     return f"curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} -d '{json.dumps(body)}'"
 
 
-def shutdown() -> None:
+def shutdown(drain_timeout_s: float = 0.0) -> None:
+    """Drain, then stop Serve and disconnect from Ray (an embedded Ray stops with it). The
+    router refuses new requests at once and waits for those in flight, up to drain_timeout_s
+    (Serve's own graceful shutdown would not do: its proxy closes the clients' connections
+    when it stops)."""
     import ray
     from ray import serve
 
     try:
-        serve.shutdown()
+        if drain_timeout_s > 0:
+            router = serve.get_deployment_handle(ROUTER, app_name=APP_NAME)
+            router.drain.remote(drain_timeout_s).result(timeout_s=drain_timeout_s + 10)
+    except Exception as e:  # no app (it failed to start), or the router is gone
+        log.warning("drain skipped: %s", e)
     finally:
-        ray.shutdown()
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+
+
+SUPERVISED = "RAYMIX_SUPERVISED"  # set in the server process `supervise` starts
+
+
+def supervise(argv: list[str]) -> int:
+    """Run `raymix <argv>` again as the server, in a session of its own, relaying SIGTERM and
+    SIGINT to it as SIGTERM; → its exit status, once it has drained and stopped."""
+    child = subprocess.Popen(
+        [sys.executable, "-m", "launch.cli", *argv],
+        env={**os.environ, SUPERVISED: "1"},
+        start_new_session=True,
+        preexec_fn=_stop_with_parent,
+    )
+
+    def relay(*_: Any) -> None:
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, relay)
+    signal.signal(signal.SIGINT, relay)
+    return child.wait()
+
+
+def _stop_with_parent() -> None:
+    """In the server before exec: SIGTERM when `supervise`'s process dies (Linux only)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG

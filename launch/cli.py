@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import time
@@ -55,6 +56,9 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     cfg, quant, _ = open_checkpoint(s.model_dir(), s.quantization)  # refused here, before Ray starts
     from launch import bringup
 
+    if not s.address and not os.environ.get(bringup.SUPERVISED):  # an embedded Ray: see bringup
+        return bringup.supervise(sys.argv[1:] if ns.argv is None else ns.argv)
+
     shards = expert_shards(s, cfg)
     what = f"{shards} expert shards + router" if shards else "the router (a dense model: no expert shards)"
     served = f", {quant.describe()}" if quant else ""
@@ -74,8 +78,10 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     while not stop:
         time.sleep(0.5)
-    print("raymix: shutting down", flush=True)
-    bringup.shutdown()
+    print(f"raymix: shutting down (draining requests in flight for up to {s.drain_timeout_s:g}s)", flush=True)
+    t = time.monotonic()
+    bringup.shutdown(s.drain_timeout_s)
+    print(f"raymix: stopped in {time.monotonic() - t:.1f}s", flush=True)
     return 0
 
 
@@ -245,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpus-per-worker", type=int, default=8)
     p.set_defaults(func=cmd_k8s)
     ns = parser.parse_args(argv)
+    ns.argv = argv
     try:
         return ns.func(ns)
     except ValidationError as e:

@@ -54,6 +54,9 @@ def rayservice(
 ) -> dict[str, Any]:
     gpus_needed = s.expert_shards + 1  # one per expert shard + the router
     replicas = math.ceil(gpus_needed / gpus_per_worker)
+    # a pod's SIGTERM drains Ray's node (its replicas' graceful shutdown: drain_timeout_s, plus
+    # up to 15 s more for the shards, which serve until the router has drained): room for all
+    grace = max(120, math.ceil(s.drain_timeout_s) + 60)
     volumes = [{"name": "models", "persistentVolumeClaim": {"claimName": models_pvc, "readOnly": True}}]
     head = container(
         "ray-head",
@@ -87,7 +90,7 @@ def rayservice(
                     "template": {
                         "metadata": {"labels": {"app.kubernetes.io/name": "raymix", "ray.io/role": "head"}},
                         "spec": {
-                            "terminationGracePeriodSeconds": 120,
+                            "terminationGracePeriodSeconds": grace,
                             "containers": [head],
                             "volumes": volumes,
                         },
@@ -105,7 +108,7 @@ def rayservice(
                                 "labels": {"app.kubernetes.io/name": "raymix", "ray.io/role": "worker"}
                             },
                             "spec": {
-                                "terminationGracePeriodSeconds": 120,
+                                "terminationGracePeriodSeconds": grace,
                                 "containers": [worker],
                                 "volumes": volumes,
                                 "tolerations": [
