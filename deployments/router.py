@@ -53,6 +53,8 @@ log = logging.getLogger("ray.serve")
 
 class ShuttingDown(RuntimeError):
     """A request that came while the router drains: refused as unavailable (503)."""
+
+
 SHARD_HEALTH_TIMEOUT_S = 2.0  # a shard that does not answer `info` within this is shown unhealthy
 
 
