@@ -64,18 +64,21 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     served = f", {quant.describe()}" if quant else ""
     print(f"raymix: starting {what} + ingress for {s.model_dir()}{served} ...", flush=True)
     t = time.monotonic()
-    url = bringup.start(s)
-    print(f"raymix: serving {', '.join(s.model_names())} at {url}/v1 (ready in {time.monotonic() - t:.0f}s)")
-    print(f"try:\n  {bringup.curl_example(s, url)}")
-    print(f"or open {url}/ in a browser (chat playground and expert view)", flush=True)
+    bringup.init_ray(s)
     stop = False
 
     def on_signal(*_: Any) -> None:
         nonlocal stop
         stop = True
 
+    # after ray.init, whose core worker installs its own SIGTERM handler (a crash report and
+    # death), and before the deployment is up: a signal from then on is a request to drain
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    url = bringup.deploy(s)
+    print(f"raymix: serving {', '.join(s.model_names())} at {url}/v1 (ready in {time.monotonic() - t:.0f}s)")
+    print(f"try:\n  {bringup.curl_example(s, url)}")
+    print(f"or open {url}/ in a browser (chat playground and expert view)", flush=True)
     while not stop:
         time.sleep(0.5)
     print(f"raymix: shutting down (draining requests in flight for up to {s.drain_timeout_s:g}s)", flush=True)

