@@ -42,12 +42,13 @@ from moe.checkpoint import CheckpointReader
 from moe.config import ModelConfig
 from moe.data_plane import RemoteExperts
 from moe.engine import EngineConfig, LLMEngine
-from moe.fp8 import Fp8Linear
+from moe.fp8 import Fp8Tensor
 from moe.local_shards import LocalShards
 from moe.model import MixtralDense
 from moe.sampling import SamplingParams
 from moe.tiny import make_tiny
 from moe.tokenizer import load_tokenizer
+from moe.weights import Linear
 
 MIXTRAL_8X7B_LAYER = dict(
     hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8
@@ -222,7 +223,8 @@ def main() -> None:
         measure(name, LLMEngine.from_pretrained(model, config(attention_backend=attention)))
     if args.quantization:
         eng = LLMEngine.from_pretrained(model, config(quantization=args.quantization))
-        w8a8 = [isinstance(m, Fp8Linear) and m.w8a8 for m in eng.model.modules() if isinstance(m, Fp8Linear)]
+        fp8 = [m for m in eng.model.modules() if isinstance(m, Linear) and isinstance(m.held, Fp8Tensor)]
+        w8a8 = [m.w8a8 for m in fp8]
         experts = eng.experts.shards[0] if isinstance(eng.experts, InProcessExperts) else None
         print(f"fp8: linears W8A8 {all(w8a8)}, experts W8A8 {experts.w8a8 if experts else None}", flush=True)
         measure("raymix engine, fp8", eng)

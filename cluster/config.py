@@ -38,7 +38,11 @@ class RaymixSettings(BaseSettings):
         description="Ray cluster to join (e.g. 'auto' or ray://host:10001); default: start a local one",
     )
     expert_shards: int = Field(
-        default=2, ge=1, le=256, description="Number of expert-shard deployments the experts are split over"
+        default=2,
+        ge=0,
+        le=256,
+        description="Number of expert-shard deployments the experts are split over; 0: the experts in the router's "
+        "own process (one box, no data plane: the fastest on a CPU)",
     )
     api_key: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Accepted API key(s) (Bearer); none: no authentication"
@@ -79,6 +83,11 @@ class RaymixSettings(BaseSettings):
     kv_cache_memory_mb: int = Field(default=512, ge=1, description="Memory for the router's KV cache, in MiB")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         default="auto", description="Compute dtype; auto: float32 on CPU, the checkpoint's on GPU"
+    )
+    cpu_gemm: Literal["auto", "onednn", "torch"] = Field(
+        default="auto",
+        description="CPU GEMM kernel: onednn over weights prepacked at load, torch (its default, MKL's sgemm), "
+        "or auto: the faster of the two on this CPU, measured once at start-up (GPUs: their own)",
     )
     quantization: Literal["fp8"] | None = Field(
         default=None,
@@ -224,6 +233,7 @@ class RaymixSettings(BaseSettings):
             kv_cache_memory_bytes=self.kv_cache_memory_mb * 2**20,
             dtype=self.dtype,
             quantization=self.quantization,
+            cpu_gemm=self.cpu_gemm,
             tokenizer_mode=self.tokenizer_mode,
             overlap=bool(self.overlap),
             max_queued_requests=self.max_queued_requests,

@@ -111,11 +111,12 @@ def threads_per_process(nodes: list[str | None], router_node: str | None, defaul
 
 
 def expert_shards(settings: RaymixSettings, cfg: ModelConfig) -> int:
-    """How many expert shards serve this model: none for a dense model (its MLP runs on the
-    router; an explicit --expert-shards then gets a warning), else --expert-shards."""
+    """How many expert shards serve this model: --expert-shards (0: the experts in the router's
+    process), none for a dense model (its MLP runs on the router; an explicit --expert-shards
+    then gets a warning)."""
     if cfg.is_moe:
         return settings.expert_shards
-    if "expert_shards" in settings.model_fields_set:
+    if "expert_shards" in settings.model_fields_set and settings.expert_shards:
         log.warning(
             "expert_shards=%d ignored: this model (model_type %s) is dense, it has no experts to shard; "
             "it is served whole by the router",

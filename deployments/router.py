@@ -42,6 +42,7 @@ from deployments.shard_pool import ShardPool
 from moe.async_engine import AsyncEngine, Sink
 from moe.backend import ExpertBackend, InProcessExperts
 from moe.checkpoint import open_checkpoint
+from moe.cpu_gemm import kernel_for
 from moe.data_plane import RemoteExperts, comm_device
 from moe.engine import LLMEngine, gpu_memory, pick_device, pick_dtype
 from moe.model import MixtralDense
@@ -84,9 +85,9 @@ class Router:
             s.shard_recovery_timeout_s,
             holding=lambda k: self.controller.holding(k),
         )
-        # a dense model has no shards: its MLP runs here (the engine's in-process experts)
+        # no shards (--expert-shards 0, or a dense model): the experts, or the MLP, run here
         self.placement: PlacementController | None = None
-        if self.cfg.is_moe:
+        if expert_groups:
             self.placement = PlacementController(
                 self.pool,
                 expert_groups,
@@ -105,9 +106,11 @@ class Router:
 
     @property
     def controller(self) -> PlacementController:
-        """The placement controller (a MoE model's; a dense model has none)."""
+        """The placement controller (none when there are no shards: --expert-shards 0, or a dense model)."""
         if self.placement is None:
-            raise RuntimeError(f"{self.model_dir} is a dense model: it has no experts to place")
+            raise RuntimeError(
+                "the experts run in the router's process: there are no shards to place them on"
+            )
         return self.placement
 
     def _build_engine(self) -> LLMEngine:
@@ -117,11 +120,14 @@ class Router:
         s, cfg = self.settings, self.cfg
         start = time.perf_counter()
         dtype = pick_dtype(s.dtype, cfg, self.device)
-        model = MixtralDense.from_checkpoint(self.reader, cfg, dtype, self.device, self.quant)
+        gemm = kernel_for(s.cpu_gemm, self.device, dtype)
+        model = MixtralDense.from_checkpoint(self.reader, cfg, dtype, self.device, self.quant, gemm)
         tokenizer = load_tokenizer(self.model_dir, s.tokenizer_mode)
         experts: ExpertBackend
         if self.placement is None:  # dense: the MLP is computed here
-            experts = InProcessExperts.from_checkpoint(self.reader, cfg, dtype, self.device, 1, self.quant)
+            experts = InProcessExperts.from_checkpoint(
+                self.reader, cfg, dtype, self.device, 1, self.quant, gemm
+            )
             where = "MLP here too (a dense model)"
         else:
             experts = RemoteExperts(
@@ -288,7 +294,10 @@ class Router:
     async def rebalance(self) -> dict[str, Any]:
         """Re-plan the hot-expert replicas from the recent load and move to the plan while serving."""
         if self.placement is None:
-            return {"changed": False, "reason": "a dense model has no experts to balance"}
+            return {
+                "changed": False,
+                "reason": "the experts run in the router's process: no shards to balance",
+            }
         return await self.placement.rebalance()
 
     async def resize(self, num_shards: int, extra_apps: list[str]) -> dict[str, Any]:

@@ -19,6 +19,7 @@ import torch
 from cluster.config import RaymixSettings
 from deployments.ray_metrics import RayGpuMemory
 from moe.checkpoint import open_checkpoint
+from moe.cpu_gemm import kernel_for
 from moe.data_plane import Rendezvous, ShardServer
 from moe.engine import gpu_memory, pick_device, pick_dtype
 from moe.experts import LocalExperts
@@ -37,8 +38,9 @@ class ExpertShard:
         self.device = pick_device("auto")
         dtype = pick_dtype(s.dtype, cfg, self.device)
         start = time.perf_counter()
+        gemm = kernel_for(s.cpu_gemm, self.device, dtype)
         self.experts = LocalExperts.from_checkpoint(
-            self.reader, cfg, expert_ids, dtype, self.device, self.quant
+            self.reader, cfg, expert_ids, dtype, self.device, self.quant, gemm
         )
         log.info(
             "expert shard %d: experts %s of %d layers loaded on %s in %.1fs (%s, %.2f GB)",

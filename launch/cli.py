@@ -60,7 +60,8 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         return bringup.supervise(sys.argv[1:] if ns.argv is None else ns.argv)
 
     shards = expert_shards(s, cfg)
-    what = f"{shards} expert shards + router" if shards else "the router (a dense model: no expert shards)"
+    alone = "its experts in it" if cfg.is_moe else "a dense model"
+    what = f"{shards} expert shards + router" if shards else f"the router ({alone}: no expert shards)"
     served = f", {quant.describe()}" if quant else ""
     print(f"raymix: starting {what} + ingress for {s.model_dir()}{served} ...", flush=True)
     t = time.monotonic()

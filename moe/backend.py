@@ -48,9 +48,10 @@ class InProcessExperts:
         device: str | torch.device = "cpu",
         num_shards: int = 1,
         quant: QuantizationConfig | None = None,
+        gemm: str = "torch",
     ) -> InProcessExperts:
         groups = partition_experts(cfg.num_local_experts, num_shards)
-        shards = [LocalExperts.from_checkpoint(reader, cfg, g, dtype, device, quant) for g in groups]
+        shards = [LocalExperts.from_checkpoint(reader, cfg, g, dtype, device, quant, gemm) for g in groups]
         return cls(shards, cfg.num_local_experts)
 
     def submit(

@@ -30,8 +30,9 @@ from safetensors import safe_open
 
 from moe.config import ModelConfig
 from moe.errors import CheckpointError
-from moe.fp8 import Fp8Tensor, Weight
+from moe.fp8 import Fp8Tensor
 from moe.quantization import QuantizationConfig
+from moe.weights import Weight
 
 log = logging.getLogger(__name__)
 

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from moe.allocator import keep_freed_memory
 from moe.experts import LocalExperts, Placement, ShardBatch, assign, combine, dispatch, dispatch_whole
 
 log = logging.getLogger(__name__)
@@ -400,6 +401,7 @@ class ShardServer:
         connect_timeout: datetime.timedelta,
         num_threads: int | None = None,
     ):
+        keep_freed_memory()  # this process's malloc keeps the layer batches' buffers (moe.allocator)
         self.experts = experts
         self.num_threads = num_threads
         self.rendezvous = rendezvous

@@ -18,9 +18,11 @@ from typing import Any
 
 import torch
 
+from moe.allocator import keep_freed_memory
 from moe.backend import ExpertBackend, InProcessExperts
 from moe.checkpoint import open_checkpoint, parse_dtype
 from moe.config import ModelConfig
+from moe.cpu_gemm import kernel_for
 from moe.cuda_graph import DecodeGraphs, batch_buckets
 from moe.errors import OverloadedError, RequestError
 from moe.flex_decode import AVAILABLE as FLEX_AVAILABLE
@@ -48,6 +50,9 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # overrides kv_cache_memory_bytes
     dtype: str = "auto"  # auto: float32 on CPU, the checkpoint's dtype on GPU
     quantization: str | None = None  # "fp8": quantize an unquantized checkpoint's linears at load
+    # the CPU's GEMM (moe.cpu_gemm): "onednn" over prepacked weights, "torch" (its default), or
+    # "auto": the faster of the two on this CPU, measured once per process
+    cpu_gemm: str = "auto"
     device: str = "auto"  # auto: cuda if available, else cpu
     tokenizer_mode: str = "auto"
     overlap: bool = False  # two micro-batches per step, so attention overlaps remote experts
@@ -94,6 +99,7 @@ class LLMEngine:
         tokenizer: Tokenizer | None = None,
         model_dir: str | Path | None = None,
     ):
+        keep_freed_memory()  # this process's malloc keeps the step's buffers (moe.allocator)
         self.cfg = cfg
         self.model = model
         self.experts = experts
@@ -179,8 +185,9 @@ class LLMEngine:
         cfg, quant, reader = open_checkpoint(model_dir, config.quantization)
         device = pick_device(config.device)
         dtype = pick_dtype(config.dtype, cfg, device)
-        model = MixtralDense.from_checkpoint(reader, cfg, dtype, device, quant)
-        experts = InProcessExperts.from_checkpoint(reader, cfg, dtype, device, num_shards, quant)
+        gemm = kernel_for(config.cpu_gemm, device, dtype)
+        model = MixtralDense.from_checkpoint(reader, cfg, dtype, device, quant, gemm)
+        experts = InProcessExperts.from_checkpoint(reader, cfg, dtype, device, num_shards, quant, gemm)
         return cls(cfg, model, experts, config, load_tokenizer(model_dir, config.tokenizer_mode), model_dir)
 
     # ---- requests in and out ----

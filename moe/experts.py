@@ -16,11 +16,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from moe import fp8
 from moe.checkpoint import CheckpointReader, expert_prefix, expert_shapes
 from moe.config import ModelConfig
-from moe.fp8 import Weight
+from moe.fp8 import w8a8_supported
 from moe.quantization import QuantizationConfig
+from moe.weights import Weight, cat_rows, grouped_mm, linear, nbytes, prepare, select, stack
 
 
 def select_experts(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,7 +155,8 @@ class LocalExperts:
     """The experts with the given global ids, for every layer, held in this process.
 
     Per layer: gate_up [n, 2I, H] (w1 stacked over w3, one GEMM for both) and down [n, H, I],
-    plain tensors or FP8 with their scales (moe.fp8). A dense model's MLP is its one expert.
+    held as moe.weights holds a weight: plain, FP8 with their scales, or packed for oneDNN on a
+    CPU where that is faster (`gemm`). A dense model's MLP is its one expert.
     """
 
     def __init__(
@@ -166,13 +167,16 @@ class LocalExperts:
         down: list[Weight],
         w8a8: bool = False,
         dtype: torch.dtype | None = None,
+        gemm: str = "torch",
     ):
-        """dtype: what they compute in (needed with FP8 weights; default: the weights' dtype)."""
+        """dtype: what they compute in (needed with FP8 or packed weights; default: the
+        weights' dtype); gemm: the kernel the weights were prepared for (moe.cpu_gemm)."""
         self.cfg = cfg
         self.expert_ids = list(expert_ids)
         self.gate_up = gate_up
         self.down = down
         self.w8a8 = w8a8  # FP8 weights computed as FP8 GEMMs (moe.fp8.w8a8_supported)
+        self.gemm = gemm
         w0 = gate_up[0]
         self.dtype = dtype or (w0.dtype if isinstance(w0, torch.Tensor) else torch.float32)
         expert_map = torch.full((cfg.num_local_experts,), -1, dtype=torch.long)
@@ -188,9 +192,10 @@ class LocalExperts:
         dtype: torch.dtype,
         device: str | torch.device = "cpu",
         quant: QuantizationConfig | None = None,
+        gemm: str = "torch",
     ) -> LocalExperts:
         """Read these experts of every layer (FP8 where stored so, or quantized at load when
-        quant.method is "online"), and nothing else."""
+        quant.method is "online"), and nothing else; prepared for the `gemm` kernel."""
         if not expert_ids:  # a shard waiting for experts (elastic resizing)
             return cls.empty(cfg, dtype, device)
         style = reader.expert_style(cfg)
@@ -199,16 +204,13 @@ class LocalExperts:
         down: list[Weight] = []
         for layer in range(cfg.num_hidden_layers):
             names = {w: [expert_prefix(layer, e, w, style) for e in expert_ids] for w in ("w1", "w3", "w2")}
-            gate_up.append(
-                fp8.stack(
-                    [fp8.cat_rows([t[w1], t[w3]]) for w1, w3 in zip(names["w1"], names["w3"], strict=True)]
-                )
-            )
-            down.append(fp8.stack([t[w2] for w2 in names["w2"]]))
+            pairs = zip(names["w1"], names["w3"], strict=True)
+            gate_up.append(prepare(stack([cat_rows([t[a], t[b]]) for a, b in pairs]), gemm))
+            down.append(prepare(stack([t[w2] for w2 in names["w2"]]), gemm))
             for name in names["w1"] + names["w3"] + names["w2"]:  # free the per-expert copies as we go
                 del t[name]
-        w8a8 = fp8.w8a8_supported(torch.device(device), dtype, grouped=True)
-        return cls(cfg, expert_ids, gate_up, down, w8a8, dtype)
+        w8a8 = w8a8_supported(torch.device(device), dtype, grouped=True)
+        return cls(cfg, expert_ids, gate_up, down, w8a8, dtype, gemm)
 
     @classmethod
     def empty(cls, cfg: ModelConfig, dtype: torch.dtype, device: str | torch.device = "cpu") -> LocalExperts:
@@ -227,7 +229,7 @@ class LocalExperts:
             return LocalExperts.empty(self.cfg, dtype, self.device)
         missing = [e for e in expert_ids if e not in self.expert_ids]
         fresh = (
-            LocalExperts.from_checkpoint(reader, self.cfg, missing, dtype, self.device, quant)
+            LocalExperts.from_checkpoint(reader, self.cfg, missing, dtype, self.device, quant, self.gemm)
             if missing
             else None
         )
@@ -238,20 +240,20 @@ class LocalExperts:
             else:
                 assert fresh is not None
                 src, j = fresh, fresh.expert_ids.index(e)
-            return fp8.select((src.gate_up if which == "gate_up" else src.down)[layer], j)
+            return select((src.gate_up if which == "gate_up" else src.down)[layer], j)
 
         layers = range(self.cfg.num_hidden_layers)
-        gate_up = [fp8.stack([pick(layer, e, "gate_up") for e in expert_ids]) for layer in layers]
-        down = [fp8.stack([pick(layer, e, "down") for e in expert_ids]) for layer in layers]
-        w8a8 = fp8.w8a8_supported(self.device, dtype, grouped=True)
-        return LocalExperts(self.cfg, expert_ids, gate_up, down, w8a8, dtype)
+        gate_up = [stack([pick(layer, e, "gate_up") for e in expert_ids]) for layer in layers]
+        down = [stack([pick(layer, e, "down") for e in expert_ids]) for layer in layers]
+        w8a8 = w8a8_supported(self.device, dtype, grouped=True)
+        return LocalExperts(self.cfg, expert_ids, gate_up, down, w8a8, dtype, self.gemm)
 
     def num_parameters(self) -> int:
         return sum(w.shape.numel() for w in self.gate_up) + sum(w.shape.numel() for w in self.down)
 
     def nbytes(self) -> int:
         """Bytes of the weights held (FP8 with their scales: about half of bf16's)."""
-        return sum(fp8.nbytes(w) for w in self.gate_up) + sum(fp8.nbytes(w) for w in self.down)
+        return sum(nbytes(w) for w in self.gate_up) + sum(nbytes(w) for w in self.down)
 
     @property
     def device(self) -> torch.device:
@@ -275,10 +277,8 @@ class LocalExperts:
         if e == 0 or n == 0:
             return torch.zeros_like(x)
         if not self.cfg.is_moe:
-            gu = fp8.linear(x, fp8.select(self.gate_up[layer], 0), self.w8a8)  # [n, 2I]
-            return fp8.linear(
-                F.silu(gu[:, :inter]) * gu[:, inter:], fp8.select(self.down[layer], 0), self.w8a8
-            )
+            gu = linear(x, select(self.gate_up[layer], 0), self.w8a8)  # [n, 2I]
+            return linear(F.silu(gu[:, :inter]) * gu[:, inter:], select(self.down[layer], 0), self.w8a8)
         local = self.expert_map[expert_ids.clamp(min=0)]  # [n, K] local index, -1: not held
         local = torch.where((expert_ids < 0) | (local < 0), e, local).flatten()  # [nK]; e: not here
         order = torch.argsort(local, stable=True)  # [nK] assignments grouped by expert, others last
@@ -287,9 +287,9 @@ class LocalExperts:
         offs = counts[:e].cumsum(0, dtype=torch.int32)  # [e] end row of each expert's group
         rows = order // k  # [nK] token of each sorted assignment
         group = local[order]  # [nK] local expert of each sorted assignment (e: not here)
-        gu = fp8.grouped_mm(x[rows], self.gate_up[layer], offs, group, self.w8a8)  # [nK, 2I]
+        gu = grouped_mm(x[rows], self.gate_up[layer], offs, group, self.w8a8)  # [nK, 2I]
         h = F.silu(gu[:, :inter]) * gu[:, inter:]  # [nK, I]
-        y = fp8.grouped_mm(h, self.down[layer], offs, group, self.w8a8)  # [nK, H]
+        y = grouped_mm(h, self.down[layer], offs, group, self.w8a8)  # [nK, H]
         # rows past offs[-1] (assignments not held here) are unwritten: they go to a spare row
         dest = torch.where(group < e, rows, n)  # [nK]
         out = torch.zeros(n + 1, x.shape[1], dtype=torch.float32, device=x.device)

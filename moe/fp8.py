@@ -27,7 +27,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from moe.errors import CheckpointError
 
@@ -102,9 +101,6 @@ class Fp8Tensor:
         return sum(t.numel() * t.element_size() for t in parts)
 
 
-Weight = torch.Tensor | Fp8Tensor  # a linear layer's weight [..., N, K], as it is held
-
-
 class _Cast:
     """FP8 values → `dtype`: compiled on the CPU (eager falls back, with one warning, where
     inductor cannot build: no C++ compiler), plain `.to` on GPUs, where it is fast already."""
@@ -127,56 +123,6 @@ class _Cast:
 
 
 cast = _Cast()
-
-
-def nbytes(w: Weight) -> int:
-    return w.nbytes if isinstance(w, Fp8Tensor) else w.numel() * w.element_size()
-
-
-def select(w: Weight, j: int) -> Weight:
-    """One of a stack of weights: [E, N, K] → [N, K]."""
-    if isinstance(w, torch.Tensor):
-        return w[j]
-    return Fp8Tensor(w.data[j], w.scale[j], None if w.input_scale is None else w.input_scale[j], w.block)
-
-
-def stack(ws: list[Weight]) -> Weight:
-    """[N, K] each → [E, N, K]."""
-    if all(isinstance(w, torch.Tensor) for w in ws):
-        return torch.stack(ws)  # type: ignore[arg-type]
-    fs = _all_fp8(ws)
-    ins = [f.input_scale for f in fs]
-    input_scale = None if any(s is None for s in ins) else torch.stack(ins)  # type: ignore[arg-type]
-    return Fp8Tensor(
-        torch.stack([f.data for f in fs]), torch.stack([f.scale for f in fs]), input_scale, fs[0].block
-    )
-
-
-def cat_rows(ws: list[Weight]) -> Weight:
-    """Weights of the same input concatenated along their output rows ([N_i, K] → [ΣN_i, K]): w1
-    over w3 into one gate_up GEMM. Their static input scales become the largest of them (one
-    scale quantizes the shared input, as vLLM does)."""
-    if all(isinstance(w, torch.Tensor) for w in ws):
-        return torch.cat(ws)  # type: ignore[arg-type]
-    fs = _all_fp8(ws)
-    if fs[0].block is not None and any(f.data.shape[-2] % fs[0].block[0] for f in fs[:-1]):
-        raise CheckpointError(
-            f"block-scaled weights of {[tuple(f.shape) for f in fs]} rows do not stack in blocks"
-        )
-    ins = [f.input_scale for f in fs]
-    input_scale = None if any(s is None for s in ins) else torch.stack(ins).amax(0)  # type: ignore[arg-type]
-    return Fp8Tensor(
-        torch.cat([f.data for f in fs]), torch.cat([f.scale for f in fs]), input_scale, fs[0].block
-    )
-
-
-def _all_fp8(ws: list[Weight]) -> list[Fp8Tensor]:
-    if not all(isinstance(w, Fp8Tensor) for w in ws):
-        raise CheckpointError("an expert's projections mix FP8 and unquantized weights")
-    fs = [w for w in ws if isinstance(w, Fp8Tensor)]
-    if len({f.block for f in fs}) != 1:
-        raise CheckpointError("an expert's projections mix scale block sizes")
-    return fs
 
 
 def w8a8_supported(device: torch.device, dtype: torch.dtype, grouped: bool = False) -> bool:
@@ -203,10 +149,8 @@ def quantize_activations(
     return (x.float() / s).clamp(-FP8_MAX, FP8_MAX).to(FP8), s
 
 
-def linear(x: torch.Tensor, w: Weight, w8a8: bool = False) -> torch.Tensor:
+def linear(x: torch.Tensor, w: Fp8Tensor, w8a8: bool = False) -> torch.Tensor:
     """x [M, K] @ w [N, K]^T → [M, N] in x's dtype."""
-    if isinstance(w, torch.Tensor):
-        return F.linear(x, w)
     if w8a8 and w.block is None:
         xq, sa = quantize_activations(x, w.input_scale)
         # the weight [N, K] row-major is the column-major [K, N] _scaled_mm wants
@@ -218,14 +162,12 @@ def linear(x: torch.Tensor, w: Weight, w8a8: bool = False) -> torch.Tensor:
 
 def grouped_mm(
     x: torch.Tensor,  # [M, K] rows sorted by group
-    w: Weight,  # [G, N, K]
+    w: Fp8Tensor,  # [G, N, K]
     offs: torch.Tensor,  # [G] int32 end row of each group; rows past offs[-1] are left unwritten
     group: torch.Tensor,  # [M] each row's group (≥ G past the last group)
     w8a8: bool = False,
 ) -> torch.Tensor:
     """Row r times w[group[r]]^T → [M, N] in x's dtype, one grouped GEMM."""
-    if isinstance(w, torch.Tensor):
-        return F.grouped_mm(x, w.transpose(-2, -1), offs=offs)
     g = group.clamp(max=w.data.shape[0] - 1)  # [M]
     if w8a8 and w.block is None:
         xq, sa = quantize_activations(x, None if w.input_scale is None else w.input_scale[g])
@@ -243,16 +185,3 @@ def grouped_mm(
     if w.block is not None:
         return F.grouped_mm(x, w.dequantize(x.dtype).transpose(-2, -1), offs=offs)
     return F.grouped_mm(x, cast(w.data, x.dtype).transpose(-2, -1), offs=offs) * w.scale[g].to(x.dtype)
-
-
-class Fp8Linear(nn.Module):
-    """A bias-free linear layer over an Fp8Tensor weight [N, K] (the checkpoint's, or quantized
-    at load). The weight is a plain attribute, not a parameter: it is loaded where it lives."""
-
-    def __init__(self, weight: Fp8Tensor, w8a8: bool):
-        super().__init__()
-        self.fp8 = weight
-        self.w8a8 = w8a8
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.fp8, self.w8a8)

@@ -15,18 +15,19 @@ from __future__ import annotations
 from typing import cast
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from moe import weights
 from moe.attention import AttentionMetadata, DecodeMetadata, RotaryEmbedding, apply_rotary
 from moe.backend import ExpertBackend
 from moe.checkpoint import CheckpointReader, dense_tensor_shapes, linear_modules
 from moe.config import ModelConfig
 from moe.experts import select_experts
 from moe.flex_decode import FlexDecodeMetadata
-from moe.fp8 import Fp8Linear, Fp8Tensor, w8a8_supported
+from moe.fp8 import Fp8Tensor, w8a8_supported
 from moe.kv_cache import KVCache
 from moe.quantization import QuantizationConfig
+from moe.weights import Linear
 
 
 def _state_name(checkpoint_name: str) -> str:
@@ -116,9 +117,11 @@ class MixtralDense(nn.Module):
         dtype: torch.dtype,
         device: str | torch.device = "cpu",
         quant: QuantizationConfig | None = None,
+        gemm: str = "torch",
     ) -> MixtralDense:
         """The dense part, its attention projections FP8 where the checkpoint stores them so (or
-        `--quantization fp8` asks: quant.method "online"); gates and LM head always in `dtype`."""
+        `--quantization fp8` asks: quant.method "online"); gates and LM head always in `dtype`.
+        Linear weights are prepared for the `gemm` kernel (moe.cpu_gemm: packed for oneDNN)."""
         with torch.device("meta"):
             model = cls(cfg)
         shapes = dense_tensor_shapes(cfg)
@@ -126,18 +129,19 @@ class MixtralDense(nn.Module):
         matrices = {m: (shapes[m + ".weight"][0], shapes[m + ".weight"][1]) for m in linears}
         projections = {m: shape for m, shape in matrices.items() if m.endswith("_proj")}
         rest = {m: shape for m, shape in matrices.items() if m not in projections}
-        weights = reader.load_linears(projections, dtype, device, quant, quantize=True)
+        held = reader.load_linears(projections, dtype, device, quant, quantize=True)
         for m, w in reader.load_linears(rest, dtype, device, quant).items():
-            weights[m] = w.dequantize(dtype) if isinstance(w, Fp8Tensor) else w
+            held[m] = w.dequantize(dtype) if isinstance(w, Fp8Tensor) else w
         plain = {n: shape for n, shape in shapes.items() if n.removesuffix(".weight") not in linears}
         state = {_state_name(n): t for n, t in reader.load(plain, dtype=dtype, device=device).items()}
         w8a8 = w8a8_supported(torch.device(device), dtype)
-        for m, w in weights.items():
-            if isinstance(w, Fp8Tensor):  # its module becomes an Fp8Linear holding it
-                parent, attr = _state_name(m).rsplit(".", 1)
-                setattr(model.get_submodule(parent), attr, Fp8Linear(w, w8a8))
-            else:
+        for m, w in held.items():
+            w = weights.prepare(w, gemm)
+            if isinstance(w, torch.Tensor):
                 state[_state_name(m) + ".weight"] = w
+            else:  # FP8 or packed: its module becomes a moe.weights.Linear holding it
+                parent, _, attr = _state_name(m).rpartition(".")  # "" for lm_head: the model
+                setattr(model.get_submodule(parent), attr, Linear(w, w8a8))
         if cfg.tie_word_embeddings:
             state["lm_head.weight"] = state["embed_tokens.weight"]
         model.load_state_dict(state, assign=True, strict=True)
@@ -150,8 +154,8 @@ class MixtralDense(nn.Module):
 
     def nbytes(self) -> int:
         """Bytes of the weights held (FP8 projections with their scales)."""
-        fp8 = [m.fp8 for m in self.modules() if isinstance(m, Fp8Linear)]
-        return sum(p.numel() * p.element_size() for p in self.parameters()) + sum(w.nbytes for w in fp8)
+        held = [m.held for m in self.modules() if isinstance(m, Linear)]
+        return sum(p.numel() * p.element_size() for p in self.parameters()) + sum(map(weights.nbytes, held))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -182,4 +186,4 @@ class MixtralDense(nn.Module):
     @torch.inference_mode()
     def compute_logits(self, h: torch.Tensor) -> torch.Tensor:
         """h [B, H] → logits [B, V] in float32."""
-        return F.linear(h, self.lm_head.weight).float()
+        return self.lm_head(h).float()

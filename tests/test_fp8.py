@@ -16,11 +16,12 @@ from moe.backend import InProcessExperts
 from moe.checkpoint import CheckpointReader, expert_shapes, open_checkpoint
 from moe.engine import EngineConfig, LLMEngine
 from moe.experts import LocalExperts
-from moe.fp8 import FP8, FP8_MAX, Fp8Linear, Fp8Tensor, quantize_activations
+from moe.fp8 import FP8, FP8_MAX, Fp8Tensor, quantize_activations
 from moe.fp8 import grouped_mm as fp8_grouped_mm
 from moe.fp8_checkpoint import quantize_as_stored, write_dequantized, write_fp8
 from moe.model import MixtralDense
 from moe.sampling import SamplingParams
+from moe.weights import Linear
 from tests.conftest import hf_model
 from tests.test_reference import ARRIVALS, PROMPTS, hf_greedy
 
@@ -52,6 +53,10 @@ def fp8_copy(src, tmp_path_factory, name: str):
     return q, write_dequantized(q, tmp_path_factory.mktemp(f"{name}-ref"))
 
 
+def is_fp8(module) -> bool:
+    return isinstance(module, Linear) and isinstance(module.held, Fp8Tensor)
+
+
 def engine(path, num_shards=1, **kw):
     return LLMEngine.from_pretrained(path, EngineConfig(max_model_len=256, **kw), num_shards=num_shards)
 
@@ -71,9 +76,9 @@ def test_fp8_checkpoint_greedy_equals_transformers_on_its_dequantized_weights(
             assert seq.output_token_ids == hf_greedy(hf, prompt, GREEDY.max_tokens), (name, shards)
     # what is FP8 in the file is FP8 in memory; what the ignore list keeps is not
     attn = eng.model.layers[0].self_attn
-    assert isinstance(attn.q_proj, Fp8Linear) != ("layer0-attn" in name)
-    assert isinstance(eng.model.layers[1].self_attn.o_proj, Fp8Linear)
-    assert isinstance(eng.model.layers[0].gate.weight, torch.Tensor)  # gates are dequantized at load
+    assert is_fp8(attn.q_proj) != ("layer0-attn" in name)
+    assert is_fp8(eng.model.layers[1].self_attn.o_proj)
+    assert not is_fp8(eng.model.layers[0].gate)  # gates are dequantized at load
     assert all(isinstance(w, Fp8Tensor) and w.data.dtype == FP8 for w in eng.experts.shards[0].gate_up)
 
 
@@ -93,9 +98,8 @@ def test_online_fp8_quantization_of_a_bf16_checkpoint(tiny_dir, tmp_path, device
         expected[n] = t.float()
     save_file(expected, str(ref / "model.safetensors"))
     eng = engine(bf16, quantization="fp8")
-    assert isinstance(eng.model.layers[0].self_attn.k_proj, Fp8Linear)
-    assert eng.model.layers[0].gate.weight.dtype == torch.float32
-    assert eng.model.lm_head.weight.dtype == torch.float32
+    assert is_fp8(eng.model.layers[0].self_attn.k_proj)
+    assert not is_fp8(eng.model.layers[0].gate) and not is_fp8(eng.model.lm_head)
     hf = hf_model(ref, device)
     prompts = [eng.tokenizer.encode(p) for p in PROMPTS]
     for prompt, seq in zip(prompts, eng.generate(prompts, GREEDY, arrival_steps=ARRIVALS), strict=True):
@@ -138,10 +142,10 @@ def test_w8a8_linear_equals_its_emulation():
         if input_scale is None:
             assert torch.equal(sa.squeeze(1), x.abs().amax(1) / FP8_MAX)
         want = (xq.float() * sa) @ weight.dequantize(torch.float32).T
-        got = Fp8Linear(weight, w8a8=True)(x)
+        got = Linear(weight, w8a8=True)(x)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         # and within FP8's rounding of the weight-only result
-        assert (got - Fp8Linear(weight, w8a8=False)(x)).abs().max() < 0.1 * (x @ w.T).abs().max()
+        assert (got - Linear(weight, w8a8=False)(x)).abs().max() < 0.1 * (x @ w.T).abs().max()
 
 
 @pytest.mark.parametrize("counts", [[3, 0, 2, 0], [0, 0, 4, 1], [2, 2, 2, 2]])
