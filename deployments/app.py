@@ -51,9 +51,9 @@ def build_app(args: dict[str, Any] | RaymixSettings | None = None) -> Applicatio
             shard_nodes = list(reserve_nodes([shard_bundle] * len(p.expert_groups), s.placement_strategy))
         router_bundle = {"GPU": float(p.router_options["num_gpus"])} if p.router_options["num_gpus"] else {}
         (router_node,) = reserve_nodes([router_bundle or {"CPU": max(s.router_cpus, 0.001)}], "PACK")
-    threads = [p.torch_threads] * len(shard_nodes)
+    threads = [p.shard_threads] * len(shard_nodes)
     if s.torch_threads is None and len(set(shard_nodes)) > 1:  # over several nodes: per node's cores
-        threads = threads_per_process(shard_nodes, router_node, p.torch_threads)
+        threads = threads_per_process(shard_nodes, router_node, p.shard_threads, with_router=bool(s.overlap))
     shards = [
         shard_deployment(s, shard_deployment_name(k), pin(p.shard_options, shard_nodes[k])).bind(
             s, k, group, threads[k]
@@ -69,7 +69,7 @@ def build_app(args: dict[str, Any] | RaymixSettings | None = None) -> Applicatio
         # its ongoing requests are the ingress replicas' streams: it drains as long as they do
         graceful_shutdown_timeout_s=s.drain_timeout_s + 5,
         graceful_shutdown_wait_loop_s=DRAIN_POLL_S,
-    )(Router).bind(s, shards, p.expert_groups, p.torch_threads)
+    )(Router).bind(s, shards, p.expert_groups, p.router_threads)
     return serve.deployment(
         name=INGRESS,
         ray_actor_options=pin({"num_cpus": 0}, router_node),

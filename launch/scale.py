@@ -34,7 +34,7 @@ def scale(settings: RaymixSettings, num_shards: int) -> dict[str, Any]:
     for k in range(base, num_shards):
         if extra_shard_app(k) not in running:
             app = shard_deployment(settings, EXPERT_SHARD, p.shard_options).bind(
-                settings, k, [], p.torch_threads
+                settings, k, [], p.shard_threads
             )
             serve.run(app, name=extra_shard_app(k), route_prefix=None)
     result = router.resize.remote(num_shards, [extra_shard_app(k) for k in range(base, num_shards)]).result()

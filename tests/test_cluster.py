@@ -79,8 +79,9 @@ def reference():
     return [s.text for s in seqs]
 
 
-@pytest.mark.parametrize("shards", [1, 2, 4])
+@pytest.mark.parametrize("shards", [0, 1, 2, 4])
 def test_greedy_http_equals_engine_and_transformers(raymix, reference, shards):
+    """0 shards: the experts in the router's own process."""
     url = raymix.deploy(expert_shards=shards, **SETTINGS)
     client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=120)
 

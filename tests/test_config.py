@@ -40,7 +40,7 @@ def test_every_setting_is_a_flag_with_help():
 
 @pytest.mark.parametrize(
     "bad",
-    [{"port": 0}, {"expert_shards": 0}, {"dtype": "int4"}, {"attention_backend": "flash"}, {"nonsense": 1}],
+    [{"port": 0}, {"expert_shards": -1}, {"dtype": "int4"}, {"attention_backend": "flash"}, {"nonsense": 1}],
 )
 def test_out_of_range_settings_are_refused(bad):
     with pytest.raises(ValidationError):
@@ -137,3 +137,33 @@ def test_a_shard_on_the_routers_gpu_talks_gloo_others_nccl():
     assert link_transport("nccl", router, ("node-b", ("0",))) == "nccl"  # device 0 of another node
     assert link_transport("gloo", router, ("node-b", ("1",))) == "gloo"
     assert link_transport("nccl", ("node-a", ()), ("node-a", ())) == "nccl"  # no GPUs known: as asked
+
+
+def test_no_expert_shards_puts_the_experts_in_the_router_with_every_core():
+    """--expert-shards 0: no shard deployments; the router alone gets the node's cores (threads)
+    and, with a GPU, the whole GPU."""
+    import os
+
+    cfg = ModelConfig(num_local_experts=8)
+    p = placement(RaymixSettings(expert_shards=0), cfg, gpus=0)
+    assert p.expert_groups == [] and p.router_threads == (os.cpu_count() or 1)
+    assert placement(RaymixSettings(expert_shards=0), cfg, gpus=1).router_options["num_gpus"] == 1.0
+
+
+@pytest.mark.parametrize(
+    "shards,overlap,threads,want",
+    [
+        (1, None, None, (16, 16)),  # router and shard take turns: each computes on every core
+        (4, None, None, (16, 4)),  # the 4 shards compute a layer together
+        (3, None, None, (16, 5)),
+        (16, None, None, (16, 1)),  # more shards than cores: one thread each
+        (1, True, None, (8, 8)),  # with overlap they compute at once: the cores are shared
+        (3, True, None, (4, 4)),
+        (4, None, 3, (3, 3)),  # --torch-threads: as given
+    ],
+)
+def test_torch_threads_are_the_cores_each_process_has_while_it_computes(shards, overlap, threads, want):
+    from cluster.placement import cpu_threads
+
+    s = RaymixSettings(expert_shards=shards, overlap=overlap, torch_threads=threads)
+    assert cpu_threads(s, shards, cores=16) == want
