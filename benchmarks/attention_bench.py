@@ -2,7 +2,7 @@
 
 A decode step's attention must read each sequence's cached K and V once: B·ctx·Hkv·D·2
 elements. That many bytes over the device's measured copy bandwidth is the fastest it can be.
-Two ways of doing it, both as the decode CUDA graph runs them (moe.cuda_graph), timed per layer:
+Two ways of doing it, both as the decode CUDA graph runs them (moe.decode_path), timed per layer:
 - `sdpa` (moe.attention.DenseDecode, the reference): each context's slots gathered into a
   dense [B, L] tensor (L the context padded to a power of two), then one SDPA call;
 - `flex` (moe.flex_decode): FlexAttention compiled, reading the pages in place through a
@@ -28,7 +28,7 @@ from report import save  # benchmarks/report.py
 
 from moe.attention import DenseDecode
 from moe.config import ModelConfig
-from moe.cuda_graph import context_buckets, smallest_fit
+from moe.decode_path import context_buckets, smallest_fit
 from moe.flex_decode import FlexDecode
 from moe.kv_cache import KVCache
 

@@ -59,12 +59,11 @@ def profile(model: Path, streams: int, tokens: int, threads: int) -> dict[str, f
     eng.experts.forward = timer.wrap("experts", eng.experts.forward)  # type: ignore[method-assign]
     eng.model.compute_logits = timer.wrap("LM head", eng.model.compute_logits)  # type: ignore[method-assign]
     for layer in eng.model.layers:
-        for m in (
-            layer.self_attn.q_proj,
-            layer.self_attn.k_proj,
-            layer.self_attn.v_proj,
-            layer.self_attn.o_proj,
-        ):
+        attn = layer.self_attn
+        projections = [attn.qkv_proj, attn.o_proj] if hasattr(attn, "qkv_proj") else [
+            attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj  # before q/k/v were fused
+        ]  # fmt: skip
+        for m in projections:
             timer.hook("projections", m)
         if layer.gate is not None:
             timer.hook("projections", layer.gate)

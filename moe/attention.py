@@ -8,7 +8,7 @@ mask that is causal, bounded by the context length and, if the model has one, by
 window. Attention is then one batched `scaled_dot_product_attention` over [B, max_q] × [B, max_kv].
 
 `DecodeMetadata` is the same for a step of decodes only (one new token per sequence) in
-fixed-shape tensors, as the CUDA-graph runner (moe.cuda_graph) keeps them in static buffers
+fixed-shape tensors, as the CUDA-graph runner (moe.decode_path) keeps them in static buffers
 (`DenseDecode`): padded rows write to a scratch slot and see only it. It stays the reference
 for the decode attention that reads the pages in place (moe.flex_decode).
 """
@@ -28,10 +28,9 @@ class AttentionMetadata:
     positions: torch.Tensor  # [T] position of each new token in its sequence
     slot_mapping: torch.Tensor  # [T] flat cache slot each new token's K/V is written to
     q_index: torch.Tensor  # [B, Lq] row of the flat batch for each (sequence, query); pads point at 0
-    q_valid: torch.Tensor  # [B, Lq] bool, False on pads
+    q_rows: torch.Tensor  # [T] where each new token is in the [B·Lq] (sequence, query) grid
     kv_slots: torch.Tensor  # [B, Lk] flat cache slots of each sequence's context; pads point at 0
     mask: torch.Tensor  # [B, 1, Lq, Lk] bool, True where a query may attend to a key
-    last_index: torch.Tensor  # [B] row of the flat batch holding each sequence's last new token
 
     @classmethod
     def build(
@@ -68,14 +67,14 @@ class AttentionMetadata:
         mask[:, :, 0] |= ~q_valid  # pad queries see key 0 so no row is fully masked (no NaN)
         positions = q_pos[q_valid]  # [T]
         slot_mapping = kv_slots.gather(1, q_pos.clamp(max=lk - 1))[q_valid]  # [T]
+        q_rows = q_valid.flatten().nonzero().squeeze(1)  # [T], on the host: no sync per layer
         return cls(
-            positions=positions.to(device),
-            slot_mapping=slot_mapping.to(device),
-            q_index=q_index.to(device),
-            q_valid=q_valid.to(device),
-            kv_slots=kv_slots.to(device),
-            mask=mask[:, None].to(device),
-            last_index=(starts + n_new - 1).to(device),
+            positions=positions.to(device, non_blocking=True),
+            slot_mapping=slot_mapping.to(device, non_blocking=True),
+            q_index=q_index.to(device, non_blocking=True),
+            q_rows=q_rows.to(device, non_blocking=True),
+            kv_slots=kv_slots.to(device, non_blocking=True),
+            mask=mask[:, None].to(device, non_blocking=True),
         )
 
     def attend(
@@ -208,4 +207,5 @@ def paged_attention(
     # (at 32 decode streams of the hidden-512 model: 4.5 -> 1.4 ms per layer on one CPU thread)
     gqa = kb.shape[1] != qb.shape[1]
     out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=meta.mask, enable_gqa=gqa)  # [B, Hq, Lq, D]
-    return out.transpose(1, 2)[meta.q_valid]  # [T, Hq, D]
+    b, hq, lq, d = out.shape
+    return out.transpose(1, 2).reshape(b * lq, hq, d).index_select(0, meta.q_rows)  # [T, Hq, D]

@@ -23,10 +23,8 @@ from moe.backend import ExpertBackend, InProcessExperts
 from moe.checkpoint import open_checkpoint, parse_dtype
 from moe.config import ModelConfig
 from moe.cpu_gemm import kernel_for
-from moe.cuda_graph import DecodeGraphs, batch_buckets
+from moe.decode_path import DecodePath
 from moe.errors import OverloadedError, RequestError
-from moe.flex_decode import AVAILABLE as FLEX_AVAILABLE
-from moe.flex_decode import FlexDecode
 from moe.guided import GrammarTokenizer
 from moe.kv_cache import BlockManager, KVCache
 from moe.model import MixtralDense
@@ -58,13 +56,14 @@ class EngineConfig:
     overlap: bool = False  # two micro-batches per step, so attention overlaps remote experts
     max_queued_requests: int = 1024  # waiting requests beyond the running batch; more are refused
     enable_prefix_caching: bool = True  # reuse the KV blocks of shared prompt prefixes
-    # decode steps replayed from CUDA graphs (moe.cuda_graph); None: on with CUDA when the
-    # experts are in this process, unsplit, and no overlap. True on CPU runs the same padded
-    # static-buffer step without capture (what the tests compare with the eager path).
+    # decode steps replayed from CUDA graphs (moe.decode_path); None: on where the captured step
+    # can run (bf16 on SM90/SM100, experts in this process, unsplit, no overlap). True on a CPU
+    # runs the same padded static-buffer step without capture (what the tests compare).
     cuda_graphs: bool | None = None
     # attention of decode-only steps (in the graphs or not): "flex" reads each sequence's KV
     # pages in place (FlexAttention, compiled on CUDA: moe.flex_decode), "sdpa" gathers each
-    # context into a dense tensor first (the reference; prefill always); auto: flex on CUDA
+    # context into a dense tensor first (the reference; prefill always); auto: flex on CUDA with
+    # pages of a multiple of 16 tokens
     attention_backend: str = "auto"
 
 
@@ -117,19 +116,21 @@ class LLMEngine:
         self.kv_cache = KVCache(cfg, num_blocks, bs, model.dtype, self.device)
         self.blocks = BlockManager(num_blocks, bs, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
-        attention = self._attention_backend()
-        graphs = self._decode_graphs(experts, attention)
-        eager_flex = None
-        if attention == "flex" and graphs is None:  # the graphs take every decode-only step they exist for
-            flex_batch = batch_buckets(config.max_num_seqs)[-1]
-            on_cuda = self.device.type == "cuda"
-            eager_flex = [
-                FlexDecode(self.kv_cache, flex_batch, cfg.sliding_window, compile=on_cuda)
-                for _ in range(2 if config.overlap else 1)
-            ]
-        self.runner = ModelRunner(
-            cfg, model, experts, self.kv_cache, self.blocks, config.overlap, graphs, eager_flex
+        self.decode = DecodePath.decide(
+            model,
+            experts,
+            self.kv_cache,
+            config.max_num_seqs,
+            self.max_model_len,
+            config.cuda_graphs,
+            config.attention_backend,
+            config.overlap,
         )
+        self.runner = ModelRunner(
+            cfg, model, experts, self.kv_cache, self.blocks, config.overlap, self.decode
+        )
+        if self.decode is not None:
+            self.decode.warm_up()  # every batch bucket compiled and captured before serving
         self.seqs: dict[str, Sequence] = {}
         eos = list(cfg.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id not in eos:
@@ -139,42 +140,6 @@ class LLMEngine:
         self.sampler = Sampler(eos, cfg.vocab_size)
         self.model_dir = model_dir
         self._grammar_tokenizer: GrammarTokenizer | None = None
-
-    def _decode_graphs(self, experts: ExpertBackend, attention: str) -> DecodeGraphs | None:
-        """The CUDA-graph decode runner, when on: graphs need the whole step on this device with
-        nothing that syncs the host (remote experts do; split in-process experts dispatch with
-        nonzero()). In float32 on CUDA, torch's grouped GEMM falls back to a per-group loop that
-        reads its offsets on the host, so by default graphs are for bf16/fp16 models."""
-        wanted = self.config.cuda_graphs
-        on_cuda = self.device.type == "cuda"
-        unsplit = isinstance(experts, InProcessExperts) and len(experts.shards) == 1
-        if wanted is None:
-            wanted = on_cuda and unsplit and not self.config.overlap and self.model.dtype != torch.float32
-        if not wanted:
-            return None
-        if not unsplit or self.config.overlap:
-            raise ValueError("cuda_graphs needs the experts in this process, unsplit, and overlap off")
-        return DecodeGraphs(
-            self.model,
-            experts,
-            self.kv_cache,
-            self.config.max_num_seqs,
-            self.max_model_len,
-            self.cfg.sliding_window,
-            capture=on_cuda,
-            attention=attention,
-        )
-
-    def _attention_backend(self) -> str:
-        name = self.config.attention_backend
-        if name not in ("auto", "flex", "sdpa"):
-            raise ValueError(f"attention_backend must be auto, flex or sdpa, not {name!r}")
-        if name == "auto":
-            name = "flex" if self.device.type == "cuda" else "sdpa"
-        if name == "flex" and not FLEX_AVAILABLE:
-            log.warning("attention_backend flex needs torch >= 2.9 (torch %s): using sdpa", torch.__version__)
-            name = "sdpa"
-        return name
 
     @classmethod
     def from_pretrained(

@@ -21,9 +21,9 @@ the cache: the same mask, for checking it, slow.
 from __future__ import annotations
 
 import inspect
+import itertools
 import logging
 from collections.abc import Callable
-from functools import cached_property
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
@@ -40,8 +40,18 @@ RECOMPILE_LIMIT = 256
 AVAILABLE = "compute_q_blocks" in inspect.signature(BlockMask.from_kv_blocks).parameters
 
 
-def ints(values: list[int]) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.int32)
+def padded_rows(rows: list[list[int]], lengths: list[int], width: int) -> torch.Tensor:
+    """The first lengths[i] entries of each row, as an int32 [n, width] tensor zero-padded on the
+    right: one flat tensor and one scatter, not a tensor per row."""
+    flat = torch.tensor(
+        list(itertools.chain.from_iterable(r[:k] for r, k in zip(rows, lengths, strict=True)))
+    )
+    counts = torch.tensor(lengths)
+    row = torch.repeat_interleave(torch.arange(len(rows)), counts)  # [total]
+    col = torch.arange(len(flat)) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)  # [total]
+    out = torch.zeros(len(rows), width, dtype=torch.int32)
+    out[row, col] = flat.to(torch.int32)
+    return out
 
 
 class FlexDecodeMetadata:
@@ -62,11 +72,6 @@ class FlexDecodeMetadata:
         self.num_slots = num_slots  # the blocks' slots (the scratch slot past them is left out)
         self.attention = attention  # flex_attention, compiled or not
 
-    @cached_property
-    def last_index(self) -> torch.Tensor:
-        """[n] the row of each sequence's token (one per sequence)."""
-        return torch.arange(self.positions.shape[0], device=self.positions.device)
-
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     ) -> torch.Tensor:
@@ -86,9 +91,12 @@ class FlexDecodeMetadata:
 class FlexDecode:
     """Static buffers of the block mask for decode steps of up to `max_batch` sequences.
 
-    The mask's blocks of row b are b's pages in two lists, as FlexAttention takes them: the full
-    ones (every slot a position of b's context inside the window: mask_mod is not evaluated
-    there) and the partial ones (the last page, and with a sliding window its first)."""
+    Row b of the mask lists b's pages (from the first its sliding window reaches, if any) as
+    *partial* blocks: mask_mod is evaluated on every key, so FlexAttention's decoding kernel
+    splits each sequence's own pages over the SMs. Passing full blocks as well would make it split
+    the whole cache's length instead (the template's `TILE_KV` is cdiv(KV_LEN, SPLIT_KV) when
+    there are full blocks), leaving one CTA per sequence and KV head to walk all its pages at low
+    batch sizes; vLLM's FlexAttention backend passes none either."""
 
     context_buckets = False  # nothing depends on the contexts' lengths: graphs per batch bucket only
 
@@ -98,15 +106,8 @@ class FlexDecode:
         self.sliding_window, self.max_batch = sliding_window, max_batch
         self.kv_cache = kv_cache
         self.warm: set[int] = set()  # batch buckets whose kernel ran
-
-        def blocks() -> tuple[torch.Tensor, torch.Tensor]:  # counts [B, 1, 1], block ids [B, 1, 1, blocks]
-            return (
-                torch.zeros(max_batch, 1, 1, dtype=torch.int32, device=dev),
-                torch.zeros(max_batch, 1, 1, nb, dtype=torch.int32, device=dev),
-            )
-
-        self.num_partial, self.partial = blocks()
-        self.num_full, self.full = blocks()
+        self.num_partial = torch.zeros(max_batch, 1, 1, dtype=torch.int32, device=dev)  # [B, 1, 1]
+        self.partial = torch.zeros(max_batch, 1, 1, nb, dtype=torch.int32, device=dev)  # [B, 1, 1, blocks]
         self.tables = torch.zeros(max_batch, nb, dtype=torch.int32, device=dev)  # [B, blocks] block tables
         self.num_pages = torch.zeros(max_batch, dtype=torch.int32, device=dev)  # [B] blocks in each table
         self.context_lens = torch.zeros(max_batch, dtype=torch.int32, device=dev)  # [B]
@@ -140,30 +141,25 @@ class FlexDecode:
         self.mask_mod = mask_mod
 
     def fill(self, tables: list[list[int]], context_lens: list[int], bsz: int, ctx: int) -> None:
-        """Write the step's block tables, their full and partial pages and the lengths into rows
-        [:bsz] (pads: no blocks), built on the host, one copy each."""
-        n, bs, w = len(tables), self.block_size, self.sliding_window
-        pages = [-(-c // bs) for c in context_lens]
-        width = max(pages)
-        table, full, partial = (torch.zeros(n, width, dtype=torch.int32) for _ in range(3))
-        num_full, num_partial = [0] * bsz, [0] * bsz
-        for i, (t, length) in enumerate(zip(tables, context_lens, strict=True)):
-            table[i, : pages[i]] = torch.tensor(t[: pages[i]], dtype=torch.int32)
-            start = max(0, length - w) if w is not None else 0  # the first position attended to
-            lo = -(-start // bs)  # full pages: [lo, hi), every slot in [start, length)
-            hi = max(lo, length // bs)
-            part = sorted({j for j in (start // bs, pages[i] - 1) if not lo <= j < hi})  # at most 2
-            num_full[i], num_partial[i] = hi - lo, len(part)
-            full[i, : hi - lo] = table[i, lo:hi]
-            partial[i, : len(part)] = table[i, part]
+        """Write the step's block tables, their pages in the window and the lengths into rows
+        [:bsz] (pads: no blocks): tensor ops over the whole batch on the host, one copy each."""
+        n, bs = len(tables), self.block_size
+        lens = torch.tensor(context_lens, dtype=torch.int32)  # [n]
+        pages = (lens + bs - 1) // bs  # [n] blocks each table uses
+        width = int(pages.max())
+        table = padded_rows(tables, pages.tolist(), width)  # [n, width]
+        first = torch.zeros_like(pages)  # [n] the first page the window reaches
+        if self.sliding_window is not None:
+            first = (lens - self.sliding_window).clamp(min=0) // bs
+        col = torch.arange(width, dtype=torch.int32)  # [width]
+        take = (first[:, None] + col).clamp(max=width - 1)  # [n, width]
+        window = torch.where(col < (pages - first)[:, None], table.gather(1, take.long()), 0)  # [n, width]
+        pad = bsz - n
         self.tables[:n, :width].copy_(table, non_blocking=True)
-        self.full[:n, 0, 0, :width].copy_(full, non_blocking=True)
-        self.partial[:n, 0, 0, :width].copy_(partial, non_blocking=True)
-        self.num_full[:bsz, 0, 0].copy_(ints(num_full), non_blocking=True)
-        self.num_partial[:bsz, 0, 0].copy_(ints(num_partial), non_blocking=True)
-        pad = [0] * (bsz - n)
-        self.num_pages[:bsz].copy_(ints(pages + pad), non_blocking=True)
-        self.context_lens[:bsz].copy_(ints(context_lens + pad), non_blocking=True)
+        self.partial[:n, 0, 0, :width].copy_(window, non_blocking=True)
+        self.num_partial[:bsz, 0, 0].copy_(torch.cat([pages - first, lens.new_zeros(pad)]), non_blocking=True)
+        self.num_pages[:bsz].copy_(torch.cat([pages, lens.new_zeros(pad)]), non_blocking=True)
+        self.context_lens[:bsz].copy_(torch.cat([lens, lens.new_zeros(pad)]), non_blocking=True)
 
     def metadata(
         self, positions: torch.Tensor, slot_mapping: torch.Tensor, bsz: int, ctx: int
@@ -185,8 +181,6 @@ class FlexDecode:
             self.masks[bsz] = BlockMask.from_kv_blocks(
                 self.num_partial[:bsz],
                 self.partial[:bsz],
-                self.num_full[:bsz],
-                self.full[:bsz],
                 BLOCK_SIZE=(Q_BLOCK, self.block_size),
                 mask_mod=self.mask_mod,
                 seq_lengths=(1, self.num_slots),
@@ -196,16 +190,19 @@ class FlexDecode:
 
     def ready(self, bsz: int, num_heads: int) -> bool:
         """Run bucket bsz's attention once (compiling it) before a step uses it, so a kernel that
-        fails to build is found before the step has written anything (or is captured): False then."""
+        fails to build is found before the step has written anything (or is captured): False then.
+        Under inference_mode, as the model runs it: dynamo guards on it, and a probe in grad mode
+        would compile a second version, the one the step then uses."""
         if bsz in self.warm:
             return True
         keys = self.kv_cache.k[0, : self.num_slots].permute(1, 0, 2)[None]  # [1, Hkv, slots, D]
         values = self.kv_cache.v[0, : self.num_slots].permute(1, 0, 2)[None]
         q = keys.new_zeros(bsz, num_heads, 1, keys.shape[-1])  # [bsz, Hq, 1, D]: any queries will do
         try:
-            self.attention(
-                q, keys, values, block_mask=self._block_mask(bsz), enable_gqa=num_heads != keys.shape[1]
-            )
+            with torch.inference_mode():
+                self.attention(
+                    q, keys, values, block_mask=self._block_mask(bsz), enable_gqa=num_heads != keys.shape[1]
+                )
         except Exception as e:  # inductor's errors, and dynamo's recompile limit (not a RuntimeError)
             log.warning("decode attention: FlexAttention failed (%s); gathering each context instead", e)
             return False

@@ -87,6 +87,15 @@ class Fp8Tensor:
             s = s.repeat_interleave(self.block[1], -1)[..., :k]  # [..., N, K]
         return (cast(self.data, torch.float32) * s).to(dtype)
 
+    def row_blocks(self) -> Fp8Tensor:
+        """The same weight with its block scales repeated per row (blocks of 1 x bk): exact, and
+        weights whose row counts are not a multiple of the block's stack along their rows."""
+        if self.block is None:
+            return self
+        n = self.data.shape[-2]
+        scale = self.scale.repeat_interleave(self.block[0], -2)[..., :n, :]
+        return Fp8Tensor(self.data, scale.contiguous(), self.input_scale, (1, self.block[1]))
+
     @property
     def shape(self) -> torch.Size:
         return self.data.shape

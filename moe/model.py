@@ -2,9 +2,12 @@
 
 Everything but the experts, which live behind an `ExpertBackend`: at each layer the model
 computes the gate, routes every token to its top-k experts and hands the flat batch to the
-backend (in this process, or remote expert shards). The forward pass works on a flat batch of
-new tokens from many sequences ([T, H]), as the continuous-batching engine produces it, and
-reads as the block it is: attention then MoE, each added to the residual stream. The residual
+backend (in this process, or remote expert shards). The forward pass works on flat batches of
+new tokens from many sequences ([T, H]), as the continuous-batching engine produces them, and
+reads as the block it is: attention then MoE, each added to the residual stream. It takes a
+list of micro-batches: with two, one's experts of a layer are computed (remotely) while the
+other's attention of that layer runs; each goes through the same ops in the same order either
+way, only the wait for a layer's MoE output moves to just before its next layer. The residual
 stream is kept in float32 whatever the model's dtype (layers compute in bf16, their outputs add
 up in float32): in bf16 the greedy path then stays with the float32 one at least as long as
 transformers' own bf16 does (tests/test_reference.py).
@@ -12,6 +15,7 @@ transformers' own bf16 does (tests/test_reference.py).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import cast
 
 import torch
@@ -28,6 +32,8 @@ from moe.fp8 import Fp8Tensor, w8a8_supported
 from moe.kv_cache import KVCache
 from moe.quantization import QuantizationConfig
 from moe.weights import Linear
+
+Metadata = AttentionMetadata | DecodeMetadata | FlexDecodeMetadata  # a step's attention inputs
 
 
 def _state_name(checkpoint_name: str) -> str:
@@ -55,9 +61,8 @@ class Attention(nn.Module):
         super().__init__()
         d = cfg.attn_head_dim
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, d
-        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * d, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * d, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * d, bias=False)
+        # q, k and v in one GEMM: [Hq·D + 2·Hkv·D, H], the checkpoint's three stacked at load
+        self.qkv_proj = nn.Linear(cfg.hidden_size, (self.n_heads + 2 * self.n_kv) * d, bias=False)
         self.o_proj = nn.Linear(self.n_heads * d, cfg.hidden_size, bias=False)
 
     def forward(
@@ -66,12 +71,13 @@ class Attention(nn.Module):
         cos_sin: tuple[torch.Tensor, torch.Tensor],
         k_cache: torch.Tensor,  # [slots, Hkv, D]
         v_cache: torch.Tensor,
-        meta: AttentionMetadata | DecodeMetadata | FlexDecodeMetadata,
+        meta: Metadata,
     ) -> torch.Tensor:
-        t = x.shape[0]
-        q = self.q_proj(x).view(t, self.n_heads, self.head_dim)  # [T, Hq, D]
-        k = self.k_proj(x).view(t, self.n_kv, self.head_dim)  # [T, Hkv, D]
-        v = self.v_proj(x).view(t, self.n_kv, self.head_dim)  # [T, Hkv, D]
+        t, d = x.shape[0], self.head_dim
+        qkv = self.qkv_proj(x)  # [T, (Hq + 2 Hkv) D]
+        q = qkv[:, : self.n_heads * d].view(t, self.n_heads, d)  # [T, Hq, D]
+        k = qkv[:, self.n_heads * d : (self.n_heads + self.n_kv) * d].view(t, self.n_kv, d)  # [T, Hkv, D]
+        v = qkv[:, (self.n_heads + self.n_kv) * d :].view(t, self.n_kv, d)  # [T, Hkv, D]
         q, k = apply_rotary(q, *cos_sin), apply_rotary(k, *cos_sin)
         out = meta.attend(q, k, v, k_cache, v_cache)  # [T, Hq, D]
         return self.o_proj(out.reshape(t, -1))  # [T, H]
@@ -97,6 +103,17 @@ class DecoderLayer(nn.Module):
             return experts.submit(layer, x, ids, torch.ones(x.shape[0], 1, device=x.device))
         weights, ids = select_experts(self.gate(x), self.top_k)  # [T, K], [T, K]
         return experts.submit(layer, x, ids, weights)
+
+
+@dataclass
+class PendingMoE:
+    """A micro-batch between its layer's MoE submit and its output."""
+
+    residual: torch.Tensor  # [T_m, H] the stream after attention, before the MoE is added
+    handle: object  # the backend's handle for the MoE output [T_m, H]
+
+    def finish(self, experts: ExpertBackend) -> torch.Tensor:
+        return self.residual + experts.wait(self.handle)  # [T_m, H]
 
 
 class MixtralDense(nn.Module):
@@ -132,6 +149,9 @@ class MixtralDense(nn.Module):
         held = reader.load_linears(projections, dtype, device, quant, quantize=True)
         for m, w in reader.load_linears(rest, dtype, device, quant).items():
             held[m] = w.dequantize(dtype) if isinstance(w, Fp8Tensor) else w
+        for layer in range(cfg.num_hidden_layers):  # q, k, v stacked into one GEMM's weight
+            p = f"model.layers.{layer}.self_attn."
+            held[p + "qkv_proj"] = weights.cat_rows([held.pop(p + x) for x in ("q_proj", "k_proj", "v_proj")])
         plain = {n: shape for n, shape in shapes.items() if n.removesuffix(".weight") not in linears}
         state = {_state_name(n): t for n, t in reader.load(plain, dtype=dtype, device=device).items()}
         w8a8 = w8a8_supported(torch.device(device), dtype)
@@ -164,20 +184,24 @@ class MixtralDense(nn.Module):
     @torch.inference_mode()
     def forward(  # type: ignore[override]
         self,
-        input_ids: torch.Tensor,  # [T]
-        meta: AttentionMetadata | DecodeMetadata | FlexDecodeMetadata,
+        micro_batches: list[tuple[torch.Tensor, Metadata]],  # ([T_m] ids, their metadata) each
         kv_cache: KVCache,
         experts: ExpertBackend,
-    ) -> torch.Tensor:
-        """→ the final hidden states [T, H] (after the last norm). Two micro-batches overlapping
-        their remote experts go through moe.overlap instead, with the same ops in the same order."""
+    ) -> list[torch.Tensor]:
+        """→ each micro-batch's final hidden states [T_m, H] (after the last norm)."""
         assert self.rotary is not None
-        h = self.embed(input_ids)  # [T, H] float32
-        cos_sin = self.rotary.cos_sin(meta.positions, self.dtype)
+        hs = [self.embed(ids) for ids, _ in micro_batches]  # [T_m, H] each, float32
+        cos_sin = [self.rotary.cos_sin(meta.positions, self.dtype) for _, meta in micro_batches]
+        pending: list[PendingMoE | None] = [None] * len(hs)
         for i, layer in enumerate(cast(list[DecoderLayer], self.layers)):
-            h = h + layer.self_attn(layer.input_layernorm(h), cos_sin, kv_cache.k[i], kv_cache.v[i], meta)
-            h = h + experts.wait(layer.submit_moe(i, layer.post_attention_layernorm(h), experts))
-        return self.norm(h)
+            for m, (_, meta) in enumerate(micro_batches):
+                p = pending[m]
+                h = hs[m] if p is None else p.finish(experts)  # layer i-1's MoE output added
+                h = h + layer.self_attn(
+                    layer.input_layernorm(h), cos_sin[m], kv_cache.k[i], kv_cache.v[i], meta
+                )
+                pending[m] = PendingMoE(h, layer.submit_moe(i, layer.post_attention_layernorm(h), experts))
+        return [self.norm(cast(PendingMoE, p).finish(experts)) for p in pending]
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids [T] → the residual stream's start [T, H], in float32."""

@@ -105,10 +105,9 @@ def cat_rows(ws: list[Weight]) -> Weight:
     if all(isinstance(w, torch.Tensor) for w in ws):
         return torch.cat(ws)  # type: ignore[arg-type]
     fs = _all_fp8(ws)
-    if fs[0].block is not None and any(f.data.shape[-2] % fs[0].block[0] for f in fs[:-1]):
-        raise CheckpointError(
-            f"block-scaled weights of {[tuple(f.shape) for f in fs]} rows do not stack in blocks"
-        )
+    block = fs[0].block
+    if block is not None and any(f.data.shape[-2] % block[0] for f in fs[:-1]):
+        fs = [f.row_blocks() for f in fs]  # blocks of one row: exact, and they always stack
     ins = [f.input_scale for f in fs]
     input_scale = None if any(s is None for s in ins) else torch.stack(ins).amax(0)  # type: ignore[arg-type]
     return Fp8Tensor(
@@ -118,8 +117,8 @@ def cat_rows(ws: list[Weight]) -> Weight:
 
 def _all_fp8(ws: list[Weight]) -> list[Fp8Tensor]:
     if not all(isinstance(w, Fp8Tensor) for w in ws):
-        raise CheckpointError("an expert's projections mix FP8 and unquantized weights")
+        raise CheckpointError("weights stacked into one GEMM mix FP8 and unquantized ones")
     fs = [w for w in ws if isinstance(w, Fp8Tensor)]
     if len({f.block for f in fs}) != 1:
-        raise CheckpointError("an expert's projections mix scale block sizes")
+        raise CheckpointError("weights stacked into one GEMM mix scale block sizes")
     return fs

@@ -89,6 +89,6 @@ def all_position_logits(eng, token_ids: list[int]) -> torch.Tensor:
     ((_, n),) = eng.scheduler.schedule()
     bs = eng.blocks.block_size
     meta = AttentionMetadata.build([eng.blocks.tables["x"]], [n], [n], bs, eng.cfg.sliding_window, eng.device)
-    hidden = eng.model(torch.tensor(token_ids, device=eng.device), meta, eng.kv_cache, eng.experts)
+    (hidden,) = eng.model([(torch.tensor(token_ids, device=eng.device), meta)], eng.kv_cache, eng.experts)
     eng.abort_request("x")
     return eng.model.compute_logits(hidden)

@@ -1,4 +1,4 @@
-"""Decode steps through moe.cuda_graph: the padded, static-buffer step equals the eager one.
+"""Decode steps through moe.decode_path: the padded, static-buffer step equals the eager one.
 
 On CPU the padded step runs without capture (the same code the graph records); on a GPU the
 graphs are captured and replayed. Either way the outputs must not change."""
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from moe.attention import AttentionMetadata
-from moe.cuda_graph import batch_buckets, context_buckets
+from moe.decode_path import batch_buckets, context_buckets
 from moe.engine import EngineConfig, LLMEngine
 from moe.sampling import SamplingParams
 from tests.test_reference import PROMPTS
@@ -40,10 +40,10 @@ def test_greedy_outputs_identical_with_decode_graphs(model_dir, attention):
     a = [s.output_token_ids for s in eager.generate(prompts, GREEDY, arrival_steps=arrivals)]
     b = [s.output_token_ids for s in graphs.generate(prompts, GREEDY, arrival_steps=arrivals)]
     assert a == b
-    runner = graphs.runner.decode_graphs
-    assert runner is not None and runner.steps >= GREEDY.max_tokens - 1
-    assert runner.attention_backend == attention
-    assert eager.runner.decode_graphs is None
+    decode = graphs.decode
+    assert decode is not None and decode.graphs and decode.steps >= GREEDY.max_tokens - 1
+    assert decode.attention_backend == attention and not decode.gather  # no bucket fell back
+    assert eager.decode is None
     assert graphs.blocks.num_used_blocks == 0
 
 
@@ -60,9 +60,9 @@ def decode_logits_both_ways(eng: LLMEngine) -> tuple[torch.Tensor, torch.Tensor,
         tables, lens, [1] * 3, eng.blocks.block_size, eng.cfg.sliding_window, eng.device
     )
     ids = torch.tensor([s.token_ids[-1] for s in seqs], device=eng.device)
-    eager = eng.model.compute_logits(eng.model(ids, meta, eng.kv_cache, eng.experts))
-    graphs = eng.runner.decode_graphs
-    assert graphs is not None
+    eager = eng.model.compute_logits(eng.model([(ids, meta)], eng.kv_cache, eng.experts)[0])
+    graphs = eng.decode
+    assert graphs is not None and graphs.graphs
     first = graphs.run([s.token_ids[-1] for s in seqs], tables, lens)
     again = graphs.run([s.token_ids[-1] for s in seqs], tables, lens)
     return eager, first.clone(), again
@@ -84,10 +84,10 @@ def test_captured_decode_graph_replays_the_eager_step(tiny_dir):
     eng = LLMEngine.from_pretrained(
         tiny_dir, EngineConfig(max_model_len=256, dtype="bfloat16", device="cuda")
     )
-    graphs = eng.runner.decode_graphs
-    assert graphs is not None and graphs.capture  # on by default for a bf16 model on CUDA
+    graphs = eng.decode
+    assert graphs is not None and graphs.capture  # on by default for a bf16 model on SM90/SM100
     eager, first, again = decode_logits_both_ways(eng)
-    assert graphs.graphs and graphs.capture  # captured, not fallen back
+    assert graphs.cuda_graphs and not graphs.eager  # captured, not fallen back
     tol = dict(rtol=2e-2, atol=2e-2 * eager.abs().max().item())
     torch.testing.assert_close(first, eager, **tol)
     torch.testing.assert_close(again, first)  # a replay is the same computation

@@ -98,8 +98,8 @@ def test_attention_backend_is_checked(tiny_dir):
     with pytest.raises(ValueError, match="attention_backend"):
         LLMEngine.from_pretrained(tiny_dir, EngineConfig(attention_backend="flash", cuda_graphs=True))
     eng = LLMEngine.from_pretrained(tiny_dir, EngineConfig(cuda_graphs=True, device="cpu"))
-    assert eng.runner.decode_graphs is not None
-    assert eng.runner.decode_graphs.attention_backend == "sdpa"  # auto: flex on CUDA only
+    assert eng.decode is not None
+    assert eng.decode.attention_backend == "sdpa"  # auto: flex on CUDA only
 
 
 @pytest.mark.parametrize("overlap", [False, True], ids=["one-batch", "two-micro-batches"])
@@ -110,17 +110,17 @@ def test_eager_decode_steps_read_the_pages_in_place(model_dir, overlap):
     kw = dict(max_model_len=256, block_size=8, cuda_graphs=False, overlap=overlap, device="cpu")
     gather = LLMEngine.from_pretrained(model_dir, EngineConfig(attention_backend="sdpa", **kw), num_shards=2)
     flex = LLMEngine.from_pretrained(model_dir, EngineConfig(attention_backend="flex", **kw), num_shards=2)
-    assert flex.runner.decode_attention is not None and len(flex.runner.decode_attention) == (
-        2 if overlap else 1
-    )
-    assert gather.runner.decode_attention is None
+    assert flex.decode is not None and not flex.decode.graphs
+    assert len(flex.decode.lanes) == (2 if overlap else 1)
+    assert gather.decode is None  # no graphs, no FlexAttention: decode steps take the general path
     prompts = [gather.tokenizer.encode(p * 3) for p in PROMPTS]
     greedy = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
     arrivals = [0, 0, 1, 4, 7]
     a = [s.output_token_ids for s in gather.generate(prompts, greedy, arrival_steps=arrivals)]
     b = [s.output_token_ids for s in flex.generate(prompts, greedy, arrival_steps=arrivals)]
     assert a == b
-    assert all(d.warm for d in flex.runner.decode_attention)  # every micro-batch's buffers were used
+    assert all(lane.flex is not None and lane.flex.warm for lane in flex.decode.lanes)
+    assert flex.decode.steps > 0 and not flex.decode.gather
 
 
 @pytest.mark.parametrize(
@@ -141,12 +141,15 @@ def test_a_kernel_that_does_not_build_falls_back_to_the_gather(tiny_dir, caplog,
     def does_not_build(*args, **kwargs):
         raise error
 
-    assert eng.runner.decode_attention is not None
-    eng.runner.decode_attention[0].attention = does_not_build
+    assert eng.decode is not None
+    lane = eng.decode.lanes[0]
+    assert lane.flex is not None
+    lane.flex.attention = does_not_build
+    lane.flex.warm.clear()  # as if start-up had not compiled them yet
     prompts = [eng.tokenizer.encode(p) for p in PROMPTS[:3]]
     greedy = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     with caplog.at_level("WARNING"):
         out = [s.output_token_ids for s in eng.generate(prompts, greedy)]
     assert out == [s.output_token_ids for s in ref.generate(prompts, greedy)]
-    assert eng.runner.decode_attention is None
+    assert eng.decode.gather  # the buckets used fell back to the gather, for them only
     assert "FlexAttention failed (no kernel for this GPU)" in caplog.text

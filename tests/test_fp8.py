@@ -76,7 +76,7 @@ def test_fp8_checkpoint_greedy_equals_transformers_on_its_dequantized_weights(
             assert seq.output_token_ids == hf_greedy(hf, prompt, GREEDY.max_tokens), (name, shards)
     # what is FP8 in the file is FP8 in memory; what the ignore list keeps is not
     attn = eng.model.layers[0].self_attn
-    assert is_fp8(attn.q_proj) != ("layer0-attn" in name)
+    assert is_fp8(attn.qkv_proj) != ("layer0-attn" in name)
     assert is_fp8(eng.model.layers[1].self_attn.o_proj)
     assert not is_fp8(eng.model.layers[0].gate)  # gates are dequantized at load
     assert all(isinstance(w, Fp8Tensor) and w.data.dtype == FP8 for w in eng.experts.shards[0].gate_up)
@@ -98,7 +98,7 @@ def test_online_fp8_quantization_of_a_bf16_checkpoint(tiny_dir, tmp_path, device
         expected[n] = t.float()
     save_file(expected, str(ref / "model.safetensors"))
     eng = engine(bf16, quantization="fp8")
-    assert is_fp8(eng.model.layers[0].self_attn.k_proj)
+    assert is_fp8(eng.model.layers[0].self_attn.qkv_proj)
     assert not is_fp8(eng.model.layers[0].gate) and not is_fp8(eng.model.lm_head)
     hf = hf_model(ref, device)
     prompts = [eng.tokenizer.encode(p) for p in PROMPTS]

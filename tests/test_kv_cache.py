@@ -86,4 +86,5 @@ def test_slot_mapping_equals_per_position_reference():
     assert meta.slot_mapping.tolist() == expect_slots
     for b, (t, c) in enumerate(zip(tables, ctx, strict=True)):
         assert meta.kv_slots[b, :c].tolist() == [slot(t, p) for p in range(c)]
-    assert meta.last_index.tolist() == [0, 3, 5]
+    # the (sequence, query) grid [B, Lq] = [3, 3] keeps row 0's one query and all of 1's, 2 of 2's
+    assert meta.q_rows.tolist() == [0, 3, 4, 5, 6, 7]
