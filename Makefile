@@ -12,11 +12,11 @@ PYTEST_ARGS ?=
 install: $(VENV)/.installed
 
 # Without a GPU, torch is installed first as the CPU build ("+cpu"), never the multi-GB CUDA one;
-# raymix's own `torch>=2.5` is then already satisfied.
+# raymix's own `torch>=2.9` is then already satisfied.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	@if command -v nvidia-smi >/dev/null 2>&1; then \
-		$(BIN)/pip install "torch>=2.5"; \
+		$(BIN)/pip install "torch>=2.9"; \
 	else \
 		$(BIN)/pip install "torch==$(TORCH_VERSION)+cpu" 2>/dev/null \
 		|| $(BIN)/pip install "torch==$(TORCH_VERSION)+cpu" --index-url $(TORCH_CPU_INDEX); \

@@ -360,7 +360,13 @@ class RemoteExperts:
                     if works is None:
                         raise RuntimeError("could not post to the shard")
                     for w in works:
-                        w.wait(link.timeout)
+                        # NCCL: wait() with no timeout orders the stream and returns (with one, it
+                        # blocks the host, polling every millisecond); its process group's own
+                        # timeout catches a stuck shard. gloo: the link's timeout.
+                        if link.rendezvous.backend == "nccl":
+                            w.wait()
+                        else:
+                            w.wait(link.timeout)
                     break
                 except RuntimeError as e:  # gloo/NCCL: peer gone, or no answer within the timeout
                     if self.reconnect is None or attempt == self.max_retries:
