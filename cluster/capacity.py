@@ -36,6 +36,7 @@ MIXTRAL_8X22B = ModelConfig(
     num_key_value_heads=8,
     num_local_experts=8,
     num_experts_per_tok=2,
+    max_position_embeddings=65536,
 )
 LINKS = {  # effective one-way bandwidth (bytes/s) and per-message latency (s)
     "nvlink": (300e9, 8e-6),
@@ -137,3 +138,25 @@ def gpus_needed(
     raise ValueError(
         "even one expert per shard does not fit: this model needs tensor parallelism inside a shard"
     )
+
+
+def router_kv_tokens(
+    cfg: ModelConfig,
+    gpu_bytes: float,
+    gpu_memory_utilization: float = 0.9,
+    dtype_bytes: int = 2,
+    fp8: bool = False,
+    max_num_batched_tokens: int = 2048,
+    max_num_seqs: int = 64,
+) -> int:
+    """Tokens of KV cache the router's GPU holds: what gpu_memory_utilization of it leaves after
+    the dense weights, the activations and the decode graphs (moe.kv_cache's sizing, on paper)."""
+    import torch
+
+    from moe.kv_cache import GRAPH_RESERVE_BYTES, activation_bytes
+
+    dtype = torch.bfloat16 if dtype_bytes == 2 else torch.float32
+    p = capacity_plan(cfg, 1 if cfg.is_moe else 0, dtype_bytes, fp8)
+    act = activation_bytes(cfg, max_num_batched_tokens, max_num_seqs, dtype)
+    free = gpu_memory_utilization * gpu_bytes - p.dense_bytes - act - GRAPH_RESERVE_BYTES
+    return max(0, int(free // p.kv_bytes_per_token))

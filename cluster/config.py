@@ -80,7 +80,19 @@ class RaymixSettings(BaseSettings):
         description="A request still running after this long is aborted (408); none: no limit",
     )
     block_size: int = Field(default=16, ge=1, le=256, description="Tokens per KV-cache block")
-    kv_cache_memory_mb: int = Field(default=512, ge=1, description="Memory for the router's KV cache, in MiB")
+    kv_cache_memory_mb: int | None = Field(
+        default=None,
+        ge=1,
+        description="Memory for the router's KV cache, in MiB; default: from the device (GPU: what "
+        "--gpu-memory-utilization leaves; CPU: 512, or a tenth of the free memory if less)",
+    )
+    gpu_memory_utilization: float = Field(
+        default=0.9,
+        gt=0,
+        le=1,
+        description="Fraction of the router's GPU its weights, activations, graphs and KV cache may use in all "
+        "(counting what other processes on the GPU hold); the KV cache takes the rest (vLLM's meaning)",
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         default="auto", description="Compute dtype; auto: float32 on CPU, the checkpoint's on GPU"
     )
@@ -230,7 +242,8 @@ class RaymixSettings(BaseSettings):
             max_num_batched_tokens=self.max_num_batched_tokens,
             max_model_len=self.max_model_len,
             block_size=self.block_size,
-            kv_cache_memory_bytes=self.kv_cache_memory_mb * 2**20,
+            kv_cache_memory_bytes=self.kv_cache_memory_mb * 2**20 if self.kv_cache_memory_mb else None,
+            gpu_memory_utilization=self.gpu_memory_utilization,
             dtype=self.dtype,
             quantization=self.quantization,
             cpu_gemm=self.cpu_gemm,

@@ -137,7 +137,14 @@ def cmd_generate(ns: argparse.Namespace) -> int:
 
 
 def cmd_plan(ns: argparse.Namespace) -> int:
-    from cluster.capacity import MIXTRAL_8X7B, MIXTRAL_8X22B, capacity_plan, decode_step_seconds, gpus_needed
+    from cluster.capacity import (
+        MIXTRAL_8X7B,
+        MIXTRAL_8X22B,
+        capacity_plan,
+        decode_step_seconds,
+        gpus_needed,
+        router_kv_tokens,
+    )
     from moe.checkpoint import open_checkpoint
     from moe.tiny import default_model_dir
 
@@ -170,6 +177,13 @@ def cmd_plan(ns: argparse.Namespace) -> int:
         )
     needed = gpus_needed(cfg, ns.gpu_memory_gb * gb, ns.dtype_bytes, fp8=fp8)
     print(f"  GPUs needed (one per shard + the router): {needed} of {ns.gpu_memory_gb:.0f} GB")
+    tokens = router_kv_tokens(cfg, ns.gpu_memory_gb * gb, ns.gpu_memory_utilization, ns.dtype_bytes, fp8)
+    context = cfg.max_position_embeddings
+    print(
+        f"  router KV cache at --gpu-memory-utilization {ns.gpu_memory_utilization}: {tokens:,} tokens, "
+        f"{tokens // context} sequences of the model's {context:,}-token context"
+        + ("" if tokens >= context else " (too few for one: max_model_len is lowered to fit)")
+    )
     for link in ("nvlink", "infiniband-200g") if cfg.is_moe else ("nvlink",):
         for batch in (1, 64):
             r = decode_step_seconds(cfg, n, batch, link, dtype_bytes=ns.dtype_bytes, fp8=fp8)
@@ -241,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--expert-shards", type=int, default=8)
     p.add_argument("--gpu-memory-gb", type=float, default=80.0)
     p.add_argument("--dtype-bytes", type=int, default=2, help="2 for bf16/fp16")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="as raymix serve's")
     p.add_argument(
         "--quantization", choices=["fp8"], default=None, help="count FP8 weights (a checkpoint's own is read)"
     )

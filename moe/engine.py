@@ -26,7 +26,7 @@ from moe.cpu_gemm import kernel_for
 from moe.decode_path import DecodePath
 from moe.errors import OverloadedError, RequestError
 from moe.guided import GrammarTokenizer
-from moe.kv_cache import BlockManager, KVCache
+from moe.kv_cache import BlockManager, KVCache, kv_cache_budget
 from moe.model import MixtralDense
 from moe.model_runner import ModelRunner
 from moe.sampler import Sampler
@@ -44,8 +44,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     block_size: int = 16
-    kv_cache_memory_bytes: int = 512 * 2**20
-    num_kv_blocks: int | None = None  # overrides kv_cache_memory_bytes
+    kv_cache_memory_bytes: int | None = None  # None: from the device (moe.kv_cache.kv_cache_budget)
+    gpu_memory_utilization: float = 0.9  # on a GPU: the fraction of it this process's use may reach
+    num_kv_blocks: int | None = None  # overrides both
     dtype: str = "auto"  # auto: float32 on CPU, the checkpoint's dtype on GPU
     quantization: str | None = None  # "fp8": quantize an unquantized checkpoint's linears at load
     # the CPU's GEMM (moe.cpu_gemm): "onednn" over prepacked weights, "torch" (its default), or
@@ -107,12 +108,32 @@ class LLMEngine:
         self.device = model.device
         bs = config.block_size
         max_len = config.max_model_len or cfg.max_position_embeddings
-        blocks_for_all = config.max_num_seqs * -(-max_len // bs)
-        by_memory = config.kv_cache_memory_bytes // KVCache.bytes_per_block(cfg, bs, model.dtype)
-        num_blocks = config.num_kv_blocks or min(blocks_for_all, by_memory)
+        per_block = KVCache.bytes_per_block(cfg, bs, model.dtype)
+        budget = kv_cache_budget(
+            cfg,
+            self.device,
+            model.dtype,
+            config.kv_cache_memory_bytes,
+            config.gpu_memory_utilization,
+            config.max_num_batched_tokens,
+            config.max_num_seqs,
+        )
+        num_blocks = config.num_kv_blocks or min(config.max_num_seqs * -(-max_len // bs), budget // per_block)
         self.max_model_len = min(max_len, num_blocks * bs)
         if self.max_model_len < max_len:
-            log.warning("KV cache holds %d tokens: max_model_len lowered to that", self.max_model_len)
+            needs = -(-max_len // bs) * per_block
+            why = (
+                f"the KV cache holds {num_blocks * bs} tokens ({num_blocks * per_block / 2**30:.2f} GiB) and one "
+                f"sequence of {max_len} needs {needs / 2**30:.2f} GiB"
+            )
+            if config.max_model_len is not None:  # asked for: an error now, not a surprise later
+                raise ValueError(
+                    f"max_model_len {max_len} does not fit: {why}; raise --gpu-memory-utilization "
+                    "(GPU) or --kv-cache-memory-mb, or lower --max-model-len"
+                )
+            log.warning(
+                "max_model_len lowered from the model's %d to %d: %s", max_len, self.max_model_len, why
+            )
         self.kv_cache = KVCache(cfg, num_blocks, bs, model.dtype, self.device)
         self.blocks = BlockManager(num_blocks, bs, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)

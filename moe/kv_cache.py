@@ -7,17 +7,80 @@ decode step write there).
 n tokens holds ceil(n / block_size) blocks, and all of them go back when it finishes, is aborted
 or is preempted. With prefix caching on, full blocks are shared by hash between sequences whose
 prompts start alike (a system prompt, the earlier turns of a conversation).
+
+`kv_cache_budget` sizes the cache from the device, as vLLM does: on a GPU the cache takes what
+the weights, the activations and the CUDA graphs leave of `gpu_memory_utilization` of the GPU
+(the fraction all of this process's use may reach, counting what others on the GPU use); on
+the CPU it is a byte budget (512 MiB by default, less on a machine with little memory free).
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 from array import array
 from collections import OrderedDict
 
+import psutil
 import torch
 
 from moe.config import ModelConfig
+
+log = logging.getLogger(__name__)
+CPU_DEFAULT_BYTES = 512 * 2**20
+GRAPH_RESERVE_BYTES = 512 * 2**20  # the decode CUDA graphs' pool, captured after the cache
+
+
+def activation_bytes(cfg: ModelConfig, max_tokens: int, max_seqs: int, dtype: torch.dtype) -> int:
+    """A step's activation peak, from its shapes: per token the float32 residual stream and a
+    layer's intermediates (q/k/v, attention out, normed input, the experts' gate_up and SwiGLU of
+    top-k assignments, in the model's dtype), and the logits, probabilities and sort of every
+    sequence that samples (float32). An estimate with headroom, not a measurement."""
+    elem = torch.tensor([], dtype=dtype).element_size()
+    h, i, k = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts_per_tok
+    qkv = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.attn_head_dim
+    per_token = 4 * h * 4 + elem * (qkv + 3 * h + k * 3 * i)
+    return 2 * (max_tokens * per_token + max_seqs * cfg.vocab_size * 4 * 3)
+
+
+def kv_cache_budget(
+    cfg: ModelConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    kv_bytes: int | None,
+    gpu_memory_utilization: float,
+    max_tokens: int,
+    max_seqs: int,
+) -> int:
+    """Bytes for the KV cache: `kv_bytes` when given; on a GPU what is left of
+    gpu_memory_utilization x its memory once this process's weights are loaded (and what other
+    processes hold), less the activations and the graphs; on the CPU 512 MiB, or a tenth of the
+    memory available if that is less."""
+    if kv_bytes is not None:
+        return kv_bytes
+    if device.type != "cuda":
+        return min(CPU_DEFAULT_BYTES, psutil.virtual_memory().available // 10)
+    free, total = torch.cuda.mem_get_info(device)
+    act = activation_bytes(cfg, max_tokens, max_seqs, dtype)
+    budget = int(free - (1 - gpu_memory_utilization) * total - act - GRAPH_RESERVE_BYTES)
+    log.info(
+        "KV cache: %.2f GiB (GPU %.1f GiB, %.1f GiB free after the weights, utilization %.2f, "
+        "activations %.2f GiB, graphs %.2f GiB)",
+        budget / 2**30,
+        total / 2**30,
+        free / 2**30,
+        gpu_memory_utilization,
+        act / 2**30,
+        GRAPH_RESERVE_BYTES / 2**30,
+    )
+    if budget <= 0:
+        raise ValueError(
+            f"no GPU memory left for the KV cache: {free / 2**30:.1f} of {total / 2**30:.1f} GiB free after the "
+            f"weights, gpu_memory_utilization {gpu_memory_utilization} keeps {(1 - gpu_memory_utilization) * total / 2**30:.1f} "
+            f"GiB back and the activations need {act / 2**30:.1f} GiB: raise --gpu-memory-utilization or lower "
+            "--max-num-batched-tokens / --max-num-seqs"
+        )
+    return budget
 
 
 class KVCache:

@@ -3,10 +3,13 @@ abort and preemption; the batched slot computation equals a plain per-position l
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from moe.attention import AttentionMetadata
+from moe.config import ModelConfig
 from moe.engine import EngineConfig, LLMEngine
+from moe.kv_cache import KVCache
 from moe.sampling import SamplingParams
 from tests.conftest import all_position_logits
 
@@ -88,3 +91,40 @@ def test_slot_mapping_equals_per_position_reference():
         assert meta.kv_slots[b, :c].tolist() == [slot(t, p) for p in range(c)]
     # the (sequence, query) grid [B, Lq] = [3, 3] keeps row 0's one query and all of 1's, 2 of 2's
     assert meta.q_rows.tolist() == [0, 3, 4, 5, 6, 7]
+
+
+def test_kv_cache_is_sized_from_the_gpu(monkeypatch):
+    """On a GPU the cache takes what gpu_memory_utilization leaves after the weights (already
+    loaded: in the free memory), the activations and the graphs; none left is a clear error."""
+    from moe.kv_cache import GRAPH_RESERVE_BYTES, activation_bytes, kv_cache_budget
+
+    cfg = ModelConfig()  # Mixtral 8x7B's shapes
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (60 * gib, 80 * gib))
+    act = activation_bytes(cfg, 2048, 64, torch.bfloat16)
+    assert 0 < act < 4 * gib
+    budget = kv_cache_budget(cfg, torch.device("cuda"), torch.bfloat16, None, 0.9, 2048, 64)
+    assert budget == int(60 * gib - 0.1 * 80 * gib - act - GRAPH_RESERVE_BYTES)
+    assert kv_cache_budget(cfg, torch.device("cuda"), torch.bfloat16, 123, 0.9, 2048, 64) == 123  # as given
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (9 * gib, 80 * gib))
+    with pytest.raises(ValueError, match="no GPU memory left for the KV cache.*gpu-memory-utilization"):
+        kv_cache_budget(cfg, torch.device("cuda"), torch.bfloat16, None, 0.9, 2048, 64)
+
+
+def test_max_model_len_that_does_not_fit_is_an_error_and_the_automatic_one_is_lowered(tiny_dir, caplog):
+    small = 256 * KVCache.bytes_per_block(ModelConfig.from_pretrained(tiny_dir), 16, torch.float32) // 16
+    with pytest.raises(ValueError, match=r"max_model_len 4096 does not fit: the KV cache holds 256 tokens"):
+        LLMEngine.from_pretrained(tiny_dir, EngineConfig(max_model_len=4096, kv_cache_memory_bytes=small))
+    with caplog.at_level("WARNING"):
+        eng = LLMEngine.from_pretrained(tiny_dir, EngineConfig(kv_cache_memory_bytes=small))
+    assert eng.max_model_len == 256
+    assert "max_model_len lowered from the model's 4096 to 256" in caplog.text and "needs" in caplog.text
+
+
+def test_plan_sizes_the_routers_kv_cache_for_8x22b_at_64k():
+    from cluster.capacity import MIXTRAL_8X22B, router_kv_tokens
+
+    assert MIXTRAL_8X22B.max_position_embeddings == 65536
+    tokens = router_kv_tokens(MIXTRAL_8X22B, 80e9)
+    assert tokens >= 3 * 65536  # three whole 64k contexts on one 80 GB router GPU
+    assert router_kv_tokens(MIXTRAL_8X22B, 80e9, gpu_memory_utilization=0.5) < tokens
