@@ -264,10 +264,7 @@ class DecodePath:
         None when this bucket runs eagerly (no capture, or its capture failed)."""
         key = (bsz, ctx)
         if not self.capture or key in self.eager:
-            lane = self.lanes[0]
-            return self.model.compute_logits(
-                self.model([lane.inputs(bsz, ctx, flex)], self.kv_cache, self.experts)[0]
-            )
+            return self.step(bsz, ctx, flex)
         if key not in self.cuda_graphs:
             try:
                 self.cuda_graphs[key] = self._capture(bsz, ctx, flex)
@@ -284,25 +281,27 @@ class DecodePath:
         graph.replay()
         return logits
 
+    def step(self, bsz: int, ctx: int, flex: bool) -> torch.Tensor:
+        """The padded step of the first lane, reading only its static buffers → logits [bsz, V]:
+        what a graph captures (tests trace it with torch.compile(fullgraph=True): it has no host
+        sync and no data-dependent shape)."""
+        lane = self.lanes[0]
+        return self.model.compute_logits(
+            self.model([lane.inputs(bsz, ctx, flex)], self.kv_cache, self.experts)[0]
+        )
+
     def _capture(self, bsz: int, ctx: int, flex: bool) -> tuple[Any, torch.Tensor]:
         """Warm up on a side stream (lazy initialisations stay out of the graph), then capture.
         The buffers hold this step's real inputs: the warm-up writes the same K/V the replay will."""
-        lane = self.lanes[0]
-
-        def step() -> torch.Tensor:
-            return self.model.compute_logits(
-                self.model([lane.inputs(bsz, ctx, flex)], self.kv_cache, self.experts)[0]
-            )
-
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
-                step()
+                self.step(bsz, ctx, flex)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            logits = step()
+            logits = self.step(bsz, ctx, flex)
         self.pool = graph.pool()
         return graph, logits
 

@@ -151,6 +151,16 @@ def combine(
     return out
 
 
+def grouped_gemm_misaligned(cfg: ModelConfig, dtype: torch.dtype) -> str | None:
+    """Why torch's CUDA grouped GEMM would refuse these experts' shapes, or None: it wants every
+    row's stride a multiple of 16 bytes (hidden and intermediate sizes in the compute dtype)."""
+    elem = torch.tensor([], dtype=dtype).element_size()
+    for name, size in (("hidden_size", cfg.hidden_size), ("intermediate_size", cfg.intermediate_size)):
+        if size * elem % 16:
+            return f"{name} {size} x {elem} bytes is not a multiple of 16 bytes (the CUDA grouped GEMM's row stride)"
+    return None
+
+
 class LocalExperts:
     """The experts with the given global ids, for every layer, held in this process.
 
@@ -178,7 +188,9 @@ class LocalExperts:
         self.w8a8 = w8a8  # FP8 weights computed as FP8 GEMMs (moe.fp8.w8a8_supported)
         self.gemm = gemm
         w0 = gate_up[0]
-        self.dtype = dtype or (w0.dtype if isinstance(w0, torch.Tensor) else torch.float32)
+        self.dtype: torch.dtype = dtype or (w0.dtype if isinstance(w0, torch.Tensor) else torch.float32)
+        if w0.device.type == "cuda" and (why := grouped_gemm_misaligned(cfg, self.dtype)):
+            raise ValueError(f"the experts cannot run on this GPU: {why}")
         expert_map = torch.full((cfg.num_local_experts,), -1, dtype=torch.long)
         expert_map[self.expert_ids] = torch.arange(len(self.expert_ids))
         self.expert_map = expert_map.to(gate_up[0].device)

@@ -195,14 +195,13 @@ class FlexDecode:
         would compile a second version, the one the step then uses."""
         if bsz in self.warm:
             return True
-        keys = self.kv_cache.k[0, : self.num_slots].permute(1, 0, 2)[None]  # [1, Hkv, slots, D]
-        values = self.kv_cache.v[0, : self.num_slots].permute(1, 0, 2)[None]
-        q = keys.new_zeros(bsz, num_heads, 1, keys.shape[-1])  # [bsz, Hq, 1, D]: any queries will do
         try:
-            with torch.inference_mode():
-                self.attention(
-                    q, keys, values, block_mask=self._block_mask(bsz), enable_gqa=num_heads != keys.shape[1]
-                )
+            with torch.inference_mode():  # the tensors made as the model's step makes them
+                keys = self.kv_cache.k[0][: self.num_slots].permute(1, 0, 2)[None]  # [1, Hkv, slots, D]
+                values = self.kv_cache.v[0][: self.num_slots].permute(1, 0, 2)[None]
+                q = keys.new_zeros(bsz, num_heads, 1, keys.shape[-1])  # [bsz, Hq, 1, D]: any will do
+                gqa = num_heads != keys.shape[1]
+                self.attention(q, keys, values, block_mask=self._block_mask(bsz), enable_gqa=gqa)
         except Exception as e:  # inductor's errors, and dynamo's recompile limit (not a RuntimeError)
             log.warning("decode attention: FlexAttention failed (%s); gathering each context instead", e)
             return False

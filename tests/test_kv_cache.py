@@ -107,7 +107,7 @@ def test_kv_cache_is_sized_from_the_gpu(monkeypatch):
     assert budget == int(60 * gib - 0.1 * 80 * gib - act - GRAPH_RESERVE_BYTES)
     assert kv_cache_budget(cfg, torch.device("cuda"), torch.bfloat16, 123, 0.9, 2048, 64) == 123  # as given
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (9 * gib, 80 * gib))
-    with pytest.raises(ValueError, match="no GPU memory left for the KV cache.*gpu-memory-utilization"):
+    with pytest.raises(ValueError, match=r"no GPU memory left for the KV cache.*gpu-memory-utilization"):
         kv_cache_budget(cfg, torch.device("cuda"), torch.bfloat16, None, 0.9, 2048, 64)
 
 
