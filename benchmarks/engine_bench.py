@@ -17,6 +17,7 @@ import argparse
 import platform
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from report import median_of, save  # benchmarks/report.py
@@ -68,6 +69,52 @@ def hf_tok_s(hf, batch: list[list[int]], n: int, pad_id: int) -> float:
     return len(batch) * n / (time.perf_counter() - t)
 
 
+def host_breakdown(model: Path, streams: int, tokens: int, **engine: Any) -> dict[str, float]:
+    """ms per decode step of `streams` sequences by part, median over the decode steps: the
+    host's work (scheduling, the step's inputs and metadata, sampling, turning tokens into
+    outputs) apart from the model's forward and logits, the device's work on a GPU. On a GPU the
+    host's share runs in series with the device's unless it is small: the target is <= 1 ms."""
+    import statistics
+    from collections import defaultdict
+
+    config = EngineConfig(max_num_seqs=streams, max_model_len=128, **engine)
+    eng = LLMEngine.from_pretrained(model, config)
+    spent: dict[str, float] = defaultdict(float)
+
+    def timed(part: str, f: Any) -> Any:
+        def run(*args: Any, **kw: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return f(*args, **kw)
+            finally:
+                spent[part] += time.perf_counter() - start
+
+        return run
+
+    eng.scheduler.schedule = timed("schedule", eng.scheduler.schedule)  # type: ignore[method-assign]
+    eng.model.forward = timed("forward", eng.model.forward)  # type: ignore[method-assign]
+    eng.model.compute_logits = timed("forward", eng.model.compute_logits)  # type: ignore[method-assign]
+    eng.sampler = timed("sample", eng.sampler)  # type: ignore[assignment]
+    eng._postprocess = timed("outputs", eng._postprocess)  # type: ignore[method-assign]
+    words = ["the", "cat", "sat", "on", "a", "mat", "while", "experts", "routed", "every", "token"]
+    for i in range(streams):
+        prompt = eng.tokenizer.encode(" ".join(words[: 3 + i % 8]))
+        eng.add_request(f"r{i}", prompt, SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True))
+    steps = []
+    while eng.has_unfinished():
+        spent.clear()
+        decode = all(s.num_computed + 1 == len(s) for s in eng.seqs.values())
+        start = time.perf_counter()
+        eng.step()
+        total = time.perf_counter() - start
+        if decode and len(eng.seqs) == streams:
+            parts = {k: spent.get(k, 0.0) for k in ("schedule", "sample", "outputs", "forward")}
+            parts["inputs and the rest"] = total - sum(parts.values())
+            parts["host"] = total - parts["forward"]
+            steps.append(parts)
+    return {k: 1e3 * statistics.median(s[k] for s in steps) for k in steps[0]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="checkpoint directory (default: the embedded tiny model)")
@@ -77,8 +124,24 @@ def main() -> None:
     ap.add_argument("--quantization", choices=["fp8"], default=None, help="quantize the weights at load")
     ap.add_argument("--no-transformers", action="store_true", help="time the engine alone")
     ap.add_argument("--name", default="engine_bench", help="results file name (benchmarks/results/NAME.*)")
+    ap.add_argument(
+        "--host", type=int, default=0, metavar="STREAMS", help="only the host time per decode step at STREAMS"
+    )
     args = ap.parse_args()
     model = Path(args.model) if args.model else default_model_dir()
+    if args.host:
+        for label, kw in (
+            ("general path (the CPU's default)", {}),
+            (
+                "padded decode step, FlexAttention (a GPU's path, uncaptured)",
+                {"cuda_graphs": True, "attention_backend": "flex"},
+            ),
+        ):
+            parts = host_breakdown(model, args.host, 8, **kw)
+            print(f"{label}: ms per decode step of {args.host}, median")
+            for part, ms in parts.items():
+                print(f"  {part:<22} {ms:7.2f}")
+        return
     print(
         f"model {model}; torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor()}"
     )

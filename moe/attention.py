@@ -15,6 +15,7 @@ for the decode attention that reads the pages in place (moe.flex_decode).
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -47,9 +48,7 @@ class AttentionMetadata:
         b = len(block_tables)
         lq, lk = max(num_new), max(context_lens)
         nb = max(len(t) for t in block_tables)
-        tables = torch.zeros(b, nb, dtype=torch.long)
-        for i, t in enumerate(block_tables):
-            tables[i, : len(t)] = torch.tensor(t)
+        tables = padded_rows(block_tables, [len(t) for t in block_tables], nb).long()  # [B, nb]
         k_len = torch.tensor(context_lens)  # [B]
         n_new = torch.tensor(num_new)  # [B]
         k_pos = torch.arange(lk)  # [Lk]
@@ -146,6 +145,20 @@ class DenseDecode:
         self, positions: torch.Tensor, slot_mapping: torch.Tensor, bsz: int, ctx: int
     ) -> DecodeMetadata:
         return DecodeMetadata(positions, slot_mapping, self.kv_slots[:bsz, :ctx], self.mask[:bsz, :ctx])
+
+
+def padded_rows(rows: list[list[int]], lengths: list[int], width: int) -> torch.Tensor:
+    """The first lengths[i] entries of each row, as an int32 [n, width] tensor zero-padded on the
+    right: one flat tensor and one scatter, not a tensor per row."""
+    flat = torch.tensor(
+        list(itertools.chain.from_iterable(r[:k] for r, k in zip(rows, lengths, strict=True)))
+    )
+    counts = torch.tensor(lengths)
+    row = torch.repeat_interleave(torch.arange(len(rows)), counts)  # [total]
+    col = torch.arange(len(flat)) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)  # [total]
+    out = torch.zeros(len(rows), width, dtype=torch.int32)
+    out[row, col] = flat.to(torch.int32)
+    return out
 
 
 def decode_slots(tables: list[list[int]], context_lens: list[int], block_size: int) -> list[int]:

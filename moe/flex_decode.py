@@ -21,13 +21,13 @@ the cache: the same mask, for checking it, slow.
 from __future__ import annotations
 
 import inspect
-import itertools
 import logging
 from collections.abc import Callable
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+from moe.attention import padded_rows
 from moe.kv_cache import KVCache
 
 log = logging.getLogger(__name__)
@@ -38,20 +38,6 @@ Q_BLOCK = 16  # the block mask's query tile: one row of blocks for the one query
 RECOMPILE_LIMIT = 256
 # BlockMask.from_kv_blocks(compute_q_blocks=False) (torch 2.9+): no backward-pass indices to sort
 AVAILABLE = "compute_q_blocks" in inspect.signature(BlockMask.from_kv_blocks).parameters
-
-
-def padded_rows(rows: list[list[int]], lengths: list[int], width: int) -> torch.Tensor:
-    """The first lengths[i] entries of each row, as an int32 [n, width] tensor zero-padded on the
-    right: one flat tensor and one scatter, not a tensor per row."""
-    flat = torch.tensor(
-        list(itertools.chain.from_iterable(r[:k] for r, k in zip(rows, lengths, strict=True)))
-    )
-    counts = torch.tensor(lengths)
-    row = torch.repeat_interleave(torch.arange(len(rows)), counts)  # [total]
-    col = torch.arange(len(flat)) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)  # [total]
-    out = torch.zeros(len(rows), width, dtype=torch.int32)
-    out[row, col] = flat.to(torch.int32)
-    return out
 
 
 class FlexDecodeMetadata:

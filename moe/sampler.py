@@ -27,6 +27,8 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
         needs = [i for i, s in enumerate(seqs) if s.params.needs_processing(s.num_output_tokens)]
+        if not needs and all(s.params.greedy and s.matcher is None for s in seqs):
+            return logits.argmax(dim=-1).tolist()  # every row greedy: one argmax, no row gather
         if needs:
             logits = logits.clone()
             for i in needs:

@@ -30,7 +30,7 @@ def test_greedy_outputs_identical_with_decode_graphs(model_dir, attention):
     """Continuous batching (requests join mid-way, so decode steps of 1..5 sequences, padded to
     2, 4, 8) and contexts past a 128 bucket; the second model has a sliding window of 7. With
     either decode attention: the dense gather, or FlexAttention over the pages in place."""
-    kw = dict(max_model_len=256, block_size=8)
+    kw = dict(max_model_len=256, block_size=16 if torch.cuda.is_available() else 8)  # flex on CUDA: 16s
     eager = LLMEngine.from_pretrained(model_dir, EngineConfig(cuda_graphs=False, **kw))
     graphs = LLMEngine.from_pretrained(
         model_dir, EngineConfig(cuda_graphs=True, attention_backend=attention, **kw)
