@@ -58,10 +58,11 @@ def measure(cfg: ModelConfig, b: int, ctx: int, args: argparse.Namespace, bw: fl
     device, dtype, bs = torch.device(args.device), getattr(torch, args.dtype), args.block_size
     hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.attn_head_dim
     pages = -(-ctx // bs)
-    cache = KVCache(cfg, b * pages + 8, bs, dtype, device)
+    blocks = max(args.cache_blocks, b * pages + 8)  # the batch's pages spread over the whole cache
+    cache = KVCache(cfg, blocks, bs, dtype, device)
     cache.k.normal_()
     cache.v.normal_()
-    order = torch.randperm(b * pages + 8, generator=torch.Generator().manual_seed(b)).tolist()
+    order = torch.randperm(blocks, generator=torch.Generator().manual_seed(b)).tolist()
     tables = [order[i * pages : (i + 1) * pages] for i in range(b)]
     q = torch.randn(b, hq, d, dtype=dtype, device=device)  # [B, Hq, D]
     k = torch.randn(b, hkv, d, dtype=dtype, device=device)  # [B, Hkv, D]
@@ -103,6 +104,12 @@ def main() -> None:
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument(
+        "--cache-blocks",
+        type=int,
+        default=0,
+        help="KV cache blocks (an engine-sized cache, as the engine's kernel sees it); default: the batch's pages",
+    )
     args = ap.parse_args()
     device = torch.device(args.device)
     # Mixtral's attention: 32 query heads, 8 KV heads, of --head-dim
