@@ -12,7 +12,8 @@ GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
 
 
 def _engine(tiny_dir, caching: bool, **kw) -> LLMEngine:
-    cfg = EngineConfig(max_model_len=256, block_size=4, enable_prefix_caching=caching, **kw)
+    kw.setdefault("max_model_len", 256)
+    cfg = EngineConfig(block_size=4, enable_prefix_caching=caching, **kw)
     return LLMEngine.from_pretrained(tiny_dir, cfg)
 
 
@@ -80,8 +81,8 @@ def test_concurrent_requests_share_a_system_prompt(tiny_dir):
 
 def test_eviction_under_a_small_cache_keeps_outputs(tiny_dir):
     """Few blocks: cached blocks are evicted and handed out again; outputs stay right."""
-    on = _engine(tiny_dir, True, num_kv_blocks=24, max_num_seqs=4)
-    off = _engine(tiny_dir, False, num_kv_blocks=24, max_num_seqs=4)
+    on = _engine(tiny_dir, True, num_kv_blocks=24, max_num_seqs=4, max_model_len=96)  # 24 blocks of 4
+    off = _engine(tiny_dir, False, num_kv_blocks=24, max_num_seqs=4, max_model_len=96)
     tok = on.tokenizer
     prompts = [_chat(tok, [f"question number {i} about the weather in town {i}"]) for i in range(8)]
     got = on.generate(prompts + prompts[:3], GREEDY)
