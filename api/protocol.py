@@ -491,19 +491,13 @@ class RebalanceResponse(OpenAIBody):
 # ---- the Responses API (POST /v1/responses), stateless: a request becomes a chat request ----
 
 
-class ResponsesContentPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    type: str
-    text: str | None = None
-
-
 class ResponsesInputItem(BaseModel):
     """A message ({role, content}), a function call the model made, or a tool's output for it."""
 
     model_config = ConfigDict(extra="allow")
     type: Literal["message", "function_call", "function_call_output"] = "message"
     role: Literal["user", "assistant", "system", "developer"] | None = None
-    content: str | list[ResponsesContentPart] | None = None
+    content: str | list[ContentPart] | None = None  # input_text / output_text parts
     call_id: str | None = None
     name: str | None = None
     arguments: str | None = None

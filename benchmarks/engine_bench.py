@@ -173,24 +173,17 @@ def main() -> None:
     if hf is None:
         for c in args.concurrency:
             print(f"{c:>12} {results['raymix engine'][c]:>10.1f}")
-        save(
-            args.name,
-            {"model": str(model), "tokens": args.tokens, "weight_bytes": weights, "results": results},
-            results,
-            xscale="log",
-            xlabel="concurrent sequences",
-            ylabel="output tok/s",
-            title=f"In-process engine ({quant.describe() if quant else eng.model.dtype})",
+        title = f"In-process engine ({quant.describe() if quant else eng.model.dtype})"
+    else:
+        print(f"{'concurrency':>12} {'engine':>10} {'hf static':>10} {'ratio':>7}")
+        for c in args.concurrency:
+            e, h = results["raymix engine"][c], results["transformers static batch"][c]
+            print(f"{c:>12} {e:>10.1f} {h:>10.1f} {e / h:>6.2f}x")
+        print(
+            f"engine at {args.concurrency[-1]} vs transformers one at a time: "
+            f"{results['raymix engine'][args.concurrency[-1]] / results['transformers static batch'][1]:.2f}x"
         )
-        return
-    print(f"{'concurrency':>12} {'engine':>10} {'hf static':>10} {'ratio':>7}")
-    for c in args.concurrency:
-        e, h = results["raymix engine"][c], results["transformers static batch"][c]
-        print(f"{c:>12} {e:>10.1f} {h:>10.1f} {e / h:>6.2f}x")
-    print(
-        f"engine at {args.concurrency[-1]} vs transformers one at a time: "
-        f"{results['raymix engine'][args.concurrency[-1]] / results['transformers static batch'][1]:.2f}x"
-    )
+        title = "In-process engine vs transformers"
     save(
         args.name,
         {"model": str(model), "tokens": args.tokens, "weight_bytes": weights, "results": results},
@@ -198,7 +191,7 @@ def main() -> None:
         xscale="log",
         xlabel="concurrent sequences",
         ylabel="output tok/s",
-        title="In-process engine vs transformers",
+        title=title,
     )
 
 

@@ -38,6 +38,7 @@ from typing import Any
 
 import httpx
 from report import save  # benchmarks/report.py
+from serve_bench import WORDS  # benchmarks/serve_bench.py
 
 MEDIUM = dict(
     hidden_size=512,
@@ -165,26 +166,7 @@ def main() -> None:
     if not (model / "config.json").is_file():
         print(f"writing the medium checkpoint to {model} ...", flush=True)
         make_tiny(model, tokenizer="v1", mistral_tokenizer_file=False, **MEDIUM)
-    words = [
-        "the",
-        "experts",
-        "of",
-        "a",
-        "mixture",
-        "each",
-        "see",
-        "a",
-        "quarter",
-        "of",
-        "the",
-        "tokens",
-        "routed",
-        "to",
-        "them",
-        "by",
-        "the",
-        "gate",
-    ]
+    words = WORDS  # serve_bench's
     prompts = [" ".join(words[: 4 + (i * 7) % len(words)]) for i in range(16)]
     logs = Path(args.cache) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
