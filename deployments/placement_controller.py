@@ -3,17 +3,18 @@
 It holds the placement the data plane routes by and what each shard holds (primaries plus
 replicas), and changes them while serving, for hot-expert replication (EPLB, `rebalance`) and
 elastic resizing (`resize`), always the same way: 1. shards load what they will compute
-(keeping what they compute now), 2. the routing switches between layers, 3. wait until no layer
-batch routed the old way is in flight, 4. shards drop what they no longer compute. Every
-(token, expert) pair is computed exactly once throughout, so no output changes.
+(keeping what they compute now), 2. the engine switches its routing between two steps (a typed
+command through its inbox, moe.async_engine: run on the engine thread when no step is in flight,
+so no step mixes placements and no layer batch routed the old way is left in flight), 3. shards
+drop what they no longer compute. Every (token, expert) pair is computed exactly once
+throughout, so no output changes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from deployments.shard_pool import ShardPool
@@ -32,7 +33,7 @@ class PlacementController:
         num_experts: int,
         num_redundant_experts: int,
         data_plane: Callable[[], RemoteExperts | None],  # None until the engine has connected
-        busy: Callable[[], bool],  # whether the engine has requests in flight
+        between_steps: Callable[[Callable[[Any], Any]], Awaitable[Any]],  # run on the engine thread
     ):
         self.pool = pool
         self.primaries = primaries
@@ -41,7 +42,7 @@ class PlacementController:
         self.placement = Placement.from_groups(primaries)  # what the data plane routes by
         self.held = [list(g) for g in primaries]  # what each shard holds (primaries + replicas)
         self.data_plane = data_plane
-        self.busy = busy
+        self.between_steps = between_steps
         self._changing = asyncio.Lock()
 
     def holding(self, k: int) -> list[int]:
@@ -125,23 +126,14 @@ class PlacementController:
         for k in grow:
             self.held[k] = sorted(set(self.held[k]) | set(want[k]))
         await asyncio.gather(*[handles[k].set_experts.remote(self.held[k]) for k in grow])
-        calls = experts.calls
         self.placement = new
-        experts.set_placement(new, links)
-        await self._drain_old_routing(experts, calls)
+        # the engine switches between two steps: no step routes some layers one way and some the
+        # other, and no layer batch of the old routing is in flight once this returns
+        await self.between_steps(lambda engine: engine.experts.set_placement(new, links))
         shrink = [k for k in range(len(handles)) if set(self.held[k]) - set(want[k])]
         for k in shrink:
             self.held[k] = want[k]
         await asyncio.gather(*[handles[k].set_experts.remote(want[k]) for k in shrink])
-
-    async def _drain_old_routing(self, experts: RemoteExperts, calls: int, timeout: float = 30.0) -> None:
-        """Layer batches posted before the switch are waited on before the next two layer
-        calls complete (two micro-batches may be in flight); an idle engine has none."""
-        deadline = time.monotonic() + timeout
-        while experts.calls < calls + 2 and self.busy():
-            if time.monotonic() > deadline:
-                raise RuntimeError("placement change: layer batches of the old routing still in flight")
-            await asyncio.sleep(0.005)
 
 
 def _replicas(plan: list[list[int]]) -> dict[str, list[int]]:

@@ -94,7 +94,7 @@ class Router:
                 self.cfg.num_local_experts,
                 s.num_redundant_experts,
                 data_plane=self._data_plane,
-                busy=lambda: self.engine.engine is not None and self.engine.engine.has_unfinished(),
+                between_steps=lambda fn: self.engine.between_steps(fn),
             )
         self.engine = AsyncEngine(self._build_engine, name="router-engine")
         self.draining = False  # set by drain(): new requests are refused

@@ -16,6 +16,7 @@ import logging
 import os
 import socket
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -51,6 +52,7 @@ class ShardPool:
         self.store: Any = None
         self.gpu: tuple[str, tuple[str, ...]] = ("", ())  # (node, GPU ids) of the router
         self.backends: dict[int, str] = {}  # the transport of each shard's pair group
+        self._joining = threading.Lock()
 
     def __len__(self) -> int:
         return len(self.handles)
@@ -98,7 +100,8 @@ class ShardPool:
         deadline = start + self.recovery_timeout_s
         while True:
             try:
-                link = self._join(k)
+                with self._joining:  # the engine thread (a shard failed) and a resize both join
+                    link = self._join(k)
                 log.info("expert shard %d connected after %.1fs", k, time.monotonic() - start)
                 return link
             except Exception as e:  # the old replica is still being replaced

@@ -10,17 +10,25 @@ replica one sink, so a step costs one message per ingress, not one per request).
 A request that is aborted — a client gone, a cancelled task — is dropped at the next step,
 which frees its KV blocks. If a step fails, every request in it gets the error and is aborted,
 and the loop goes on serving new requests.
+
+Everything reaches the engine thread through one inbox of typed commands (`AddRequest`,
+`AbortRequest`, `BetweenSteps`, `Stop`), applied between steps, as vLLM's engine core takes its
+typed requests. `between_steps(fn)` is how the rest of the process changes what the engine
+uses, its expert placement above all: fn runs on the engine thread when no step is in flight,
+so no step ever sees two placements, and the caller awaits its result.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from moe.engine import LLMEngine
@@ -68,10 +76,39 @@ class Sink:
         return list(merged.items())
 
 
+@dataclass
+class AddRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    sink: Sink
+
+
+@dataclass
+class AbortRequest:
+    request_id: str
+
+
+@dataclass
+class BetweenSteps:
+    """Run fn(engine) on the engine thread between two steps; its result (or error) goes to done."""
+
+    fn: Callable[[LLMEngine], Any]
+    done: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+
+
+@dataclass
+class Stop:
+    pass
+
+
+Command = AddRequest | AbortRequest | BetweenSteps | Stop
+
+
 class AsyncEngine:
     def __init__(self, build: Callable[[], LLMEngine], name: str = "engine-loop"):
         self._build = build
-        self._inbox: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._sinks: dict[str, Sink] = {}  # owned by the engine thread
         self.engine: LLMEngine | None = None
         self.error: BaseException | None = None
@@ -91,10 +128,18 @@ class AsyncEngine:
     def add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, sink: Sink) -> None:
         if not self.alive:
             raise EngineDeadError(f"the engine is not running ({self.error})")
-        self._inbox.put(("add", request_id, prompt_token_ids, params, sink))
+        self._inbox.put(AddRequest(request_id, prompt_token_ids, params, sink))
 
     def abort(self, request_id: str) -> None:
-        self._inbox.put(("abort", request_id))
+        self._inbox.put(AbortRequest(request_id))
+
+    async def between_steps(self, fn: Callable[[LLMEngine], Any]) -> Any:
+        """fn(engine) run on the engine thread when no step is in flight → its result."""
+        if not self.alive:
+            raise EngineDeadError(f"the engine is not running ({self.error})")
+        cmd = BetweenSteps(fn)
+        self._inbox.put(cmd)
+        return await asyncio.wrap_future(cmd.done)
 
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
@@ -116,7 +161,7 @@ class AsyncEngine:
                 self.abort(request_id)
 
     def stop(self, timeout: float = 10.0) -> None:
-        self._inbox.put(("stop",))
+        self._inbox.put(Stop())
         self._thread.join(timeout)
 
     # ---- the engine thread ----
@@ -133,27 +178,34 @@ class AsyncEngine:
         self.ready.set()
         while True:
             for cmd in self._drain(block=not engine.has_unfinished()):
-                if cmd[0] == "stop":
+                if isinstance(cmd, Stop):
                     self._fail_all(engine, EngineDeadError("the engine is shutting down"))
+                    for left in self._drain(block=False):  # nobody waits on a stopped engine
+                        if isinstance(left, BetweenSteps):
+                            left.done.set_exception(EngineDeadError("the engine is shutting down"))
                     close = getattr(engine.experts, "shutdown", None)
                     if close is not None:
                         close()
                     return
-                if cmd[0] == "add":
-                    _, rid, prompt, params, sink = cmd
+                if isinstance(cmd, AddRequest):
                     try:
-                        engine.add_request(rid, prompt, params)
-                        self._sinks[rid] = sink
+                        engine.add_request(cmd.request_id, cmd.prompt_token_ids, cmd.params)
+                        self._sinks[cmd.request_id] = cmd.sink
                     except RequestError as e:
-                        sink.put([(rid, e)])
-                elif cmd[0] == "abort":
-                    engine.abort_request(cmd[1])
-                    self._sinks.pop(cmd[1], None)
+                        cmd.sink.put([(cmd.request_id, e)])
+                elif isinstance(cmd, AbortRequest):
+                    engine.abort_request(cmd.request_id)
+                    self._sinks.pop(cmd.request_id, None)
+                else:
+                    try:
+                        cmd.done.set_result(cmd.fn(engine))
+                    except Exception as e:
+                        cmd.done.set_exception(e)
             if engine.has_unfinished():
                 self._step(engine)
             self.stats = engine.stats()
 
-    def _drain(self, block: bool) -> list[tuple[Any, ...]]:
+    def _drain(self, block: bool) -> list[Command]:
         """Everything in the inbox; when idle, first wait for something to arrive."""
         cmds = [self._inbox.get()] if block else []
         while True:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
 from moe.async_engine import AsyncEngine
+from moe.backend import InProcessExperts
 from moe.engine import EngineConfig, LLMEngine
 from moe.errors import RequestError
 from moe.sampling import SamplingParams
@@ -61,3 +63,91 @@ def test_refused_request_raises_and_cancel_aborts(engine):
         return False
 
     assert asyncio.run(cancel_midway())
+
+
+class VersionedExperts(InProcessExperts):
+    """Experts whose "placement" is a version number: every layer records the step it runs in
+    and the version it routed by. When a change is coming (`armed`), the next step says at its
+    layer 1 that it is under way (`in_step`) and waits a moment for a change made from another
+    thread (`switched`): the interleaving is forced, not left to timing."""
+
+    def __init__(self, inner: InProcessExperts):
+        super().__init__(inner.shards, len(inner.placement.count))
+        self.version, self.step, self.seen = 0, 0, []
+        self.armed, self.in_step, self.switched = threading.Event(), threading.Event(), threading.Event()
+
+    def set_placement(self, version: int) -> None:
+        self.version = version
+
+    def submit(self, layer, x, expert_ids, weights):
+        self.seen.append((self.step, self.version))
+        if layer == 1 and self.armed.is_set():
+            self.armed.clear()
+            self.in_step.set()
+            self.switched.wait(0.05)
+            self.switched.clear()
+        return super().submit(layer, x, expert_ids, weights)
+
+
+def steps_mixing_placements(tiny_dir, switch) -> int:
+    """Decode while the placement is changed 10 times, each while a step is at its layer 1, with
+    `switch(engine, experts, v)`; → how many steps routed their layers by more than one."""
+
+    def build() -> LLMEngine:
+        eng = LLMEngine.from_pretrained(tiny_dir, EngineConfig(max_model_len=512))
+        eng.experts = eng.runner.experts = VersionedExperts(eng.experts)
+        step = eng.step
+
+        def counted():
+            eng.experts.step += 1
+            return step()
+
+        eng.step = counted
+        return eng
+
+    engine = AsyncEngine(build)
+    assert engine.ready.wait(60) and engine.error is None
+    experts = engine.engine.experts
+    try:
+
+        async def changes() -> None:
+            for v in range(1, 11):
+                experts.armed.set()
+                assert await asyncio.to_thread(experts.in_step.wait, 30)
+                experts.in_step.clear()
+                await switch(engine, experts, v)
+
+        async def run() -> None:
+            params = SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True)
+            streams = [collect_async(engine, f"r{i}", [1, 2, 3 + i], params) for i in range(4)]
+            await asyncio.gather(changes(), *streams)
+
+        asyncio.run(run())
+        by_step: dict[int, set[int]] = {}
+        for step, version in experts.seen:
+            by_step.setdefault(step, set()).add(version)
+        assert experts.version == 10  # every change was made
+        return sum(len(versions) > 1 for versions in by_step.values())
+    finally:
+        engine.stop()
+
+
+async def collect_async(engine, rid, prompt, params) -> None:
+    async for _ in engine.generate(rid, prompt, params):
+        pass
+
+
+def test_placement_changes_apply_between_steps(tiny_dir):
+    """Through the engine's inbox (what the placement controller does), a change of placement
+    made while a step is under way waits for its end; made from another thread directly (as it
+    was), it lands inside the step, whose later layers route by the new placement."""
+
+    async def between_steps(engine, experts, v):
+        await engine.between_steps(lambda eng: eng.experts.set_placement(v))
+
+    async def cross_thread(engine, experts, v):
+        experts.set_placement(v)
+        experts.switched.set()
+
+    assert steps_mixing_placements(tiny_dir, between_steps) == 0
+    assert steps_mixing_placements(tiny_dir, cross_thread) == 10  # the control: each change mid-step
