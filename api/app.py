@@ -84,7 +84,7 @@ PROTECTED = {("POST", p) for p in JSON_BODY_PATHS} | {
     ("POST", REBALANCE),
 }  # need a key when keys are set (and every GET under /v1/models/)
 MAX_JSON_DEPTH = 128  # arrays and objects in a request body (a deep JSON schema has ~60)
-JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"?')  # an unclosed string runs to the end: linear time
 
 
 OPENS, CLOSES = np.frombuffer(b"[{", dtype=np.uint8), np.frombuffer(b"]}", dtype=np.uint8)

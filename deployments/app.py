@@ -69,7 +69,7 @@ def build_app(args: dict[str, Any] | RaymixSettings | None = None) -> Applicatio
         # its ongoing requests are the ingress replicas' streams: it drains as long as they do
         graceful_shutdown_timeout_s=s.drain_timeout_s + 5,
         graceful_shutdown_wait_loop_s=DRAIN_POLL_S,
-    )(Router).bind(s, shards, p.expert_groups, p.router_threads)
+    )(Router).bind(s, shards, p.expert_groups, p.router_threads, float(p.router_options["num_gpus"] or 1.0))
     return serve.deployment(
         name=INGRESS,
         ray_actor_options=pin({"num_cpus": 0}, router_node),

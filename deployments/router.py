@@ -66,9 +66,11 @@ class Router:
         shards: list[Any],  # ExpertShard deployment handles
         expert_groups: list[list[int]],  # shard k's experts of every layer
         num_threads: int | None,
+        gpu_share: float = 1.0,  # of its GPU (less when shards share it)
     ):
         self.settings = s = settings
         self.num_threads = num_threads
+        self.gpu_share = gpu_share
         self.model_dir = s.model_dir()
         self.cfg, self.quant, self.reader = open_checkpoint(self.model_dir, s.quantization)
         self.device = pick_device("auto")
@@ -146,7 +148,11 @@ class Router:
             where,
         )
         config = s.engine_config()
-        config.overlap = s.overlap if s.overlap is not None else self.device.type == "cuda"
+        if 0 < self.gpu_share < 1:  # shards share this GPU: the cache takes this router's share
+            config.gpu_memory_utilization *= self.gpu_share
+        # two micro-batches pay only where remote experts leave the router idle (GPUs, shards)
+        remote = self.placement is not None
+        config.overlap = s.overlap if s.overlap is not None else self.device.type == "cuda" and remote
         return LLMEngine(cfg, model, experts, config, tokenizer, self.model_dir)
 
     def _data_plane(self) -> RemoteExperts | None:
@@ -312,7 +318,10 @@ class Router:
         have finished, or after timeout_s. → the engine's gauges at that moment."""
         self.draining = True
         deadline = time.monotonic() + timeout_s
-        while self.engine.engine is not None and self.engine.engine.has_unfinished():
+        # requests the engine runs, and those submitted but not yet in it (still in its inbox)
+        while any(self.owned.values()) or (
+            self.engine.engine is not None and self.engine.engine.has_unfinished()
+        ):
             if time.monotonic() > deadline:
                 log.warning("drain: requests still running after %.0fs; stopping anyway", timeout_s)
                 break

@@ -136,7 +136,8 @@ def supervise(argv: list[str]) -> int:
 
     signal.signal(signal.SIGTERM, relay)
     signal.signal(signal.SIGINT, relay)
-    return child.wait()
+    rc = child.wait()
+    return 128 - rc if rc < 0 else rc  # killed by signal n: the shell's 128 + n
 
 
 def _stop_with_parent() -> None:

@@ -273,19 +273,22 @@ class CheckpointReader:
                 assert weight_scale is not None  # check() refused it otherwise
                 fp8[m] = (weight_scale, input_scale if static else None)
                 names |= {n: self.header(n)[1] for n in fp8[m] if n is not None}
-        raw = self.load(names, dtype=None, device=device)
         out: dict[str, Weight] = {}
-        for m in shapes:
-            w = raw.pop(m + ".weight")
-            if m in fp8:
-                weight_scale, input_scale = fp8[m]
-                block = quant.weight_block if quant is not None else None
-                s_in = raw.pop(input_scale) if input_scale else None
-                out[m] = Fp8Tensor.from_checkpoint(m, w, raw.pop(weight_scale), s_in, block)
-            elif quantize and quant is not None and quant.method == "online":
-                out[m] = Fp8Tensor.quantize(w)
-            else:
-                out[m] = w.to(dtype)
+        for layer in _by_layer(shapes):  # a layer at a time: the host holds one layer's raw tensors
+            raw = self.load(
+                {n: names[n] for m in layer for n in (m + ".weight", *fp8.get(m, ())) if n}, None, "cpu"
+            )
+            for m in layer:
+                w = raw.pop(m + ".weight").to(device)  # the device holds one raw tensor beyond the result
+                if m in fp8:
+                    weight_scale, input_scale = fp8[m]
+                    block = quant.weight_block if quant is not None else None
+                    s_in = raw.pop(input_scale).to(device) if input_scale else None
+                    out[m] = Fp8Tensor.from_checkpoint(m, w, raw.pop(weight_scale).to(device), s_in, block)
+                elif quantize and quant is not None and quant.method == "online":
+                    out[m] = Fp8Tensor.quantize(w)
+                else:
+                    out[m] = w.to(dtype)
         return out
 
     def _open(self, path: Path):
@@ -339,6 +342,15 @@ class CheckpointReader:
                 time.perf_counter() - start,
             )
         return out
+
+
+def _by_layer(modules: Iterable[str]) -> list[list[str]]:
+    """Module names grouped by their layer (`model.layers.{l}.`; the rest together), in order."""
+    groups: dict[str, list[str]] = {}
+    for m in modules:
+        key = ".".join(m.split(".")[:3]) if m.startswith("model.layers.") else ""
+        groups.setdefault(key, []).append(m)
+    return list(groups.values())
 
 
 def open_checkpoint(

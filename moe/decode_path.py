@@ -136,10 +136,15 @@ class Lane:
         )
         (self.flex if flex and self.flex is not None else self.dense).fill(tables, lens, bsz, ctx)
 
-    def inputs(self, bsz: int, ctx: int, flex: bool) -> tuple[torch.Tensor, Metadata]:
-        """Rows [:bsz] as the model's input: ids [bsz] and metadata (views of the buffers)."""
-        attention = self.flex if flex and self.flex is not None else self.dense
-        return self.ids[:bsz], attention.metadata(self.positions[:bsz], self.slot_mapping[:bsz], bsz, ctx)
+    def inputs(self, bsz: int, ctx: int, flex: bool, rows: int) -> tuple[torch.Tensor, Metadata]:
+        """The model's input, views of the buffers: ids [rows] and their metadata. A graph takes
+        every row of the bucket (rows = bsz); an eager step only the real ones, so padding never
+        reaches the experts (remote ones, or their load counts); FlexAttention's block mask
+        stays the bucket's (its kernel is the bucket's) and pads the queries itself."""
+        ids, positions, slots = self.ids[:rows], self.positions[:rows], self.slot_mapping[:rows]
+        if flex and self.flex is not None:
+            return ids, self.flex.metadata(positions, slots, bsz, ctx)
+        return ids, self.dense.metadata(positions, slots, rows, ctx)
 
 
 class DecodePath:
@@ -239,10 +244,14 @@ class DecodePath:
             if replayed is not None:
                 return replayed[: sizes[0]]
         hidden = self.model(
-            [lane.inputs(bsz, ctx, flex) for lane, bsz, ctx, flex in batches], self.kv_cache, self.experts
+            [
+                lane.inputs(bsz, ctx, flex, n)
+                for (lane, bsz, ctx, flex), n in zip(batches, sizes, strict=True)
+            ],
+            self.kv_cache,
+            self.experts,
         )
-        rows = torch.cat([h[:n] for h, n in zip(hidden, sizes, strict=True)])  # [n, H]: the real rows
-        return self.model.compute_logits(rows)
+        return self.model.compute_logits(torch.cat(hidden))  # [n, V]
 
     def _bucket(self, n: int, lens: list[int]) -> tuple[int, int, bool]:
         """(batch bucket, context bucket (the gather's; 0 with FlexAttention), FlexAttention?)."""
@@ -287,7 +296,7 @@ class DecodePath:
         sync and no data-dependent shape)."""
         lane = self.lanes[0]
         return self.model.compute_logits(
-            self.model([lane.inputs(bsz, ctx, flex)], self.kv_cache, self.experts)[0]
+            self.model([lane.inputs(bsz, ctx, flex, bsz)], self.kv_cache, self.experts)[0]
         )
 
     def _capture(self, bsz: int, ctx: int, flex: bool) -> tuple[Any, torch.Tensor]:

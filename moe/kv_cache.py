@@ -60,6 +60,7 @@ def kv_cache_budget(
         return kv_bytes
     if device.type != "cuda":
         return min(CPU_DEFAULT_BYTES, psutil.virtual_memory().available // 10)
+    torch.cuda.empty_cache()  # loading's cached, freed blocks are free memory
     free, total = torch.cuda.mem_get_info(device)
     act = activation_bytes(cfg, max_tokens, max_seqs, dtype)
     budget = int(free - (1 - gpu_memory_utilization) * total - act - GRAPH_RESERVE_BYTES)

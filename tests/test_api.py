@@ -81,6 +81,7 @@ def events(r: httpx.Response) -> list:
         ({**GOOD, "model": "gpt-17"}, 404, "model", "model_not_found"),
         (b"[" + b"1," * 40000 + b"1]", 413, None, "request_too_large"),
         (b"[" * 30000 + b"]" * 30000, 400, None, "invalid_json"),  # nested past the depth limit
+        (b"[" * 129 + b'"' + b'\\"' * 30000, 400, None, "invalid_json"),  # an unclosed string: linear scan
         (b'{"messages": ' + b"[" * 129 + b"]" * 129 + b"}", 400, None, "invalid_json"),
     ],
 )

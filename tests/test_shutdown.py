@@ -47,17 +47,17 @@ def test_sigterm_to_the_group_drains_the_stream_and_leaves_nothing_running(tmp_p
         wait_healthy(url, timeout=240)
         started = {p.pid for p in psutil.Process(proc.pid).children(recursive=True)}
         assert len(started) >= 4  # the server, and Ray's daemons and workers under it
-        events: list[str] = []
+        events: list[tuple[float, str]] = []
         first = threading.Event()
 
         def stream() -> None:
-            body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 120, "ignore_eos": True}
+            body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 400, "ignore_eos": True}
             with httpx.stream(
                 "POST", f"{url}/v1/chat/completions", json={**body, "stream": True}, timeout=60
             ) as r:
                 for line in r.iter_lines():
                     if line.startswith("data: "):
-                        events.append(line[6:])
+                        events.append((time.monotonic(), line[6:]))
                         first.set()
 
         reader = threading.Thread(target=stream)
@@ -67,10 +67,10 @@ def test_sigterm_to_the_group_drains_the_stream_and_leaves_nothing_running(tmp_p
         os.killpg(os.getpgid(proc.pid), signal.SIGTERM)
         reader.join(DRAIN_S + 30)
         assert not reader.is_alive()
-        assert events[-1] == "[DONE]"  # the stream ran to its end while the server drained
-        finish = [
-            json.loads(e)["choices"][0]["finish_reason"] for e in events[:-1] if json.loads(e)["choices"]
-        ]
+        data = [e for _, e in events]
+        assert data[-1] == "[DONE]"  # the stream ran to its end while the server drained
+        assert events[-1][0] > t0  # it was still under way when SIGTERM came
+        finish = [json.loads(e)["choices"][0]["finish_reason"] for e in data[:-1] if json.loads(e)["choices"]]
         assert finish[-1] == "length"
         assert proc.wait(DRAIN_S + 30) == 0
         print(f"exited {time.monotonic() - t0:.1f} s after SIGTERM (drain limit {DRAIN_S} s)")
