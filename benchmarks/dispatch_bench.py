@@ -2,7 +2,7 @@
 
 For 1, 16, 64 and 256 tokens of a checkpoint (default: the embedded model), the median time of
 one MoE layer's dispatch, the shards' expert compute and the combine, over:
-  - the data plane raymix uses (torch.distributed gloo pair groups, moe.data_plane),
+  - the data plane raymix uses (torch.distributed gloo pair groups, moe.expert_parallel),
   - the same data plane to shards that hold no experts (the messages without the compute:
     what raymix's transport costs),
   - a plain Ray actor call per shard (ray.get of .remote() calls to actors holding the experts),
@@ -28,7 +28,9 @@ from report import save  # benchmarks/report.py
 
 from moe.checkpoint import CheckpointReader
 from moe.config import ModelConfig
-from moe.data_plane import RemoteExperts, Rendezvous, ShardLink, ShardServer, open_store
+from moe.expert_parallel.remote import RemoteExperts, ShardLink
+from moe.expert_parallel.rendezvous import Rendezvous, open_store
+from moe.expert_parallel.server import ShardServer
 from moe.experts import LocalExperts, Placement, combine, dispatch, partition_experts, select_experts
 from moe.tiny import default_model_dir
 
@@ -69,7 +71,7 @@ class ShardActor:
 
     def echo_floor(self, rdv: dict, iters: int, n: int, hidden: int) -> None:
         """Bare transport: receive [n, H] and send it back, iters times, on its own pair group."""
-        from moe.data_plane import pair_group
+        from moe.expert_parallel.rendezvous import pair_group
 
         store = open_store(rdv["store"], False, TIMEOUT)
         pg = pair_group(store, rdv["prefix"], 1, "gloo", TIMEOUT, "127.0.0.1")
@@ -127,7 +129,7 @@ def measure(n, cfg, remote, empty, actors, handles, placement, store, url, it) -
     out["Ray actor call"] = median_ms(actor_layer, max(it // 3, 30))
     out["Serve handle"] = median_ms(serve_layer, max(it // 6, 20))
     # the floor: bare round trips of the hidden states, no compute, to one shard and to all at once
-    from moe.data_plane import pair_group
+    from moe.expert_parallel.rendezvous import pair_group
 
     for label, fan in (("gloo floor (1 pair)", 1), (f"gloo floor ({len(actors)} pairs)", len(actors))):
         rdvs = [Rendezvous(url, f"floor{n}-{fan}-{k}/", "gloo") for k in range(fan)]

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from report import median_of, save  # benchmarks/report.py
 
-from moe.backend import InProcessExperts
 from moe.engine import EngineConfig, LLMEngine
+from moe.expert_parallel.backend import InProcessExperts
 from moe.quantization import QuantizationConfig
 from moe.sampling import SamplingParams
 from moe.tiny import default_model_dir

@@ -13,7 +13,7 @@ weights, is written once under --cache. Decode tok/s is timed after every sequen
 --runs; figures printed, written to JSON and plotted to PNG.
 
 With --expert-shards N the same engine also runs as the router does in the cluster: its experts
-in N shard processes (moe.local_shards, which says how they map to GPUs; no Ray, no HTTP: those
+in N shard processes (moe.expert_parallel.local_shards, which says how they map to GPUs; no Ray, no HTTP: those
 are serve_bench's), reached over the data plane: its default dispatch for the device (each
 shard gets the whole layer batch on CUDA, only its tokens on CPU), the other one, and the
 default with the two-micro-batch overlap.
@@ -37,13 +37,13 @@ from pathlib import Path
 import torch
 from report import median_of, save  # benchmarks/report.py
 
-from moe.backend import InProcessExperts
 from moe.checkpoint import CheckpointReader
 from moe.config import ModelConfig
-from moe.data_plane import RemoteExperts
 from moe.engine import EngineConfig, LLMEngine
+from moe.expert_parallel.backend import InProcessExperts
+from moe.expert_parallel.local_shards import LocalShards
+from moe.expert_parallel.remote import RemoteExperts
 from moe.fp8 import Fp8Tensor
-from moe.local_shards import LocalShards
 from moe.model import MixtralDense
 from moe.sampling import SamplingParams
 from moe.tiny import make_tiny

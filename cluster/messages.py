@@ -8,7 +8,7 @@ vocabulary (a renamed field is a type error, not a KeyError at run time):
     ingress ◀──ExpertStatus── Router.expert_status      (the web page's expert view)
 
 The expert shards' per-layer tensors do not travel here: they go over the data plane
-(moe.data_plane).
+(moe.expert_parallel).
 """
 
 from __future__ import annotations

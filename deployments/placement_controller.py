@@ -18,8 +18,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from deployments.shard_pool import ShardPool
-from moe.data_plane import RemoteExperts, ShardLink
-from moe.eplb import balancedness, plan_replicas
+from moe.expert_parallel.eplb import balancedness, plan_replicas
+from moe.expert_parallel.remote import RemoteExperts, ShardLink
 from moe.experts import Placement, partition_experts
 
 log = logging.getLogger("ray.serve")

@@ -40,11 +40,12 @@ from deployments.placement_controller import PlacementController
 from deployments.ray_metrics import RayEngineGauges, RayGpuMemory
 from deployments.shard_pool import ShardPool
 from moe.async_engine import AsyncEngine, Sink
-from moe.backend import ExpertBackend, InProcessExperts
 from moe.checkpoint import open_checkpoint
 from moe.cpu_gemm import kernel_for
-from moe.data_plane import RemoteExperts, comm_device
 from moe.engine import LLMEngine, gpu_memory, pick_device, pick_dtype
+from moe.expert_parallel.backend import ExpertBackend, InProcessExperts
+from moe.expert_parallel.remote import RemoteExperts
+from moe.expert_parallel.rendezvous import comm_device
 from moe.model import MixtralDense
 from moe.sequence import RequestOutput
 from moe.tokenizer import load_tokenizer

@@ -2,7 +2,7 @@
 
 It loads only its experts from the checkpoint (on its own GPU when the cluster has GPUs), then
 waits for the router to call `connect`, after which its data-plane thread answers layer batches
-over a torch.distributed pair group (moe.data_plane). Serve's health check fails if that thread
+over a torch.distributed pair group (moe.expert_parallel). Serve's health check fails if that thread
 has died, so Serve restarts the replica.
 """
 
@@ -20,8 +20,9 @@ from cluster.config import RaymixSettings
 from deployments.ray_metrics import RayGpuMemory
 from moe.checkpoint import open_checkpoint
 from moe.cpu_gemm import kernel_for
-from moe.data_plane import Rendezvous, ShardServer
 from moe.engine import gpu_memory, pick_device, pick_dtype
+from moe.expert_parallel.rendezvous import Rendezvous
+from moe.expert_parallel.server import ShardServer
 from moe.experts import LocalExperts
 
 log = logging.getLogger("ray.serve")

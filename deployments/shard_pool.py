@@ -24,7 +24,8 @@ from typing import Any
 
 import torch
 
-from moe.data_plane import Rendezvous, ShardLink, open_store
+from moe.expert_parallel.remote import ShardLink
+from moe.expert_parallel.rendezvous import Rendezvous, open_store
 
 log = logging.getLogger("ray.serve")
 

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from moe.attention import DenseDecode, decode_slots
-from moe.backend import ExpertBackend, InProcessExperts
+from moe.expert_parallel.backend import ExpertBackend, InProcessExperts
 from moe.flex_decode import AVAILABLE as FLEX_AVAILABLE
 from moe.flex_decode import FlexDecode
 from moe.kv_cache import KVCache

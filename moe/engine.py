@@ -19,12 +19,12 @@ from typing import Any
 import torch
 
 from moe.allocator import keep_freed_memory
-from moe.backend import ExpertBackend, InProcessExperts
 from moe.checkpoint import open_checkpoint, parse_dtype
 from moe.config import ModelConfig
 from moe.cpu_gemm import kernel_for
 from moe.decode_path import DecodePath
 from moe.errors import OverloadedError, RequestError
+from moe.expert_parallel.backend import ExpertBackend, InProcessExperts
 from moe.guided import GrammarTokenizer
 from moe.kv_cache import BlockManager, KVCache, kv_cache_budget
 from moe.model import MixtralDense

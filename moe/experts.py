@@ -55,7 +55,7 @@ class ShardBatch:
 
 class Placement:
     """Which shards hold each expert: its primary shard first, then any replicas (hot experts
-    copied to spare room on other shards, see moe.eplb). `table` [E, R] lists each expert's
+    copied to spare room on other shards, see moe.expert_parallel.eplb). `table` [E, R] lists each expert's
     shards (padded with the primary), `count` [E] how many there are."""
 
     def __init__(self, expert_shards: list[list[int]], num_shards: int):

@@ -23,9 +23,9 @@ from torch import nn
 
 from moe import weights
 from moe.attention import AttentionMetadata, DecodeMetadata, RotaryEmbedding, apply_rotary
-from moe.backend import ExpertBackend
 from moe.checkpoint import CheckpointReader, dense_tensor_shapes, linear_modules
 from moe.config import ModelConfig
+from moe.expert_parallel.backend import ExpertBackend
 from moe.experts import select_experts
 from moe.flex_decode import FlexDecodeMetadata
 from moe.fp8 import Fp8Tensor, w8a8_supported

@@ -17,9 +17,9 @@ import time
 import torch
 
 from moe.attention import AttentionMetadata
-from moe.backend import ExpertBackend
 from moe.config import ModelConfig
 from moe.decode_path import DecodePath
+from moe.expert_parallel.backend import ExpertBackend
 from moe.kv_cache import BlockManager, KVCache
 from moe.model import MixtralDense
 from moe.sequence import Sequence

@@ -8,9 +8,9 @@ import threading
 import pytest
 
 from moe.async_engine import AsyncEngine
-from moe.backend import InProcessExperts
 from moe.engine import EngineConfig, LLMEngine
 from moe.errors import RequestError
+from moe.expert_parallel.backend import InProcessExperts
 from moe.sampling import SamplingParams
 
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe.backend import InProcessExperts
 from moe.checkpoint import CheckpointReader
 from moe.config import ModelConfig
 from moe.engine import EngineConfig, LLMEngine
-from moe.local_shards import LocalShards
+from moe.expert_parallel.backend import InProcessExperts
+from moe.expert_parallel.local_shards import LocalShards
 from moe.model import MixtralDense
 from moe.sampling import SamplingParams
 from moe.tokenizer import load_tokenizer
@@ -117,7 +117,7 @@ def test_expert_load_recent_window_per_layer_and_shard():
     """What the expert view reads: over the recent window, tokens per (layer, expert) and the
     mean round trip per (shard, layer); the window forgets old batches (the totals do not) and
     starts over on reset."""
-    from moe.data_plane import ExpertLoad
+    from moe.expert_parallel.load import ExpertLoad
 
     load = ExpertLoad(2, torch.tensor([0, 0, 1, 1]), window=3)
     load.count(0, torch.tensor([[0, 1], [0, 2]]), torch.tensor([[0, 0], [0, 1]]), 2)  # layer 0: two tokens

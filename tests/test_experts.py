@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe.backend import InProcessExperts
 from moe.config import ModelConfig
+from moe.expert_parallel.backend import InProcessExperts
 from moe.experts import (
     LocalExperts,
     Placement,

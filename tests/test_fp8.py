@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from moe.backend import InProcessExperts
 from moe.checkpoint import CheckpointReader, expert_shapes, open_checkpoint
 from moe.engine import EngineConfig, LLMEngine
+from moe.expert_parallel.backend import InProcessExperts
 from moe.experts import LocalExperts
 from moe.fp8 import FP8, FP8_MAX, Fp8Tensor, quantize_activations
 from moe.fp8 import grouped_mm as fp8_grouped_mm

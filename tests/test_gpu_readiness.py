@@ -133,7 +133,7 @@ def test_no_host_sync_in_decode_forwards_and_a_fixed_number_per_prefill(tiny_dir
 def test_no_host_sync_with_remote_experts(tiny_dir):
     """The router's side of the data plane as it runs on a GPU (every shard gets the whole layer
     batch: no routing read on the host), with shards in spawned processes."""
-    from moe.local_shards import LocalShards
+    from moe.expert_parallel.local_shards import LocalShards
     from moe.model import MixtralDense
 
     shards = LocalShards(

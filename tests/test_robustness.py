@@ -15,8 +15,8 @@ import time
 import httpx
 import pytest
 
-from moe.backend import InProcessExperts
 from moe.engine import EngineConfig, LLMEngine
+from moe.expert_parallel.backend import InProcessExperts
 from tests.cluster_harness import Raymix, free_port, ray_cluster, same_id_requests
 from tests.local_server import local_server
 

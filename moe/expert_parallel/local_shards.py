@@ -18,7 +18,10 @@ import torch
 
 from moe.checkpoint import CheckpointReader
 from moe.config import ModelConfig
-from moe.data_plane import INLINE_TOKENS, RemoteExperts, Rendezvous, ShardLink, ShardServer, open_store
+from moe.expert_parallel.remote import RemoteExperts, ShardLink
+from moe.expert_parallel.rendezvous import Rendezvous, open_store
+from moe.expert_parallel.server import ShardServer
+from moe.expert_parallel.wire import INLINE_TOKENS
 from moe.experts import LocalExperts, Placement, partition_experts
 
 

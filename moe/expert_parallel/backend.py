@@ -4,7 +4,7 @@ The dense model calls `backend.submit(layer, x, expert_ids, weights)` at every M
 (micro-)batch of the step, and later `backend.wait(handle)` for the output. `InProcessExperts`
 holds all experts here, optionally split into N in-process "shards" that go through the same dispatch / combine as remote shards do —
 the expert-parallel invariant (any split gives the same output) is tested on it. The cluster's
-remote backend (moe.data_plane.RemoteExperts) implements the same protocol.
+remote backend (moe.expert_parallel.remote.RemoteExperts) implements the same protocol.
 """
 
 from __future__ import annotations

@@ -1,0 +1,65 @@
+"""Rendezvous: how a shard and a router find each other and open their pair group.
+
+Each router-shard pair shares a two-rank torch.distributed process group of its own (gloo on
+CPU, NCCL on GPU), rendezvoused through a store the router opens (a FileStore when every shard
+shares the router's node, so nothing listens on the network; a TCPStore across nodes), under a
+key prefix of its own. One pair group per shard (rather than one world) keeps shards
+independent: a restarted shard reconnects under a new prefix without touching the others.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from moe.expert_parallel.wire import INLINE_TOKENS
+
+ROUTER, SHARD = 0, 1  # ranks in each pair group
+IDLE_TIMEOUT = datetime.timedelta(days=365)  # a shard waits for work as long as it takes
+
+
+@dataclass(frozen=True)
+class Rendezvous:
+    """Where a shard finds the router: the store, this pair's key prefix, the transport."""
+
+    store: str  # "file:///path" (same node) or "tcp://host:port"
+    prefix: str
+    backend: str  # "gloo" | "nccl"
+    interface_host: str = "127.0.0.1"  # address gloo binds to on the shard's side
+    inline_tokens: int = INLINE_TOKENS  # the shard's standing receive, in tokens (gloo; 0: none)
+
+    @property
+    def inline(self) -> int:
+        """Tokens a batch may have to travel with its header: 0 over NCCL (exact sizes only)."""
+        return self.inline_tokens if self.backend == "gloo" else 0
+
+
+def open_store(url: str, is_master: bool, timeout: datetime.timedelta) -> dist.Store:
+    if url.startswith("file://"):
+        return dist.FileStore(url.removeprefix("file://"), -1)
+    host, port = url.removeprefix("tcp://").rsplit(":", 1)
+    return dist.TCPStore(host, int(port), is_master=is_master, wait_for_workers=False, timeout=timeout)
+
+
+def pair_group(
+    store: dist.Store, prefix: str, rank: int, backend: str, timeout: datetime.timedelta, host: str
+) -> Any:
+    """A two-rank process group on its own key prefix (independent of any default group).
+    gloo listens on `host` only (127.0.0.1 on one node)."""
+    prefixed = dist.PrefixStore(prefix, store)
+    if backend == "nccl":
+        nccl_opts = dist.ProcessGroupNCCL.Options()
+        nccl_opts._timeout = timeout
+        return dist.ProcessGroupNCCL(prefixed, rank, 2, nccl_opts)
+    opts = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]
+    opts._timeout = timeout
+    opts._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
+    return dist.ProcessGroupGloo(prefixed, rank, 2, opts)
+
+
+def comm_device(backend: str, device: torch.device) -> torch.device:
+    return device if backend == "nccl" else torch.device("cpu")

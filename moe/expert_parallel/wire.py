@@ -1,0 +1,56 @@
+"""The data plane's wire format: one layer batch for one shard as one byte buffer.
+
+A message is a header [op, layer, n, inline] (int64), the routing [n, 2K] (float32: the K global
+expert ids the shard is to compute, -1 for the others, then their K weights) and the hidden
+states x [n, H] (model dtype). The shard answers with its weighted sum y [n, H]. A batch of up
+to the shard's standing receive (`inline` tokens, gloo) travels as one message; a bigger one,
+and every batch over NCCL (which needs exact sizes), as the header and then the body.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moe.experts import ShardBatch
+
+FORWARD, SHUTDOWN = 1, 2
+HEADER_BYTES = 32  # [op, layer, n, inline] int64
+HEAD_TAG, BODY_TAG = 0, 1  # a body sent apart from its header has its own tag (gloo matches per tag)
+INLINE_TOKENS = 512  # batches up to this many tokens travel as one message (gloo)
+
+
+def body_bytes(n: int, hidden: int, top_k: int, dtype: torch.dtype) -> int:
+    """Bytes of a batch of n tokens after the header: routing [n, 2K] float32, x [n, H]."""
+    return n * (2 * top_k * 4 + hidden * dtype.itemsize)
+
+
+def encode(layer: int, x: torch.Tensor, b: ShardBatch, inline: bool, device: torch.device) -> torch.Tensor:
+    """One shard's batch as bytes on `device`: header, routing [n, 2K] float32 (its expert ids,
+    then their weights), x[b.token_index] [n, H]. Everything is written straight into the
+    message (pinned when a GPU's tensors go out over gloo)."""
+    n, (hidden, k) = b.token_index.numel(), (x.shape[1], b.expert_ids.shape[1])
+    pin = x.is_cuda and device.type == "cpu"
+    msg = torch.empty(HEADER_BYTES + body_bytes(n, hidden, k, x.dtype), dtype=torch.uint8,
+                      device=device, pin_memory=pin)  # fmt: skip
+    header = torch.tensor([FORWARD, layer, n, int(inline)], dtype=torch.long)
+    if msg.is_cuda:  # one asynchronous copy from pinned memory: from pageable memory it would sync
+        header = header.pin_memory()
+    msg[:HEADER_BYTES].view(torch.long).copy_(header, non_blocking=True)
+    split = HEADER_BYTES + n * 2 * k * 4
+    route = msg[HEADER_BYTES:split].view(torch.float32).view(n, 2 * k)
+    route[:, :k].copy_(b.expert_ids)
+    route[:, k:].copy_(b.weights)
+    xs = msg[split:].view(x.dtype).view(n, hidden)
+    if x.device == device:
+        torch.index_select(x, 0, b.token_index, out=xs)
+    else:  # blocking: gloo reads the buffer as soon as the send is posted
+        xs.copy_(x[b.token_index])
+    return msg
+
+
+def decode(body: torch.Tensor, n: int, hidden: int, top_k: int, dtype: torch.dtype) -> tuple:
+    """The body bytes of a batch → (x [n, H], routing [n, 2K] float32), views of `body`."""
+    split = n * 2 * top_k * 4
+    route = body[:split].view(torch.float32).view(n, 2 * top_k)
+    x = body[split : split + n * hidden * dtype.itemsize].view(dtype).view(n, hidden)
+    return x, route
