@@ -144,11 +144,13 @@ def dispatch_whole(
 def combine(
     hidden_shape: torch.Size, dtype: torch.dtype, parts: list[tuple[torch.Tensor, torch.Tensor]]
 ) -> torch.Tensor:
-    """Sum the shards' outputs into a [T, H] tensor. parts: (token_index [n], output [n, H])."""
-    out = torch.zeros(hidden_shape, dtype=dtype, device=parts[0][1].device if parts else "cpu")
+    """Sum the shards' parts into a [T, H] tensor of `dtype`. parts: (token_index [n], part
+    [n, H] float32). The sum is taken in float32 and rounded once: with top-2 routing a token's
+    output is then the same bits however its two experts are split over shards."""
+    out = torch.zeros(hidden_shape, dtype=torch.float32, device=parts[0][1].device if parts else "cpu")
     for rows, y in parts:
-        out.index_add_(0, rows, y.to(dtype))
-    return out
+        out.index_add_(0, rows, y.float())
+    return out.to(dtype)
 
 
 def grouped_gemm_misaligned(cfg: ModelConfig, dtype: torch.dtype) -> str | None:
@@ -274,8 +276,15 @@ class LocalExperts:
     def forward(
         self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
     ) -> torch.Tensor:
+        """The layer's MoE output when this holds every expert routed to: `partial` in x's dtype."""
+        return self.partial(layer, x, expert_ids, weights).to(x.dtype)
+
+    def partial(
+        self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
         """x [n, H], expert_ids [n, K] (global; -1: computed elsewhere), weights [n, K] → sum over
-        the held experts of weight × SwiGLU(x) [n, H]; experts held elsewhere contribute nothing.
+        the held experts of weight × SwiGLU(x) [n, H] float32; experts held elsewhere contribute
+        nothing (their part comes from another shard, added in float32: `combine`).
 
         The (token, expert) assignments are sorted by expert and each projection is one grouped
         GEMM over them, with the group offsets counted and summed on the device: no host sync and
@@ -287,10 +296,11 @@ class LocalExperts:
         e = len(self.expert_ids)
         inter = self.cfg.intermediate_size
         if e == 0 or n == 0:
-            return torch.zeros_like(x)
+            return torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         if not self.cfg.is_moe:
             gu = linear(x, select(self.gate_up[layer], 0), self.w8a8)  # [n, 2I]
-            return linear(F.silu(gu[:, :inter]) * gu[:, inter:], select(self.down[layer], 0), self.w8a8)
+            y = linear(F.silu(gu[:, :inter]) * gu[:, inter:], select(self.down[layer], 0), self.w8a8)
+            return y.float()  # [n, H]
         local = self.expert_map[expert_ids.clamp(min=0)]  # [n, K] local index, -1: not held
         local = torch.where((expert_ids < 0) | (local < 0), e, local).flatten()  # [nK]; e: not here
         order = torch.argsort(local, stable=True)  # [nK] assignments grouped by expert, others last
@@ -306,4 +316,4 @@ class LocalExperts:
         dest = torch.where(group < e, rows, n)  # [nK]
         out = torch.zeros(n + 1, x.shape[1], dtype=torch.float32, device=x.device)
         out.index_add_(0, dest, y.float() * weights.flatten()[order, None])
-        return out[:n].to(x.dtype)  # [n, H]
+        return out[:n]  # [n, H] float32

@@ -59,6 +59,20 @@ def remote_whole(tiny_dir):
     shards.close()
 
 
+def test_the_wire_carries_expert_ids_as_integers():
+    """A layer batch encoded and decoded: ids int32 (the -1s too), weights float32, x in its dtype."""
+    from moe.expert_parallel.wire import HEADER_BYTES, decode, encode
+    from moe.experts import ShardBatch
+
+    x = torch.randn(5, 16, dtype=torch.bfloat16)
+    b = ShardBatch(torch.tensor([4, 0, 2]), torch.tensor([[7, -1], [-1, 3], [1, 6]]), torch.rand(3, 2))
+    msg = encode(9, x, b, inline=True, device=torch.device("cpu"))
+    assert msg[:HEADER_BYTES].view(torch.long).tolist() == [1, 9, 3, 1]
+    xs, ids, weights = decode(msg[HEADER_BYTES:], 3, 16, 2, torch.bfloat16)
+    assert ids.dtype == torch.int32 and ids.tolist() == b.expert_ids.tolist()
+    assert torch.equal(weights, b.weights) and torch.equal(xs, x[b.token_index])
+
+
 @pytest.mark.parametrize(
     "transport",
     ["one message", "header and body apart", "exact sizes, in order", "whole batch to every shard"],

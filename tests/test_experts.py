@@ -50,6 +50,29 @@ def test_sharded_moe_matches_reference(tokens, num_experts, top_k, num_shards):
     torch.testing.assert_close(got, reference_moe(x, logits, w1, w3, w2, top_k), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("num_shards", [2, 4, 8])
+def test_a_bf16_output_does_not_depend_on_how_the_experts_are_split(num_shards):
+    """Each shard's part stays float32 until the parts are added: rounding to bf16 once, after
+    the sum, gives the same bits as one shard holding both of a token's experts (rounding each
+    part first did not: it failed here before the parts were float32)."""
+    g = torch.Generator().manual_seed(num_shards)
+    e, h, i = 8, 64, 96
+    cfg = ModelConfig(hidden_size=h, intermediate_size=i, num_hidden_layers=1, num_local_experts=e)
+    w1, w3, w2 = (torch.randn(e, *shape, generator=g).bfloat16() / 8 for shape in ((i, h), (i, h), (h, i)))
+    x, logits = torch.randn(64, h, generator=g).bfloat16(), torch.randn(64, e, generator=g)
+    weights, ids = select_experts(logits, 2)
+
+    def split(n: int) -> InProcessExperts:
+        groups = partition_experts(e, n)
+        return InProcessExperts(
+            [LocalExperts(cfg, g, [torch.cat([w1[g], w3[g]], dim=1)], [w2[g]]) for g in groups], e
+        )
+
+    one, many = split(1).forward(0, x, ids, weights), split(num_shards).forward(0, x, ids, weights)
+    assert one.dtype == many.dtype == torch.bfloat16
+    assert torch.equal(one, many)
+
+
 def test_dispatch_sends_each_token_once_per_shard():
     ids = torch.tensor([[0, 1], [0, 5], [6, 7], [2, 4]])
     w = torch.full((4, 2), 0.5)

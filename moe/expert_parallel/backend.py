@@ -67,8 +67,8 @@ class InProcessExperts:
     ) -> torch.Tensor:
         if len(self.shards) == 1:
             return self.shards[0].forward(layer, x, expert_ids, weights)
-        parts = []
+        parts = []  # each shard's part of the weighted sum, float32, added in float32 as remote ones are
         for shard, b in zip(self.shards, dispatch(expert_ids, weights, self.placement), strict=True):
             if b.token_index.numel():
-                parts.append((b.token_index, shard.forward(layer, x[b.token_index], b.expert_ids, b.weights)))
+                parts.append((b.token_index, shard.partial(layer, x[b.token_index], b.expert_ids, b.weights)))
         return combine(x.shape, x.dtype, parts)

@@ -141,7 +141,7 @@ class RemoteExperts:
             n = b.token_index.numel()
             if n == 0:
                 continue
-            y = torch.empty(n, self.hidden_size, dtype=x.dtype, device=links[k].device)  # [n, H]
+            y = torch.empty(n, self.hidden_size, dtype=torch.float32, device=links[k].device)  # [n, H]
             pending.append((k, b, y, *self._exchange(links[k], layer, x, b, y)))
         self.seconds += time.perf_counter() - start
         return layer, x, pending, start

@@ -92,11 +92,11 @@ class ShardServer:
                 cur = 1 - cur
                 if prepost:  # before computing this batch, so the next one finds it posted
                     work = self.pg.recv([bufs[cur]], ROUTER, HEAD_TAG)
-                x, route = decode(body, n, hidden, k, dtype)
+                x, ids, weights = decode(body, n, hidden, k, dtype)
                 start = time.perf_counter()
-                x, route = x.to(self.device), route.to(self.device)
+                x, ids, weights = x.to(self.device), ids.to(self.device), weights.to(self.device)
                 with torch.inference_mode():
-                    y = self.experts.forward(layer, x, route[:, :k].long(), route[:, k:])
+                    y = self.experts.partial(layer, x, ids.long(), weights)  # [n, H] float32
                 self.compute_seconds += time.perf_counter() - start
                 self.pg.send([y.to(self.comm)], ROUTER, 0).wait()
                 if not prepost:
