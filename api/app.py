@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import json
 import logging
@@ -281,16 +282,16 @@ def build_api(ctx: ServingContext, behind_serve_proxy: bool = False) -> FastAPI:
     async def rebalance() -> dict[str, Any]:
         """Re-plan the hot-expert replicas from the recent load (EPLB) and move to the plan while
         serving; needs the API key when keys are set."""
-        return RebalanceResponse(**await ctx.engine.rebalance()).body()
+        return RebalanceResponse(**dataclasses.asdict(await ctx.engine.rebalance())).body()
 
     @app.get("/health")
     async def health() -> Response:
-        """200 only when the engine has its model loaded and its shards connected."""
+        """200 when a router (the engine) has its model loaded and its shards connected."""
         try:
             stats = await asyncio.wait_for(ctx.engine.stats(), timeout=5)
         except Exception:  # the engine host is down, restarting or stuck
             return Response(status_code=503)
-        return Response(status_code=200 if stats["ready"] else 503)
+        return Response(status_code=200 if any(s.ready for s in stats) else 503)
 
     @app.get("/version", response_model=VersionResponse)
     async def version() -> dict[str, Any]:

@@ -12,10 +12,19 @@ import asyncio
 import os
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Protocol
 
 from api.errors import EngineUnavailable
-from cluster.messages import ExpertStatus, GenerateRequest, ModelInfo, Output, Refusal
+from cluster.messages import (
+    ExpertLoadSnapshot,
+    ExpertStatus,
+    GenerateRequest,
+    ModelInfo,
+    Output,
+    RebalanceResult,
+    Refusal,
+    RouterStats,
+)
 from moe.async_engine import AsyncEngine, Item, Sink
 from moe.sequence import RequestOutput
 
@@ -64,19 +73,20 @@ class EngineClient(Protocol):
 
     async def model_info(self) -> ModelInfo: ...
 
-    async def stats(self) -> dict[str, Any]:
-        """The engine's gauges and counters (num_requests_running, kv_cache_usage_perc, ...)."""
+    async def stats(self) -> list[RouterStats]:
+        """Per router (one in-process): readiness, the engine's gauges and counters
+        (num_requests_running, kv_cache_usage_perc, ...)."""
         ...
 
-    async def expert_load(self) -> dict[str, Any]:
-        """Tokens per expert per layer and per-shard dispatch latency (empty in-process)."""
+    async def expert_load(self) -> list[ExpertLoadSnapshot]:
+        """Per router with shards: tokens per expert per layer, per-shard dispatch latency."""
         ...
 
     async def expert_status(self) -> ExpertStatus:
         """The placement, each shard's health and the recent load (no shards in-process)."""
         ...
 
-    async def rebalance(self) -> dict[str, Any]:
+    async def rebalance(self) -> RebalanceResult:
         """Re-plan the hot-expert replicas from the recent load (EPLB) and move to the plan."""
         ...
 
@@ -120,11 +130,18 @@ class LocalEngineClient:
         eng = self.engine.engine
         return ModelInfo(eng is not None, eng.max_model_len if eng else None, os.getpid())
 
-    async def stats(self) -> dict[str, Any]:
-        return {**self.engine.stats, "ready": self.engine.ready.is_set() and self.engine.error is None}
+    async def stats(self) -> list[RouterStats]:
+        return [
+            RouterStats(
+                engine=self.engine.stats,
+                ready=self.engine.ready.is_set() and self.engine.error is None,
+                steps=self.engine.steps,
+                step_seconds=self.engine.step_seconds,
+            )
+        ]
 
-    async def expert_load(self) -> dict[str, Any]:
-        return {}
+    async def expert_load(self) -> list[ExpertLoadSnapshot]:
+        return []
 
     async def expert_status(self) -> ExpertStatus:
         await asyncio.to_thread(self.engine.ready.wait)
@@ -143,5 +160,7 @@ class LocalEngineClient:
             shards=[],  # the experts run in this process
         )
 
-    async def rebalance(self) -> dict[str, Any]:
-        return {"changed": False, "reason": "the experts run in-process: there are no shards to balance"}
+    async def rebalance(self) -> RebalanceResult:
+        return RebalanceResult(
+            changed=False, reason="the experts run in-process: there are no shards to balance"
+        )

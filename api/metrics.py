@@ -30,6 +30,8 @@ from prometheus_client.core import (
     InfoMetricFamily,
 )
 
+from cluster.messages import ExpertLoadSnapshot, RouterStats
+
 disable_created_metrics()  # no *_created series: they only add noise to dashboards
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 60.0)
@@ -54,13 +56,15 @@ REQUEST_METRICS = (
     MetricSpec("inter_token_latency_seconds", "histogram", "Time between output tokens"),
     MetricSpec("request_queue_time_seconds", "histogram", "Time from arrival to first scheduled"),
 )
-# the engine's state, keys of the router's stats
+# each router's engine state, fields of moe.engine.EngineStats
 ENGINE_GAUGES = (
-    MetricSpec("num_requests_running", "gauge", "Sequences in the running batch"),
-    MetricSpec("num_requests_waiting", "gauge", "Sequences waiting to be scheduled"),
-    MetricSpec("kv_cache_usage_perc", "gauge", "Fraction of KV-cache blocks in use (0-1)"),
+    MetricSpec("num_requests_running", "gauge", "Sequences in the running batch", ("router",)),
+    MetricSpec("num_requests_waiting", "gauge", "Sequences waiting to be scheduled", ("router",)),
+    MetricSpec("kv_cache_usage_perc", "gauge", "Fraction of KV-cache blocks in use (0-1)", ("router",)),
 )
-SHARD_RECOVERIES = MetricSpec("shard_recoveries", "counter", "Expert shards replaced after a failure")
+SHARD_RECOVERIES = MetricSpec(
+    "shard_recoveries", "counter", "Expert shards a router reconnected to after a failure", ("router",)
+)
 
 
 class MetricsMirror(Protocol):
@@ -84,9 +88,9 @@ class ServingMetrics:
                 self.series[spec.name] = Gauge(name, spec.doc, spec.labels, registry=r)
             else:
                 self.series[spec.name] = Histogram(name, spec.doc, buckets=LATENCY_BUCKETS, registry=r)
-        self._recoveries_seen = 0
-        self.load: dict[str, Any] = {}
-        self.engine_stats: dict[str, Any] = {}
+        self._recoveries_seen: dict[int, int] = {}
+        self.loads: list[ExpertLoadSnapshot] = []
+        self.stats: list[RouterStats] = []
         self.info: dict[str, str] = {}
         r.register(ExpertLoadCollector(self))
         r.register(PrefixCacheCollector(self))
@@ -134,21 +138,23 @@ class ServingMetrics:
 
     def render(
         self,
-        engine_stats: dict[str, Any],
-        load: dict[str, Any] | None = None,
+        stats: list[RouterStats],
+        loads: list[ExpertLoadSnapshot] | None = None,
         info: dict[str, str] | None = None,
     ) -> tuple[bytes, str]:
-        """The exposition text, with the router's `engine_stats` and expert `load` as of now,
-        and `info` (model name, revision) as raymix:model_info."""
+        """The exposition text, with each router's `stats` and expert `loads` as of now
+        (labelled `router`), and `info` (model name, revision) as raymix:model_info."""
         self.info = info or {}
-        self.load = load or {}
-        self.engine_stats = engine_stats
-        for spec in ENGINE_GAUGES:
-            self.series[spec.name].set(engine_stats.get(spec.name, 0))
-        recoveries = engine_stats.get("shard_recoveries", 0)
-        if recoveries > self._recoveries_seen:  # the router's count is cumulative; a new router starts at 0
-            self.series[SHARD_RECOVERIES.name].inc(recoveries - self._recoveries_seen)
-        self._recoveries_seen = recoveries
+        self.loads = loads or []
+        self.stats = stats
+        for s in stats:
+            router = str(s.router)
+            for spec in ENGINE_GAUGES:
+                self.series[spec.name].labels(router=router).set(getattr(s.engine, spec.name))
+            seen = self._recoveries_seen.get(s.router, 0)
+            if s.shard_recoveries > seen:  # the router's count is cumulative; a new router starts at 0
+                self.series[SHARD_RECOVERIES.name].labels(router=router).inc(s.shard_recoveries - seen)
+            self._recoveries_seen[s.router] = s.shard_recoveries
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
@@ -161,42 +167,49 @@ class ExpertLoadCollector:
         self.metrics = metrics
 
     def collect(self):
-        load = self.metrics.load
-        if not load:
+        loads = self.metrics.loads
+        if not loads:
             return
-        shard_of = load["expert_to_shard"]
         tokens = CounterMetricFamily(
             "raymix:expert_tokens",
             "Token assignments routed to each expert, per layer",
-            labels=["layer", "expert", "shard"],
+            labels=["layer", "expert", "shard", "router"],
         )
-        for layer, counts in load["expert_tokens"].items():
-            for expert, n in enumerate(counts):
-                tokens.add_metric([str(layer), str(expert), str(shard_of[expert])], n)
-        yield tokens
         latency = HistogramMetricFamily(
-            "raymix:dispatch_latency_seconds", "Per-layer round trip to each expert shard", labels=["shard"]
+            "raymix:dispatch_latency_seconds",
+            "Per-layer round trip to each expert shard",
+            labels=["shard", "router"],
         )
-        for shard, counts in enumerate(load["dispatch_latency_counts"]):
-            cumulative, total = [], 0
-            for bound, c in zip([*load["dispatch_latency_buckets"], float("inf")], counts, strict=True):
-                total += c
-                cumulative.append(("+Inf" if bound == float("inf") else str(bound), total))
-            latency.add_metric([str(shard)], cumulative, sum_value=load["dispatch_latency_sum"][shard])
+        balance = GaugeMetricFamily(
+            "raymix:shard_balancedness",
+            "Mean / max tokens per expert shard over recent layer batches (1 = even)",
+            labels=["router"],
+        )
+        for load in loads:
+            router = str(load.router)
+            for layer, counts in load.expert_tokens.items():
+                for expert, n in enumerate(counts):
+                    tokens.add_metric([str(layer), str(expert), str(load.expert_to_shard[expert]), router], n)
+            for shard, counts in enumerate(load.dispatch_latency_counts):
+                cumulative, total = [], 0
+                for bound, c in zip([*load.dispatch_latency_buckets, float("inf")], counts, strict=True):
+                    total += c
+                    cumulative.append(("+Inf" if bound == float("inf") else str(bound), total))
+                latency.add_metric(
+                    [str(shard), router], cumulative, sum_value=load.dispatch_latency_sum[shard]
+                )
+            balance.add_metric([router], load.balancedness)
+        yield tokens
         yield latency
+        yield balance
         holders = GaugeMetricFamily(
             "raymix:expert_holders",
             "Shards holding each expert (2 or more: replicated by EPLB)",
             labels=["expert"],
         )
-        for expert, n in enumerate(load.get("expert_holders", [])):
+        for expert, n in enumerate(loads[0].expert_holders):  # one placement: every router's is the same
             holders.add_metric([str(expert)], n)
         yield holders
-        yield GaugeMetricFamily(
-            "raymix:shard_balancedness",
-            "Mean / max tokens per expert shard over recent layer batches (1 = even)",
-            value=load["balancedness"],
-        )
 
 
 class PrefixCacheCollector:
@@ -207,19 +220,22 @@ class PrefixCacheCollector:
         self.metrics = metrics
 
     def collect(self):
-        stats = self.metrics.engine_stats
-        if "prefix_cache_queries" not in stats:
+        stats = self.metrics.stats
+        if not stats:
             return
-        yield CounterMetricFamily(
-            "raymix:prefix_cache_queries",
-            "Prompt tokens looked up in the prefix cache",
-            value=stats["prefix_cache_queries"],
+        queries = CounterMetricFamily(
+            "raymix:prefix_cache_queries", "Prompt tokens looked up in the prefix cache", labels=["router"]
         )
-        yield CounterMetricFamily(
+        hits = CounterMetricFamily(
             "raymix:prefix_cache_hits",
             "Prompt tokens found in the prefix cache (not recomputed)",
-            value=stats["prefix_cache_hits"],
+            labels=["router"],
         )
+        for s in stats:
+            queries.add_metric([str(s.router)], s.engine.prefix_cache_queries)
+            hits.add_metric([str(s.router)], s.engine.prefix_cache_hits)
+        yield queries
+        yield hits
 
 
 class ServingInfoCollector:
@@ -235,7 +251,7 @@ class ServingInfoCollector:
             info = InfoMetricFamily("raymix:model", "The served model and its checkpoint revision")
             info.add_metric([], self.metrics.info)
             yield info
-        memory = self.metrics.engine_stats.get("gpu_memory") or {}
+        memory = {k: m for s in self.metrics.stats for k, m in s.gpu_memory.items()}
         if memory:
             for key, doc in (("used", "GPU memory held by the process"), ("total", "The GPU's memory")):
                 family = GaugeMetricFamily(f"raymix:gpu_memory_{key}_bytes", doc, labels=["deployment"])

@@ -64,8 +64,8 @@ def main() -> None:
         results[name] = {
             "ttft_ms_median": statistics.median(times) * 1e3,
             "prompt_tokens": len(prompts[1]),
-            "hits": eng.stats()["prefix_cache_hits"],
-            "queries": eng.stats()["prefix_cache_queries"],
+            "hits": eng.stats().prefix_cache_hits,
+            "queries": eng.stats().prefix_cache_queries,
         }
         print(
             f"{name}: TTFT median {results[name]['ttft_ms_median']:.1f} ms over {len(times)} requests "

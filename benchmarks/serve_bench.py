@@ -158,8 +158,8 @@ def prefill_ms(eng, requests: int) -> float:
     return statistics.median(times) * 1e3
 
 
-def router_stats() -> dict[str, float] | None:
-    """The router's own step counters (when the server was started here)."""
+def router_stats() -> Any:
+    """The router's RouterStats (when the server was started here), or None."""
     from ray import serve
 
     from cluster.messages import APP_NAME
@@ -170,14 +170,14 @@ def router_stats() -> dict[str, float] | None:
         return None
 
 
-def step_profile(before: dict | None, after: dict | None, tokens: int) -> dict[str, float]:
+def step_profile(before: Any, after: Any, tokens: int) -> dict[str, float]:
     """Per engine step over one level: its wall time, the part spent on the experts (dispatch,
     waiting for the shards, combine), and the output tokens it made."""
-    if not before or not after or after["steps"] == before["steps"]:
+    if not before or not after or after.steps == before.steps:
         return {}
-    steps = after["steps"] - before["steps"]
-    step_s = after["step_seconds"] - before["step_seconds"]
-    experts_s = after["expert_seconds"] - before["expert_seconds"]
+    steps = after.steps - before.steps
+    step_s = after.step_seconds - before.step_seconds
+    experts_s = after.expert_seconds - before.expert_seconds
     return {
         "steps": steps,
         "step_ms": step_s / steps * 1e3,

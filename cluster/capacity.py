@@ -160,3 +160,68 @@ def router_kv_tokens(
     act = activation_bytes(cfg, max_num_batched_tokens, max_num_seqs, dtype)
     free = gpu_memory_utilization * gpu_bytes - p.dense_bytes - act - GRAPH_RESERVE_BYTES
     return max(0, int(free // p.kv_bytes_per_token))
+
+
+@dataclass(frozen=True)
+class Split:
+    """M routers and N expert shards on M + N GPUs, and what the step model predicts for them."""
+
+    routers: int
+    shards: int
+    batch: int  # sequences per router (its KV cache's worth of `context`, at most max_num_seqs)
+    router_s: float  # one router's decode step: dense weights, attention over the KV, dispatch
+    shard_s: float  # one shard's work per round: a layer batch from each router, one at a time
+    tok_s: float  # the cluster's decode throughput: M x batch per round
+    tok_s_per_gpu: float
+
+
+def disaggregated_split(
+    cfg: ModelConfig,
+    routers: int,
+    shards: int,
+    gpu_bytes: float = 80e9,
+    context: int = 2048,
+    max_num_seqs: int = 256,
+    link: str = "nvlink",
+    hbm_bytes_per_s: float = 2.0e12,
+    flops: float = 6.0e14,  # dense bf16 a GPU sustains (H100: ~0.6 of its 989 TFLOP/s peak)
+    dtype_bytes: int = 2,
+    fp8: bool = False,
+) -> Split | None:
+    """The per-step model of M routers sharing N shards (None where the experts do not fit).
+
+    A router runs `batch` sequences of `context` tokens: per step it streams its dense weights
+    and its sequences' KV from HBM (or computes, whichever is longer) and sends each MoE layer's
+    tokens out and back. A shard, per layer batch, streams the weights of the experts the batch
+    hits, or computes its tokens' SwiGLUs; raymix computes the routers' batches one at a time, so
+    a round (every router one step) costs it M batches. With two micro-batches the two sides
+    overlap, and a round takes the longer of the two."""
+    p = capacity_plan(cfg, shards, dtype_bytes, fp8)
+    if max(p.shard_bytes()) > 0.9 * gpu_bytes:
+        return None
+    kv_tokens = router_kv_tokens(cfg, gpu_bytes, 0.9, dtype_bytes, fp8, max_num_seqs=max_num_seqs)
+    batch = min(max_num_seqs, kv_tokens // context)
+    if batch == 0:
+        return None
+    L, k, h = cfg.num_hidden_layers, cfg.num_experts_per_tok, cfg.hidden_size
+    bw, lat = LINKS[link]
+    read = p.dense_bytes + batch * context * p.kv_bytes_per_token
+    router_s = max(read / hbm_bytes_per_s, 2 * p.dense_params * batch / flops)
+    router_s += L * (batch * k * h * dtype_bytes / bw + 2 * lat)
+    held = max(len(g) for g in p.expert_groups)
+    tokens = batch * k * held / cfg.num_local_experts  # assignments one shard gets from one router
+    hit = min(held, batch * k)
+    shard_batch_s = max(hit * p.bytes_per_expert / hbm_bytes_per_s, 2 * p.params_per_expert * tokens / flops)
+    shard_s = routers * shard_batch_s
+    tok_s = routers * batch / max(router_s, shard_s)
+    return Split(routers, shards, batch, router_s, shard_s, tok_s, tok_s / (routers + shards))
+
+
+def best_split(cfg: ModelConfig, gpus: int, **kw: float | int | str | bool) -> list[Split]:
+    """Every M:N with M + N = `gpus` whose experts fit, best per-GPU throughput first."""
+    splits = [
+        s
+        for n in range(1, min(cfg.num_local_experts, gpus - 1) + 1)
+        if (s := disaggregated_split(cfg, gpus - n, n, **kw)) is not None  # type: ignore[arg-type]
+    ]
+    return sorted(splits, key=lambda s: -s.tok_s_per_gpu)

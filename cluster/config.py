@@ -44,6 +44,20 @@ class RaymixSettings(BaseSettings):
         description="Number of expert-shard deployments the experts are split over; 0: the experts in the router's "
         "own process (one box, no data plane: the fastest on a CPU)",
     )
+    routers: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Number of router deployments (each its own process and GPU, with its own KV cache and batch), "
+        "all sharing the expert shards; the ingress sends a request to the router that has its prompt's prefix "
+        "cached, else to the least loaded",
+    )
+    max_ingress_replicas: int = Field(
+        default=1,
+        ge=1,
+        le=256,
+        description="Most ingress (HTTP API) replicas; above 1, Serve autoscales them from 1 by requests in flight",
+    )
     api_key: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Accepted API key(s) (Bearer); none: no authentication"
     )

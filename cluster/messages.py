@@ -1,11 +1,19 @@
-"""What crosses a process boundary on the request path, and the names of the deployments.
+"""What crosses a process boundary through Ray, and the names of the deployments.
 
-Ray pickles these dataclasses as they are, so the ingress and the router share one typed
-vocabulary (a renamed field is a type error, not a KeyError at run time):
+Ray pickles these dataclasses as they are, so the ingress, the routers and the shards share one
+typed vocabulary (a renamed field is a type error, not a KeyError or a silent 0 at run time):
 
+    request path
     ingress ──[GenerateRequest, ...]──▶ Router.submit
     ingress ◀──[RequestOutput | Refusal, ...] per engine step── Router.stream
+    control plane
+    ingress ◀──ModelInfo── Router.model_info            (/v1/models, readiness)
+    ingress ◀──RouterStats── Router.stats               (/health, /metrics' gauges, `raymix scale`)
+    ingress ◀──ExpertLoadSnapshot── Router.expert_load  (/metrics' expert series)
     ingress ◀──ExpertStatus── Router.expert_status      (the web page's expert view)
+    ingress ◀──RebalanceResult── Router.rebalance       (EPLB on request)
+    scale   ◀──ResizeResult── Router.resize             (`raymix scale`)
+    router  ◀──ShardInfo── ExpertShard.info             (joining, health, the expert view)
 
 The expert shards' per-layer tensors do not travel here: they go over the data plane
 (moe.expert_parallel).
@@ -13,9 +21,11 @@ The expert shards' per-layer tensors do not travel here: they go over the data p
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from moe.engine import EngineStats
 from moe.errors import RequestError
+from moe.expert_parallel.load import ExpertLoadSnapshot
 from moe.sampling import SamplingParams
 from moe.sequence import RequestOutput
 
@@ -23,6 +33,11 @@ APP_NAME = "raymix"  # the Serve application
 INGRESS = "Ingress"
 ROUTER = "Router"
 EXPERT_SHARD = "ExpertShard"  # the deployment name inside an extra shard's own application
+
+
+def router_deployment_name(i: int) -> str:
+    """Router i: one deployment each (its own KV cache and batch), `Router` for the first."""
+    return ROUTER if i == 0 else f"{ROUTER}{i}"
 
 
 def shard_deployment_name(k: int) -> str:
@@ -94,6 +109,18 @@ class ShardStatus:
 
 
 @dataclass(frozen=True)
+class RouterStatus:
+    """One router as the ingress sees it (the expert view lists them)."""
+
+    router: int
+    ready: bool
+    num_requests_running: int
+    num_requests_waiting: int
+    kv_cache_usage_perc: float
+    prefix_cache_hit_rate: float | None  # prompt tokens found cached / looked up, since start
+
+
+@dataclass(frozen=True)
 class ExpertStatus:
     """Where the experts are and how the tokens spread over them: the router's own counters.
     The recent window is the last layer batches that rebalancing plans from (it starts over
@@ -108,6 +135,68 @@ class ExpertStatus:
     balancedness: float  # mean / max tokens per shard over the recent window (1 = even)
     shard_recoveries: int  # shards replaced while serving
     shards: list[ShardStatus]
+    routers: list[RouterStatus] = field(default_factory=list)  # token counts above: all of theirs
+
+
+@dataclass(frozen=True)
+class RouterStats:
+    """A router's state: its engine's gauges and what it sees of its shards."""
+
+    engine: EngineStats
+    ready: bool  # the engine is up and the router not draining
+    router: int = 0  # which router (of --routers)
+    steps: int = 0  # engine steps since start
+    step_seconds: float = 0.0  # their wall time
+    expert_seconds: float = 0.0  # of that, dispatch + waiting for the shards + combine
+    expert_calls: int = 0  # layer batches sent to the shards
+    expert_shards: int = 0  # shards it routes to now
+    base_shards: int = 0  # of those, the app's own (more come from `raymix scale`)
+    shard_recoveries: int = 0  # shards replaced while serving
+    gpu_ids: list[str] = field(default_factory=list)  # the router's GPUs
+    data_plane_transports: list[str | None] = field(default_factory=list)  # [shard] "gloo" | "nccl"
+    gpu_memory: dict[str, dict[str, int]] = field(default_factory=dict)  # deployment -> {used, total}
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """An expert shard's answer to `info`: what it holds and read, where it runs, what it served."""
+
+    shard_id: int
+    expert_ids: list[int]  # held now (own experts and replicas)
+    num_parameters: int
+    nbytes: int
+    tensors_read: int  # checkpoint tensors it read: only its own experts'
+    experts_read: list[int]
+    device: str
+    gpu_ids: list[str]
+    cuda_visible_devices: str | None
+    node_id: str
+    node_ip: str
+    pid: int
+    batches_served: int  # layer batches answered, every router's together
+    compute_seconds: float
+    routers: int = 0  # routers connected to its data plane
+
+
+@dataclass(frozen=True)
+class RebalanceResult:
+    """What a rebalance (EPLB) did: the predicted balancedness (mean / max tokens per shard over
+    the recent load) before and after, and the replicated experts with their shards."""
+
+    changed: bool
+    reason: str | None = None  # why nothing could be planned
+    before: float | None = None
+    after: float | None = None
+    balancedness: float | None = None  # when the current placement is already the plan
+    replicas: dict[str, list[int]] = field(default_factory=dict)  # expert -> its shards
+
+
+@dataclass(frozen=True)
+class ResizeResult:
+    """The expert shards after a resize (`raymix scale`)."""
+
+    expert_shards: int
+    expert_groups: list[list[int]]  # shard k's own experts
 
 
 __all__ = [
@@ -115,13 +204,20 @@ __all__ = [
     "EXPERT_SHARD",
     "INGRESS",
     "ROUTER",
+    "ExpertLoadSnapshot",
     "ExpertStatus",
     "GenerateRequest",
     "ModelInfo",
     "Output",
+    "RebalanceResult",
     "Refusal",
     "RequestOutput",
+    "ResizeResult",
+    "RouterStats",
+    "RouterStatus",
+    "ShardInfo",
     "ShardStatus",
     "extra_shard_app",
+    "router_deployment_name",
     "shard_deployment_name",
 ]

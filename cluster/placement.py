@@ -140,8 +140,8 @@ def deployment_plan(settings: RaymixSettings, cfg: ModelConfig, gpus: float) -> 
     if settings.router_gpus is not None:  # as given; the shards share the rest
         router_gpus = settings.router_gpus
         share = gpu_share(gpus - router_gpus, n) if use_gpus else 0.0
-    else:
-        share = gpu_share(gpus, n + 1)
+    else:  # every router and every shard a GPU of its own, or an even share
+        share = gpu_share(gpus, n + settings.routers)
         router_gpus = share
     gpu = {"num_gpus": share} if use_gpus else {}
     router_threads, shard_threads = cpu_threads(settings, n, os.cpu_count() or 1)
@@ -172,12 +172,14 @@ def cpu_threads(settings: RaymixSettings, shards: int, cores: int) -> tuple[int,
     really has while it computes. Without overlap the router and the shards take turns (the
     router waits for a layer's experts, the shards for the router's next layer), so the router
     computes on every core and the shards share them; with overlap all compute at once and share
-    the cores. --torch-threads overrides both. Measured on 2 cores, 1 shard, 32 streams: 252 tok/s
+    the cores. Several routers compute at once: they share the cores. --torch-threads overrides
+    both. Measured on 2 cores, 1 shard, 32 streams: 252 tok/s
     with 2 threads each against 184 with 1 each, 287 with OpenMP's idle threads passive
     (`omp_env`; docs/performance.md)."""
     if settings.torch_threads:
         return settings.torch_threads, settings.torch_threads
+    routers = settings.routers  # routers compute at the same time as each other
     if settings.overlap:
-        each = max(1, cores // (shards + 1))
+        each = max(1, cores // (shards + routers))
         return each, each
-    return cores, max(1, cores // max(shards, 1))
+    return max(1, cores // routers), max(1, cores // max(shards, 1))

@@ -1,7 +1,8 @@
 """Ingress: the Ray Serve deployment that hosts the OpenAI API (api.app) for the router.
 
-Thin by design: it loads the tokenizer and the generation defaults, connects a RouterClient,
-and hands the API layer its ServingContext; every HTTP behaviour lives in `api/`.
+Thin by design: it loads the tokenizer and the generation defaults, connects to the routers
+(deployments.routers: a RouterClient each, a router picked per request), and hands the API layer
+its ServingContext; every HTTP behaviour lives in `api/`.
 """
 
 from __future__ import annotations
@@ -16,16 +17,16 @@ from api.context import ServingContext
 from api.metrics import ServingMetrics
 from cluster.config import RaymixSettings
 from deployments.ray_metrics import RayRequestMetrics
-from deployments.router_client import RouterClient
+from deployments.routers import Routers
 from moe.generation import generation_defaults
 from moe.tokenizer import load_tokenizer
 
 
 @serve.ingress()
 class Ingress:
-    def __init__(self, settings: RaymixSettings, router: serve.handle.DeploymentHandle):
+    def __init__(self, settings: RaymixSettings, routers: list[serve.handle.DeploymentHandle]):
         access_log.to_stderr()
-        self.client = RouterClient(router)
+        self.client = Routers(routers, settings.block_size)
         model_dir = settings.model_dir()
         self.context = ServingContext(
             settings=settings,

@@ -8,6 +8,12 @@ command through its inbox, moe.async_engine: run on the engine thread when no st
 so no step mixes placements and no layer batch routed the old way is left in flight), 3. shards
 drop what they no longer compute. Every (token, expert) pair is computed exactly once
 throughout, so no output changes.
+
+With several routers (--routers M) router 0's controller is the owner: it plans from every
+router's measured load, and in step 2 every router switches (each between two of its own
+steps) before any shard drops an expert, so no shard is ever sent an expert it no longer holds.
+The other routers' controllers follow (`follow`): they keep the owner's placement and holdings,
+which is what a replaced shard is given back when one of them reconnects it first.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from cluster.messages import RebalanceResult, ResizeResult
 from deployments.shard_pool import ShardPool
 from moe.expert_parallel.eplb import balancedness, plan_replicas
 from moe.expert_parallel.remote import RemoteExperts, ShardLink
@@ -34,7 +41,11 @@ class PlacementController:
         num_redundant_experts: int,
         data_plane: Callable[[], RemoteExperts | None],  # None until the engine has connected
         between_steps: Callable[[Callable[[Any], Any]], Awaitable[Any]],  # run on the engine thread
+        followers: list[Any] | None = None,  # the other routers' handles (this one owns the placement)
+        owner: bool = True,  # False: another router's controller owns the placement
     ):
+        self.followers = followers or []
+        self.owner = owner
         self.pool = pool
         self.primaries = primaries
         self.num_experts = num_experts
@@ -48,33 +59,37 @@ class PlacementController:
     def holding(self, k: int) -> list[int]:
         return self.held[k]
 
-    async def rebalance(self) -> dict[str, Any]:
+    async def rebalance(self) -> RebalanceResult:
         """Re-plan the expert replicas from the load measured over the recent window and move
         to the plan while serving. → the plan, with the predicted balancedness (mean / max per
         shard) before and after."""
         experts = self.data_plane()
         n = self.num_redundant_experts
+        if not self.owner:
+            return RebalanceResult(changed=False, reason="router 0 owns the placement: ask it")
         if experts is None or n == 0:
-            return {
-                "changed": False,
-                "reason": "no data plane yet" if experts is None else "num_redundant_experts is 0",
-            }
+            return RebalanceResult(
+                changed=False,
+                reason="no data plane yet" if experts is None else "num_redundant_experts is 0",
+            )
         async with self._changing:
             load = experts.load.recent_expert_load()
+            for other in await asyncio.gather(*[f.recent_expert_load.remote() for f in self.followers]):
+                load = [a + b for a, b in zip(load, other, strict=True)]  # every router's tokens
             plan = plan_replicas(load, self.primaries, n)
             num_shards = len(self.pool)
             before = balancedness(load, self.placement.expert_shards, num_shards)
             after = balancedness(load, plan, num_shards)
             if plan == self.placement.expert_shards:
-                return {"changed": False, "balancedness": before, "replicas": _replicas(plan)}
+                return RebalanceResult(changed=False, balancedness=before, replicas=_replicas(plan))
             await self._move(experts, plan, num_shards)
             experts.load.reset_window()
             log.info(
                 "experts rebalanced: balancedness %.3f -> %.3f, replicas %s", before, after, _replicas(plan)
             )
-            return {"changed": True, "before": before, "after": after, "replicas": _replicas(plan)}
+            return RebalanceResult(changed=True, before=before, after=after, replicas=_replicas(plan))
 
-    async def resize(self, num_shards: int, extra_apps: list[str], shard_deployment: str) -> dict[str, Any]:
+    async def resize(self, num_shards: int, extra_apps: list[str], shard_deployment: str) -> ResizeResult:
         """Serve with `num_shards` expert shards from now on, without dropping a request. The
         first shards are the app's own; shards beyond them are the deployments of
         `extra_apps` (started by `raymix scale` before this call). Experts are split anew
@@ -84,6 +99,8 @@ class PlacementController:
             raise RuntimeError("the data plane is not up yet")
         if not 1 <= num_shards <= self.num_experts:
             raise ValueError(f"num_shards must be between 1 and {self.num_experts}")
+        if self.followers or not self.owner:
+            raise ValueError("resizing the expert shards of several routers is not supported yet")
         async with self._changing:
             old_links = list(experts.links)
             self.pool.add(extra_apps, shard_deployment)
@@ -99,7 +116,7 @@ class PlacementController:
             del self.held[len(self.pool) :]
             experts.load.reset_window()
             log.info("expert shards resized %d -> %d: groups %s", len(old_links), num_shards, self.primaries)
-            return {"expert_shards": num_shards, "expert_groups": self.primaries}
+            return ResizeResult(expert_shards=num_shards, expert_groups=self.primaries)
 
     async def run_eplb(self, interval_s: float) -> None:
         """Rebalance every `interval_s` seconds, for as long as the router lives."""
@@ -129,11 +146,32 @@ class PlacementController:
         self.placement = new
         # the engine switches between two steps: no step routes some layers one way and some the
         # other, and no layer batch of the old routing is in flight once this returns
-        await self.between_steps(lambda engine: engine.experts.set_placement(new, links))
+        await asyncio.gather(
+            self.between_steps(lambda engine: engine.experts.set_placement(new, links)),
+            *[f.follow.remote(plan, num_shards, self.held, self.primaries) for f in self.followers],
+        )
         shrink = [k for k in range(len(handles)) if set(self.held[k]) - set(want[k])]
         for k in shrink:
             self.held[k] = want[k]
         await asyncio.gather(*[handles[k].set_experts.remote(want[k]) for k in shrink])
+        await asyncio.gather(
+            *[f.follow.remote(plan, num_shards, self.held, self.primaries) for f in self.followers]
+        )
+
+    async def follow(
+        self, plan: list[list[int]], num_shards: int, held: list[list[int]], primaries: list[list[int]]
+    ) -> None:
+        """The owner's placement (a follower's side of `_move`): hold its view of the shards, and
+        switch this router's routing between two of its steps if the plan changed."""
+        self.held, self.primaries = [list(h) for h in held], [list(p) for p in primaries]
+        if plan == self.placement.expert_shards and num_shards == self.placement.num_shards:
+            return
+        new = Placement(plan, num_shards)
+        self.placement = new
+        await self.between_steps(lambda engine: engine.experts.set_placement(new))
+        experts = self.data_plane()
+        if experts is not None:
+            experts.load.reset_window()
 
 
 def _replicas(plan: list[list[int]]) -> dict[str, list[int]]:

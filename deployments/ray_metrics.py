@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from api.metrics import ENGINE_GAUGES, LATENCY_BUCKETS, REQUEST_METRICS, MetricSpec
+from moe.engine import EngineStats
 
 
 def _ray_metric(spec: MetricSpec) -> Any:
@@ -41,14 +42,15 @@ class RayRequestMetrics:
 
 
 class RayEngineGauges:
-    """The router's engine gauges."""
+    """A router's engine gauges, tagged with the router."""
 
-    def __init__(self) -> None:
+    def __init__(self, router: int) -> None:
         self.series = {spec.name: _ray_metric(spec) for spec in ENGINE_GAUGES}
+        self.tags = {"router": str(router)}
 
-    def set(self, stats: dict[str, Any]) -> None:
+    def set(self, stats: EngineStats) -> None:
         for name, gauge in self.series.items():
-            gauge.set(float(stats.get(name, 0.0)))
+            gauge.set(float(getattr(stats, name)), tags=self.tags)
 
 
 class RayGpuMemory:

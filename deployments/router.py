@@ -11,12 +11,17 @@ PlacementController's. What the router itself does is the engine host's job for 
     model_info / stats / expert_load         what /health, /metrics and the API read
     expert_status                            placement, shard health and recent load (the web page)
     rebalance / resize                       placement changes, delegated to the controller
+    follow / recent_expert_load              with several routers: router 0's controller asks the others
+
+With --routers M there are M Router deployments, each with its own engine, KV cache and shard
+links (a pair group per shard); router 0 owns the placement (deployments/placement_controller.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime
 import logging
 import os
@@ -29,12 +34,18 @@ import torch
 from cluster.config import RaymixSettings
 from cluster.messages import (
     EXPERT_SHARD,
+    ExpertLoadSnapshot,
     ExpertStatus,
     GenerateRequest,
     ModelInfo,
     Output,
+    RebalanceResult,
     Refusal,
+    ResizeResult,
+    RouterStats,
+    ShardInfo,
     ShardStatus,
+    router_deployment_name,
 )
 from deployments.placement_controller import PlacementController
 from deployments.ray_metrics import RayEngineGauges, RayGpuMemory
@@ -42,7 +53,7 @@ from deployments.shard_pool import ShardPool
 from moe.async_engine import AsyncEngine, Sink
 from moe.checkpoint import open_checkpoint
 from moe.cpu_gemm import kernel_for
-from moe.engine import LLMEngine, gpu_memory, pick_device, pick_dtype
+from moe.engine import EngineStats, LLMEngine, gpu_memory, pick_device, pick_dtype
 from moe.expert_parallel.backend import ExpertBackend, InProcessExperts
 from moe.expert_parallel.remote import RemoteExperts
 from moe.expert_parallel.rendezvous import comm_device
@@ -68,8 +79,11 @@ class Router:
         expert_groups: list[list[int]],  # shard k's experts of every layer
         num_threads: int | None,
         gpu_share: float = 1.0,  # of its GPU (less when shards share it)
+        router_id: int = 0,  # which of --routers
+        followers: list[Any] | None = None,  # router 0: the other routers' handles
     ):
         self.settings = s = settings
+        self.router_id = router_id
         self.num_threads = num_threads
         self.gpu_share = gpu_share
         self.model_dir = s.model_dir()
@@ -87,6 +101,7 @@ class Router:
             datetime.timedelta(seconds=s.data_plane_timeout_s),
             s.shard_recovery_timeout_s,
             holding=lambda k: self.controller.holding(k),
+            router=router_id,
         )
         # no shards (--expert-shards 0, or a dense model): the experts, or the MLP, run here
         self.placement: PlacementController | None = None
@@ -98,13 +113,15 @@ class Router:
                 s.num_redundant_experts,
                 data_plane=self._data_plane,
                 between_steps=lambda fn: self.engine.between_steps(fn),
+                followers=followers,
+                owner=router_id == 0,
             )
         self.engine = AsyncEngine(self._build_engine, name="router-engine")
         self.draining = False  # set by drain(): new requests are refused
         # background work, started with the replica (the constructor runs on its event loop)
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._export_gauges())]
-        if s.eplb_interval_s and self.placement is not None:
+        if s.eplb_interval_s and self.placement is not None and router_id == 0:  # the placement's owner
             self._tasks.append(loop.create_task(self.placement.run_eplb(s.eplb_interval_s)))
 
     @property
@@ -142,7 +159,8 @@ class Router:
             )
             where = f"{len(self.pool)} shards over {self.transport}"
         log.info(
-            "router ready in %.1fs: dense part on %s (%s), %s",
+            "router %d ready in %.1fs: dense part on %s (%s), %s",
+            self.router_id,
             time.perf_counter() - start,
             self.device,
             self.quant.describe() if self.quant else dtype,
@@ -221,31 +239,48 @@ class Router:
             ready=eng is not None, max_model_len=eng.max_model_len if eng else None, pid=os.getpid()
         )
 
-    async def stats(self) -> dict[str, Any]:
+    async def stats(self) -> RouterStats:
         experts = self._data_plane()
-        return {
-            **self.engine.stats,
-            "ready": self.engine.ready.is_set() and self.engine.error is None and not self.draining,
-            "steps": self.engine.steps,
-            "step_seconds": self.engine.step_seconds,
-            "shard_recoveries": experts.recoveries if experts else 0,
-            "expert_shards": len(experts.links) if experts else len(self.pool),
-            "base_shards": self.pool.base,
-            "expert_calls": experts.calls if experts else 0,
-            "gpu_ids": list(self.pool.gpu[1]),
-            "data_plane_transports": [self.pool.backends.get(k) for k in range(len(self.pool))],
-            "expert_seconds": experts.seconds if experts else 0.0,
-            "gpu_memory": {"router": m} if (m := gpu_memory(self.device)) else {},
-        }
+        return RouterStats(
+            engine=self.engine.stats,
+            ready=self.engine.ready.is_set() and self.engine.error is None and not self.draining,
+            router=self.router_id,
+            steps=self.engine.steps,
+            step_seconds=self.engine.step_seconds,
+            expert_seconds=experts.seconds if experts else 0.0,
+            expert_calls=experts.calls if experts else 0,
+            expert_shards=len(experts.links) if experts else len(self.pool),
+            base_shards=self.pool.base,
+            shard_recoveries=experts.recoveries if experts else 0,
+            gpu_ids=list(self.pool.gpu[1]),
+            data_plane_transports=[self.pool.backends.get(k) for k in range(len(self.pool))],
+            gpu_memory={self.name: m} if (m := gpu_memory(self.device)) else {},
+        )
 
-    async def expert_load(self) -> dict[str, Any]:
+    async def expert_load(self) -> ExpertLoadSnapshot | None:
         experts = self._data_plane()
-        return experts.load.snapshot() if experts else {}
+        return dataclasses.replace(experts.load.snapshot(), router=self.router_id) if experts else None
+
+    async def recent_expert_load(self) -> list[float]:
+        """Token assignments per expert over the recent window (router 0 plans from every router's)."""
+        experts = self._data_plane()
+        return experts.load.recent_expert_load() if experts else [0.0] * self.cfg.num_local_experts
+
+    async def follow(
+        self, plan: list[list[int]], num_shards: int, held: list[list[int]], primaries: list[list[int]]
+    ) -> None:
+        """Router 0 moved the placement: switch to it between two steps."""
+        await self.controller.follow(plan, num_shards, held, primaries)
+
+    @property
+    def name(self) -> str:
+        """This router in metrics: router, router1, ..."""
+        return router_deployment_name(self.router_id).lower()
 
     async def expert_status(self) -> ExpertStatus:
         """Where each expert is computed, whether each shard answers, and the recent load."""
         experts = self._data_plane()
-        load = experts.load.snapshot() if experts else {}
+        load = experts.load.snapshot() if experts else None
         cfg = self.cfg
         layers = range(cfg.num_hidden_layers)
 
@@ -253,7 +288,7 @@ class Router:
             return [counts.get(layer, [0] * cfg.num_local_experts) for layer in layers]
 
         pings = await asyncio.gather(*[self._ping(k) for k in range(len(self.pool))])
-        dispatch = load.get("recent_dispatch_seconds", [])
+        dispatch = load.recent_dispatch_seconds if load else []
         shards = []
         for k, (info, problem) in enumerate(pings):
             placement = self.controller.placement
@@ -269,8 +304,8 @@ class Router:
                     detail=problem,
                     transport=self.pool.backends.get(k),
                     dispatch_ms=[1000 * seconds[i] if i in seconds else None for i in layers],
-                    pid=info.get("pid"),
-                    device=info.get("device"),
+                    pid=info.pid if info else None,
+                    device=info.device if info else None,
                 )
             )
         return ExpertStatus(
@@ -278,42 +313,41 @@ class Router:
             num_layers=cfg.num_hidden_layers,
             num_experts=cfg.num_local_experts,
             num_redundant_experts=self.settings.num_redundant_experts,
-            recent_expert_tokens=per_layer(load.get("recent_expert_tokens", {})),
-            expert_tokens=per_layer(load.get("expert_tokens", {})),
-            balancedness=load.get("balancedness", 1.0),
+            recent_expert_tokens=per_layer(load.recent_expert_tokens if load else {}),
+            expert_tokens=per_layer(load.expert_tokens if load else {}),
+            balancedness=load.balancedness if load else 1.0,
             shard_recoveries=experts.recoveries if experts else 0,
             shards=shards,
         )
 
-    async def _ping(self, k: int) -> tuple[dict[str, Any], str]:
+    async def _ping(self, k: int) -> tuple[ShardInfo | None, str]:
         """Shard k's `info`, or why it did not answer (it died and Serve is replacing it)."""
         response = self.pool.handles[k].info.remote()
         try:
             return await asyncio.wait_for(response, SHARD_HEALTH_TIMEOUT_S), ""
         except asyncio.TimeoutError:
             response.cancel()
-            return {}, f"no answer within {SHARD_HEALTH_TIMEOUT_S:g}s"
+            return None, f"no answer within {SHARD_HEALTH_TIMEOUT_S:g}s"
         except Exception as e:
-            return {}, f"{type(e).__name__}: {e}"[:200]
+            return None, f"{type(e).__name__}: {e}"[:200]
 
     # ---- placement changes (deployments/placement_controller.py) ----
 
-    async def rebalance(self) -> dict[str, Any]:
+    async def rebalance(self) -> RebalanceResult:
         """Re-plan the hot-expert replicas from the recent load and move to the plan while serving."""
         if self.placement is None:
-            return {
-                "changed": False,
-                "reason": "the experts run in the router's process: no shards to balance",
-            }
+            return RebalanceResult(
+                changed=False, reason="the experts run in the router's process: no shards to balance"
+            )
         return await self.placement.rebalance()
 
-    async def resize(self, num_shards: int, extra_apps: list[str]) -> dict[str, Any]:
+    async def resize(self, num_shards: int, extra_apps: list[str]) -> ResizeResult:
         """Serve with `num_shards` expert shards from now on (`raymix scale`)."""
         return await self.controller.resize(num_shards, extra_apps, EXPERT_SHARD)
 
     # ---- lifecycle ----
 
-    async def drain(self, timeout_s: float) -> dict[str, Any]:
+    async def drain(self, timeout_s: float) -> EngineStats:
         """The first step of a shutdown: from now on new requests are refused (503, and /health
         says 503 so load balancers stop sending), and this returns once the requests in flight
         have finished, or after timeout_s. → the engine's gauges at that moment."""
@@ -331,7 +365,7 @@ class Router:
 
     async def _export_gauges(self, interval: float = 1.0) -> None:
         """The engine's gauges through Ray's metrics export (deployments/ray_metrics.py)."""
-        gauges, memory = RayEngineGauges(), RayGpuMemory("router")
+        gauges, memory = RayEngineGauges(self.router_id), RayGpuMemory(self.name)
         while True:
             gauges.set(self.engine.stats)
             memory.set(gpu_memory(self.device))

@@ -7,8 +7,10 @@ requests, and submits new requests in batches (whatever arrived while the previo
 in flight goes in the next). Each step's outputs go to the `Outputs` of the HTTP request they
 belong to.
 
-If the stream breaks (the router restarted), every request waiting on it gets
-`EngineUnavailable` and the next request opens a new stream.
+If the stream breaks (the router died or restarted), the requests that got no output yet are
+handed to `lost` (with several routers, deployments.routers sends them to another one; the
+client has seen nothing of them), the others get `EngineUnavailable`, and the next request
+opens a new stream.
 """
 
 from __future__ import annotations
@@ -16,47 +18,77 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from api.engine_client import Outputs
 from api.errors import EngineUnavailable
-from cluster.messages import ExpertStatus, GenerateRequest, ModelInfo, Output, Refusal
+from cluster.messages import (
+    ExpertLoadSnapshot,
+    ExpertStatus,
+    GenerateRequest,
+    ModelInfo,
+    Output,
+    RebalanceResult,
+    Refusal,
+    RouterStats,
+)
 
 log = logging.getLogger("ray.serve")
 
 
+Lost = Callable[[list[GenerateRequest], Outputs, EngineUnavailable], None]
+
+
 class RouterClient:
-    def __init__(self, router: Any):
+    def __init__(
+        self,
+        router: Any,
+        lost: Lost | None = None,
+        broken: Callable[[EngineUnavailable], None] | None = None,
+    ):
         self.router = router  # the Router deployment's handle
+        self.lost = lost  # takes the requests of a group that got no output when the router is lost
+        self.broken = broken  # told when the stream breaks or a submit fails
         self.subscriber = ""
         self.routes: dict[str, Outputs] = {}  # request id -> the Outputs it feeds
+        self.requests: dict[str, GenerateRequest] = {}  # those with no output yet
         self.pending: list[GenerateRequest] = []
         self.reader: asyncio.Task | None = None
         self.flusher: asyncio.Task | None = None
+        self.failures = 0  # times the stream broke or a submit failed
 
-    def submit(self, requests: list[GenerateRequest]) -> Outputs:
+    def submit(self, requests: list[GenerateRequest], outputs: Outputs | None = None) -> Outputs:
+        """Start one group of requests (an HTTP request's choices) here; their outputs feed
+        `outputs` (a new one if None)."""
         self._ensure_reader()
-        outputs = Outputs([r.request_id for r in requests], self._abort)
+        if outputs is None:
+            outputs = Outputs([r.request_id for r in requests], self.abort)
         for r in requests:
             self.routes[r.request_id] = outputs
+            self.requests[r.request_id] = r
         self.pending += requests
         if self.flusher is None or self.flusher.done():
             self.flusher = asyncio.get_running_loop().create_task(self._flush())
         return outputs
 
+    @property
+    def in_flight(self) -> int:
+        return len(self.routes)
+
     async def model_info(self) -> ModelInfo:
         return await self.router.model_info.remote()
 
-    async def stats(self) -> dict[str, Any]:
+    async def stats(self) -> RouterStats:
         return await self.router.stats.remote()
 
-    async def expert_load(self) -> dict[str, Any]:
+    async def expert_load(self) -> ExpertLoadSnapshot | None:
         return await self.router.expert_load.remote()
 
     async def expert_status(self) -> ExpertStatus:
         return await self.router.expert_status.remote()
 
-    async def rebalance(self) -> dict[str, Any]:
+    async def rebalance(self) -> RebalanceResult:
         return await self.router.rebalance.remote()
 
     def close(self) -> None:
@@ -64,9 +96,10 @@ class RouterClient:
         if self.reader is not None:
             self.reader.cancel()
 
-    def _abort(self, request_ids: list[str]) -> None:
+    def abort(self, request_ids: list[str]) -> None:
         for rid in request_ids:
             self.routes.pop(rid, None)
+            self.requests.pop(rid, None)
         self.router.abort.remote(request_ids)  # fire and forget: the caller may be cancelled
 
     def _ensure_reader(self) -> None:
@@ -96,6 +129,7 @@ class RouterClient:
             if outputs is None:
                 continue  # aborted meanwhile
             groups.setdefault(id(outputs), (outputs, []))[1].append(item)
+            self.requests.pop(item.request_id, None)  # started: it can no longer move
             if isinstance(item, Refusal) or item.finished:
                 self.routes.pop(item.request_id, None)
         for outputs, items in groups.values():
@@ -112,7 +146,19 @@ class RouterClient:
                 )
 
     def _fail(self, request_ids: list[str], error: EngineUnavailable) -> None:
-        """These requests are lost: each HTTP request waiting on them gets `error` once."""
-        failed = {id(o): o for rid in request_ids if (o := self.routes.pop(rid, None)) is not None}
-        for outputs in failed.values():
-            outputs.fail(error)
+        """These requests are lost here. A group none of whose requests got an output goes to
+        `lost` (another router may run it); every other HTTP request waiting on them gets
+        `error` once."""
+        self.failures += 1
+        if self.broken is not None:
+            self.broken(error)
+        groups: dict[int, tuple[Outputs, list[str]]] = {}
+        for rid in request_ids:
+            if (o := self.routes.pop(rid, None)) is not None:
+                groups.setdefault(id(o), (o, []))[1].append(rid)
+        for outputs, rids in groups.values():
+            unstarted = [self.requests.pop(rid) for rid in rids if rid in self.requests]
+            if self.lost is not None and len(unstarted) == len(rids) == len(outputs.unfinished):
+                self.lost(unstarted, outputs, error)
+            else:
+                outputs.fail(error)

@@ -1,9 +1,11 @@
 """ExpertShard: a Ray Serve deployment holding a subset of the experts of every layer.
 
 It loads only its experts from the checkpoint (on its own GPU when the cluster has GPUs), then
-waits for the router to call `connect`, after which its data-plane thread answers layer batches
-over a torch.distributed pair group (moe.expert_parallel). Serve's health check fails if that thread
-has died, so Serve restarts the replica.
+waits for the routers to call `connect`: each router gets a pair group of its own
+(moe.expert_parallel) and a data-plane thread that answers its layer batches. The threads take
+turns computing (one lock): batches from several routers are computed one at a time, in the
+order they come, on every core the shard has. Serve's health check fails if a thread has died
+on the shard's side, so Serve restarts the replica.
 """
 
 from __future__ import annotations
@@ -11,12 +13,13 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import threading
 import time
-from typing import Any
 
 import torch
 
 from cluster.config import RaymixSettings
+from cluster.messages import ShardInfo
 from deployments.ray_metrics import RayGpuMemory
 from moe.checkpoint import open_checkpoint
 from moe.cpu_gemm import kernel_for
@@ -53,27 +56,29 @@ class ExpertShard:
             self.quant.describe() if self.quant else dtype,
             self.experts.nbytes() / 1e9,
         )
-        self.server: ShardServer | None = None
+        self.servers: dict[int, ShardServer] = {}  # router -> its data plane
+        self.compute = threading.Lock()  # one layer batch at a time, whichever router sent it
         self.connect_timeout = datetime.timedelta(seconds=s.data_plane_timeout_s)
         self.drain_timeout_s = s.drain_timeout_s
         self.gpu_memory: RayGpuMemory | None = None
 
     def connect(self, rendezvous: Rendezvous) -> None:
-        """Join the router's pair group (blocks until both ends are up), then serve batches."""
-        server = ShardServer(self.experts, rendezvous, self.connect_timeout, self.num_threads)
+        """Join a router's pair group (blocks until both ends are up), then serve its batches;
+        a router that connects again (its replacement) replaces its old link."""
+        server = ShardServer(self.experts, rendezvous, self.connect_timeout, self.num_threads, self.compute)
         server.connect()
         server.start()
-        self.server = server
+        self.servers[rendezvous.router] = server
 
-    def set_experts(self, expert_ids: list[int]) -> dict[str, Any]:
+    def set_experts(self, expert_ids: list[int]) -> list[int]:
         """Hold exactly these experts from now on (hot-expert replication adds and drops
         replicas while serving): experts already held are kept, others read from the
         checkpoint; the data-plane thread picks the new set up at its next layer batch."""
         start = time.perf_counter()
         experts = self.experts.regroup(self.reader, sorted(expert_ids), self.quant)
         self.experts = experts
-        if self.server is not None:
-            self.server.experts = experts
+        for server in self.servers.values():
+            server.experts = experts
         self.expert_ids = experts.expert_ids
         log.info(
             "expert shard %d now holds %s (%.2fs)",
@@ -81,37 +86,39 @@ class ExpertShard:
             self.expert_ids,
             time.perf_counter() - start,
         )
-        return {"expert_ids": self.expert_ids, "num_parameters": experts.num_parameters()}
+        return self.expert_ids
 
-    def info(self) -> dict[str, Any]:
+    def info(self) -> ShardInfo:
         import ray
 
         ctx = ray.get_runtime_context()
-        return {
-            "shard_id": self.shard_id,
-            "expert_ids": self.expert_ids,
-            "num_parameters": self.experts.num_parameters(),
-            "nbytes": self.experts.nbytes(),
-            "tensors_read": len(self.reader.tensors_read),
-            "experts_read": sorted(
+        return ShardInfo(
+            shard_id=self.shard_id,
+            expert_ids=self.expert_ids,
+            num_parameters=self.experts.num_parameters(),
+            nbytes=self.experts.nbytes(),
+            tensors_read=len(self.reader.tensors_read),
+            experts_read=sorted(
                 {int(n.split(".experts.")[1].split(".")[0]) for n in self.reader.tensors_read}
             ),
-            "device": str(self.device),
-            "gpu_ids": [str(g) for g in ctx.get_accelerator_ids().get("GPU", [])],
-            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-            "node_id": ctx.get_node_id(),
-            "node_ip": ray.util.get_node_ip_address(),
-            "pid": os.getpid(),
-            "batches_served": self.server.batches_served if self.server else 0,
-            "compute_seconds": self.server.compute_seconds if self.server else 0.0,
-        }
+            device=str(self.device),
+            gpu_ids=[str(g) for g in ctx.get_accelerator_ids().get("GPU", [])],
+            cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
+            node_id=ctx.get_node_id(),
+            node_ip=ray.util.get_node_ip_address(),
+            pid=os.getpid(),
+            batches_served=sum(s.batches_served for s in self.servers.values()),
+            compute_seconds=sum(s.compute_seconds for s in self.servers.values()),
+            routers=sum(s.alive for s in self.servers.values()),
+        )
 
     def __del__(self) -> None:
         """Shutting down: serve layer batches until the router has drained its requests and said
         goodbye (or the drain timeout passes), so in-flight generations keep their experts."""
-        server = self.server
-        if server is not None and server.thread is not None:
-            server.thread.join(timeout=self.drain_timeout_s + 10)
+        deadline = time.monotonic() + self.drain_timeout_s + 10
+        for server in list(self.servers.values()):
+            if server.thread is not None:
+                server.thread.join(timeout=max(0.0, deadline - time.monotonic()))
 
     def check_health(self) -> None:
         """Unhealthy only if the data plane broke on this side; a router that went away will
@@ -120,6 +127,8 @@ class ExpertShard:
         if self.gpu_memory is None:
             self.gpu_memory = RayGpuMemory(f"expert_shard_{self.shard_id}")
         self.gpu_memory.set(gpu_memory(self.device))
-        s = self.server
-        if s is not None and not s.alive and not s.router_gone:
-            raise RuntimeError(f"expert shard {self.shard_id}: data plane stopped ({s.error})")
+        for router, s in self.servers.items():
+            if not s.alive and not s.router_gone:
+                raise RuntimeError(
+                    f"expert shard {self.shard_id}: data plane to router {router} stopped ({s.error})"
+                )

@@ -39,7 +39,9 @@ class ShardPool:
         timeout: datetime.timedelta,
         recovery_timeout_s: float,
         holding: Callable[[int], list[int]],
+        router: int = 0,  # which router this pool belongs to (each router has its own links)
     ):
+        self.router = router
         self.handles = handles  # ExpertShard deployment handles, shard k at k
         self.base = len(handles)  # this app's own; more come from `raymix scale` (resize)
         self.transport = transport
@@ -66,7 +68,7 @@ class ShardPool:
         ctx = ray.get_runtime_context()
         here = ctx.get_node_id()
         self.gpu = (here, tuple(str(g) for g in ctx.get_accelerator_ids().get("GPU", [])))
-        self.same_node = all(i["node_id"] == here for i in infos)
+        self.same_node = all(i.node_id == here for i in infos)
         self.host = "127.0.0.1" if self.same_node else ray.util.get_node_ip_address()
         if self.same_node:  # nothing listens on the network: a FileStore in a fresh directory
             self.url = f"file://{os.path.join(tempfile.mkdtemp(prefix='raymix-store-'), 'store')}"
@@ -118,12 +120,14 @@ class ShardPool:
         handle = self.handles[k]
         info = handle.info.remote().result()
         held = self.holding(k)
-        if sorted(info["expert_ids"]) != sorted(held):  # a replacement: give back what it held
+        if sorted(info.expert_ids) != sorted(held):  # a replacement: give back what it held
             handle.set_experts.remote(held).result()
-        interface = "127.0.0.1" if self.same_node else info["node_ip"]
-        backend = link_transport(self.transport, self.gpu, (info["node_id"], tuple(info["gpu_ids"])))
+        interface = "127.0.0.1" if self.same_node else info.node_ip
+        backend = link_transport(self.transport, self.gpu, (info.node_id, tuple(info.gpu_ids)))
         self.backends[k] = backend
-        rdv = Rendezvous(self.url, f"shard{k}/{uuid.uuid4().hex[:8]}/", backend, interface)
+        rdv = Rendezvous(
+            self.url, f"shard{k}/{uuid.uuid4().hex[:8]}/", backend, interface, router=self.router
+        )
         pending = handle.connect.remote(rdv)
         link = ShardLink(self.store, rdv, self.device, self.timeout, self.host)
         pending.result()

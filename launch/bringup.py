@@ -30,7 +30,7 @@ import urllib.request
 from typing import Any
 
 from cluster.config import RaymixSettings
-from cluster.messages import APP_NAME, ROUTER
+from cluster.messages import APP_NAME, router_deployment_name
 from deployments.app import build_app
 
 log = logging.getLogger(__name__)
@@ -96,9 +96,9 @@ def curl_example(s: RaymixSettings, url: str) -> str:
     return f"curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} -d '{json.dumps(body)}'"
 
 
-def shutdown(drain_timeout_s: float = 0.0) -> None:
+def shutdown(drain_timeout_s: float = 0.0, routers: int = 1) -> None:
     """Drain, then stop Serve and disconnect from Ray (an embedded Ray stops with it). The
-    router refuses new requests at once and waits for those in flight, up to drain_timeout_s
+    routers refuse new requests at once and wait for those in flight, up to drain_timeout_s
     (Serve's own graceful shutdown would not do: its proxy closes the clients' connections
     when it stops)."""
     import ray
@@ -106,8 +106,12 @@ def shutdown(drain_timeout_s: float = 0.0) -> None:
 
     try:
         if drain_timeout_s > 0:
-            router = serve.get_deployment_handle(ROUTER, app_name=APP_NAME)
-            router.drain.remote(drain_timeout_s).result(timeout_s=drain_timeout_s + 10)
+            handles = [
+                serve.get_deployment_handle(router_deployment_name(i), app_name=APP_NAME)
+                for i in range(routers)
+            ]
+            for response in [h.drain.remote(drain_timeout_s) for h in handles]:  # all at once
+                response.result(timeout_s=drain_timeout_s + 10)
     except Exception as e:  # no app (it failed to start), or the router is gone
         log.warning("drain skipped: %s", e)
     finally:

@@ -61,7 +61,8 @@ def cmd_serve(ns: argparse.Namespace) -> int:
 
     shards = expert_shards(s, cfg)
     alone = "its experts in it" if cfg.is_moe else "a dense model"
-    what = f"{shards} expert shards + router" if shards else f"the router ({alone}: no expert shards)"
+    routers = "router" if s.routers == 1 else f"{s.routers} routers"
+    what = f"{shards} expert shards + {routers}" if shards else f"the {routers} ({alone}: no expert shards)"
     served = f", {quant.describe()}" if quant else ""
     print(f"raymix: starting {what} + ingress for {s.model_dir()}{served} ...", flush=True)
     t = time.monotonic()
@@ -84,7 +85,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         time.sleep(0.5)
     print(f"raymix: shutting down (draining requests in flight for up to {s.drain_timeout_s:g}s)", flush=True)
     t = time.monotonic()
-    bringup.shutdown(s.drain_timeout_s)
+    bringup.shutdown(s.drain_timeout_s, s.routers)
     print(f"raymix: stopped in {time.monotonic() - t:.1f}s", flush=True)
     return 0
 
@@ -140,6 +141,7 @@ def cmd_plan(ns: argparse.Namespace) -> int:
     from cluster.capacity import (
         MIXTRAL_8X7B,
         MIXTRAL_8X22B,
+        best_split,
         capacity_plan,
         decode_step_seconds,
         gpus_needed,
@@ -184,6 +186,24 @@ def cmd_plan(ns: argparse.Namespace) -> int:
         f"{tokens // context} sequences of the model's {context:,}-token context"
         + ("" if tokens >= context else " (too few for one: max_model_len is lowered to fit)")
     )
+    if ns.gpus and cfg.is_moe:
+        splits = best_split(
+            cfg,
+            ns.gpus,
+            gpu_bytes=ns.gpu_memory_gb * gb,
+            context=ns.context,
+            dtype_bytes=ns.dtype_bytes,
+            fp8=fp8,
+        )
+        print(f"  {ns.gpus} GPUs as M routers + N shards ({ns.context}-token sequences, model, nvlink):")
+        for sp in sorted(splits, key=lambda sp: sp.routers):
+            best = f"  <- best: --routers {sp.routers} --expert-shards {sp.shards}" if sp is splits[0] else ""
+            print(
+                f"    {sp.routers}:{sp.shards}  {sp.batch} seqs/router, router step {sp.router_s * 1e3:.1f} ms, "
+                f"shard round {sp.shard_s * 1e3:.1f} ms -> {sp.tok_s:,.0f} tok/s, {sp.tok_s_per_gpu:,.0f} per GPU{best}"
+            )
+        if not splits:
+            print("    none: the experts do not fit that many shards")
     for link in ("nvlink", "infiniband-200g") if cfg.is_moe else ("nvlink",):
         for batch in (1, 64):
             r = decode_step_seconds(cfg, n, batch, link, dtype_bytes=ns.dtype_bytes, fp8=fp8)
@@ -213,7 +233,7 @@ def cmd_scale(ns: argparse.Namespace) -> int:
     s = settings_from(ns)
     ray.init(address=s.address or "auto", log_to_driver=False)
     result = scale(s, s.expert_shards)
-    print(f"raymix: {result['expert_shards']} expert shards: {result['expert_groups']}")
+    print(f"raymix: {result.expert_shards} expert shards: {result.expert_groups}")
     return 0
 
 
@@ -259,6 +279,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--quantization", choices=["fp8"], default=None, help="count FP8 weights (a checkpoint's own is read)"
     )
+    p.add_argument(
+        "--gpus",
+        type=int,
+        default=None,
+        help="also split this many GPUs into routers and shards (--routers M)",
+    )
+    p.add_argument("--context", type=int, default=2048, help="tokens per sequence in the M:N model")
     p.set_defaults(func=cmd_plan)
     p = sub.add_parser("scale", help="resize a running deployment's expert shards (--expert-shards N)")
     add_settings_flags(p)
@@ -277,6 +304,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"raymix: invalid settings:\n{e}", file=sys.stderr)
         return 2
     except CheckpointError as e:  # a checkpoint raymix cannot serve: one line, no traceback
+        print(f"raymix: {e}", file=sys.stderr)
+        return 1
+    except NotImplementedError as e:  # a combination of settings raymix cannot do yet
         print(f"raymix: {e}", file=sys.stderr)
         return 1
 

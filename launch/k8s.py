@@ -52,7 +52,7 @@ def rayservice(
     worker_memory: str = "256Gi",
     models_pvc: str = "raymix-models",
 ) -> dict[str, Any]:
-    gpus_needed = s.expert_shards + 1  # one per expert shard + the router
+    gpus_needed = s.expert_shards + s.routers  # one per expert shard and per router
     replicas = math.ceil(gpus_needed / gpus_per_worker)
     # a pod's SIGTERM drains Ray's node (its replicas' graceful shutdown: drain_timeout_s, plus
     # up to 15 s more for the shards, which serve until the router has drained): room for all

@@ -10,22 +10,22 @@ nothing). No request is dropped either way.
 
 from __future__ import annotations
 
-from typing import Any
-
 from ray import serve
 
 from cluster.config import RaymixSettings
-from cluster.messages import APP_NAME, EXPERT_SHARD, ROUTER, extra_shard_app
+from cluster.messages import APP_NAME, EXPERT_SHARD, ROUTER, ResizeResult, extra_shard_app
 from cluster.placement import cluster_gpus, deployment_plan
 from deployments.app import shard_deployment
 from moe.config import ModelConfig
 
 
-def scale(settings: RaymixSettings, num_shards: int) -> dict[str, Any]:
+def scale(settings: RaymixSettings, num_shards: int) -> ResizeResult:
     """Resize the running app (this process is connected to its Ray cluster)."""
+    if settings.routers > 1:  # before any shard is started for it
+        raise NotImplementedError("resizing the expert shards of several routers is not supported yet")
     router = serve.get_deployment_handle(ROUTER, app_name=APP_NAME)
     stats = router.stats.remote().result()
-    base, current = stats["base_shards"], stats["expert_shards"]
+    base, current = stats.base_shards, stats.expert_shards
     cfg = ModelConfig.from_pretrained(settings.model_dir())
     p = deployment_plan(
         settings.model_copy(update={"expert_shards": max(num_shards, 1)}), cfg, cluster_gpus()
@@ -40,4 +40,4 @@ def scale(settings: RaymixSettings, num_shards: int) -> dict[str, Any]:
     result = router.resize.remote(num_shards, [extra_shard_app(k) for k in range(base, num_shards)]).result()
     for k in range(max(num_shards, base), current):
         serve.delete(extra_shard_app(k))
-    return dict(result)
+    return result

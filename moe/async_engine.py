@@ -31,7 +31,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from moe.engine import LLMEngine
+from moe.engine import EngineStats, LLMEngine
 from moe.errors import RequestError
 from moe.sampling import SamplingParams
 from moe.sequence import RequestOutput
@@ -113,7 +113,7 @@ class AsyncEngine:
         self.engine: LLMEngine | None = None
         self.error: BaseException | None = None
         self.ready = threading.Event()
-        self.stats: dict[str, Any] = {}
+        self.stats = EngineStats()
         self.steps = 0
         self.step_seconds = 0.0  # time spent inside engine.step (the rest is idle or overhead)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)

@@ -14,7 +14,6 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -87,6 +86,20 @@ def pick_dtype(dtype: str, cfg: ModelConfig, device: torch.device) -> torch.dtyp
     if dtype != "auto":
         return parse_dtype(dtype)
     return parse_dtype(cfg.torch_dtype) if device.type == "cuda" else torch.float32
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """The engine's gauges and counters (vLLM's names), as of the end of its last step."""
+
+    num_requests_running: int = 0
+    num_requests_waiting: int = 0
+    kv_cache_usage_perc: float = 0.0  # 0-1
+    num_used_kv_blocks: int = 0
+    num_kv_blocks: int = 0
+    num_preemptions: int = 0
+    prefix_cache_queries: int = 0  # prompt tokens looked up
+    prefix_cache_hits: int = 0  # of those, found cached
 
 
 class LLMEngine:
@@ -236,17 +249,17 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
-    def stats(self) -> dict[str, Any]:
-        return {
-            "num_requests_running": len(self.scheduler.running),
-            "num_requests_waiting": len(self.scheduler.waiting),
-            "kv_cache_usage_perc": self.blocks.usage(),
-            "num_used_kv_blocks": self.blocks.num_used_blocks,
-            "num_kv_blocks": self.blocks.num_blocks,
-            "num_preemptions": self.scheduler.num_preemptions,
-            "prefix_cache_queries": self.blocks.prefix_cache_queries,
-            "prefix_cache_hits": self.blocks.prefix_cache_hits,
-        }
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_requests_running=len(self.scheduler.running),
+            num_requests_waiting=len(self.scheduler.waiting),
+            kv_cache_usage_perc=self.blocks.usage(),
+            num_used_kv_blocks=self.blocks.num_used_blocks,
+            num_kv_blocks=self.blocks.num_blocks,
+            num_preemptions=self.scheduler.num_preemptions,
+            prefix_cache_queries=self.blocks.prefix_cache_queries,
+            prefix_cache_hits=self.blocks.prefix_cache_hits,
+        )
 
     # ---- the loop ----
 

@@ -106,6 +106,23 @@ class KVCache:
         return 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.attn_head_dim * elem
 
 
+def block_hash(parent: bytes, tokens: list[int]) -> bytes:
+    """The name of a full block: a hash of its tokens and of its parent's name (all tokens before)."""
+    return hashlib.sha256(parent + array("q", tokens).tobytes()).digest()
+
+
+def block_hashes(token_ids: list[int], block_size: int, max_blocks: int | None = None) -> list[bytes]:
+    """The names of the first full blocks of `token_ids` (at most `max_blocks`), as the prefix
+    cache names them: equal for two prompts exactly as far as their tokens are."""
+    out: list[bytes] = []
+    parent = b""
+    n = len(token_ids) // block_size if max_blocks is None else min(len(token_ids) // block_size, max_blocks)
+    for i in range(n):
+        parent = block_hash(parent, token_ids[i * block_size : (i + 1) * block_size])
+        out.append(parent)
+    return out
+
+
 class BlockManager:
     """Free list of KV blocks and the block table of every sequence holding some.
 
@@ -140,7 +157,7 @@ class BlockManager:
         return self.num_used_blocks / self.num_blocks
 
     def _hash(self, parent: bytes, tokens: list[int]) -> bytes:
-        return hashlib.sha256(parent + array("q", tokens).tobytes()).digest()
+        return block_hash(parent, tokens)
 
     def cached_prefix(self, token_ids: list[int]) -> list[int]:
         """Blocks holding the longest cached prefix of `token_ids`. At least one token is left

@@ -11,6 +11,8 @@ from typing import Any
 
 import httpx
 
+from cluster.messages import RouterStats
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -59,29 +61,33 @@ class Raymix:
             self.settings = settings
         return self.url
 
-    def router_stats(self) -> dict[str, Any]:
+    def router_stats(self) -> RouterStats:
         from ray import serve
 
         return serve.get_deployment_handle("Router", app_name="raymix").stats.remote().result()
 
-    def wait_idle(self, timeout: float = 20.0) -> dict[str, Any]:
+    def wait_idle(self, timeout: float = 20.0) -> RouterStats:
         """Poll until no request runs or waits and no KV block is used; → the last stats."""
         deadline = time.monotonic() + timeout
         while True:
             stats = self.router_stats()
-            idle = stats["num_requests_running"] == 0 and stats["num_requests_waiting"] == 0
-            if (idle and stats["num_used_kv_blocks"] == 0) or time.monotonic() > deadline:
+            idle = stats.engine.num_requests_running == 0 and stats.engine.num_requests_waiting == 0
+            if (idle and stats.engine.num_used_kv_blocks == 0) or time.monotonic() > deadline:
                 return stats
             time.sleep(0.2)
 
 
 def metric(url: str, name: str, headers: dict[str, str] | None = None) -> float:
-    """The value of an unlabelled sample in /metrics."""
+    """The sum of a series' samples in /metrics, over its label sets (the routers, say)."""
     text = httpx.get(f"{url}/metrics", headers=headers or {}).text
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise KeyError(name)
+    values = [
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.split("{")[0].split(" ")[0] == name
+    ]
+    if not values:
+        raise KeyError(name)
+    return sum(values)
 
 
 def greedy_answer(client: Any, question: str, max_tokens: int, **extra: Any) -> str:
@@ -126,3 +132,24 @@ def same_id_requests(
 
     with cf.ThreadPoolExecutor(count) as pool:
         return list(pool.map(one, range(count)))
+
+
+def reference_answers(questions: list[str], max_tokens: int) -> list[str]:
+    """Greedy chat answers of the in-process engine on the embedded model, each checked token
+    for token against transformers' MixtralForCausalLM on the same checkpoint."""
+    import torch
+    from transformers import MixtralForCausalLM
+
+    from moe.engine import EngineConfig, LLMEngine
+    from moe.sampling import SamplingParams
+    from moe.tiny import default_model_dir
+
+    model_dir = default_model_dir()
+    eng = LLMEngine.from_pretrained(model_dir, EngineConfig(max_model_len=512))
+    hf = MixtralForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).to(eng.device).eval()
+    prompts = [eng.tokenizer.apply_chat_template([{"role": "user", "content": q}]) for q in questions]
+    seqs = eng.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0))
+    for p, s in zip(prompts, seqs, strict=True):
+        out = hf.generate(torch.tensor([p], device=eng.device), max_new_tokens=max_tokens, do_sample=False)
+        assert s.output_token_ids == out[0, len(p) :].tolist()  # the engine is transformers, token for token
+    return [s.text for s in seqs]

@@ -22,9 +22,9 @@ from api.engine_client import LocalEngineClient, Outputs
 from api.errors import EngineUnavailable
 from api.metrics import ServingMetrics
 from cluster.config import RaymixSettings
-from cluster.messages import GenerateRequest, ModelInfo, Refusal
+from cluster.messages import GenerateRequest, ModelInfo, Refusal, RouterStats
 from moe.async_engine import AsyncEngine
-from moe.engine import EngineConfig, LLMEngine
+from moe.engine import EngineConfig, EngineStats, LLMEngine
 from moe.sampling import SamplingParams
 from moe.sequence import RequestOutput
 from moe.tokenizer import load_tokenizer
@@ -271,11 +271,11 @@ class ScriptedEngine:
     async def model_info(self) -> ModelInfo:
         return ModelInfo(True, 256, 0)
 
-    async def stats(self) -> dict:
-        return {"ready": True}
+    async def stats(self) -> list[RouterStats]:
+        return [RouterStats(engine=EngineStats(), ready=True)]
 
-    async def expert_load(self) -> dict:
-        return {}
+    async def expert_load(self) -> list:
+        return []
 
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
@@ -487,12 +487,12 @@ def test_gpu_memory_is_exported_per_deployment():
     from moe.engine import gpu_memory
 
     assert gpu_memory(torch.device("cpu")) is None
-    stats = {"gpu_memory": {"router": {"used": 5 * 2**30, "total": 80 * 2**30}}}
-    text = ServingMetrics().render(stats)[0].decode()
+    stats = RouterStats(EngineStats(), True, gpu_memory={"router": {"used": 5 * 2**30, "total": 80 * 2**30}})
+    text = ServingMetrics().render([stats])[0].decode()
     values = dict(line.rsplit(" ", 1) for line in text.splitlines() if line.startswith("raymix:gpu"))
     assert float(values['raymix:gpu_memory_used_bytes{deployment="router"}']) == 5 * 2**30
     assert float(values['raymix:gpu_memory_total_bytes{deployment="router"}']) == 80 * 2**30
-    assert "gpu_memory" not in ServingMetrics().render({})[0].decode()
+    assert "gpu_memory" not in ServingMetrics().render([RouterStats(EngineStats(), True)])[0].decode()
 
 
 def test_json_nested_deeper_than_the_limit_is_named_and_shallower_is_read(api):

@@ -58,7 +58,7 @@ def test_refused_request_raises_and_cancel_aborts(engine):
         await gen.aclose()  # the caller goes away
         for _ in range(100):
             await asyncio.sleep(0.05)
-            if engine.stats["num_used_kv_blocks"] == 0 and engine.stats["num_requests_running"] == 0:
+            if engine.stats.num_used_kv_blocks == 0 and engine.stats.num_requests_running == 0:
                 return True
         return False
 

@@ -11,6 +11,7 @@ import openai
 import pytest
 import torch
 
+from cluster.messages import ShardInfo
 from moe.engine import EngineConfig, LLMEngine
 from moe.fp8_checkpoint import write_dequantized, write_fp8
 from moe.sampling import SamplingParams
@@ -55,7 +56,7 @@ def served_answers(client: openai.OpenAI, model: str, n=12) -> list[str]:
     ]
 
 
-def shard_infos(count: int) -> list[dict]:
+def shard_infos(count: int) -> list[ShardInfo]:
     from ray import serve
 
     return [
@@ -72,7 +73,7 @@ def test_dense_mistral_served_by_the_router_alone(raymix, mistral_dir):
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
     name = mistral_dir.name
     assert served_answers(client, name) == reference_answers(mistral_dir, mistral_dir)
-    assert raymix.router_stats()["expert_shards"] == 0
+    assert raymix.router_stats().expert_shards == 0
     stream = client.chat.completions.create(
         model=name,
         messages=[{"role": "user", "content": QUESTIONS[1]}],
@@ -116,8 +117,8 @@ def test_fp8_mixtral_over_two_shards(raymix, tmp_path_factory):
     assert httpx.get(f"{url}/version").json()["quantization"] == "fp8"
     bf16_per_shard = LLMEngine.from_pretrained(src).experts.shards[0].num_parameters() * 2 / 2
     for k, info in enumerate(shard_infos(2)):
-        assert info["experts_read"] == [4 * k, 4 * k + 1, 4 * k + 2, 4 * k + 3]
-        assert 0.5 <= info["nbytes"] / bf16_per_shard < 0.51
+        assert info.experts_read == [4 * k, 4 * k + 1, 4 * k + 2, 4 * k + 3]
+        assert 0.5 <= info.nbytes / bf16_per_shard < 0.51
 
 
 def test_quantization_fp8_flag_on_the_embedded_model(raymix):
@@ -129,4 +130,4 @@ def test_quantization_fp8_flag_on_the_embedded_model(raymix):
     assert served_answers(client, "raymix-tiny-mixtral") == expected
     assert httpx.get(f"{url}/v1/models").json()["data"][0]["quantization"] == "fp8"
     fp32_per_shard = LLMEngine.from_pretrained(default_model_dir()).experts.shards[0].num_parameters() * 4 / 2
-    assert all(0.25 <= info["nbytes"] / fp32_per_shard < 0.26 for info in shard_infos(2))
+    assert all(0.25 <= info.nbytes / fp32_per_shard < 0.26 for info in shard_infos(2))

@@ -167,3 +167,22 @@ def test_torch_threads_are_the_cores_each_process_has_while_it_computes(shards, 
 
     s = RaymixSettings(expert_shards=shards, overlap=overlap, torch_threads=threads)
     assert cpu_threads(s, shards, cores=16) == want
+
+
+def test_plan_splits_gpus_into_routers_and_shards(capsys):
+    """The M:N step model: more routers pay while the shards have time to spare, then the shards
+    (computing every router's batches in turn) become the bottleneck; `raymix plan --gpus`
+    prints every split and marks the best."""
+    from cluster.capacity import MIXTRAL_8X7B, best_split, disaggregated_split
+    from launch.cli import main
+
+    splits = {(s.routers, s.shards): s for s in best_split(MIXTRAL_8X7B, 8)}
+    assert (7, 1) not in splits  # 8 experts of 8x7B do not fit one 80 GB shard
+    one, best = splits[(1, 7)], best_split(MIXTRAL_8X7B, 8)[0]
+    assert best.routers > 1 and best.tok_s_per_gpu > 2 * one.tok_s_per_gpu
+    assert one.router_s > one.shard_s  # one router: the shards wait for it
+    assert splits[(6, 2)].shard_s > splits[(6, 2)].router_s  # six: the router waits for the shards
+    assert disaggregated_split(MIXTRAL_8X7B, 1, 7, context=10**7) is None  # not one sequence fits
+    assert main(["plan", "--model", "mixtral-8x7b", "--gpus", "8"]) == 0
+    out = capsys.readouterr().out
+    assert f"<- best: --routers {best.routers} --expert-shards {best.shards}" in out and "1:7" in out

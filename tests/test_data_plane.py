@@ -140,16 +140,16 @@ def test_expert_load_recent_window_per_layer_and_shard():
     load.latency(0, 0, 0.004)
     load.latency(1, 1, 0.010)
     snap = load.snapshot()
-    assert snap["recent_expert_tokens"] == {0: [2, 1, 1, 0], 1: [0, 0, 1, 1]}
-    assert snap["recent_dispatch_seconds"] == [{0: pytest.approx(0.003)}, {1: pytest.approx(0.010)}]
+    assert snap.recent_expert_tokens == {0: [2, 1, 1, 0], 1: [0, 0, 1, 1]}
+    assert snap.recent_dispatch_seconds == [{0: pytest.approx(0.003)}, {1: pytest.approx(0.010)}]
     for _ in range(3):  # three more layer-1 batches push layer 0's out of the window
         load.count(1, torch.tensor([[3, 3]]), torch.tensor([[1, 1]]), 2)
     snap = load.snapshot()
-    assert snap["recent_expert_tokens"] == {1: [0, 0, 0, 6]}
-    assert snap["expert_tokens"] == {0: [2, 1, 1, 0], 1: [0, 0, 1, 7]}
+    assert snap.recent_expert_tokens == {1: [0, 0, 0, 6]}
+    assert snap.expert_tokens == {0: [2, 1, 1, 0], 1: [0, 0, 1, 7]}
     load.reset_window()
     snap = load.snapshot()
-    assert snap["recent_expert_tokens"] == {} and snap["recent_dispatch_seconds"] == [{}, {}]
-    assert snap["balancedness"] == 1.0
+    assert snap.recent_expert_tokens == {} and snap.recent_dispatch_seconds == [{}, {}]
+    assert snap.balancedness == 1.0
     load.count(0, torch.tensor([[0, 1], [0, 2]]), torch.tensor([[0, 0], [0, 1]]), 2)
-    assert load.snapshot()["balancedness"] == pytest.approx(2 / 3)  # shards got 3 and 1: mean 2, max 3
+    assert load.snapshot().balancedness == pytest.approx(2 / 3)  # shards got 3 and 1: mean 2, max 3

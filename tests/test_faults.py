@@ -60,22 +60,22 @@ def test_killed_shard_fails_no_request(rm):
 
     undisturbed = run_all(rm.url)
     shard = serve.get_deployment_handle("ExpertShard0", app_name="raymix")
-    pid = shard.info.remote().result()["pid"]
+    pid = shard.info.remote().result().pid
     before = rm.router_stats()
 
     def kill_midway() -> None:
         deadline = time.monotonic() + 60
-        while rm.router_stats()["num_requests_running"] < 8 and time.monotonic() < deadline:
+        while rm.router_stats().engine.num_requests_running < 8 and time.monotonic() < deadline:
             time.sleep(0.05)
         time.sleep(0.3)  # generation under way
         os.kill(pid, signal.SIGKILL)
 
     disturbed = run_all(rm.url, during=kill_midway)
     after = rm.router_stats()
-    assert after["shard_recoveries"] > before["shard_recoveries"]  # the kill did land mid-generation
+    assert after.shard_recoveries > before.shard_recoveries  # the kill did land mid-generation
     assert disturbed == undisturbed
-    assert shard.info.remote().result()["pid"] != pid  # a new replica holds the experts now
-    assert rm.wait_idle()["num_used_kv_blocks"] == 0
+    assert shard.info.remote().result().pid != pid  # a new replica holds the experts now
+    assert rm.wait_idle().engine.num_used_kv_blocks == 0
 
 
 def test_service_continues_after_recovery(rm):
@@ -135,7 +135,7 @@ def test_graceful_drain_finishes_in_flight_requests(rm):
     with cf.ThreadPoolExecutor(1) as pool:
         f = pool.submit(lambda: httpx.post(f"{rm.url}/v1/completions", json=body, timeout=120))
         deadline = time.monotonic() + 30
-        while rm.router_stats()["num_requests_running"] == 0 and time.monotonic() < deadline:
+        while rm.router_stats().engine.num_requests_running == 0 and time.monotonic() < deadline:
             time.sleep(0.05)
         serve.delete("raymix")  # graceful: blocks until the replicas have drained and stopped
         r = f.result()

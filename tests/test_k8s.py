@@ -84,3 +84,13 @@ def test_checked_in_manifest_is_what_the_settings_render():
     assert gpus * workers["replicas"] >= 8 + 1  # a GPU per shard and one for the router
     head = doc["spec"]["rayClusterConfig"]["headGroupSpec"]
     assert head["rayStartParams"]["num-gpus"] == "0"
+
+
+def test_routers_reach_build_app_and_count_in_the_gpus(validator):
+    """--routers M goes to build_app's args, and every router is a GPU of its own."""
+    doc = rayservice(RaymixSettings(model="/models/m", routers=3, expert_shards=6), gpus_per_worker=4)
+    validator.validate(doc)
+    args = yaml.safe_load(doc["spec"]["serveConfigV2"])["applications"][0]["args"]
+    assert args["routers"] == 3 and args["expert_shards"] == 6
+    workers = doc["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
+    assert workers["replicas"] == 3  # 9 GPUs on 4-GPU workers

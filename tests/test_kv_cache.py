@@ -52,7 +52,7 @@ def test_abort_frees_blocks(tiny_dir):
     eng.abort_request("b")
     eng.abort_request("c")
     assert eng.blocks.num_used_blocks == 0
-    assert eng.stats()["num_requests_running"] == 0 and eng.stats()["num_requests_waiting"] == 0
+    assert eng.stats().num_requests_running == 0 and eng.stats().num_requests_waiting == 0
     assert not eng.has_unfinished()
 
 

@@ -36,7 +36,7 @@ def test_greedy_token_identical_to_mistral_for_causal_lm(dense_dir, device, engi
     assert type(hf).__name__ == "MistralForCausalLM"
     for prompt, seq in zip(prompts, eng.generate(prompts, GREEDY, arrival_steps=ARRIVALS), strict=True):
         assert seq.output_token_ids == hf_greedy(hf, prompt, GREEDY.max_tokens)
-    assert eng.stats()["num_used_kv_blocks"] == 0
+    assert eng.stats().num_used_kv_blocks == 0
 
 
 def test_fp8_dense_mistral(mistral_window_dir, tmp_path_factory, device):

@@ -69,9 +69,9 @@ def test_shards_spread_over_nodes_and_serve_correctly(cluster):
         serve.get_deployment_handle(f"ExpertShard{k}", app_name="raymix").info.remote().result()
         for k in range(3)
     ]
-    nodes = {i["node_id"] for i in infos}
+    nodes = {i.node_id for i in infos}
     assert len(nodes) == 3 == len({n["NodeID"] for n in ray.nodes() if n["Alive"]})  # one shard per node
-    assert sorted(e for i in infos for e in i["expert_ids"]) == list(range(8))
+    assert sorted(e for i in infos for e in i.expert_ids) == list(range(8))
 
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
 

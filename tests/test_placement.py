@@ -29,21 +29,21 @@ def test_four_shards_on_four_gpus_each_with_its_experts(raymix):
         serve.get_deployment_handle(f"ExpertShard{k}", app_name="raymix").info.remote().result()
         for k in range(4)
     ]
-    gpu_ids = [i["gpu_ids"] for i in infos]
+    gpu_ids = [i.gpu_ids for i in infos]
     assert all(len(g) == 1 for g in gpu_ids)
     assert len({g[0] for g in gpu_ids}) == 4  # four distinct devices
-    assert sorted(i["cuda_visible_devices"] for i in infos) == sorted(g[0] for g in gpu_ids)
+    assert sorted(i.cuda_visible_devices for i in infos) == sorted(g[0] for g in gpu_ids)
     per_expert = 3 * cfg.hidden_size * cfg.intermediate_size * cfg.num_hidden_layers
     for k, info in enumerate(infos):
-        assert info["expert_ids"] == [2 * k, 2 * k + 1]
-        assert info["experts_read"] == [2 * k, 2 * k + 1]  # never read another shard's experts
-        assert info["tensors_read"] == len(expert_tensor_shapes(cfg, [2 * k, 2 * k + 1]))
-        assert info["num_parameters"] == 2 * per_expert
+        assert info.expert_ids == [2 * k, 2 * k + 1]
+        assert info.experts_read == [2 * k, 2 * k + 1]  # never read another shard's experts
+        assert info.tensors_read == len(expert_tensor_shapes(cfg, [2 * k, 2 * k + 1]))
+        assert info.num_parameters == 2 * per_expert
     r = httpx.post(f"{url}/v1/completions", json={"prompt": "placed", "max_tokens": 4}, timeout=60)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
     assert (
         sum(
-            i["batches_served"]
+            i.batches_served
             for i in (
                 serve.get_deployment_handle(f"ExpertShard{k}", app_name="raymix").info.remote().result()
                 for k in range(4)
@@ -69,9 +69,9 @@ def test_more_processes_than_gpus_share_them_and_serve(raymix):
         for k in range(4)
     ]
     stats = raymix.router_stats()
-    assert len(stats["gpu_ids"]) == 1  # the router got a GPU too
-    devices = stats["gpu_ids"] + [g for i in infos for g in i["gpu_ids"]]
+    assert len(stats.gpu_ids) == 1  # the router got a GPU too
+    devices = stats.gpu_ids + [g for i in infos for g in i.gpu_ids]
     assert len(devices) == 5 and len(set(devices)) < 5  # five processes, some on one device
-    assert stats["data_plane_transports"] == ["gloo"] * 4  # no CUDA in these processes: gloo
+    assert stats.data_plane_transports == ["gloo"] * 4  # no CUDA in these processes: gloo
     r = httpx.post(f"{url}/v1/completions", json={"prompt": "shared", "max_tokens": 4}, timeout=60)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1

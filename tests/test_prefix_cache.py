@@ -42,7 +42,7 @@ def test_second_turn_reuses_first_turn_blocks_and_outputs_are_unchanged(tiny_dir
     out1_on, computed1 = _run(on, first)
     out1_off, _ = _run(off, first)
     assert out1_on == out1_off and computed1 == len(first)
-    assert on.stats()["prefix_cache_hits"] == 0
+    assert on.stats().prefix_cache_hits == 0
 
     second = _chat(tok, ["What is a mistral?", tok.decode(out1_on), "How does the mistral wind form?"], False)
     out2_on, computed2 = _run(on, second)
@@ -50,10 +50,10 @@ def test_second_turn_reuses_first_turn_blocks_and_outputs_are_unchanged(tiny_dir
     assert out2_on == out2_off
     stats = on.stats()
     assert second[: len(first)] == first
-    assert stats["prefix_cache_hits"] >= 4 * (len(first) // 4)  # every full block of the first turn
-    assert computed2 == len(second) - stats["prefix_cache_hits"]
-    assert stats["prefix_cache_queries"] == len(first) + len(second)
-    assert off.stats()["prefix_cache_hits"] == 0
+    assert stats.prefix_cache_hits >= 4 * (len(first) // 4)  # every full block of the first turn
+    assert computed2 == len(second) - stats.prefix_cache_hits
+    assert stats.prefix_cache_queries == len(first) + len(second)
+    assert off.stats().prefix_cache_hits == 0
     assert on.blocks.num_used_blocks == 0  # cached blocks are free, not held
 
 

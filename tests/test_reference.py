@@ -40,7 +40,7 @@ def test_greedy_token_identical_with_continuous_batching(model_dir, hf_models):
     for prompt, seq in zip(prompts, seqs, strict=True):
         assert seq.output_token_ids == hf_greedy(hf, prompt, GREEDY.max_tokens)
         assert seq.finish_reason == "length"
-    assert eng.stats()["num_used_kv_blocks"] == 0
+    assert eng.stats().num_used_kv_blocks == 0
 
 
 def test_last_position_logits_match(model_dir, hf_models):

@@ -107,7 +107,7 @@ def test_negative_suite(rm):
                 check_error(r)
     assert set(health.close()) == {200}
     stats = rm.wait_idle()
-    assert stats["num_used_kv_blocks"] == 0
+    assert stats.engine.num_used_kv_blocks == 0
 
 
 def test_overload_gets_429_with_retry_after_then_normal_service(rm):
@@ -165,7 +165,7 @@ def test_request_timeout_is_408_and_frees_the_request(tiny_dir):
         while eng.has_unfinished() and time.monotonic() < deadline:
             time.sleep(0.05)
         stats = eng.stats()
-        assert stats["num_requests_running"] == 0 and stats["num_used_kv_blocks"] == 0
+        assert stats.num_requests_running == 0 and stats.num_used_kv_blocks == 0
 
 
 def test_cancelled_streams_release_everything(rm):
@@ -184,7 +184,11 @@ def test_cancelled_streams_release_everything(rm):
         list(pool.map(lambda _: cut(), range(8)))
     assert post(rm.url, json.dumps(GOOD).encode(), timeout=60).status_code == 200
     stats = rm.wait_idle()
-    assert (stats["num_requests_running"], stats["num_requests_waiting"], stats["num_used_kv_blocks"]) == (
+    assert (
+        stats.engine.num_requests_running,
+        stats.engine.num_requests_waiting,
+        stats.engine.num_used_kv_blocks,
+    ) == (
         0,
         0,
         0,
@@ -203,7 +207,7 @@ def test_non_streaming_client_that_gives_up_is_aborted(rm):
     with pytest.raises(httpx.TimeoutException):
         httpx.post(f"{rm.url}/v1/chat/completions", json=body, timeout=1.0)  # the client leaves after 1 s
     stats = rm.wait_idle(timeout=20)
-    assert (stats["num_requests_running"], stats["num_used_kv_blocks"]) == (0, 0)
+    assert (stats.engine.num_requests_running, stats.engine.num_used_kv_blocks) == (0, 0)
 
 
 @pytest.mark.parametrize("count,stream,n", [(2, False, 1), (4, True, 1), (4, False, 2), (2, True, 3)])

@@ -27,6 +27,7 @@ import httpx
 import openai
 import pytest
 
+from cluster.messages import ShardInfo
 from tests.cluster_harness import Raymix, free_port, greedy_answers, ray_cluster
 from tests.local_server import local_server
 
@@ -261,7 +262,7 @@ def heat(page: Any) -> int:
     return page.evaluate(f"() => {HEAT}")
 
 
-def shard_info(k: int) -> dict[str, Any]:
+def shard_info(k: int) -> ShardInfo:
     """Shard k's own `info`, asked from a worker thread (Playwright's sync API runs an event
     loop in this one, where Serve's blocking calls refuse to run)."""
     from ray import serve
@@ -272,7 +273,7 @@ def shard_info(k: int) -> dict[str, Any]:
 
 
 def shard_experts(k: int) -> list[int]:
-    return shard_info(k)["expert_ids"]
+    return shard_info(k).expert_ids
 
 
 def test_expert_view_follows_traffic(browser, cluster):
@@ -294,6 +295,9 @@ def test_expert_view_follows_traffic(browser, cluster):
         chips = card.locator(".chip").all_inner_texts()
         assert sorted(int(c[1:].split()[0]) for c in chips) == sorted(shard_experts(k))
         assert "ms" in card.locator(".latency").inner_text()
+    router = page.locator('.router[data-router="0"]')  # the one router, ready, with its batch
+    assert router.get_attribute("data-router") == "0" and "running" in router.inner_text()
+    assert status["routers"][0]["ready"] is True
     p.screenshot("experts")
     assert p.errors == []
     p.close()
@@ -339,7 +343,7 @@ def test_killed_shard_goes_red_and_back(browser, cluster):
     page = p.open("experts")
     card = '.shard[data-shard="1"]'
     page.wait_for_selector(f'{card}[data-healthy="true"]')
-    pid = shard_info(1)["pid"]
+    pid = shard_info(1).pid
     os.kill(pid, signal.SIGKILL)
     page.wait_for_selector(f'{card}[data-healthy="false"]', timeout=30_000)
     p.screenshot("experts-shard-down")

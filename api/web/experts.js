@@ -83,6 +83,27 @@ function renderShards(status) {
   );
 }
 
+// one card per router: up or not, its batch, its KV cache, its prefix-cache hit rate
+function renderRouters(status) {
+  $("routers").replaceChildren(
+    ...(status.routers || []).map((r) => {
+      const card = element("div", `shard router ${r.ready ? "healthy" : "down"}`);
+      card.dataset.router = r.router;
+      const head = element("div", "shard-head");
+      head.append(element("strong", "", `Router ${r.router}`), element("span", "badge", r.ready ? "ready" : "not ready"));
+      const hit = r.prefix_cache_hit_rate == null ? "–" : `${(100 * r.prefix_cache_hit_rate).toFixed(0)} %`;
+      const facts = [
+        `${r.num_requests_running} running`,
+        `${r.num_requests_waiting} waiting`,
+        `KV cache ${(100 * r.kv_cache_usage_perc).toFixed(0)} %`,
+        `prefix hits ${hit}`,
+      ];
+      card.append(head, element("div", "muted", facts.join(" · ")));
+      return card;
+    }),
+  );
+}
+
 // whether the recent window holds any tokens (it starts over when the placement changes)
 const seen = (status) => status.recent_expert_tokens.some((row) => row.some((n) => n > 0));
 
@@ -127,6 +148,7 @@ export function startExperts() {
       : "rebalancing needs spare expert slots (num_redundant_experts)";
     renderHeatmap(status, $("heat-window").value);
     renderShards(status);
+    renderRouters(status);
     drawChart();
   }
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
@@ -18,6 +18,22 @@ def _counts(ids: torch.Tensor, n: int) -> torch.Tensor:
     """How often each of 0..n-1 occurs in ids → [n] int64; bincount's size check would sync a GPU."""
     flat = ids.flatten()
     return torch.zeros(n, dtype=torch.long, device=ids.device).index_add_(0, flat, torch.ones_like(flat))
+
+
+@dataclass(frozen=True)
+class ExpertLoadSnapshot:
+    """A copy of a router's ExpertLoad: what /metrics, the web page and EPLB read."""
+
+    expert_tokens: dict[int, list[int]]  # layer -> [E] token assignments since start
+    expert_to_shard: list[int]  # [E] primary shard of each expert
+    dispatch_latency_buckets: tuple[float, ...]  # upper bounds, seconds
+    dispatch_latency_counts: list[list[int]]  # [shard][bucket, then +Inf] round trips
+    dispatch_latency_sum: list[float]  # [shard] seconds
+    balancedness: float  # mean / max tokens per shard over the recent window (1 = even)
+    expert_holders: list[int]  # [E] shards holding each expert (2+: replicated)
+    recent_expert_tokens: dict[int, list[int]]  # layer -> [E] over the recent window
+    recent_dispatch_seconds: list[dict[int, float]]  # [shard] layer -> mean round trip, recent window
+    router: int = 0  # whose (with several routers)
 
 
 class ExpertLoad:
@@ -86,7 +102,7 @@ class ExpertLoad:
             self.latency_sum[shard] += seconds
             self.recent_latency.append((shard, layer, seconds))
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> ExpertLoadSnapshot:
         with self.lock:  # copies only: the engine's per-layer count() waits on this lock
             tokens, shard_batches = dict(self.tokens), list(self.recent)
             expert_batches, latencies = list(self.recent_experts), list(self.recent_latency)
@@ -100,19 +116,19 @@ class ExpertLoad:
         for shard, layer, seconds in latencies:
             round_trips.setdefault((shard, layer), []).append(seconds)
         balanced = float(recent.mean() / recent.max()) if recent is not None and recent.max() > 0 else 1.0
-        return {
-            "expert_tokens": {layer: t.tolist() for layer, t in sorted(tokens.items())},
-            "expert_to_shard": self.expert_to_shard.tolist(),
-            "dispatch_latency_buckets": LATENCY_BUCKETS_S,
-            "dispatch_latency_counts": counts,
-            "dispatch_latency_sum": sums,
-            "balancedness": balanced,
-            "expert_holders": list(self.holders),
-            "recent_expert_tokens": {
+        return ExpertLoadSnapshot(
+            expert_tokens={layer: t.tolist() for layer, t in sorted(tokens.items())},
+            expert_to_shard=self.expert_to_shard.tolist(),
+            dispatch_latency_buckets=LATENCY_BUCKETS_S,
+            dispatch_latency_counts=counts,
+            dispatch_latency_sum=sums,
+            balancedness=balanced,
+            expert_holders=list(self.holders),
+            recent_expert_tokens={
                 layer: torch.stack(ts).sum(0).tolist() for layer, ts in sorted(by_layer.items())
             },
-            "recent_dispatch_seconds": [  # per shard, per layer: mean round trip over the window
+            recent_dispatch_seconds=[  # per shard, per layer: mean round trip over the window
                 {layer: sum(v) / len(v) for (k, layer), v in sorted(round_trips.items()) if k == shard}
                 for shard in range(num_shards)
             ],
-        }
+        )

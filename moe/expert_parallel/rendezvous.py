@@ -31,6 +31,7 @@ class Rendezvous:
     backend: str  # "gloo" | "nccl"
     interface_host: str = "127.0.0.1"  # address gloo binds to on the shard's side
     inline_tokens: int = INLINE_TOKENS  # the shard's standing receive, in tokens (gloo; 0: none)
+    router: int = 0  # which router (a shard serves every router over a pair group each)
 
     @property
     def inline(self) -> int:

@@ -34,7 +34,9 @@ class ShardServer:
         rendezvous: Rendezvous,
         connect_timeout: datetime.timedelta,
         num_threads: int | None = None,
+        compute: threading.Lock | None = None,  # shared by a shard's servers: one batch at a time
     ):
+        self.compute = compute or threading.Lock()
         keep_freed_memory()  # this process's malloc keeps the layer batches' buffers (moe.allocator)
         self.experts = experts
         self.num_threads = num_threads
@@ -45,7 +47,8 @@ class ShardServer:
         self.batches_served = 0
         self.compute_seconds = 0.0  # expert compute, for the shard's own figures
         self.error: BaseException | None = None
-        self.router_gone = False  # the router closed the connection: it will connect anew
+        self.router_gone = False  # the link broke (the router died, restarted or left): it will connect anew
+        self.computing = False
         self.thread: threading.Thread | None = None
 
     def connect(self) -> None:
@@ -95,8 +98,10 @@ class ShardServer:
                 x, ids, weights = decode(body, n, hidden, k, dtype)
                 start = time.perf_counter()
                 x, ids, weights = x.to(self.device), ids.to(self.device), weights.to(self.device)
-                with torch.inference_mode():
+                self.computing = True  # an error from here on is this shard's own
+                with self.compute, torch.inference_mode():
                     y = self.experts.partial(layer, x, ids.long(), weights)  # [n, H] float32
+                self.computing = False
                 self.compute_seconds += time.perf_counter() - start
                 self.pg.send([y.to(self.comm)], ROUTER, 0).wait()
                 if not prepost:
@@ -104,5 +109,7 @@ class ShardServer:
                 self.batches_served += 1
         except BaseException as e:
             self.error = e
-            self.router_gone = "Connection closed by peer" in str(e)  # router restarted or shut down
+            # a transport error (the peer closed or reset the connection, a timeout) is the link's:
+            # the experts are still good and the router connects anew; a compute error is ours
+            self.router_gone = not self.computing
             (log.info if self.router_gone else log.error)("expert shard data plane stopped: %s", e)

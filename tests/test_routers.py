@@ -1,0 +1,210 @@
+"""Several routers sharing the expert shards (--routers 2 --expert-shards 2 or 4), end to end: a
+real local Ray cluster, real HTTP, the openai client. One Ray cluster for the module.
+
+Greedy outputs stay transformers' under concurrent load whichever router serves them; a shared
+system prompt finds its prefix cached on the router that saw it; a rebalance under load moves
+every router to the new placement between steps; a router killed under load costs nothing that
+starts after it, and its replacement rejoins the shards."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import os
+import signal
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.cluster_harness import (
+    Raymix,
+    free_port,
+    greedy_answer,
+    greedy_answers,
+    ray_cluster,
+    reference_answers,
+)
+
+SETTINGS = dict(routers=2, max_model_len=512, kv_cache_memory_mb=32, max_ingress_replicas=2)
+QUESTIONS = [
+    "Hi",
+    "What is a mixture of experts?",
+    "Count from one to ten.",
+    "Write a haiku about routers.",
+    "Why is the sky blue? Explain briefly.",
+    "Translate 'hello' into French.",
+    "x",
+    "Tell me a very long story about eight experts who each only see a quarter of the tokens.",
+]
+SYSTEM = (
+    "You are the weather desk of a small mountain town. Answer in one short paragraph, name the "
+    "wind if you know it, and never forecast more than three days ahead. Be kind to tourists."
+)
+
+
+@pytest.fixture(scope="module")
+def raymix():
+    with ray_cluster(num_cpus=2):
+        yield Raymix(free_port())
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return reference_answers(QUESTIONS, 16)
+
+
+def handle(name: str):
+    from ray import serve
+
+    return serve.get_deployment_handle(name, app_name="raymix")
+
+
+def router_stats() -> list:
+    return [handle(name).stats.remote().result() for name in ("Router", "Router1")]
+
+
+def client_for(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
+
+
+def test_two_routers_answer_as_transformers_under_load(raymix, reference):
+    """8 concurrent chats spread over both routers, answers token-identical to transformers;
+    completions and streams too; each shard serves both routers."""
+    url = raymix.deploy(expert_shards=2, **SETTINGS)
+    client = client_for(url)
+    before = [s.steps for s in router_stats()]
+    assert greedy_answers(client, QUESTIONS, 16) == reference
+    assert all(s.steps > b for s, b in zip(router_stats(), before, strict=True))  # both routers worked
+    infos = [handle(f"ExpertShard{k}").info.remote().result() for k in range(2)]
+    assert [i.routers for i in infos] == [2, 2]
+
+    streamed = []
+    with cf.ThreadPoolExecutor(4) as pool:
+        for chunks in pool.map(
+            lambda q: list(
+                client.chat.completions.create(
+                    model="raymix-tiny-mixtral",
+                    messages=[{"role": "user", "content": q}],
+                    max_tokens=16,
+                    temperature=0,
+                    stream=True,
+                )
+            ),
+            QUESTIONS[:4],
+        ):
+            streamed.append("".join(c.choices[0].delta.content or "" for c in chunks if c.choices))
+    assert streamed == reference[:4]
+    text = client.completions.create(model="raymix-tiny-mixtral", prompt="Hello", max_tokens=8, temperature=0)
+    same = client.completions.create(model="raymix-tiny-mixtral", prompt="Hello", max_tokens=8, temperature=0)
+    assert text.choices[0].text == same.choices[0].text and text.usage.completion_tokens == 8
+
+
+def test_a_shared_system_prompt_finds_its_prefix_on_its_router(raymix):
+    """Requests that share a system prompt all go to the router that has it cached: its prefix
+    hits grow by the system prompt's blocks each time, the other router sees none of them
+    (without affinity, ties go in turn and half of them would land there)."""
+    url = raymix.deploy(expert_shards=2, **SETTINGS)
+    client = client_for(url)
+    before = router_stats()
+    for q in ["Will it rain?", "Is the pass open?", "What about the foehn?", "Sun tomorrow?"]:
+        client.chat.completions.create(
+            model="raymix-tiny-mixtral",
+            messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}],
+            max_tokens=4,
+            temperature=0,
+        )
+    after = router_stats()
+    queries = [
+        a.engine.prefix_cache_queries - b.engine.prefix_cache_queries
+        for a, b in zip(after, before, strict=True)
+    ]
+    hits = [
+        a.engine.prefix_cache_hits - b.engine.prefix_cache_hits for a, b in zip(after, before, strict=True)
+    ]
+    owner = 0 if queries[0] else 1
+    assert queries[1 - owner] == 0, queries  # every one of them went to one router
+    assert hits[owner] >= 3 * 32, hits  # the three after the first found the system prompt's blocks
+
+
+def test_rebalance_under_load_moves_every_router_and_changes_no_output(raymix):
+    """A skewed load, a rebalance in the middle of it: router 0 plans from both routers' load,
+    both switch placement between their steps, every greedy output stays what it was; resizing
+    with several routers is refused, clearly."""
+    url = raymix.deploy(expert_shards=4, num_redundant_experts=4, **SETTINGS)
+    client = client_for(url)
+    prompts = ["the the the the the the the the", "the the the the the the the the!"] * 4
+
+    before = greedy_answers(client, prompts, 40, ignore_eos=True)
+    with cf.ThreadPoolExecutor(len(prompts)) as pool:
+        running = [pool.submit(greedy_answer, client, q, 40, ignore_eos=True) for q in prompts]
+        time.sleep(0.5)
+        plan = handle("Router").rebalance.remote().result()
+        during = [f.result() for f in running]
+    assert plan.changed and plan.replicas, plan
+    assert during == before
+    assert greedy_answers(client, prompts, 40, ignore_eos=True) == before
+    holders = [handle(name).expert_load.remote().result().expert_holders for name in ("Router", "Router1")]
+    assert holders[0] == holders[1] and max(holders[0]) > 1  # both route by the replicated placement
+    refused = handle("Router1").rebalance.remote().result()
+    assert not refused.changed and "router 0" in refused.reason
+    with pytest.raises(Exception, match="several routers"):
+        handle("Router").resize.remote(2, []).result()
+
+
+def test_a_router_killed_under_load_fails_nothing_that_starts_after(raymix):
+    """SIGKILL router 1 while streams run on both: the streams on router 0 finish; every request
+    sent after the kill is answered (by router 0 while router 1 is down); Serve replaces router 1,
+    it rejoins both shards' data planes, and requests reach it again."""
+    url = raymix.deploy(expert_shards=4, num_redundant_experts=4, **SETTINGS)
+    client = client_for(url)
+    old_pid = handle("Router1").model_info.remote().result().pid
+    body = {"messages": [{"role": "user", "content": "go on"}], "max_tokens": 200, "ignore_eos": True}
+    started = cf.ThreadPoolExecutor(6)
+
+    def stream() -> str:
+        try:
+            with httpx.stream(
+                "POST", f"{url}/v1/chat/completions", json={**body, "stream": True}, timeout=120
+            ) as r:
+                finish = None
+                for line in r.iter_lines():
+                    if line.startswith("data: {") and (c := json.loads(line[6:]).get("choices")):
+                        finish = c[0]["finish_reason"] or finish
+                return finish or "cut"
+        except httpx.HTTPError:
+            return "cut"
+
+    streams = [started.submit(stream) for _ in range(6)]
+    deadline = time.monotonic() + 60
+    while min(s.engine.num_requests_running for s in router_stats()) == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(old_pid, signal.SIGKILL)
+    killed = time.monotonic()
+    after = greedy_answers(client, QUESTIONS, 8)  # sent after the kill: every one answered
+    assert len(after) == len(QUESTIONS) and all(isinstance(a, str) for a in after)
+    outcomes = [s.result(timeout=180) for s in streams]
+    started.shutdown()
+    assert outcomes.count("length") >= 3, outcomes  # router 0's streams ran to their end
+    print(f"streams when router 1 was killed: {outcomes}; {len(after)} requests after the kill all answered")
+
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        try:
+            info = handle("Router1").model_info.remote().result(timeout_s=5)
+            if info.ready and info.pid != old_pid:
+                break
+        except Exception:
+            pass
+        time.sleep(1)
+    else:
+        pytest.fail("router 1 was not replaced")
+    print(f"router 1 replaced and ready {time.monotonic() - killed:.1f} s after the kill")
+    infos = [handle(f"ExpertShard{k}").info.remote().result() for k in range(4)]
+    assert [i.routers for i in infos] == [2] * 4  # the replacement rejoined every shard
+    steps = handle("Router1").stats.remote().result().steps
+    deadline = time.monotonic() + 30  # the ingress sends to it again once it answers ready
+    while handle("Router1").stats.remote().result().steps == steps and time.monotonic() < deadline:
+        greedy_answers(client, QUESTIONS[:4], 4)
+    assert handle("Router1").stats.remote().result().steps > steps
