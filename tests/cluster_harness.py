@@ -13,6 +13,18 @@ import httpx
 
 from cluster.messages import RouterStats
 
+# asked of the embedded model in the cluster tests (greedy answers checked against transformers)
+QUESTIONS = [
+    "Hi",
+    "What is a mixture of experts?",
+    "Count from one to ten.",
+    "Write a haiku about routers.",
+    "Why is the sky blue? Explain briefly.",
+    "Translate 'hello' into French.",
+    "x",
+    "Tell me a very long story about eight experts who each only see a quarter of the tokens.",
+]
+
 
 def free_port() -> int:
     with socket.socket() as s:

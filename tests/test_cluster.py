@@ -13,6 +13,7 @@ import pytest
 
 from moe.tiny import default_model_dir
 from tests.cluster_harness import (
+    QUESTIONS,
     Raymix,
     free_port,
     greedy_answer,
@@ -32,16 +33,6 @@ SETTINGS = dict(
     max_request_body_bytes=65536,
     cors_allow_origins=["https://app.example"],
 )
-QUESTIONS = [
-    "Hi",
-    "What is a mixture of experts?",
-    "Count from one to ten.",
-    "Write a haiku about routers.",
-    "Why is the sky blue? Explain briefly.",
-    "Translate 'hello' into French.",
-    "x",
-    "Tell me a very long story about eight experts who each only see a quarter of the tokens.",
-]
 
 
 RAY_METRICS_PORT = free_port()

@@ -28,16 +28,6 @@ from tests.cluster_harness import (
 )
 
 SETTINGS = dict(routers=2, max_model_len=512, kv_cache_memory_mb=32, max_ingress_replicas=2)
-QUESTIONS = [
-    "Hi",
-    "What is a mixture of experts?",
-    "Count from one to ten.",
-    "Write a haiku about routers.",
-    "Why is the sky blue? Explain briefly.",
-    "Translate 'hello' into French.",
-    "x",
-    "Tell me a very long story about eight experts who each only see a quarter of the tokens.",
-]
 SYSTEM = (
     "You are the weather desk of a small mountain town. Answer in one short paragraph, name the "
     "wind if you know it, and never forecast more than three days ahead. Be kind to tourists."
