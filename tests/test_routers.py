@@ -19,6 +19,7 @@ import openai
 import pytest
 
 from tests.cluster_harness import (
+    QUESTIONS,
     Raymix,
     free_port,
     greedy_answer,
