@@ -13,7 +13,9 @@ With several routers (--routers M) router 0's controller is the owner: it plans 
 router's measured load, and in step 2 every router switches (each between two of its own
 steps) before any shard drops an expert, so no shard is ever sent an expert it no longer holds.
 The other routers' controllers follow (`follow`): they keep the owner's placement and holdings,
-which is what a replaced shard is given back when one of them reconnects it first.
+which is what a replaced shard is given back when one of them reconnects it first. A resize
+adds a step 0, every router connecting the new shards (`connect`), and a step 4, every router
+saying goodbye to the shards left out (`disconnect`).
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ class PlacementController:
         followers: list[Any] | None = None,  # the other routers' handles (this one owns the placement)
         owner: bool = True,  # False: another router's controller owns the placement
     ):
+        self.next_links: list[ShardLink] | None = None  # a resize's links, between connect and the switch
+        self.old_links: list[ShardLink] = []  # the links before it, until disconnect
         self.followers = followers or []
         self.owner = owner
         self.pool = pool
@@ -82,7 +86,7 @@ class PlacementController:
             after = balancedness(load, plan, num_shards)
             if plan == self.placement.expert_shards:
                 return RebalanceResult(changed=False, balancedness=before, replicas=_replicas(plan))
-            await self._move(experts, plan, num_shards)
+            await self._move(plan, num_shards)
             experts.load.reset_window()
             log.info(
                 "experts rebalanced: balancedness %.3f -> %.3f, replicas %s", before, after, _replicas(plan)
@@ -99,24 +103,44 @@ class PlacementController:
             raise RuntimeError("the data plane is not up yet")
         if not 1 <= num_shards <= self.num_experts:
             raise ValueError(f"num_shards must be between 1 and {self.num_experts}")
-        if self.followers or not self.owner:
-            raise ValueError("resizing the expert shards of several routers is not supported yet")
+        if not self.owner:
+            raise ValueError("router 0 owns the placement: ask it to resize")
         async with self._changing:
-            old_links = list(experts.links)
-            self.pool.add(extra_apps, shard_deployment)
-            self.held += [[] for _ in range(len(self.pool) - len(self.held))]
-            links = old_links[:num_shards]
-            for k in range(len(links), num_shards):  # connect the new shards' data plane
-                links.append(await asyncio.to_thread(self.pool.rejoin, k))
+            old = len(experts.links)
+            await self.connect(num_shards, extra_apps, shard_deployment)
+            # every other router connects the new shards too, before any expert moves
+            await asyncio.gather(
+                *[f.connect.remote(num_shards, extra_apps, shard_deployment) for f in self.followers]
+            )
             self.primaries = partition_experts(self.num_experts, num_shards)
-            await self._move(experts, Placement.from_groups(self.primaries).expert_shards, num_shards, links)
-            for link in old_links[num_shards:]:  # say goodbye to the shards left out
-                await asyncio.to_thread(link.shutdown)
-            self.pool.truncate(num_shards)
-            del self.held[len(self.pool) :]
-            experts.load.reset_window()
-            log.info("expert shards resized %d -> %d: groups %s", len(old_links), num_shards, self.primaries)
+            await self._move(Placement.from_groups(self.primaries).expert_shards, num_shards)
+            await asyncio.gather(self.disconnect(num_shards), *[f.disconnect.remote(num_shards) for f in self.followers])
+            log.info("expert shards resized %d -> %d: groups %s", old, num_shards, self.primaries)
             return ResizeResult(expert_shards=num_shards, expert_groups=self.primaries)
+
+    async def connect(self, num_shards: int, extra_apps: list[str], shard_deployment: str) -> None:
+        """The first step of a resize, on every router: the shard handles beyond the app's own,
+        and links to the first `num_shards` (new ones connected), kept for the switch."""
+        experts = self.data_plane()
+        if experts is None:
+            raise RuntimeError("the data plane is not up yet")
+        self.pool.add(extra_apps, shard_deployment)
+        self.held += [[] for _ in range(len(self.pool) - len(self.held))]
+        links = list(experts.links[:num_shards])
+        for k in range(len(links), num_shards):  # connect the new shards' data plane
+            links.append(await asyncio.to_thread(self.pool.rejoin, k))
+        self.next_links = links
+
+    async def disconnect(self, num_shards: int) -> None:
+        """The last step of a resize, on every router: goodbye to the shards left out."""
+        experts = self.data_plane()
+        for link in self.old_links[num_shards:]:
+            await asyncio.to_thread(link.shutdown)
+        self.old_links = []
+        self.pool.truncate(num_shards)
+        del self.held[len(self.pool) :]
+        if experts is not None:
+            experts.load.reset_window()
 
     async def run_eplb(self, interval_s: float) -> None:
         """Rebalance every `interval_s` seconds, for as long as the router lives."""
@@ -127,15 +151,9 @@ class PlacementController:
             except Exception:
                 log.exception("expert rebalancing failed; keeping the current replicas")
 
-    async def _move(
-        self,
-        experts: RemoteExperts,
-        plan: list[list[int]],
-        num_shards: int,
-        links: list[ShardLink] | None = None,
-    ) -> None:
+    async def _move(self, plan: list[list[int]], num_shards: int) -> None:
         """Go over to `plan` (per expert, the shards holding it) on the first `num_shards`
-        shards (with `links`, that set of shards), in the four steps of the module docstring."""
+        shards (in a resize, over the links `connect` made), in the steps of the module docstring."""
         new = Placement(plan, num_shards)
         handles = self.pool.handles
         want = [new.experts_on(k) if k < num_shards else [] for k in range(len(handles))]
@@ -147,7 +165,7 @@ class PlacementController:
         # the engine switches between two steps: no step routes some layers one way and some the
         # other, and no layer batch of the old routing is in flight once this returns
         await asyncio.gather(
-            self.between_steps(lambda engine: engine.experts.set_placement(new, links)),
+            self._switch(new),
             *[f.follow.remote(plan, num_shards, self.held, self.primaries) for f in self.followers],
         )
         shrink = [k for k in range(len(handles)) if set(self.held[k]) - set(want[k])]
@@ -168,10 +186,18 @@ class PlacementController:
             return
         new = Placement(plan, num_shards)
         self.placement = new
-        await self.between_steps(lambda engine: engine.experts.set_placement(new))
+        await self._switch(new)
         experts = self.data_plane()
         if experts is not None:
             experts.load.reset_window()
+
+    async def _switch(self, new: Placement) -> None:
+        """This router's routing to `new` between two of its steps (over a resize's new links)."""
+        links, self.next_links = self.next_links, None
+        if links is not None:
+            experts = self.data_plane()
+            self.old_links = list(experts.links) if experts is not None else []
+        await self.between_steps(lambda engine: engine.experts.set_placement(new, links))
 
 
 def _replicas(plan: list[list[int]]) -> dict[str, list[int]]:

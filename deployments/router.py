@@ -272,6 +272,14 @@ class Router:
         """Router 0 moved the placement: switch to it between two steps."""
         await self.controller.follow(plan, num_shards, held, primaries)
 
+    async def connect(self, num_shards: int, extra_apps: list[str], shard_deployment: str) -> None:
+        """Router 0 resizes: connect the first `num_shards` shards (the new ones too)."""
+        await self.controller.connect(num_shards, extra_apps, shard_deployment)
+
+    async def disconnect(self, num_shards: int) -> None:
+        """Router 0 resized: say goodbye to the shards past `num_shards`."""
+        await self.controller.disconnect(num_shards)
+
     @property
     def name(self) -> str:
         """This router in metrics: router, router1, ..."""

@@ -306,9 +306,6 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as e:  # a checkpoint raymix cannot serve: one line, no traceback
         print(f"raymix: {e}", file=sys.stderr)
         return 1
-    except NotImplementedError as e:  # a combination of settings raymix cannot do yet
-        print(f"raymix: {e}", file=sys.stderr)
-        return 1
 
 
 if __name__ == "__main__":

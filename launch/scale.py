@@ -21,8 +21,6 @@ from moe.config import ModelConfig
 
 def scale(settings: RaymixSettings, num_shards: int) -> ResizeResult:
     """Resize the running app (this process is connected to its Ray cluster)."""
-    if settings.routers > 1:  # before any shard is started for it
-        raise NotImplementedError("resizing the expert shards of several routers is not supported yet")
     router = serve.get_deployment_handle(ROUTER, app_name=APP_NAME)
     stats = router.stats.remote().result()
     base, current = stats.base_shards, stats.expert_shards
