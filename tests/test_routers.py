@@ -191,6 +191,55 @@ def test_rebalance_under_load_moves_every_router_and_changes_no_output(raymix):
     assert not refused.changed and "router 0" in refused.reason
 
 
+def test_a_shard_killed_under_load_is_recovered_by_both_routers(raymix):
+    """SIGKILL a shard (holding replicas since the rebalance) while 8 streams run on the two
+    routers: both reconnect to its replacement, which gets back what it held, and every stream
+    ends exactly as an undisturbed run does."""
+    url = raymix.deploy(expert_shards=4, num_redundant_experts=4, **SETTINGS)
+    questions = [f"Question number {i}: tell me about expert {i % 8}." for i in range(8)]
+
+    def stream(q: str) -> str:
+        body = {"messages": [{"role": "user", "content": q}], "max_tokens": 48, "temperature": 0}
+        text = ""
+        with httpx.stream(
+            "POST",
+            f"{url}/v1/chat/completions",
+            json={**body, "ignore_eos": True, "stream": True},
+            timeout=300,
+        ) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    chunk = json.loads(line[6:])
+                    assert "error" not in chunk, chunk
+                    text += "".join(c["delta"].get("content") or "" for c in chunk["choices"])
+        return text
+
+    def run(during=None) -> list[str]:
+        with cf.ThreadPoolExecutor(len(questions)) as pool:
+            futures = [pool.submit(stream, q) for q in questions]
+            if during is not None:
+                during()
+            return [f.result() for f in futures]
+
+    undisturbed = run()
+    shard = handle("ExpertShard0")
+    old = shard.info.remote().result()
+    before = router_stats()
+
+    def kill() -> None:
+        deadline = time.monotonic() + 60
+        while min(s.engine.num_requests_running for s in router_stats()) == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+        os.kill(old.pid, signal.SIGKILL)
+
+    assert run(during=kill) == undisturbed
+    after = router_stats()
+    assert all(a.shard_recoveries > b.shard_recoveries for a, b in zip(after, before, strict=True))
+    new = shard.info.remote().result()
+    assert new.pid != old.pid and new.expert_ids == old.expert_ids and new.routers == 2
+
+
 def test_a_router_killed_under_load_fails_nothing_that_starts_after(raymix):
     """SIGKILL router 1 while streams run on both: the streams on router 0 finish; every request
     sent after the kill is answered (by router 0 while router 1 is down); Serve replaces router 1,
