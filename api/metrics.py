@@ -147,6 +147,8 @@ class ServingMetrics:
         self.info = info or {}
         self.loads = loads or []
         self.stats = stats
+        for spec in ENGINE_GAUGES:  # a router that did not answer has no value, not its last one
+            self.series[spec.name].clear()
         for s in stats:
             router = str(s.router)
             for spec in ENGINE_GAUGES:

@@ -192,6 +192,19 @@ class RebalanceResult:
 
 
 @dataclass(frozen=True)
+class PlacementSnapshot:
+    """A router's placement, for a router that (re)starts beside it: it routes and gives a
+    replaced shard back the same experts as the others, never its start-up split."""
+
+    live: bool  # the router's engine is up: this is what it routes by
+    plan: list[list[int]]  # [expert] the shards holding it
+    num_shards: int
+    held: list[list[int]]  # [shard] what it holds (primaries + replicas)
+    primaries: list[list[int]]
+    extra_apps: list[str]  # shard applications beyond the app's own (`raymix scale`)
+
+
+@dataclass(frozen=True)
 class ResizeResult:
     """The expert shards after a resize (`raymix scale`)."""
 
@@ -209,6 +222,7 @@ __all__ = [
     "GenerateRequest",
     "ModelInfo",
     "Output",
+    "PlacementSnapshot",
     "RebalanceResult",
     "Refusal",
     "RequestOutput",

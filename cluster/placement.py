@@ -139,7 +139,7 @@ def deployment_plan(settings: RaymixSettings, cfg: ModelConfig, gpus: float) -> 
     use_gpus = gpus > 0
     if settings.router_gpus is not None:  # as given; the shards share the rest
         router_gpus = settings.router_gpus
-        share = gpu_share(gpus - router_gpus, n) if use_gpus else 0.0
+        share = gpu_share(gpus - settings.routers * router_gpus, n) if use_gpus else 0.0
     else:  # every router and every shard a GPU of its own, or an even share
         share = gpu_share(gpus, n + settings.routers)
         router_gpus = share

@@ -25,7 +25,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from cluster.messages import RebalanceResult, ResizeResult
+from cluster.messages import EXPERT_SHARD, PlacementSnapshot, RebalanceResult, ResizeResult
 from deployments.shard_pool import ShardPool
 from moe.expert_parallel.eplb import balancedness, plan_replicas
 from moe.expert_parallel.remote import RemoteExperts, ShardLink
@@ -58,10 +58,31 @@ class PlacementController:
         self.held = [list(g) for g in primaries]  # what each shard holds (primaries + replicas)
         self.data_plane = data_plane
         self.between_steps = between_steps
+        self.extra_apps: list[str] = []  # shard applications beyond the app's own (a resize's)
         self._changing = asyncio.Lock()
 
     def holding(self, k: int) -> list[int]:
         return self.held[k]
+
+    def snapshot(self) -> PlacementSnapshot:
+        return PlacementSnapshot(
+            live=self.data_plane() is not None,
+            plan=self.placement.expert_shards,
+            num_shards=self.placement.num_shards,
+            held=[list(h) for h in self.held],
+            primaries=[list(p) for p in self.primaries],
+            extra_apps=list(self.extra_apps),
+        )
+
+    def adopt(self, snap: PlacementSnapshot) -> None:
+        """Before connecting (a router that restarted while others serve): their placement."""
+        self.pool.add(snap.extra_apps, EXPERT_SHARD)
+        self.pool.truncate(snap.num_shards)
+        self.extra_apps = list(snap.extra_apps)
+        self.placement = Placement(snap.plan, snap.num_shards)
+        self.primaries = [list(p) for p in snap.primaries]
+        self.held = [list(h) for h in snap.held][: len(self.pool)]
+        self.held += [[] for _ in range(len(self.pool) - len(self.held))]
 
     async def rebalance(self) -> RebalanceResult:
         """Re-plan the expert replicas from the load measured over the recent window and move
@@ -114,7 +135,9 @@ class PlacementController:
             )
             self.primaries = partition_experts(self.num_experts, num_shards)
             await self._move(Placement.from_groups(self.primaries).expert_shards, num_shards)
-            await asyncio.gather(self.disconnect(num_shards), *[f.disconnect.remote(num_shards) for f in self.followers])
+            await asyncio.gather(
+                self.disconnect(num_shards), *[f.disconnect.remote(num_shards) for f in self.followers]
+            )
             log.info("expert shards resized %d -> %d: groups %s", old, num_shards, self.primaries)
             return ResizeResult(expert_shards=num_shards, expert_groups=self.primaries)
 
@@ -125,6 +148,7 @@ class PlacementController:
         if experts is None:
             raise RuntimeError("the data plane is not up yet")
         self.pool.add(extra_apps, shard_deployment)
+        self.extra_apps = list(extra_apps)
         self.held += [[] for _ in range(len(self.pool) - len(self.held))]
         links = list(experts.links[:num_shards])
         for k in range(len(links), num_shards):  # connect the new shards' data plane
@@ -160,6 +184,15 @@ class PlacementController:
         grow = [k for k in range(len(handles)) if set(want[k]) - set(self.held[k])]
         for k in grow:
             self.held[k] = sorted(set(self.held[k]) | set(want[k]))
+        # every router knows the grown holdings before any shard grows: one that reconnects a
+        # replaced shard meanwhile gives it those, not the ones before
+        old = self.placement
+        await asyncio.gather(
+            *[
+                f.follow.remote(old.expert_shards, old.num_shards, self.held, self.primaries)
+                for f in self.followers
+            ]
+        )
         await asyncio.gather(*[handles[k].set_experts.remote(self.held[k]) for k in grow])
         self.placement = new
         # the engine switches between two steps: no step routes some layers one way and some the
@@ -183,6 +216,8 @@ class PlacementController:
         switch this router's routing between two of its steps if the plan changed."""
         self.held, self.primaries = [list(h) for h in held], [list(p) for p in primaries]
         if plan == self.placement.expert_shards and num_shards == self.placement.num_shards:
+            if self.next_links is not None and len(self.next_links) == num_shards:
+                self.next_links = None  # a resize to as many shards: the links stay as they are
             return
         new = Placement(plan, num_shards)
         self.placement = new

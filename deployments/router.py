@@ -39,6 +39,7 @@ from cluster.messages import (
     GenerateRequest,
     ModelInfo,
     Output,
+    PlacementSnapshot,
     RebalanceResult,
     Refusal,
     ResizeResult,
@@ -84,6 +85,7 @@ class Router:
     ):
         self.settings = s = settings
         self.router_id = router_id
+        self.followers = followers or []
         self.num_threads = num_threads
         self.gpu_share = gpu_share
         self.model_dir = s.model_dir()
@@ -102,6 +104,7 @@ class Router:
             s.shard_recovery_timeout_s,
             holding=lambda k: self.controller.holding(k),
             router=router_id,
+            shared=s.routers > 1,
         )
         # no shards (--expert-shards 0, or a dense model): the experts, or the MLP, run here
         self.placement: PlacementController | None = None
@@ -150,8 +153,11 @@ class Router:
             )
             where = "MLP here too (a dense model)"
         else:
+            if self.settings.routers > 1:
+                self._catch_up()
+            num_shards = self.placement.placement.num_shards
             experts = RemoteExperts(
-                self.pool.open(),
+                self.pool.open()[:num_shards],
                 self.placement.placement,
                 cfg.hidden_size,
                 comm_device(self.transport, self.device),
@@ -173,6 +179,36 @@ class Router:
         remote = self.placement is not None
         config.overlap = s.overlap if s.overlap is not None else self.device.type == "cuda" and remote
         return LLMEngine(cfg, model, experts, config, tokenizer, self.model_dir)
+
+    def _catch_up(self, timeout_s: float = 10.0) -> None:
+        """Before connecting: if another router is serving (this one restarted), take its
+        placement, so this one routes, and gives a replaced shard back, what the others do.
+        Router 0 asks the others; the others ask router 0, the placement's owner."""
+        from ray import serve
+
+        if self.router_id == 0:
+            peers = list(self.followers)
+        else:
+            app = serve.get_replica_context().app_name
+            peers = [serve.get_deployment_handle(router_deployment_name(0), app_name=app)]
+        for peer in peers:
+            try:
+                snap = peer.placement_snapshot.remote().result(timeout_s=timeout_s)
+            except Exception as e:  # starting too, or gone: the start-up placement stands
+                log.info("router %d: no placement from a peer (%s)", self.router_id, type(e).__name__)
+                continue
+            if snap is not None and snap.live:
+                self.controller.adopt(snap)
+                log.info(
+                    "router %d: took the serving routers' placement (%d shards)",
+                    self.router_id,
+                    snap.num_shards,
+                )
+                return
+
+    async def placement_snapshot(self) -> PlacementSnapshot | None:
+        """This router's placement (for a router that restarts beside it), None without shards."""
+        return self.placement.snapshot() if self.placement is not None else None
 
     def _data_plane(self) -> RemoteExperts | None:
         """The data plane, once the engine thread has built it."""

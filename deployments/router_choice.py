@@ -42,6 +42,8 @@ class RouterChoice:
         """The router for a request with this prompt, given each router's requests in flight and
         whether it is up (when none is, any: the request waits for one to come back)."""
         n = self.num_routers
+        if n == 1:
+            return 0
         hashes = block_hashes(prompt, self.block_size, self.max_blocks)
         candidates = [i for i in range(n) if up[i]] or list(range(n))
         least = min(candidates, key=lambda i: (in_flight[i], (i - self.turn) % n))

@@ -137,7 +137,9 @@ class RouterClient:
 
     async def _flush(self) -> None:
         while self.pending:
-            batch, self.pending = self.pending, []
+            batch, self.pending = [r for r in self.pending if r.request_id in self.routes], []
+            if not batch:  # aborted, or failed over to another router meanwhile
+                return
             try:
                 await self.router.submit.remote(self.subscriber, batch)
             except Exception as e:
@@ -150,6 +152,8 @@ class RouterClient:
         `lost` (another router may run it); every other HTTP request waiting on them gets
         `error` once."""
         self.failures += 1
+        gone = set(request_ids)
+        self.pending = [r for r in self.pending if r.request_id not in gone]  # never sent here now
         if self.broken is not None:
             self.broken(error)
         groups: dict[int, tuple[Outputs, list[str]]] = {}

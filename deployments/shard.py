@@ -58,6 +58,7 @@ class ExpertShard:
         )
         self.servers: dict[int, ShardServer] = {}  # router -> its data plane
         self.compute = threading.Lock()  # one layer batch at a time, whichever router sent it
+        self.changing = threading.Lock()  # a new router link and a new expert set, one at a time
         self.connect_timeout = datetime.timedelta(seconds=s.data_plane_timeout_s)
         self.drain_timeout_s = s.drain_timeout_s
         self.gpu_memory: RayGpuMemory | None = None
@@ -65,20 +66,24 @@ class ExpertShard:
     def connect(self, rendezvous: Rendezvous) -> None:
         """Join a router's pair group (blocks until both ends are up), then serve its batches;
         a router that connects again (its replacement) replaces its old link."""
-        server = ShardServer(self.experts, rendezvous, self.connect_timeout, self.num_threads, self.compute)
+        with self.changing:  # registered before it connects: set_experts cannot miss it
+            server = ShardServer(
+                self.experts, rendezvous, self.connect_timeout, self.num_threads, self.compute
+            )
+            self.servers[rendezvous.router] = server
         server.connect()
         server.start()
-        self.servers[rendezvous.router] = server
 
     def set_experts(self, expert_ids: list[int]) -> list[int]:
         """Hold exactly these experts from now on (hot-expert replication adds and drops
         replicas while serving): experts already held are kept, others read from the
         checkpoint; the data-plane thread picks the new set up at its next layer batch."""
         start = time.perf_counter()
-        experts = self.experts.regroup(self.reader, sorted(expert_ids), self.quant)
-        self.experts = experts
-        for server in self.servers.values():
-            server.experts = experts
+        with self.changing:
+            experts = self.experts.regroup(self.reader, sorted(expert_ids), self.quant)
+            self.experts = experts
+            for server in self.servers.values():
+                server.experts = experts
         self.expert_ids = experts.expert_ids
         log.info(
             "expert shard %d now holds %s (%.2fs)",
@@ -107,9 +112,9 @@ class ExpertShard:
             node_id=ctx.get_node_id(),
             node_ip=ray.util.get_node_ip_address(),
             pid=os.getpid(),
-            batches_served=sum(s.batches_served for s in self.servers.values()),
-            compute_seconds=sum(s.compute_seconds for s in self.servers.values()),
-            routers=sum(s.alive for s in self.servers.values()),
+            batches_served=sum(s.batches_served for s in list(self.servers.values())),
+            compute_seconds=sum(s.compute_seconds for s in list(self.servers.values())),
+            routers=sum(s.alive for s in list(self.servers.values())),
         )
 
     def __del__(self) -> None:
@@ -127,8 +132,8 @@ class ExpertShard:
         if self.gpu_memory is None:
             self.gpu_memory = RayGpuMemory(f"expert_shard_{self.shard_id}")
         self.gpu_memory.set(gpu_memory(self.device))
-        for router, s in self.servers.items():
-            if not s.alive and not s.router_gone:
+        for router, s in list(self.servers.items()):
+            if s.thread is not None and not s.alive and not s.router_gone:  # (None: still connecting)
                 raise RuntimeError(
                     f"expert shard {self.shard_id}: data plane to router {router} stopped ({s.error})"
                 )

@@ -40,8 +40,10 @@ class ShardPool:
         recovery_timeout_s: float,
         holding: Callable[[int], list[int]],
         router: int = 0,  # which router this pool belongs to (each router has its own links)
+        shared: bool = False,  # other routers use the shards too
     ):
         self.router = router
+        self.shared = shared
         self.handles = handles  # ExpertShard deployment handles, shard k at k
         self.base = len(handles)  # this app's own; more come from `raymix scale` (resize)
         self.transport = transport
@@ -120,7 +122,10 @@ class ShardPool:
         handle = self.handles[k]
         info = handle.info.remote().result()
         held = self.holding(k)
-        if sorted(info.expert_ids) != sorted(held):  # a replacement: give back what it held
+        if self.shared:  # never drop what another router may route to: only add what is missing
+            if set(held) - set(info.expert_ids):
+                handle.set_experts.remote(sorted(set(held) | set(info.expert_ids))).result()
+        elif sorted(info.expert_ids) != sorted(held):  # a replacement: give back what it held
             handle.set_experts.remote(held).result()
         interface = "127.0.0.1" if self.same_node else info.node_ip
         backend = link_transport(self.transport, self.gpu, (info.node_id, tuple(info.gpu_ids)))
