@@ -29,6 +29,7 @@ from tests.cluster_harness import (
 )
 
 SETTINGS = dict(routers=2, max_model_len=512, kv_cache_memory_mb=32, max_ingress_replicas=2)
+SKEWED = ["the the the the the the the the", "the the the the the the the the!"] * 4  # a few hot experts
 SYSTEM = (
     "You are the weather desk of a small mountain town. Answer in one short paragraph, name the "
     "wind if you know it, and never forecast more than three days ahead. Be kind to tourists."
@@ -174,7 +175,7 @@ def test_rebalance_under_load_moves_every_router_and_changes_no_output(raymix):
     leaves planning to router 0."""
     url = raymix.deploy(expert_shards=4, num_redundant_experts=4, **SETTINGS)
     client = client_for(url)
-    prompts = ["the the the the the the the the", "the the the the the the the the!"] * 4
+    prompts = SKEWED
 
     before = greedy_answers(client, prompts, 40, ignore_eos=True)
     with cf.ThreadPoolExecutor(len(prompts)) as pool:
@@ -243,9 +244,15 @@ def test_a_shard_killed_under_load_is_recovered_by_both_routers(raymix):
 def test_a_router_killed_under_load_fails_nothing_that_starts_after(raymix):
     """SIGKILL router 1 while streams run on both: the streams on router 0 finish; every request
     sent after the kill is answered (by router 0 while router 1 is down); Serve replaces router 1,
-    it rejoins both shards' data planes, and requests reach it again."""
+    which takes the replicated placement the serving router has (not its start-up split, which
+    would drop replicas router 0 routes to), rejoins every shard, and answers as before."""
     url = raymix.deploy(expert_shards=4, num_redundant_experts=4, **SETTINGS)
     client = client_for(url)
+    greedy_answers(client, SKEWED, 40, ignore_eos=True)
+    handle("Router").rebalance.remote().result()  # replicas (unless an earlier test made them)
+    holders = handle("Router").expert_load.remote().result().expert_holders
+    assert max(holders) > 1
+    expected = greedy_answers(client, QUESTIONS, 16)
     old_pid = handle("Router1").model_info.remote().result().pid
     body = {"messages": [{"role": "user", "content": "go on"}], "max_tokens": 200, "ignore_eos": True}
     started = cf.ThreadPoolExecutor(6)
@@ -295,3 +302,8 @@ def test_a_router_killed_under_load_fails_nothing_that_starts_after(raymix):
     while handle("Router1").stats.remote().result().steps == steps and time.monotonic() < deadline:
         greedy_answers(client, QUESTIONS[:4], 4)
     assert handle("Router1").stats.remote().result().steps > steps
+    assert handle("Router1").expert_load.remote().result().expert_holders == holders  # the replicas kept
+    infos = [handle(f"ExpertShard{k}").info.remote().result() for k in range(4)]
+    assert sum(len(i.expert_ids) for i in infos) == sum(holders)  # no shard lost one
+    for _ in range(2):  # on both routers: the answers they gave before the kill
+        assert greedy_answers(client, QUESTIONS, 16) == expected

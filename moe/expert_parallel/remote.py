@@ -101,6 +101,7 @@ class RemoteExperts:
         self.seconds = 0.0  # time in submit + wait: dispatch, waiting for the shards, combine
         self.recoveries = 0
         self.load = ExpertLoad(len(links), self.placement.primary)
+        self.load.holders = [len(s) for s in placement.expert_shards]  # replicas too (a router restarted)
 
     def set_placement(self, placement: Placement, links: list[ShardLink] | None = None) -> None:
         """Route by a new placement from the next layer on (each layer reads it once); with
