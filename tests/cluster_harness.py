@@ -165,3 +165,34 @@ def reference_answers(questions: list[str], max_tokens: int) -> list[str]:
         out = hf.generate(torch.tensor([p], device=eng.device), max_new_tokens=max_tokens, do_sample=False)
         assert s.output_token_ids == out[0, len(p) :].tolist()  # the engine is transformers, token for token
     return [s.text for s in seqs]
+
+
+@contextmanager
+def clients_asking(client: Any, workers: int = 4):
+    """`workers` clients ask QUESTIONS in turn (greedy, 16 tokens each) until the block ends →
+    (done: (question index, answer) per request answered, errors), filled as they come."""
+    import threading
+
+    stop = threading.Event()
+    done: list[tuple[int, str]] = []
+    errors: list[BaseException] = []
+
+    def worker(w: int) -> None:
+        i = w
+        while not stop.is_set():
+            q = i % len(QUESTIONS)
+            try:
+                done.append((q, greedy_answer(client, QUESTIONS[q], 16)))
+            except BaseException as e:
+                errors.append(e)
+            i += workers
+
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(workers)]
+    for t in threads:
+        t.start()
+    try:
+        yield done, errors
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=120)

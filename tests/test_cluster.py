@@ -15,6 +15,7 @@ from moe.tiny import default_model_dir
 from tests.cluster_harness import (
     QUESTIONS,
     Raymix,
+    clients_asking,
     free_port,
     greedy_answer,
     greedy_answers,
@@ -425,7 +426,6 @@ def test_hot_expert_replication_while_serving(raymix):
 def test_resizing_expert_shards_under_load_loses_nothing(raymix, reference):
     """2 -> 4 -> 2 expert shards while four clients keep asking: every request succeeds with the
     greedy answer it always has, and the shards added for the 4 are gone afterwards."""
-    import threading
     import time
 
     from ray import serve
@@ -436,25 +436,8 @@ def test_resizing_expert_shards_under_load_loses_nothing(raymix, reference):
 
     url = raymix.deploy(expert_shards=2, **SETTINGS)
     client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=120)
-    stop = threading.Event()
-    done: list[tuple[int, str]] = []
-    errors: list[BaseException] = []
-
-    def worker(w: int) -> None:
-        i = w
-        while not stop.is_set():
-            q = i % len(QUESTIONS)
-            try:
-                done.append((q, greedy_answer(client, QUESTIONS[q], 16)))
-            except BaseException as e:
-                errors.append(e)
-            i += 4
-
-    threads = [threading.Thread(target=worker, args=(w,)) for w in range(4)]
-    for t in threads:
-        t.start()
     settings = RaymixSettings(**{**SETTINGS, "expert_shards": 2, "port": raymix.port})
-    try:
+    with clients_asking(client) as (done, errors):
         time.sleep(2)
         grown = scale(settings, 4)
         n_grown = len(done)
@@ -463,10 +446,6 @@ def test_resizing_expert_shards_under_load_loses_nothing(raymix, reference):
         assert router.stats.remote().result().expert_shards == 4
         shrunk = scale(settings, 2)
         time.sleep(2)
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(timeout=120)
     print(f"resizing under load: {len(done)} requests, {n_grown} of them by the time 2 -> 4 was done")
     assert not errors, errors[:3]
     assert grown.expert_groups == [[0, 1], [2, 3], [4, 5], [6, 7]] and len(shrunk.expert_groups) == 2

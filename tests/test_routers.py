@@ -21,6 +21,7 @@ import pytest
 from tests.cluster_harness import (
     QUESTIONS,
     Raymix,
+    clients_asking,
     free_port,
     greedy_answer,
     greedy_answers,
@@ -123,32 +124,13 @@ def test_a_shared_system_prompt_finds_its_prefix_on_its_router(raymix):
 def test_resizing_under_load_with_two_routers_loses_nothing(raymix, reference):
     """2 -> 4 -> 2 shards (`raymix scale`) while four clients keep asking: both routers connect
     the new shards and switch, every request is answered as transformers answers it."""
-    import threading
-
     from cluster.config import RaymixSettings
     from launch.scale import scale
 
     url = raymix.deploy(expert_shards=2, **SETTINGS)
     client = client_for(url)
-    stop = threading.Event()
-    done: list[tuple[int, str]] = []
-    errors: list[BaseException] = []
-
-    def worker(w: int) -> None:
-        i = w
-        while not stop.is_set():
-            q = i % len(QUESTIONS)
-            try:
-                done.append((q, greedy_answer(client, QUESTIONS[q], 16)))
-            except BaseException as e:
-                errors.append(e)
-            i += 4
-
-    threads = [threading.Thread(target=worker, args=(w,)) for w in range(4)]
-    for t in threads:
-        t.start()
     settings = RaymixSettings(**{**SETTINGS, "expert_shards": 2, "port": raymix.port})
-    try:
+    with clients_asking(client) as (done, errors):
         time.sleep(2)
         grown = scale(settings, 4)
         assert [s.expert_shards for s in router_stats()] == [4, 4]
@@ -156,10 +138,6 @@ def test_resizing_under_load_with_two_routers_loses_nothing(raymix, reference):
         shrunk = scale(settings, 2)
         assert [s.expert_shards for s in router_stats()] == [2, 2]
         time.sleep(2)
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(timeout=120)
     print(f"resizing under load with 2 routers: {len(done)} requests answered")
     assert not errors, errors[:3]
     assert grown.expert_groups == [[0, 1], [2, 3], [4, 5], [6, 7]] and len(shrunk.expert_groups) == 2
