@@ -2,7 +2,7 @@
 
 The API submits the choices of one HTTP request together and reads their outputs back from one
 `Outputs` (one queue, whatever the number of choices). Two hosts implement the protocol: the
-router deployment over Ray (deployments.router_client.RouterClient) and, with no Ray at all,
+router deployments over Ray (deployments.routers.Routers) and, with no Ray at all,
 `LocalEngineClient` around an in-process `AsyncEngine` (tests, scripts).
 """
 

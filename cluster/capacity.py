@@ -203,15 +203,12 @@ def disaggregated_split(
     batch = min(max_num_seqs, kv_tokens // context)
     if batch == 0:
         return None
-    L, k, h = cfg.num_hidden_layers, cfg.num_experts_per_tok, cfg.hidden_size
-    bw, lat = LINKS[link]
+    one = decode_step_seconds(cfg, shards, batch, link, hbm_bytes_per_s, dtype_bytes, fp8)  # its reads
     read = p.dense_bytes + batch * context * p.kv_bytes_per_token
-    router_s = max(read / hbm_bytes_per_s, 2 * p.dense_params * batch / flops)
-    router_s += L * (batch * k * h * dtype_bytes / bw + 2 * lat)
+    router_s = max(read / hbm_bytes_per_s, 2 * p.dense_params * batch / flops) + one["dispatch_s"]
     held = max(len(g) for g in p.expert_groups)
-    tokens = batch * k * held / cfg.num_local_experts  # assignments one shard gets from one router
-    hit = min(held, batch * k)
-    shard_batch_s = max(hit * p.bytes_per_expert / hbm_bytes_per_s, 2 * p.params_per_expert * tokens / flops)
+    tokens = batch * cfg.num_experts_per_tok * held / cfg.num_local_experts  # one shard's, from one router
+    shard_batch_s = max(one["experts_s"], 2 * p.params_per_expert * tokens / flops)
     shard_s = routers * shard_batch_s
     tok_s = routers * batch / max(router_s, shard_s)
     return Split(routers, shards, batch, router_s, shard_s, tok_s, tok_s / (routers + shards))

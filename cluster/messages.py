@@ -148,7 +148,6 @@ class RouterStats:
     steps: int = 0  # engine steps since start
     step_seconds: float = 0.0  # their wall time
     expert_seconds: float = 0.0  # of that, dispatch + waiting for the shards + combine
-    expert_calls: int = 0  # layer batches sent to the shards
     expert_shards: int = 0  # shards it routes to now
     base_shards: int = 0  # of those, the app's own (more come from `raymix scale`)
     shard_recoveries: int = 0  # shards replaced while serving
@@ -174,7 +173,6 @@ class ShardInfo:
     node_ip: str
     pid: int
     batches_served: int  # layer batches answered, every router's together
-    compute_seconds: float
     routers: int = 0  # routers connected to its data plane
 
 

@@ -153,7 +153,7 @@ class PlacementController:
         links = list(experts.links[:num_shards])
         for k in range(len(links), num_shards):  # connect the new shards' data plane
             links.append(await asyncio.to_thread(self.pool.rejoin, k))
-        self.next_links = links
+        self.next_links = links if num_shards != len(experts.links) else None  # as many: they stay
 
     async def disconnect(self, num_shards: int) -> None:
         """The last step of a resize, on every router: goodbye to the shards left out."""
@@ -216,8 +216,6 @@ class PlacementController:
         switch this router's routing between two of its steps if the plan changed."""
         self.held, self.primaries = [list(h) for h in held], [list(p) for p in primaries]
         if plan == self.placement.expert_shards and num_shards == self.placement.num_shards:
-            if self.next_links is not None and len(self.next_links) == num_shards:
-                self.next_links = None  # a resize to as many shards: the links stay as they are
             return
         new = Placement(plan, num_shards)
         self.placement = new

@@ -85,7 +85,6 @@ class Router:
     ):
         self.settings = s = settings
         self.router_id = router_id
-        self.followers = followers or []
         self.num_threads = num_threads
         self.gpu_share = gpu_share
         self.model_dir = s.model_dir()
@@ -187,7 +186,7 @@ class Router:
         from ray import serve
 
         if self.router_id == 0:
-            peers = list(self.followers)
+            peers = list(self.controller.followers)
         else:
             app = serve.get_replica_context().app_name
             peers = [serve.get_deployment_handle(router_deployment_name(0), app_name=app)]
@@ -284,7 +283,6 @@ class Router:
             steps=self.engine.steps,
             step_seconds=self.engine.step_seconds,
             expert_seconds=experts.seconds if experts else 0.0,
-            expert_calls=experts.calls if experts else 0,
             expert_shards=len(experts.links) if experts else len(self.pool),
             base_shards=self.pool.base,
             shard_recoveries=experts.recoveries if experts else 0,

@@ -1,4 +1,4 @@
-"""RouterClient: an ingress replica's one connection to the router (api.EngineClient over Ray).
+"""RouterClient: an ingress replica's one connection to one router (deployments.routers holds one per router).
 
 Ray Serve moves each streamed item as its own message, and a message costs far more CPU than a
 token's worth of text. So an ingress replica does not open a stream per request: it keeps one
@@ -8,7 +8,7 @@ in flight goes in the next). Each step's outputs go to the `Outputs` of the HTTP
 belong to.
 
 If the stream breaks (the router died or restarted), the requests that got no output yet are
-handed to `lost` (with several routers, deployments.routers sends them to another one; the
+handed to `lost` (deployments.routers sends them to another router, if one is up; the
 client has seen nothing of them), the others get `EngineUnavailable`, and the next request
 opens a new stream.
 """
@@ -44,8 +44,8 @@ class RouterClient:
     def __init__(
         self,
         router: Any,
-        lost: Lost | None = None,
-        broken: Callable[[EngineUnavailable], None] | None = None,
+        lost: Lost,
+        broken: Callable[[EngineUnavailable], None],
     ):
         self.router = router  # the Router deployment's handle
         self.lost = lost  # takes the requests of a group that got no output when the router is lost
@@ -56,21 +56,16 @@ class RouterClient:
         self.pending: list[GenerateRequest] = []
         self.reader: asyncio.Task | None = None
         self.flusher: asyncio.Task | None = None
-        self.failures = 0  # times the stream broke or a submit failed
 
-    def submit(self, requests: list[GenerateRequest], outputs: Outputs | None = None) -> Outputs:
-        """Start one group of requests (an HTTP request's choices) here; their outputs feed
-        `outputs` (a new one if None)."""
+    def submit(self, requests: list[GenerateRequest], outputs: Outputs) -> None:
+        """Start one group of requests (an HTTP request's choices) here; their outputs feed `outputs`."""
         self._ensure_reader()
-        if outputs is None:
-            outputs = Outputs([r.request_id for r in requests], self.abort)
         for r in requests:
             self.routes[r.request_id] = outputs
             self.requests[r.request_id] = r
         self.pending += requests
         if self.flusher is None or self.flusher.done():
             self.flusher = asyncio.get_running_loop().create_task(self._flush())
-        return outputs
 
     @property
     def in_flight(self) -> int:
@@ -151,18 +146,16 @@ class RouterClient:
         """These requests are lost here. A group none of whose requests got an output goes to
         `lost` (another router may run it); every other HTTP request waiting on them gets
         `error` once."""
-        self.failures += 1
         gone = set(request_ids)
         self.pending = [r for r in self.pending if r.request_id not in gone]  # never sent here now
-        if self.broken is not None:
-            self.broken(error)
+        self.broken(error)
         groups: dict[int, tuple[Outputs, list[str]]] = {}
         for rid in request_ids:
             if (o := self.routes.pop(rid, None)) is not None:
                 groups.setdefault(id(o), (o, []))[1].append(rid)
         for outputs, rids in groups.values():
             unstarted = [self.requests.pop(rid) for rid in rids if rid in self.requests]
-            if self.lost is not None and len(unstarted) == len(rids) == len(outputs.unfinished):
+            if len(unstarted) == len(rids) == len(outputs.unfinished):
                 self.lost(unstarted, outputs, error)
             else:
                 outputs.fail(error)

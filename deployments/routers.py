@@ -45,7 +45,6 @@ class Routers:
         ]
         self.choice = RouterChoice(len(routers), block_size)
         self.up = [True] * len(routers)
-        self.where: dict[str, int] = {}  # request id -> the router running it
         self.probes: dict[int, asyncio.Task] = {}
 
     def __len__(self) -> int:
@@ -59,10 +58,7 @@ class Routers:
         return outputs
 
     def _send(self, requests: list[GenerateRequest], outputs: Outputs) -> None:
-        self._forget_finished()
         i = self.choice.pick(requests[0].prompt_token_ids, [c.in_flight for c in self.clients], self.up)
-        for r in requests:
-            self.where[r.request_id] = i
         self.clients[i].submit(requests, outputs)
 
     def _lost_on(self, i: int):
@@ -77,17 +73,10 @@ class Routers:
         return lost
 
     def _abort(self, request_ids: list[str]) -> None:
-        by_router: dict[int, list[str]] = {}
-        for rid in request_ids:
-            if (i := self.where.pop(rid, None)) is not None:
-                by_router.setdefault(i, []).append(rid)
-        for i, rids in by_router.items():
-            self.clients[i].abort(rids)
-
-    def _forget_finished(self) -> None:
-        if len(self.where) > 4 * sum(c.in_flight for c in self.clients) + 1024:
-            live = {rid for c in self.clients for rid in c.routes}
-            self.where = {rid: i for rid, i in self.where.items() if rid in live}
+        """Abort them on the router running them (a client's routes say which)."""
+        for c in self.clients:
+            if mine := [rid for rid in request_ids if rid in c.routes]:
+                c.abort(mine)
 
     # ---- routers lost and back ----
 
@@ -143,9 +132,7 @@ class Routers:
     async def expert_status(self) -> ExpertStatus:
         """Router 0's view of the placement and the shards, the tokens per expert counted by
         every router, and each router's state."""
-        status, loads, stats = await asyncio.gather(
-            self.clients[0].expert_status(), self.expert_load(), self.stats()
-        )
+        status, stats = await asyncio.gather(self.clients[0].expert_status(), self.stats())
         shape = (status.num_layers, status.num_experts)
         routers = [
             RouterStatus(
@@ -162,8 +149,9 @@ class Routers:
             )
             for s in stats
         ]
-        if len(loads) < 2:
+        if len(self.clients) == 1:  # router 0's counts are every router's
             return dataclasses.replace(status, routers=routers)
+        loads = await self.expert_load()
         return dataclasses.replace(
             status,
             routers=routers,

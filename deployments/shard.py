@@ -97,6 +97,7 @@ class ExpertShard:
         import ray
 
         ctx = ray.get_runtime_context()
+        servers = list(self.servers.values())  # a copy: a router may connect meanwhile
         return ShardInfo(
             shard_id=self.shard_id,
             expert_ids=self.expert_ids,
@@ -112,9 +113,8 @@ class ExpertShard:
             node_id=ctx.get_node_id(),
             node_ip=ray.util.get_node_ip_address(),
             pid=os.getpid(),
-            batches_served=sum(s.batches_served for s in list(self.servers.values())),
-            compute_seconds=sum(s.compute_seconds for s in list(self.servers.values())),
-            routers=sum(s.alive for s in list(self.servers.values())),
+            batches_served=sum(s.batches_served for s in servers),
+            routers=sum(s.alive for s in servers),
         )
 
     def __del__(self) -> None:

@@ -97,7 +97,6 @@ class RemoteExperts:
         self.device = device
         self.reconnect = reconnect
         self.max_retries = max_retries
-        self.calls = 0
         self.seconds = 0.0  # time in submit + wait: dispatch, waiting for the shards, combine
         self.recoveries = 0
         self.load = ExpertLoad(len(links), self.placement.primary)
@@ -177,7 +176,6 @@ class RemoteExperts:
             self.load.latency(k, layer, time.perf_counter() - posted)
             parts.append((b.token_index, y.to(x.device, non_blocking=True)))
         out = combine(x.shape, x.dtype, parts)
-        self.calls += 1
         self.seconds += time.perf_counter() - start
         return out
 
