@@ -177,12 +177,17 @@ class AsyncEngine:
         self.stats = engine.stats()
         self.ready.set()
         while True:
-            for cmd in self._drain(block=not engine.has_unfinished()):
+            cmds = self._drain(block=not engine.has_unfinished())
+            for i, cmd in enumerate(cmds):
                 if isinstance(cmd, Stop):
-                    self._fail_all(engine, EngineDeadError("the engine is shutting down"))
-                    for left in self._drain(block=False):  # nobody waits on a stopped engine
+                    gone = EngineDeadError("the engine is shutting down")
+                    self._fail_all(engine, gone)
+                    # what came after Stop, in this batch or since: answered, nobody waits forever
+                    for left in cmds[i + 1 :] + self._drain(block=False):
                         if isinstance(left, BetweenSteps):
-                            left.done.set_exception(EngineDeadError("the engine is shutting down"))
+                            left.done.set_exception(gone)
+                        elif isinstance(left, AddRequest):
+                            left.sink.put([(left.request_id, gone)])
                     close = getattr(engine.experts, "shutdown", None)
                     if close is not None:
                         close()

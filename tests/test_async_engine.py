@@ -151,3 +151,34 @@ def test_placement_changes_apply_between_steps(tiny_dir):
 
     assert steps_mixing_placements(tiny_dir, between_steps) == 0
     assert steps_mixing_placements(tiny_dir, cross_thread) == 10  # the control: each change mid-step
+
+
+def test_what_comes_after_stop_is_answered_not_left_waiting(tiny_dir):
+    """A command queued behind Stop in the same inbox batch gets an error, not silence: the
+    engine is held inside a between-steps call while Stop and two more commands queue up."""
+    from moe.async_engine import EngineDeadError, Sink, Stop
+
+    eng = AsyncEngine(lambda: LLMEngine.from_pretrained(tiny_dir, EngineConfig(max_model_len=256)))
+    assert eng.ready.wait(60) and eng.error is None
+    held, release = threading.Event(), threading.Event()
+
+    async def run() -> tuple[BaseException | None, object]:
+        first = asyncio.ensure_future(eng.between_steps(lambda _: (held.set(), release.wait(10))))
+        await asyncio.to_thread(held.wait, 10)
+        eng._inbox.put(Stop())  # queued, not yet read
+        after = asyncio.ensure_future(eng.between_steps(lambda _: None))
+        sink = Sink()
+        eng.add("late", [1, 2, 3], SamplingParams(max_tokens=2), sink)
+        release.set()
+        await first
+        try:
+            await asyncio.wait_for(after, 10)
+            error = None
+        except EngineDeadError as e:
+            error = e
+        ((_, item),) = sink.take_all(await asyncio.wait_for(sink.queue.get(), 10))
+        return error, item
+
+    error, item = asyncio.run(run())
+    eng._thread.join(10)
+    assert isinstance(error, EngineDeadError) and isinstance(item, EngineDeadError)
