@@ -44,7 +44,7 @@ class RouterChoice:
         n = self.num_routers
         if n == 1:
             return 0
-        hashes = block_hashes(prompt, self.block_size, self.max_blocks)
+        hashes = list(block_hashes(prompt, self.block_size, self.max_blocks))
         candidates = [i for i in range(n) if up[i]] or list(range(n))
         least = min(candidates, key=lambda i: (in_flight[i], (i - self.turn) % n))
         chosen = least

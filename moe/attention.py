@@ -109,8 +109,6 @@ class DenseDecode:
     """Static buffers of `DecodeMetadata` for decode steps of up to `max_batch` sequences with
     contexts up to `max_context` (the reference decode attention of the CUDA-graph runner)."""
 
-    context_buckets = True  # [B, L] tensors: one graph per batch and context bucket
-
     def __init__(self, kv_cache: KVCache, max_batch: int, max_context: int, sliding_window: int | None):
         dev = kv_cache.k.device
         self.block_size, self.scratch, self.sliding_window = (
@@ -126,9 +124,7 @@ class DenseDecode:
         each); padded rows see the scratch slot alone, so no row is fully masked (no NaN)."""
         n, bs = len(tables), self.block_size
         width = -(-ctx // bs)
-        table = torch.zeros(n, width, dtype=torch.long)
-        for i, t in enumerate(tables):
-            table[i, : len(t)] = torch.tensor(t[:width])
+        table = padded_rows(tables, [min(len(t), width) for t in tables], width).long()  # [n, W]
         k_len = torch.tensor(context_lens)  # [n]
         pos = torch.arange(ctx)  # [L]
         mask = pos[None] < k_len[:, None]  # [n, L]

@@ -122,16 +122,19 @@ class LLMEngine:
         bs = config.block_size
         max_len = config.max_model_len or cfg.max_position_embeddings
         per_block = KVCache.bytes_per_block(cfg, bs, model.dtype)
-        budget = kv_cache_budget(
-            cfg,
-            self.device,
-            model.dtype,
-            config.kv_cache_memory_bytes,
-            config.gpu_memory_utilization,
-            config.max_num_batched_tokens,
-            config.max_num_seqs,
+        num_blocks = config.num_kv_blocks or min(  # the device is measured only when it decides
+            config.max_num_seqs * -(-max_len // bs),
+            kv_cache_budget(
+                cfg,
+                self.device,
+                model.dtype,
+                config.kv_cache_memory_bytes,
+                config.gpu_memory_utilization,
+                config.max_num_batched_tokens,
+                config.max_num_seqs,
+            )
+            // per_block,
         )
-        num_blocks = config.num_kv_blocks or min(config.max_num_seqs * -(-max_len // bs), budget // per_block)
         self.max_model_len = min(max_len, num_blocks * bs)
         if self.max_model_len < max_len:
             needs = -(-max_len // bs) * per_block

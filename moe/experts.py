@@ -65,7 +65,8 @@ class Placement:
         self.num_shards = num_shards
         width = max(len(s) for s in expert_shards)
         self.table = torch.tensor([s + [s[0]] * (width - len(s)) for s in expert_shards], dtype=torch.long)
-        self.count = torch.tensor([len(s) for s in expert_shards], dtype=torch.long)
+        self.holders = [len(s) for s in expert_shards]  # [E] how many shards hold each expert
+        self.count = torch.tensor(self.holders, dtype=torch.long)
         self.primary = self.table[:, 0].clone()  # [E]
         self.replicated = width > 1
 

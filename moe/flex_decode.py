@@ -84,12 +84,10 @@ class FlexDecode:
     there are full blocks), leaving one CTA per sequence and KV head to walk all its pages at low
     batch sizes; vLLM's FlexAttention backend passes none either."""
 
-    context_buckets = False  # nothing depends on the contexts' lengths: graphs per batch bucket only
-
     def __init__(self, kv_cache: KVCache, max_batch: int, sliding_window: int | None, compile: bool):
         nb, bs, dev = kv_cache.num_blocks, kv_cache.block_size, kv_cache.k.device
         self.num_blocks, self.block_size, self.num_slots = nb, bs, nb * bs
-        self.sliding_window, self.max_batch = sliding_window, max_batch
+        self.sliding_window = sliding_window
         self.kv_cache = kv_cache
         self.warm: set[int] = set()  # batch buckets whose kernel ran
         self.num_partial = torch.zeros(max_batch, 1, 1, dtype=torch.int32, device=dev)  # [B, 1, 1]

@@ -20,6 +20,7 @@ import hashlib
 import logging
 from array import array
 from collections import OrderedDict
+from collections.abc import Iterator
 
 import psutil
 import torch
@@ -106,21 +107,19 @@ class KVCache:
         return 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.attn_head_dim * elem
 
 
-def block_hash(parent: bytes, tokens: list[int]) -> bytes:
+def hash_block(parent: bytes, tokens: list[int]) -> bytes:
     """The name of a full block: a hash of its tokens and of its parent's name (all tokens before)."""
     return hashlib.sha256(parent + array("q", tokens).tobytes()).digest()
 
 
-def block_hashes(token_ids: list[int], block_size: int, max_blocks: int | None = None) -> list[bytes]:
-    """The names of the first full blocks of `token_ids` (at most `max_blocks`), as the prefix
-    cache names them: equal for two prompts exactly as far as their tokens are."""
-    out: list[bytes] = []
+def block_hashes(token_ids: list[int], block_size: int, max_blocks: int | None = None) -> Iterator[bytes]:
+    """The names of the first full blocks of `token_ids` (at most `max_blocks`), one at a time,
+    as the prefix cache names them: equal for two prompts exactly as far as their tokens are."""
     parent = b""
     n = len(token_ids) // block_size if max_blocks is None else min(len(token_ids) // block_size, max_blocks)
     for i in range(n):
-        parent = block_hash(parent, token_ids[i * block_size : (i + 1) * block_size])
-        out.append(parent)
-    return out
+        parent = hash_block(parent, token_ids[i * block_size : (i + 1) * block_size])
+        yield parent
 
 
 class BlockManager:
@@ -156,20 +155,14 @@ class BlockManager:
     def usage(self) -> float:
         return self.num_used_blocks / self.num_blocks
 
-    def _hash(self, parent: bytes, tokens: list[int]) -> bytes:
-        return block_hash(parent, tokens)
-
     def cached_prefix(self, token_ids: list[int]) -> list[int]:
         """Blocks holding the longest cached prefix of `token_ids`. At least one token is left
         to compute, so the step that finishes the prompt has logits to sample from."""
         if not self.enable_prefix_caching:
             return []
         blocks: list[int] = []
-        parent = b""
-        bs = self.block_size
-        for i in range((len(token_ids) - 1) // bs):
-            parent = self._hash(parent, token_ids[i * bs : (i + 1) * bs])
-            block = self.cached.get(parent)
+        for name in block_hashes(token_ids, self.block_size, (len(token_ids) - 1) // self.block_size):
+            block = self.cached.get(name)
             if block is None:
                 break
             blocks.append(block)
@@ -224,7 +217,7 @@ class BlockManager:
         can find them."""
         table, hashes, bs = self.tables[seq_id], self.hashes.setdefault(seq_id, []), self.block_size
         for i in range(len(hashes), num_computed // bs):
-            h = self._hash(hashes[-1] if hashes else b"", token_ids[i * bs : (i + 1) * bs])
+            h = hash_block(hashes[-1] if hashes else b"", token_ids[i * bs : (i + 1) * bs])
             hashes.append(h)
             if h not in self.cached:  # else the same tokens already live in another block
                 self.cached[h] = table[i]

@@ -66,6 +66,15 @@ class ShardLink:
     def recv(self, out: torch.Tensor):
         return self.pg.recv([out], SHARD, 0)
 
+    def wait(self, work: Any) -> None:
+        """Wait for one posted send or receive. NCCL: with no timeout it orders the stream and
+        returns (with one, it blocks the host, polling every millisecond); its process group's
+        own timeout catches a stuck shard. gloo: the link's timeout."""
+        if self.rendezvous.backend == "nccl":
+            work.wait()
+        else:
+            work.wait(self.timeout)
+
     def shutdown(self) -> None:
         header = torch.tensor([SHUTDOWN, 0, 0, 0], dtype=torch.long, device=self.device)
         self.pg.send([header.view(torch.uint8)], SHARD, HEAD_TAG).wait(self.timeout)
@@ -100,7 +109,7 @@ class RemoteExperts:
         self.seconds = 0.0  # time in submit + wait: dispatch, waiting for the shards, combine
         self.recoveries = 0
         self.load = ExpertLoad(len(links), self.placement.primary)
-        self.load.holders = [len(s) for s in placement.expert_shards]  # replicas too (a router restarted)
+        self.load.holders = self.placement.holders  # replicas too (a router restarted)
 
     def set_placement(self, placement: Placement, links: list[ShardLink] | None = None) -> None:
         """Route by a new placement from the next layer on (each layer reads it once); with
@@ -109,7 +118,7 @@ class RemoteExperts:
         if links is not None and len(links) != len(self.links):
             self.load.resize(len(links), placement.primary)
         self.routing = (placement, list(links) if links is not None else self.links)
-        self.load.holders = [len(s) for s in placement.expert_shards]
+        self.load.holders = placement.holders
 
     @property
     def placement(self) -> Placement:
@@ -156,13 +165,7 @@ class RemoteExperts:
                     if works is None:
                         raise RuntimeError("could not post to the shard")
                     for w in works:
-                        # NCCL: wait() with no timeout orders the stream and returns (with one, it
-                        # blocks the host, polling every millisecond); its process group's own
-                        # timeout catches a stuck shard. gloo: the link's timeout.
-                        if link.rendezvous.backend == "nccl":
-                            w.wait()
-                        else:
-                            w.wait(link.timeout)
+                        link.wait(w)
                     break
                 except RuntimeError as e:  # gloo/NCCL: peer gone, or no answer within the timeout
                     if self.reconnect is None or attempt == self.max_retries:
