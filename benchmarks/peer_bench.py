@@ -29,7 +29,6 @@ import asyncio
 import os
 import platform
 import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -37,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from report import save  # benchmarks/report.py
+from report import median_of, save  # benchmarks/report.py
 from serve_bench import WORDS  # benchmarks/serve_bench.py
 
 MEDIUM = dict(
@@ -110,11 +109,11 @@ async def load(
 
 def measure(name: str, url: str, model: str, args: Any, prompts: list[str]) -> float:
     asyncio.run(load(url, model, min(8, args.requests), 8, 8, prompts))  # warm-up
-    runs = []
-    for r in range(args.runs):
-        runs.append(asyncio.run(load(url, model, args.requests, args.concurrency, args.tokens, prompts)))
-        print(f"  {name}: run {r + 1}/{args.runs}: {runs[-1]:.1f} tok/s", flush=True)
-    return statistics.median(runs)
+    return median_of(
+        args.runs,
+        lambda: asyncio.run(load(url, model, args.requests, args.concurrency, args.tokens, prompts)),
+        name,
+    )
 
 
 def stop(proc: subprocess.Popen) -> None:

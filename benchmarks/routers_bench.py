@@ -69,7 +69,6 @@ def main() -> None:
     for gpus in (8, 16):
         report[f"model_{gpus}_gpus"] = model_curve(gpus)
 
-    base = args.routers[0]
     print(f"\nserved output tok/s ({machine['cores']} cores, {args.expert_shards} expert shards):")
     print(
         f"{'streams':>8} " + " ".join(f"{f'{m} router(s)':>12}" for m in args.routers) + "   ratio to first"
@@ -88,10 +87,10 @@ def main() -> None:
         )
     OUT.mkdir(exist_ok=True)
     (OUT / "routers_bench.json").write_text(json.dumps(report, indent=2))
-    plot(report, args, base)
+    plot(report, args)
 
 
-def plot(report: dict[str, Any], args: argparse.Namespace, base: int) -> None:
+def plot(report: dict[str, Any], args: argparse.Namespace) -> None:
     import matplotlib
 
     matplotlib.use("Agg")

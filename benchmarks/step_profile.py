@@ -60,10 +60,7 @@ def profile(model: Path, streams: int, tokens: int, threads: int) -> dict[str, f
     eng.model.compute_logits = timer.wrap("LM head", eng.model.compute_logits)  # type: ignore[method-assign]
     for layer in eng.model.layers:
         attn = layer.self_attn
-        projections = [attn.qkv_proj, attn.o_proj] if hasattr(attn, "qkv_proj") else [
-            attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj  # before q/k/v were fused
-        ]  # fmt: skip
-        for m in projections:
+        for m in (attn.qkv_proj, attn.o_proj):
             timer.hook("projections", m)
         if layer.gate is not None:
             timer.hook("projections", layer.gate)

@@ -196,3 +196,39 @@ def clients_asking(client: Any, workers: int = 4):
         stop.set()
         for t in threads:
             t.join(timeout=120)
+
+
+def stream_chat(url: str, question: str, max_tokens: int = 48) -> str:
+    """One greedy streamed chat answer (ignore_eos: always `max_tokens`); a non-200 or an error
+    event in the stream fails the caller."""
+    body = {"messages": [{"role": "user", "content": question}], "max_tokens": max_tokens, "temperature": 0}
+    text = ""
+    with httpx.stream(
+        "POST", f"{url}/v1/chat/completions", json={**body, "ignore_eos": True, "stream": True}, timeout=300
+    ) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                chunk = json.loads(line[6:])
+                assert "error" not in chunk, chunk
+                text += "".join(c["delta"].get("content") or "" for c in chunk["choices"])
+    return text
+
+
+def stream_all(url: str, questions: list[str], during: Any = None) -> list[str]:
+    """The questions streamed at once (`stream_chat`), `during()` run meanwhile; answers in order."""
+    with cf.ThreadPoolExecutor(len(questions)) as pool:
+        futures = [pool.submit(stream_chat, url, q) for q in questions]
+        if during is not None:
+            during()
+        return [f.result() for f in futures]
+
+
+def wait_until(condition: Any, timeout: float = 60.0) -> bool:
+    """Poll `condition()` every 50 ms until it holds or `timeout` passes → whether it held."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True

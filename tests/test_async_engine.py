@@ -68,11 +68,12 @@ def test_refused_request_raises_and_cancel_aborts(engine):
 class VersionedExperts(InProcessExperts):
     """Experts whose "placement" is a version number: every layer records the step it runs in
     and the version it routed by. When a change is coming (`armed`), the next step says at its
-    layer 1 that it is under way (`in_step`) and waits a moment for a change made from another
-    thread (`switched`): the interleaving is forced, not left to timing."""
+    layer 1 that it is under way (`in_step`) and waits up to `hold_s` for a change made from
+    another thread (`switched`): the interleaving is forced, not left to timing."""
 
-    def __init__(self, inner: InProcessExperts):
+    def __init__(self, inner: InProcessExperts, hold_s: float):
         super().__init__(inner.shards, len(inner.placement.count))
+        self.hold_s = hold_s
         self.version, self.step, self.seen = 0, 0, []
         self.armed, self.in_step, self.switched = threading.Event(), threading.Event(), threading.Event()
 
@@ -84,18 +85,18 @@ class VersionedExperts(InProcessExperts):
         if layer == 1 and self.armed.is_set():
             self.armed.clear()
             self.in_step.set()
-            self.switched.wait(0.05)
+            self.switched.wait(self.hold_s)
             self.switched.clear()
         return super().submit(layer, x, expert_ids, weights)
 
 
-def steps_mixing_placements(tiny_dir, switch) -> int:
+def steps_mixing_placements(tiny_dir, switch, hold_s: float) -> int:
     """Decode while the placement is changed 10 times, each while a step is at its layer 1, with
     `switch(engine, experts, v)`; → how many steps routed their layers by more than one."""
 
     def build() -> LLMEngine:
         eng = LLMEngine.from_pretrained(tiny_dir, EngineConfig(max_model_len=512))
-        eng.experts = eng.runner.experts = VersionedExperts(eng.experts)
+        eng.experts = eng.runner.experts = VersionedExperts(eng.experts, hold_s)
         step = eng.step
 
         def counted():
@@ -149,8 +150,12 @@ def test_placement_changes_apply_between_steps(tiny_dir):
         experts.set_placement(v)
         experts.switched.set()
 
-    assert steps_mixing_placements(tiny_dir, between_steps) == 0
-    assert steps_mixing_placements(tiny_dir, cross_thread) == 10  # the control: each change mid-step
+    # a change through the inbox never comes while the step waits: a short hold is enough to see
+    # it does not; a direct one ends the hold as soon as it is made, however slow the machine
+    assert steps_mixing_placements(tiny_dir, between_steps, hold_s=0.05) == 0
+    assert (
+        steps_mixing_placements(tiny_dir, cross_thread, hold_s=30) == 10
+    )  # the control: each change mid-step
 
 
 def test_what_comes_after_stop_is_answered_not_left_waiting(tiny_dir):

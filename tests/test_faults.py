@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from tests.cluster_harness import Raymix, free_port, ray_cluster
+from tests.cluster_harness import Raymix, free_port, ray_cluster, stream_all
 
 QUESTIONS = [f"Question number {i}: tell me about expert {i % 8}." for i in range(16)]
 
@@ -25,40 +25,10 @@ def rm():
         yield r
 
 
-def stream(url: str, q: str) -> str:
-    body = {
-        "messages": [{"role": "user", "content": q}],
-        "max_tokens": 48,
-        "temperature": 0,
-        "ignore_eos": True,
-        "stream": True,
-    }
-    text = ""
-    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=300) as r:
-        assert r.status_code == 200
-        for line in r.iter_lines():
-            if line.startswith("data: {"):
-                import json
-
-                chunk = json.loads(line[6:])
-                assert "error" not in chunk, chunk
-                if chunk["choices"]:
-                    text += chunk["choices"][0]["delta"].get("content") or ""
-    return text
-
-
-def run_all(url: str, during=None) -> list[str]:
-    with cf.ThreadPoolExecutor(len(QUESTIONS)) as pool:
-        futures = [pool.submit(stream, url, q) for q in QUESTIONS]
-        if during is not None:
-            during()
-        return [f.result() for f in futures]
-
-
 def test_killed_shard_fails_no_request(rm):
     from ray import serve
 
-    undisturbed = run_all(rm.url)
+    undisturbed = stream_all(rm.url, QUESTIONS)
     shard = serve.get_deployment_handle("ExpertShard0", app_name="raymix")
     pid = shard.info.remote().result().pid
     before = rm.router_stats()
@@ -70,7 +40,7 @@ def test_killed_shard_fails_no_request(rm):
         time.sleep(0.3)  # generation under way
         os.kill(pid, signal.SIGKILL)
 
-    disturbed = run_all(rm.url, during=kill_midway)
+    disturbed = stream_all(rm.url, QUESTIONS, during=kill_midway)
     after = rm.router_stats()
     assert after.shard_recoveries > before.shard_recoveries  # the kill did land mid-generation
     assert disturbed == undisturbed

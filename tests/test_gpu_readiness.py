@@ -133,20 +133,15 @@ def test_no_host_sync_in_decode_forwards_and_a_fixed_number_per_prefill(tiny_dir
 def test_no_host_sync_with_remote_experts(tiny_dir):
     """The router's side of the data plane as it runs on a GPU (every shard gets the whole layer
     batch: no routing read on the host), with shards in spawned processes."""
+    from moe.checkpoint import CheckpointReader
     from moe.expert_parallel.local_shards import LocalShards
     from moe.model import MixtralDense
+    from moe.tokenizer import load_tokenizer
 
-    shards = LocalShards(
-        tiny_dir, 2, torch.device("cpu"), "float32", 1, timeout=datetime.timedelta(seconds=120)
-    )
+    shards = LocalShards(tiny_dir, 2, whole_batch=True, timeout=datetime.timedelta(seconds=120))
     try:
-        shards.experts.whole_batch = True
         cfg = ModelConfig.from_pretrained(tiny_dir)
-        from moe.checkpoint import CheckpointReader
-
         model = MixtralDense.from_checkpoint(CheckpointReader(tiny_dir), cfg, torch.float32)
-        from moe.tokenizer import load_tokenizer
-
         eng = LLMEngine(
             cfg,
             model,

@@ -137,6 +137,13 @@ class PacedExperts(InProcessExperts):
         return super().submit(layer, x, expert_ids, weights)
 
 
+def paced_engine(tiny_dir) -> LLMEngine:
+    """The engine with experts that take at least 20 ms a layer: 400 tokens outlast any timeout here."""
+    eng = LLMEngine.from_pretrained(tiny_dir, EngineConfig(max_model_len=512))
+    eng.experts = eng.runner.experts = PacedExperts(eng.experts, 0.02)
+    return eng
+
+
 def test_request_timeout_is_408_and_frees_the_request(tiny_dir):
     """A request still running at request_timeout_s gets 408 (an error event on a stream), and
     the engine drops it: nothing running, every KV block back. The engine here needs at least
@@ -144,9 +151,7 @@ def test_request_timeout_is_408_and_frees_the_request(tiny_dir):
     machine (the real engine and HTTP server, no Ray: the API's timeout is the same code there)."""
 
     def build():
-        eng = LLMEngine.from_pretrained(tiny_dir, EngineConfig(max_model_len=512))
-        eng.experts = eng.runner.experts = PacedExperts(eng.experts, 0.02)
-        built.append(eng)
+        built.append(eng := paced_engine(tiny_dir))
         return eng
 
     built: list[LLMEngine] = []
@@ -226,14 +231,9 @@ def test_a_request_the_client_cancels_is_logged_as_499(tiny_dir, caplog):
     """The engine needs at least 4 layers x 20 ms a token: 400 tokens outlast both clients."""
     import logging
 
-    def build():
-        eng = LLMEngine.from_pretrained(tiny_dir, EngineConfig(max_model_len=512))
-        eng.experts = eng.runner.experts = PacedExperts(eng.experts, 0.02)
-        return eng
-
     body = {**GOOD, "max_tokens": 400, "ignore_eos": True}
     with (
-        local_server(tiny_dir, build_engine=build) as url,
+        local_server(tiny_dir, build_engine=lambda: paced_engine(tiny_dir)) as url,
         caplog.at_level(logging.INFO, logger="raymix.access"),
     ):
         with httpx.stream(

@@ -27,6 +27,8 @@ from tests.cluster_harness import (
     greedy_answers,
     ray_cluster,
     reference_answers,
+    stream_all,
+    wait_until,
 )
 
 SETTINGS = dict(routers=2, max_model_len=512, kv_cache_memory_mb=32, max_ingress_replicas=2)
@@ -158,7 +160,7 @@ def test_rebalance_under_load_moves_every_router_and_changes_no_output(raymix):
     before = greedy_answers(client, prompts, 40, ignore_eos=True)
     with cf.ThreadPoolExecutor(len(prompts)) as pool:
         running = [pool.submit(greedy_answer, client, q, 40, ignore_eos=True) for q in prompts]
-        time.sleep(0.5)
+        wait_until(lambda: sum(s.engine.num_requests_running for s in router_stats()) > 0)
         plan = handle("Router").rebalance.remote().result()
         during = [f.result() for f in running]
     assert plan.changed and plan.replicas, plan
@@ -176,43 +178,16 @@ def test_a_shard_killed_under_load_is_recovered_by_both_routers(raymix):
     ends exactly as an undisturbed run does."""
     url = raymix.deploy(expert_shards=4, num_redundant_experts=4, **SETTINGS)
     questions = [f"Question number {i}: tell me about expert {i % 8}." for i in range(8)]
-
-    def stream(q: str) -> str:
-        body = {"messages": [{"role": "user", "content": q}], "max_tokens": 48, "temperature": 0}
-        text = ""
-        with httpx.stream(
-            "POST",
-            f"{url}/v1/chat/completions",
-            json={**body, "ignore_eos": True, "stream": True},
-            timeout=300,
-        ) as r:
-            for line in r.iter_lines():
-                if line.startswith("data: {"):
-                    chunk = json.loads(line[6:])
-                    assert "error" not in chunk, chunk
-                    text += "".join(c["delta"].get("content") or "" for c in chunk["choices"])
-        return text
-
-    def run(during=None) -> list[str]:
-        with cf.ThreadPoolExecutor(len(questions)) as pool:
-            futures = [pool.submit(stream, q) for q in questions]
-            if during is not None:
-                during()
-            return [f.result() for f in futures]
-
-    undisturbed = run()
+    undisturbed = stream_all(url, questions)
     shard = handle("ExpertShard0")
     old = shard.info.remote().result()
     before = router_stats()
 
-    def kill() -> None:
-        deadline = time.monotonic() + 60
-        while min(s.engine.num_requests_running for s in router_stats()) == 0 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.3)
+    def kill() -> None:  # as soon as both routers are generating: both then meet the dead shard
+        wait_until(lambda: min(s.engine.num_requests_running for s in router_stats()) > 0)
         os.kill(old.pid, signal.SIGKILL)
 
-    assert run(during=kill) == undisturbed
+    assert stream_all(url, questions, during=kill) == undisturbed
     after = router_stats()
     assert all(a.shard_recoveries > b.shard_recoveries for a, b in zip(after, before, strict=True))
     new = shard.info.remote().result()
@@ -249,9 +224,7 @@ def test_a_router_killed_under_load_fails_nothing_that_starts_after(raymix):
             return "cut"
 
     streams = [started.submit(stream) for _ in range(6)]
-    deadline = time.monotonic() + 60
-    while min(s.engine.num_requests_running for s in router_stats()) == 0 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: min(s.engine.num_requests_running for s in router_stats()) > 0)
     os.kill(old_pid, signal.SIGKILL)
     killed = time.monotonic()
     after = greedy_answers(client, QUESTIONS, 8)  # sent after the kill: every one answered
