@@ -185,6 +185,12 @@ class Router:
         Router 0 asks the others; the others ask router 0, the placement's owner."""
         from ray import serve
 
+        try:  # no shard linked to a router: the first start-up, when every router waits on its own
+            linked = any(h.info.remote().result(timeout_s=timeout_s).routers for h in self.pool.handles)
+        except Exception:  # a shard still starting: nobody serves yet
+            linked = False
+        if not linked:
+            return
         if self.router_id == 0:
             peers = list(self.controller.followers)
         else:
@@ -413,9 +419,15 @@ class Router:
             memory.set(gpu_memory(self.device))
             await asyncio.sleep(interval)
 
-    def check_health(self) -> None:
+    async def check_health(self) -> None:
+        """Serve's first call is part of the replica's start-up (no timeout there): it waits for
+        the engine thread's build, so an engine that cannot be built fails the start-up with
+        its own error (`raymix serve` prints it; a RayService's status shows it) rather than
+        a health check later, which Serve would answer with restarts."""
+        if not self.engine.ready.is_set():
+            await asyncio.to_thread(self.engine.ready.wait)
         if self.engine.error is not None:
-            raise RuntimeError(f"router engine failed to start: {self.engine.error}")
+            raise RuntimeError(str(self.engine.error))  # the build's own error, in one line
         if not self.engine.alive:
             raise RuntimeError("router engine loop stopped")
 

@@ -3,7 +3,11 @@ and the way down.
 
 By default an embedded local Ray is started on 127.0.0.1 for this process; `address` joins an
 existing cluster instead. `start` returns once /health is 200, i.e. the router has loaded the
-dense part and every shard has loaded its experts and joined the data plane.
+dense part and every shard has loaded its experts and joined the data plane. A deployment that
+cannot start (a bad checkpoint, a kernel this CPU lacks, no memory, no device) is a
+`StartupError` holding its replica's own error as one line (`raymix: ExpertShard0 failed to
+start: ...`), dug out of Serve's status, whose message ends with that line (so does the KubeRay
+RayService's status, which shows Serve's).
 
 The way down (`shutdown`): Serve stops taking requests and drains the ones in flight (each
 deployment's graceful shutdown, up to drain_timeout_s), then Ray stops. A container runtime or
@@ -21,6 +25,7 @@ import ctypes
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -34,6 +39,10 @@ from cluster.messages import APP_NAME, router_deployment_name
 from deployments.app import build_app
 
 log = logging.getLogger(__name__)
+
+
+class StartupError(RuntimeError):
+    """A deployment could not start: its replica's error, as one line."""
 
 
 def init_ray(s: RaymixSettings, **ray_kwargs) -> None:
@@ -74,10 +83,34 @@ def deploy(s: RaymixSettings, timeout: float = 600.0) -> str:
 
     s.model_dir()  # generate the embedded default once, here, before replicas race for it
     serve.start(http_options={"host": s.host, "port": s.port})
-    serve.run(build_app(s), name=APP_NAME, route_prefix="/", blocking=False)
+    try:
+        serve.run(build_app(s), name=APP_NAME, route_prefix="/", blocking=False)
+    except RuntimeError as e:  # "Deploying application raymix failed": say why, in one line
+        raise StartupError(startup_error() or str(e)) from None
     url = base_url(s)
     wait_healthy(url, timeout)
     return url
+
+
+def startup_error() -> str | None:
+    """The first failed deployment's replica error as one line ("Router failed to start: ..."),
+    from Serve's status (its message is a traceback ending in the replica's exception), or None."""
+    from ray import serve
+
+    app = serve.status().applications.get(APP_NAME)
+    if app is None:
+        return None
+    for name, d in app.deployments.items():
+        if d.status in ("DEPLOY_FAILED", "UNHEALTHY") and d.message.strip():
+            return f"{name} failed to start: {replica_error(d.message)}"
+    return app.message or None
+
+
+def replica_error(message: str) -> str:
+    """The last line of a Serve deployment's message (a replica's traceback), without the
+    exception's qualified class name: `moe.errors.CheckpointError: x.json: ...` → `x.json: ...`."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    return re.sub(r"^[\w.]*(Error|Exception)\w*: ", "", lines[-1]) if lines else message
 
 
 def start(s: RaymixSettings, timeout: float = 600.0, **ray_kwargs) -> str:

@@ -21,6 +21,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from cluster.config import RaymixSettings
+from moe.cpu_gemm import CpuGemmError, kernel_for
 from moe.errors import CheckpointError
 
 
@@ -51,9 +52,13 @@ def settings_from(ns: argparse.Namespace) -> RaymixSettings:
 def cmd_serve(ns: argparse.Namespace) -> int:
     from cluster.placement import expert_shards
     from moe.checkpoint import open_checkpoint
+    from moe.engine import pick_device, pick_dtype
 
     s = settings_from(ns)
     cfg, quant, _ = open_checkpoint(s.model_dir(), s.quantization)  # refused here, before Ray starts
+    if s.cpu_gemm == "onednn" and not s.address:  # this machine is the cluster: its CPU decides now
+        device = pick_device("auto")
+        kernel_for(s.cpu_gemm, device, pick_dtype(s.dtype, cfg, device))  # CpuGemmError if it cannot
     from launch import bringup
 
     if not s.address and not os.environ.get(bringup.SUPERVISED):  # an embedded Ray: see bringup
@@ -77,7 +82,11 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     # death), and before the deployment is up: a signal from then on is a request to drain
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    url = bringup.deploy(s)
+    try:
+        url = bringup.deploy(s)
+    except bringup.StartupError as e:  # a replica's own error, not Ray's traceback
+        print(f"raymix: {e}", file=sys.stderr, flush=True)
+        return 1
     print(f"raymix: serving {', '.join(s.model_names())} at {url}/v1 (ready in {time.monotonic() - t:.0f}s)")
     print(f"try:\n  {bringup.curl_example(s, url)}")
     print(f"or open {url}/ in a browser (chat playground and expert view)", flush=True)
@@ -303,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as e:
         print(f"raymix: invalid settings:\n{e}", file=sys.stderr)
         return 2
-    except CheckpointError as e:  # a checkpoint raymix cannot serve: one line, no traceback
+    except (CheckpointError, CpuGemmError) as e:  # one line, no traceback
         print(f"raymix: {e}", file=sys.stderr)
         return 1
 

@@ -9,8 +9,13 @@ multiplies by it. Their public route, `torch.compile` with weight freezing, pack
 for MKL instead (`mkl._mkl_linear`: 0.69 ms, no gain), so the private ops are used directly,
 behind a check that they exist (`AVAILABLE`) and with PyTorch's own GEMM as the fallback.
 
-Which kernel a process uses is measured once (`choose`): both run the same GEMM and the faster is
-kept (on an Intel CPU where MKL's fast path runs, that may be MKL), unless a setting says which.
+Which kernel a process uses is decided once (`choose`), by capability, then by measurement:
+oneDNN's packed path must exist for the dtype on this CPU (`unsupported`: fp32 everywhere oneDNN
+runs; bf16 only with AVX512-BW/VL/DQ or AVX-NE-CONVERT, so not on an AVX2-only Zen 3 or Haswell,
+where the reorder raises), else torch's GEMM is used with one log line saying why; where it can
+run, both run the same GEMM and the faster is kept (on an Intel CPU where MKL's fast path runs,
+that may be MKL), unless a setting says which. `--cpu-gemm onednn` where it cannot run is an
+error (`CpuGemmError`) at start-up.
 A `PackedTensor` holds one weight [N, K] or a stack of them [E, N, K] (one per expert), each
 matrix an opaque oneDNN tensor (the unpacked copy is not kept: the same bytes as the weight);
 moe.weights dispatches a layer's matmul to `linear` or, for the experts, `grouped_mm`, one GEMM
@@ -87,6 +92,34 @@ def grouped_mm(x: torch.Tensor, w: PackedTensor, offs: torch.Tensor) -> torch.Te
     return out
 
 
+class CpuGemmError(ValueError):
+    """`cpu_gemm onednn` asked for where oneDNN's packed path cannot run."""
+
+
+def unsupported(dtype: torch.dtype) -> str | None:
+    """Why oneDNN's packed linear cannot run in `dtype` on this CPU, or None when it can."""
+    if dtype not in (torch.float32, torch.bfloat16):
+        return f"oneDNN's packed linear is used for float32 and bfloat16, not {_name(dtype)}"
+    if not available():
+        return "this torch has no mkldnn._linear_pointwise"
+    return _trial(dtype)
+
+
+@cache
+def _trial(dtype: torch.dtype) -> str | None:
+    """Pack and multiply a small weight once: the error torch raises where this CPU lacks the
+    path (bf16 without AVX512-BW/VL/DQ or AVX-NE-CONVERT), as one line, else None."""
+    bf16_query = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)  # honours ONEDNN_MAX_CPU_ISA
+    if dtype == torch.bfloat16 and bf16_query is not None and not bf16_query():
+        return "oneDNN's packed bfloat16 path needs AVX512-BW/VL/DQ or AVX-NE-CONVERT, which this CPU lacks"
+    try:
+        w = PackedTensor.pack(torch.ones(16, 16, dtype=dtype))
+        linear(torch.ones(2, 16, dtype=dtype), w)
+    except RuntimeError as e:
+        return str(e).splitlines()[0]
+    return None
+
+
 def kernel_for(setting: str, device: torch.device | str, dtype: torch.dtype) -> str:
     """The GEMM a process's weights are prepared for (moe.weights.prepare): "onednn" or
     "torch"; GPUs always "torch" (their grouped GEMM and cuBLAS)."""
@@ -95,14 +128,18 @@ def kernel_for(setting: str, device: torch.device | str, dtype: torch.dtype) -> 
 
 @cache
 def choose(setting: str, dtype: torch.dtype) -> str:
-    """ "onednn" or "torch": the setting's, or with "auto" the faster of the two on this CPU,
-    timed once per process on an expert-sized GEMM (8 x 1024 @ 1024 x 4096) and an LM-head-sized
-    one (32 x 1024 @ 1024 x 16384). The choice and its numbers are logged."""
-    if setting == "torch" or dtype not in (torch.float32, torch.bfloat16):
+    """ "onednn" or "torch": torch's where oneDNN's packed path cannot run in `dtype` on this
+    CPU (logged once with the reason; with the setting "onednn" a CpuGemmError), else the
+    setting's, or with "auto" the faster of the two, timed once per process on an expert-sized
+    GEMM (8 x 1024 @ 1024 x 4096) and an LM-head-sized one (32 x 1024 @ 1024 x 16384). The
+    choice and its numbers are logged."""
+    if setting == "torch":
         return "torch"
-    if not available():
+    why = unsupported(dtype)
+    if why is not None:
         if setting == "onednn":
-            log.warning("cpu_gemm onednn: this torch has no mkldnn._linear_pointwise; using torch's GEMM")
+            raise CpuGemmError(f"--cpu-gemm onednn cannot run in {_name(dtype)} on this CPU: {why}")
+        log.info("CPU GEMM (%s): torch's, as %s", _name(dtype), why)
         return "torch"
     if setting == "onednn":
         return "onednn"
@@ -116,7 +153,7 @@ def choose(setting: str, dtype: torch.dtype) -> str:
     best = min(times, key=times.__getitem__)
     log.info(
         "CPU GEMM (%s): onednn %.2f ms, torch %.2f ms on the probe GEMMs: using %s",
-        dtype,
+        _name(dtype),
         1e3 * times["onednn"],
         1e3 * times["torch"],
         best,
@@ -133,3 +170,7 @@ def _seconds(f: Callable[..., torch.Tensor], *args: object, runs: int = 5) -> fl
         f(*args)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

@@ -1,7 +1,8 @@
 """CPU GEMMs over weights prepacked for oneDNN (moe.cpu_gemm) against torch's own GEMM, the
 reference: the same products to float32 rounding, greedy outputs token-identical to
-transformers with either kernel, the kernel chosen by measurement or by the setting, and torch's
-GEMM when oneDNN's private ops are missing."""
+transformers with either kernel, the kernel chosen by capability then by measurement or by the
+setting, and torch's GEMM where oneDNN's packed path cannot run (its private ops missing, or bf16
+on a CPU without AVX-512: faked here, so the fallback is tested on every machine)."""
 
 from __future__ import annotations
 
@@ -17,15 +18,21 @@ from moe.config import ModelConfig
 from moe.cpu_gemm import PackedTensor
 from moe.engine import EngineConfig, LLMEngine
 from moe.experts import LocalExperts
+from moe.sampling import SamplingParams
 from moe.weights import Linear, grouped_mm, linear
 from tests.test_reference import ARRIVALS, GREEDY, PROMPTS, hf_greedy
 
 needs_onednn = pytest.mark.skipif(not cpu_gemm.available(), reason="this torch has no oneDNN linear ops")
 
 
-@needs_onednn
+def onednn_runs(dtype: torch.dtype):
+    """The packed path in `dtype` where this CPU has it; skipped with the reason elsewhere."""
+    why = cpu_gemm.unsupported(dtype)
+    return pytest.param(dtype, marks=pytest.mark.skipif(why is not None, reason=str(why)))
+
+
 @pytest.mark.parametrize("rows", [1, 8, 33])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [onednn_runs(torch.float32), onednn_runs(torch.bfloat16)])
 def test_packed_linear_equals_torchs(rows, dtype):
     torch.manual_seed(0)
     w, x = torch.randn(96, 64).to(dtype), torch.randn(rows, 64).to(dtype)
@@ -91,18 +98,50 @@ def test_packed_experts_regroup_and_split_like_plain_ones(other_dir):
     torch.testing.assert_close(packed.forward(0, x, ids, weights), plain.forward(0, x, ids, weights))
 
 
-def test_the_kernel_is_chosen_by_measurement_or_by_the_setting(monkeypatch, caplog):
+def test_the_kernel_is_chosen_by_capability_then_measurement_or_setting(monkeypatch, caplog):
     choose = cpu_gemm.choose.__wrapped__  # not the per-process cache
     assert choose("torch", torch.float32) == "torch"
     assert choose("auto", torch.float16) == "torch"  # oneDNN's linear here: fp32 and bf16
-    if cpu_gemm.available():
-        assert choose("onednn", torch.float32) == "onednn"
-        with caplog.at_level(logging.INFO, logger="moe.cpu_gemm"):
-            picked = choose("auto", torch.float32)
-        assert picked in ("onednn", "torch") and f"using {picked}" in caplog.text  # with its numbers
+    with pytest.raises(cpu_gemm.CpuGemmError, match="float16"):
+        choose("onednn", torch.float16)
+    for dtype in (torch.float32, torch.bfloat16):
+        if cpu_gemm.unsupported(dtype) is None:
+            assert choose("onednn", dtype) == "onednn"
+            with caplog.at_level(logging.INFO, logger="moe.cpu_gemm"):
+                picked = choose("auto", dtype)
+            assert picked in ("onednn", "torch") and f"using {picked}" in caplog.text  # with its numbers
     monkeypatch.setattr(cpu_gemm, "available", lambda: False)  # a torch without the private ops
-    with caplog.at_level(logging.WARNING, logger="moe.cpu_gemm"):
-        assert choose("onednn", torch.float32) == "torch"
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="moe.cpu_gemm"):
         assert choose("auto", torch.float32) == "torch"
     assert "no mkldnn._linear_pointwise" in caplog.text
+    with pytest.raises(cpu_gemm.CpuGemmError, match=r"no mkldnn\._linear_pointwise"):
+        choose("onednn", torch.float32)
     assert cpu_gemm.kernel_for("onednn", "cuda", torch.bfloat16) == "torch"  # GPUs keep theirs
+
+
+AVX2_BF16 = "oneDNN's packed bfloat16 path needs AVX512-BW/VL/DQ or AVX-NE-CONVERT, which this CPU lacks"
+
+
+def test_bf16_on_a_cpu_without_avx512_takes_torchs_gemm(monkeypatch, caplog, tiny_dir):
+    """An AVX2-only CPU (Zen 3, Haswell): fp32 keeps the packed path, bf16 falls back to torch's
+    GEMM with one log line saying why, and an explicit onednn is refused in one line; an engine
+    in bf16 then loads and generates (it crashed at load before)."""
+    monkeypatch.setattr(
+        cpu_gemm, "_trial", lambda dtype: AVX2_BF16 if dtype == torch.bfloat16 else None
+    )  # the answer this CPU would give without AVX-512
+    choose = cpu_gemm.choose.__wrapped__
+    with caplog.at_level(logging.INFO, logger="moe.cpu_gemm"):
+        assert choose("auto", torch.bfloat16) == "torch"
+    (line,) = [r.getMessage() for r in caplog.records if "bfloat16" in r.getMessage()]
+    assert line == f"CPU GEMM (bfloat16): torch's, as {AVX2_BF16}"
+    with pytest.raises(cpu_gemm.CpuGemmError) as e:
+        choose("onednn", torch.bfloat16)
+    assert "\n" not in str(e.value) and "--cpu-gemm onednn cannot run in bfloat16" in str(e.value)
+    if cpu_gemm.available():
+        assert choose("onednn", torch.float32) == "onednn"
+    monkeypatch.setattr(cpu_gemm, "choose", cpu_gemm.choose.__wrapped__)  # no per-process cache
+    eng = LLMEngine.from_pretrained(tiny_dir, EngineConfig(max_model_len=64, dtype="bfloat16", device="cpu"))
+    assert not isinstance(eng.experts.shards[0].gate_up[0], PackedTensor)
+    (seq,) = eng.generate([[1, 2, 3]], SamplingParams(max_tokens=3, ignore_eos=True))
+    assert seq.num_output_tokens == 3

@@ -1,7 +1,8 @@
 """`raymix serve` stopped as a container runtime or a terminal stops it: SIGTERM to its whole
 process group while a stream runs. It stops taking requests, lets the stream finish (the
-drain), and exits with every process it started gone, Ray's included. Its own Ray (the
-embedded one `raymix serve` starts), on 127.0.0.1; one run, bounded in time."""
+drain), and exits with every process it started gone, Ray's included. And `raymix serve` whose
+router cannot start says why in one line and exits 1. Its own Ray (the embedded one `raymix
+serve` starts), on 127.0.0.1; each run bounded in time."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from launch.bringup import wait_healthy
+from launch.bringup import replica_error, wait_healthy
 from tests.cluster_harness import free_port
 
 DRAIN_S = 20
@@ -82,3 +83,34 @@ def test_sigterm_to_the_group_drains_the_stream_and_leaves_nothing_running(tmp_p
             os.killpg(os.getpgid(proc.pid), signal.SIGKILL)
         log.close()
         print((tmp_path / "serve.log").read_text()[-3000:])
+
+
+def test_a_router_that_cannot_start_is_reported_in_one_line(tmp_path):
+    """The router's engine fails to build (a context that its KV cache cannot hold): `raymix
+    serve` prints the replica's own error as one line, no Ray traceback, and exits 1."""
+    raymix = Path(sys.executable).parent / "raymix"
+    args = ["--port", str(free_port()), "--expert-shards", "0", "--max-model-len", "4096"]
+    done = subprocess.run(
+        [str(raymix), "serve", *args, "--kv-cache-memory-mb", "1"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        start_new_session=True,
+    )
+    assert done.returncode == 1, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("raymix: Router failed to start: max_model_len 4096 does not fit"), last
+    assert "Traceback" not in done.stderr and "Traceback" not in done.stdout
+
+
+def test_a_replicas_error_is_the_last_line_of_serves_message():
+    message = (
+        "The deployment failed to start 3 times in a row. This may be due to a problem with its "
+        "constructor or initial health check failing. See controller logs for details. Error:\n"
+        "ray::ServeReplica:raymix:ExpertShard0.initialize_and_get_metadata() (pid=7120)\n"
+        '  File "/x/replica.py", line 1928, in initialize\n'
+        "    raise RuntimeError(traceback.format_exc()) from None\n"
+        "moe.errors.CheckpointError: /m/config.json: model_type 'gpt2' is not supported\n"
+    )
+    assert replica_error(message) == "/m/config.json: model_type 'gpt2' is not supported"
+    assert replica_error("RuntimeError: CUDA out of memory") == "CUDA out of memory"
