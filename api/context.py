@@ -17,9 +17,9 @@ from api.errors import APIError, EngineUnavailable
 from api.metrics import ServingMetrics
 from api.protocol import UsageInfo
 from cluster.config import RaymixSettings
-from moe.checkpoint import checkpoint_revision
+from moe.checkpoint.quantization import QuantizationConfig
+from moe.checkpoint.reader import checkpoint_revision
 from moe.errors import CheckpointError
-from moe.quantization import QuantizationConfig
 from moe.tokenizer import Tokenizer
 
 
@@ -28,7 +28,7 @@ class ServingContext:
     settings: RaymixSettings
     engine: EngineClient
     tokenizer: Tokenizer
-    defaults: dict[str, Any]  # generation defaults (moe.generation): the checkpoint's, overridden
+    defaults: dict[str, Any]  # generation defaults (moe.engine.generation): the checkpoint's, overridden
     metrics: ServingMetrics
     max_model_len: int | None = None  # learned from the engine on first use
 

@@ -25,8 +25,8 @@ from cluster.messages import (
     Refusal,
     RouterStats,
 )
-from moe.async_engine import AsyncEngine, Item, Sink
-from moe.sequence import RequestOutput
+from moe.engine.async_engine import AsyncEngine, Item, Sink
+from moe.engine.sequence import RequestOutput
 
 
 class Outputs:

@@ -56,7 +56,7 @@ REQUEST_METRICS = (
     MetricSpec("inter_token_latency_seconds", "histogram", "Time between output tokens"),
     MetricSpec("request_queue_time_seconds", "histogram", "Time from arrival to first scheduled"),
 )
-# each router's engine state, fields of moe.engine.EngineStats
+# each router's engine state, fields of moe.engine.llm_engine.EngineStats
 ENGINE_GAUGES = (
     MetricSpec("num_requests_running", "gauge", "Sequences in the running batch", ("router",)),
     MetricSpec("num_requests_waiting", "gauge", "Sequences waiting to be scheduled", ("router",)),

@@ -162,7 +162,7 @@ class SamplingFields(BaseModel):
         prompt_logprobs: int | None = None,
     ) -> SamplingParams:
         """The engine's parameters for choice `choice`; what the request leaves out comes from
-        `defaults` (moe.generation), then OpenAI's defaults."""
+        `defaults` (moe.engine.generation), then OpenAI's defaults."""
         d = defaults or {}
 
         def pick(name: str, openai_default: Any) -> Any:
@@ -445,7 +445,7 @@ class ModelCard(BaseModel):
     owned_by: str = "raymix"
     root: str
     max_model_len: int | None
-    revision: str | None = None  # the checkpoint's content hash (moe.checkpoint.checkpoint_revision)
+    revision: str | None = None  # the checkpoint's content hash (moe.checkpoint.reader.checkpoint_revision)
     quantization: str | None = None  # "fp8" when the weights are held as FP8; None: as stored
 
 

@@ -26,9 +26,9 @@ from api.errors import APIError, EngineUnavailable
 from api.protocol import SamplingFields, error_body
 from api.tool_calls import ChatPlan
 from cluster.messages import GenerateRequest, Refusal
+from moe.engine.sequence import RequestOutput
 from moe.errors import RequestError
 from moe.sampling import Logprobs
-from moe.sequence import RequestOutput
 
 
 def _empty_output(request_id: str, prompt_tokens: int) -> RequestOutput:

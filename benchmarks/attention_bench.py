@@ -2,10 +2,10 @@
 
 A decode step's attention must read each sequence's cached K and V once: B·ctx·Hkv·D·2
 elements. That many bytes over the device's measured copy bandwidth is the fastest it can be.
-Two ways of doing it, both as the decode CUDA graph runs them (moe.decode_path), timed per layer:
-- `sdpa` (moe.attention.DenseDecode, the reference): each context's slots gathered into a
+Two ways of doing it, both as the decode CUDA graph runs them (moe.engine.decode_path), timed per layer:
+- `sdpa` (moe.layers.attention.DenseDecode, the reference): each context's slots gathered into a
   dense [B, L] tensor (L the context padded to a power of two), then one SDPA call;
-- `flex` (moe.flex_decode): FlexAttention compiled, reading the pages in place through a
+- `flex` (moe.layers.flex_decode): FlexAttention compiled, reading the pages in place through a
   block mask made of the block tables.
 On CUDA each is captured in a CUDA graph and replayed (as the engine does: launch costs out);
 on CPU it is called directly. Attention shape of Mixtral (32 query / 8 KV heads, head dim 128),
@@ -26,11 +26,11 @@ import torch
 from gpu_bench import copy_bandwidth, sync  # benchmarks/gpu_bench.py
 from report import save  # benchmarks/report.py
 
-from moe.attention import DenseDecode
 from moe.config import ModelConfig
-from moe.decode_path import context_buckets, smallest_fit
-from moe.flex_decode import FlexDecode
-from moe.kv_cache import KVCache
+from moe.engine.decode_path import context_buckets, smallest_fit
+from moe.engine.kv_cache import KVCache
+from moe.layers.attention import DenseDecode
+from moe.layers.flex_decode import FlexDecode
 
 
 def layer_seconds(run, device: torch.device, iters: int) -> float:

@@ -26,13 +26,14 @@ import time
 import torch
 from report import save  # benchmarks/report.py
 
-from moe.checkpoint import CheckpointReader
+from moe.checkpoint.reader import CheckpointReader
+from moe.checkpoint.tiny import default_model_dir
 from moe.config import ModelConfig
+from moe.expert_parallel.placement import Placement, combine, dispatch, partition_experts
 from moe.expert_parallel.remote import RemoteExperts, ShardLink
 from moe.expert_parallel.rendezvous import Rendezvous, open_store
 from moe.expert_parallel.server import ShardServer
-from moe.experts import LocalExperts, Placement, combine, dispatch, partition_experts, select_experts
-from moe.tiny import default_model_dir
+from moe.layers.experts import LocalExperts, select_experts
 
 TIMEOUT = datetime.timedelta(seconds=60)
 

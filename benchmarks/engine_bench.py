@@ -22,11 +22,11 @@ from typing import Any
 import torch
 from report import median_of, save  # benchmarks/report.py
 
-from moe.engine import EngineConfig, LLMEngine
+from moe.checkpoint.quantization import QuantizationConfig
+from moe.checkpoint.tiny import default_model_dir
+from moe.engine.llm_engine import EngineConfig, LLMEngine
 from moe.expert_parallel.backend import InProcessExperts
-from moe.quantization import QuantizationConfig
 from moe.sampling import SamplingParams
-from moe.tiny import default_model_dir
 
 
 def prompts(tok, n: int) -> list[list[int]]:

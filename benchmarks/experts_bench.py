@@ -1,4 +1,4 @@
-"""One MoE layer's experts: grouped GEMMs (moe.experts.LocalExperts.forward) against the
+"""One MoE layer's experts: grouped GEMMs (moe.layers.experts.LocalExperts.forward) against the
 per-expert loop it replaced, on this device, per token count.
 
 The loop takes each expert's tokens with a `nonzero()` (a host sync per expert) and runs two
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from report import save  # benchmarks/report.py
 
 from moe.config import ModelConfig
-from moe.experts import LocalExperts, select_experts
+from moe.layers.experts import LocalExperts, select_experts
 
 
 def loop_forward(ex: LocalExperts, layer: int, x, expert_ids, weights):

@@ -37,18 +37,18 @@ from pathlib import Path
 import torch
 from report import median_of, save  # benchmarks/report.py
 
-from moe.checkpoint import CheckpointReader
+from moe.checkpoint.reader import CheckpointReader
+from moe.checkpoint.tiny import make_tiny
 from moe.config import ModelConfig
-from moe.engine import EngineConfig, LLMEngine
+from moe.engine.llm_engine import EngineConfig, LLMEngine
 from moe.expert_parallel.backend import InProcessExperts
 from moe.expert_parallel.local_shards import LocalShards
 from moe.expert_parallel.remote import RemoteExperts
-from moe.fp8 import Fp8Tensor
-from moe.model import MixtralDense
+from moe.layers.fp8 import Fp8Tensor
+from moe.layers.weights import Linear
+from moe.models.transformer import MixtralDense
 from moe.sampling import SamplingParams
-from moe.tiny import make_tiny
 from moe.tokenizer import load_tokenizer
-from moe.weights import Linear
 
 MIXTRAL_8X7B_LAYER = dict(
     hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8

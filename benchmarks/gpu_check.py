@@ -43,9 +43,9 @@ CPU_TESTS = ["tests/test_cuda_graph.py", "tests/test_gpu_readiness.py"]
 
 SYNC_DEBUG = """
 import torch
-from moe.engine import EngineConfig, LLMEngine
+from moe.engine.llm_engine import EngineConfig, LLMEngine
 from moe.sampling import SamplingParams
-from moe.tiny import make_tiny
+from moe.checkpoint.tiny import make_tiny
 d = make_tiny("/tmp/raymix-sync-check", hidden_size=256, intermediate_size=512)
 eng = LLMEngine.from_pretrained(d, EngineConfig(dtype="bfloat16", cuda_graphs=False, attention_backend="flex",
                                                 max_model_len=256))

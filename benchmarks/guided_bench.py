@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from report import save  # benchmarks/report.py
 
+from moe.checkpoint.tiny import default_model_dir
 from moe.guided import GrammarTokenizer, allowed_tokens, json_grammar
-from moe.tiny import default_model_dir
 
 SCHEMA = {
     "type": "object",
@@ -150,7 +150,7 @@ def run_outlines(hf_tok, vocab: int, tokens: int, rng) -> tuple[float, list[floa
 
 
 def engine_decode_step(model_dir) -> float:
-    from moe.engine import EngineConfig, LLMEngine
+    from moe.engine.llm_engine import EngineConfig, LLMEngine
     from moe.sampling import SamplingParams
 
     eng = LLMEngine.from_pretrained(model_dir, EngineConfig(max_model_len=256))

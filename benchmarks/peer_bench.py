@@ -159,7 +159,7 @@ def main() -> None:
     ap.add_argument("--raymix-args", default="", help="more `raymix serve` flags, one string")
     ap.add_argument("--name", default="peer_bench")
     args = ap.parse_args()
-    from moe.tiny import make_tiny
+    from moe.checkpoint.tiny import make_tiny
 
     model = Path(args.model) if args.model else Path(args.cache) / "medium"
     if not (model / "config.json").is_file():

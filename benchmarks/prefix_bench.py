@@ -17,9 +17,9 @@ import time
 
 from report import save  # benchmarks/report.py
 
-from moe.engine import EngineConfig, LLMEngine
+from moe.checkpoint.tiny import default_model_dir
+from moe.engine.llm_engine import EngineConfig, LLMEngine
 from moe.sampling import SamplingParams
-from moe.tiny import default_model_dir
 
 
 def ttfts(engine: LLMEngine, prompts: list[list[int]]) -> list[float]:

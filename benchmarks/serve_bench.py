@@ -259,7 +259,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from cluster.config import RaymixSettings
-    from moe.engine import EngineConfig, LLMEngine
+    from moe.engine.llm_engine import EngineConfig, LLMEngine
 
     settings = RaymixSettings(
         model=args.model,

@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from report import save  # benchmarks/report.py
 
-import moe.attention
-from moe.engine import EngineConfig, LLMEngine
+import moe.layers.attention
+from moe.engine.llm_engine import EngineConfig, LLMEngine
 from moe.sampling import SamplingParams
 
 PARTS = ["experts", "LM head", "projections", "attention", "sampler", "rest"]
@@ -64,7 +64,7 @@ def profile(model: Path, streams: int, tokens: int, threads: int) -> dict[str, f
             timer.hook("projections", m)
         if layer.gate is not None:
             timer.hook("projections", layer.gate)
-    moe.attention.paged_attention = timer.wrap("attention", moe.attention.paged_attention)
+    moe.layers.attention.paged_attention = timer.wrap("attention", moe.layers.attention.paged_attention)
     eng.sampler = timer.wrap("sampler", eng.sampler)  # type: ignore[assignment]
     words = ["the", "cat", "sat", "on", "a", "mat", "while", "experts", "routed", "every", "token", "to"]
     prompts = [eng.tokenizer.encode(" ".join(words[: 4 + i % 8])) for i in range(streams)]

@@ -5,7 +5,7 @@ parameters and bytes per shard, the router's dense weights, KV bytes per token, 
 the data plane per MoE layer, and a decode step time from first principles (weights streamed
 from HBM once per step; the dispatch over NVLink or InfiniBand; per-message latency). With
 `fp8`, the experts' and attention projections' weights count one byte each plus a float32 scale
-per output row (moe.fp8); embeddings, norms, gates and LM head stay at `dtype_bytes`. A dense
+per output row (moe.layers.fp8); embeddings, norms, gates and LM head stay at `dtype_bytes`. A dense
 model (Mistral) has no shards: its MLP is counted in the router's part. It is a model, not a
 measurement: docs/performance.md sets it beside what was measured on CPU.
 """
@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from moe.config import ModelConfig
-from moe.experts import partition_experts
+from moe.expert_parallel.placement import partition_experts
 
 MIXTRAL_8X7B = ModelConfig(
     vocab_size=32000,
@@ -150,10 +150,10 @@ def router_kv_tokens(
     max_num_seqs: int = 64,
 ) -> int:
     """Tokens of KV cache the router's GPU holds: what gpu_memory_utilization of it leaves after
-    the dense weights, the activations and the decode graphs (moe.kv_cache's sizing, on paper)."""
+    the dense weights, the activations and the decode graphs (moe.engine.kv_cache's sizing, on paper)."""
     import torch
 
-    from moe.kv_cache import GRAPH_RESERVE_BYTES, activation_bytes
+    from moe.engine.kv_cache import GRAPH_RESERVE_BYTES, activation_bytes
 
     dtype = torch.bfloat16 if dtype_bytes == 2 else torch.float32
     p = capacity_plan(cfg, 1 if cfg.is_moe else 0, dtype_bytes, fp8)

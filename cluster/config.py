@@ -16,8 +16,8 @@ import yaml
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from moe.engine import EngineConfig
-from moe.generation import GENERATION_KEYS
+from moe.engine.generation import GENERATION_KEYS
+from moe.engine.llm_engine import EngineConfig
 
 
 class RaymixSettings(BaseSettings):
@@ -241,7 +241,7 @@ class RaymixSettings(BaseSettings):
         return v
 
     def model_dir(self) -> Path:
-        from moe.tiny import default_model_dir
+        from moe.checkpoint.tiny import default_model_dir
 
         return Path(self.model) if self.model else default_model_dir()
 

@@ -23,11 +23,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from moe.engine import EngineStats
+from moe.engine.llm_engine import EngineStats
+from moe.engine.sequence import RequestOutput
 from moe.errors import RequestError
 from moe.expert_parallel.load import ExpertLoadSnapshot
 from moe.sampling import SamplingParams
-from moe.sequence import RequestOutput
 
 APP_NAME = "raymix"  # the Serve application
 INGRESS = "Ingress"

@@ -26,7 +26,7 @@ from typing import Any
 
 from cluster.config import RaymixSettings
 from moe.config import ModelConfig
-from moe.experts import partition_experts
+from moe.expert_parallel.placement import partition_experts
 
 log = logging.getLogger(__name__)
 

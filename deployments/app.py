@@ -20,7 +20,7 @@ from cluster.placement import cluster_gpus, deployment_plan, pin, reserve_nodes,
 from deployments.ingress import Ingress
 from deployments.router import Router
 from deployments.shard import ExpertShard
-from moe.checkpoint import open_checkpoint
+from moe.checkpoint.reader import open_checkpoint
 
 # how often a draining replica checks for requests still running (Serve's default 2 s, once per
 # deployment in the shutdown chain ingress -> router -> shards: ~6 s of an idle shutdown)

@@ -18,7 +18,7 @@ from api.metrics import ServingMetrics
 from cluster.config import RaymixSettings
 from deployments.ray_metrics import RayRequestMetrics
 from deployments.routers import Routers
-from moe.generation import generation_defaults
+from moe.engine.generation import generation_defaults
 from moe.tokenizer import load_tokenizer
 
 

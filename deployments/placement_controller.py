@@ -4,7 +4,7 @@ It holds the placement the data plane routes by and what each shard holds (prima
 replicas), and changes them while serving, for hot-expert replication (EPLB, `rebalance`) and
 elastic resizing (`resize`), always the same way: 1. shards load what they will compute
 (keeping what they compute now), 2. the engine switches its routing between two steps (a typed
-command through its inbox, moe.async_engine: run on the engine thread when no step is in flight,
+command through its inbox, moe.engine.async_engine: run on the engine thread when no step is in flight,
 so no step mixes placements and no layer batch routed the old way is left in flight), 3. shards
 drop what they no longer compute. Every (token, expert) pair is computed exactly once
 throughout, so no output changes.
@@ -28,8 +28,8 @@ from typing import Any
 from cluster.messages import EXPERT_SHARD, PlacementSnapshot, RebalanceResult, ResizeResult
 from deployments.shard_pool import ShardPool
 from moe.expert_parallel.eplb import balancedness, plan_replicas
+from moe.expert_parallel.placement import Placement, partition_experts
 from moe.expert_parallel.remote import RemoteExperts, ShardLink
-from moe.experts import Placement, partition_experts
 
 log = logging.getLogger("ray.serve")
 

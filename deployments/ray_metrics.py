@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from api.metrics import ENGINE_GAUGES, LATENCY_BUCKETS, REQUEST_METRICS, MetricSpec
-from moe.engine import EngineStats
+from moe.engine.llm_engine import EngineStats
 
 
 def _ray_metric(spec: MetricSpec) -> Any:
@@ -54,7 +54,7 @@ class RayEngineGauges:
 
 
 class RayGpuMemory:
-    """A deployment's GPU memory (moe.engine.gpu_memory) as raymix_gpu_memory_{used,total}_bytes,
+    """A deployment's GPU memory (moe.engine.llm_engine.gpu_memory) as raymix_gpu_memory_{used,total}_bytes,
     tagged with the deployment (and shard)."""
 
     def __init__(self, deployment: str) -> None:

@@ -1,6 +1,6 @@
 """Router: the Ray Serve deployment that hosts the engine (the dense part of the model).
 
-Thin by design: the engine runs on its own thread (moe.async_engine); the expert shards'
+Thin by design: the engine runs on its own thread (moe.engine.async_engine); the expert shards'
 processes and data-plane links are the ShardPool's; which shard computes which expert is the
 PlacementController's. What the router itself does is the engine host's job for the ingress:
 
@@ -51,15 +51,15 @@ from cluster.messages import (
 from deployments.placement_controller import PlacementController
 from deployments.ray_metrics import RayEngineGauges, RayGpuMemory
 from deployments.shard_pool import ShardPool
-from moe.async_engine import AsyncEngine, Sink
-from moe.checkpoint import open_checkpoint
-from moe.cpu_gemm import kernel_for
-from moe.engine import EngineStats, LLMEngine, gpu_memory, pick_device, pick_dtype
+from moe.checkpoint.reader import open_checkpoint
+from moe.engine.async_engine import AsyncEngine, Sink
+from moe.engine.llm_engine import EngineStats, LLMEngine, gpu_memory, pick_device, pick_dtype
+from moe.engine.sequence import RequestOutput
 from moe.expert_parallel.backend import ExpertBackend, InProcessExperts
 from moe.expert_parallel.remote import RemoteExperts
 from moe.expert_parallel.rendezvous import comm_device
-from moe.model import MixtralDense
-from moe.sequence import RequestOutput
+from moe.layers.cpu_gemm import kernel_for
+from moe.models.transformer import MixtralDense
 from moe.tokenizer import load_tokenizer
 
 log = logging.getLogger("ray.serve")

@@ -3,7 +3,7 @@
 Prefix affinity first: each router's prefix cache holds the prompts it has served, so a request
 whose prompt starts like one sent to router i (the same system prompt, an earlier turn of the
 same chat) goes to router i, where those blocks are cached. Blocks are named as the prefix cache
-names them (moe.kv_cache.block_hashes), and the owner of each of the last `capacity` names sent
+names them (moe.engine.kv_cache.block_hashes), and the owner of each of the last `capacity` names sent
 is remembered. The longest prefix remembered decides. A router with `slack` or more requests in
 flight beyond the least loaded one is passed over for the least loaded (a hot system prompt
 must not pile every request onto one router), and so is a router that is down. With no prefix
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from moe.kv_cache import block_hashes
+from moe.engine.kv_cache import block_hashes
 
 
 class RouterChoice:

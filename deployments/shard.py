@@ -21,12 +21,12 @@ import torch
 from cluster.config import RaymixSettings
 from cluster.messages import ShardInfo
 from deployments.ray_metrics import RayGpuMemory
-from moe.checkpoint import open_checkpoint
-from moe.cpu_gemm import kernel_for
-from moe.engine import gpu_memory, pick_device, pick_dtype
+from moe.checkpoint.reader import open_checkpoint
+from moe.engine.llm_engine import gpu_memory, pick_device, pick_dtype
 from moe.expert_parallel.rendezvous import Rendezvous
 from moe.expert_parallel.server import ShardServer
-from moe.experts import LocalExperts
+from moe.layers.cpu_gemm import kernel_for
+from moe.layers.experts import LocalExperts
 
 log = logging.getLogger("ray.serve")
 

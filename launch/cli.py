@@ -21,8 +21,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from cluster.config import RaymixSettings
-from moe.cpu_gemm import CpuGemmError, kernel_for
 from moe.errors import CheckpointError
+from moe.layers.cpu_gemm import CpuGemmError, kernel_for
 
 
 def add_settings_flags(parser: argparse.ArgumentParser) -> None:
@@ -51,8 +51,8 @@ def settings_from(ns: argparse.Namespace) -> RaymixSettings:
 
 def cmd_serve(ns: argparse.Namespace) -> int:
     from cluster.placement import expert_shards
-    from moe.checkpoint import open_checkpoint
-    from moe.engine import pick_device, pick_dtype
+    from moe.checkpoint.reader import open_checkpoint
+    from moe.engine.llm_engine import pick_device, pick_dtype
 
     s = settings_from(ns)
     cfg, quant, _ = open_checkpoint(s.model_dir(), s.quantization)  # refused here, before Ray starts
@@ -100,7 +100,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
 
 
 def cmd_make_tiny(ns: argparse.Namespace) -> int:
-    from moe.tiny import make_tiny
+    from moe.checkpoint.tiny import make_tiny
 
     sizes = {
         k: v
@@ -125,9 +125,9 @@ def cmd_make_tiny(ns: argparse.Namespace) -> int:
 
 
 def cmd_generate(ns: argparse.Namespace) -> int:
-    from moe.engine import EngineConfig, LLMEngine
+    from moe.checkpoint.tiny import default_model_dir
+    from moe.engine.llm_engine import EngineConfig, LLMEngine
     from moe.sampling import SamplingParams
-    from moe.tiny import default_model_dir
 
     model = ns.model or default_model_dir()
     config = EngineConfig(max_model_len=2048, quantization=ns.quantization)
@@ -156,8 +156,8 @@ def cmd_plan(ns: argparse.Namespace) -> int:
         gpus_needed,
         router_kv_tokens,
     )
-    from moe.checkpoint import open_checkpoint
-    from moe.tiny import default_model_dir
+    from moe.checkpoint.reader import open_checkpoint
+    from moe.checkpoint.tiny import default_model_dir
 
     models = {"mixtral-8x7b": MIXTRAL_8X7B, "mixtral-8x22b": MIXTRAL_8X22B}
     if ns.model in models:

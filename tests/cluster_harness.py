@@ -152,9 +152,9 @@ def reference_answers(questions: list[str], max_tokens: int) -> list[str]:
     import torch
     from transformers import MixtralForCausalLM
 
-    from moe.engine import EngineConfig, LLMEngine
+    from moe.checkpoint.tiny import default_model_dir
+    from moe.engine.llm_engine import EngineConfig, LLMEngine
     from moe.sampling import SamplingParams
-    from moe.tiny import default_model_dir
 
     model_dir = default_model_dir()
     eng = LLMEngine.from_pretrained(model_dir, EngineConfig(max_model_len=512))

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe.attention import AttentionMetadata
+from moe.checkpoint.tiny import make_tiny
+from moe.layers.attention import AttentionMetadata
 from moe.sampling import SamplingParams
-from moe.tiny import make_tiny
 
 # A second shape, different in every size: no GQA sharing ratio of the default, 4 experts,
 # Mixtral 8x7B's v1 tokenizer, a sliding window shorter than the prompts, a sharded checkpoint.

@@ -19,8 +19,8 @@ from api.context import ServingContext
 from api.engine_client import LocalEngineClient
 from api.metrics import ServingMetrics
 from cluster.config import RaymixSettings
-from moe.async_engine import AsyncEngine
-from moe.engine import EngineConfig, LLMEngine
+from moe.engine.async_engine import AsyncEngine
+from moe.engine.llm_engine import EngineConfig, LLMEngine
 from moe.tokenizer import load_tokenizer
 
 

@@ -23,10 +23,10 @@ from api.errors import EngineUnavailable
 from api.metrics import ServingMetrics
 from cluster.config import RaymixSettings
 from cluster.messages import GenerateRequest, ModelInfo, Refusal, RouterStats
-from moe.async_engine import AsyncEngine
-from moe.engine import EngineConfig, EngineStats, LLMEngine
+from moe.engine.async_engine import AsyncEngine
+from moe.engine.llm_engine import EngineConfig, EngineStats, LLMEngine
+from moe.engine.sequence import RequestOutput
 from moe.sampling import SamplingParams
-from moe.sequence import RequestOutput
 from moe.tokenizer import load_tokenizer
 
 KEY = "sk-api-test"
@@ -441,7 +441,7 @@ def test_request_ids_access_log_and_model_revision(api, tiny_dir, engine, caplog
     import logging
     import shutil
 
-    from moe.checkpoint import checkpoint_revision
+    from moe.checkpoint.reader import checkpoint_revision
 
     secret = "my secret prompt text"
     body = {"messages": [{"role": "user", "content": secret}], "max_tokens": 3, "temperature": 0}
@@ -484,7 +484,7 @@ def test_request_ids_access_log_and_model_revision(api, tiny_dir, engine, caplog
 
 def test_gpu_memory_is_exported_per_deployment():
     """On GPUs the router's stats carry each deployment's GPU memory (none on the CPU)."""
-    from moe.engine import gpu_memory
+    from moe.engine.llm_engine import gpu_memory
 
     assert gpu_memory(torch.device("cpu")) is None
     stats = RouterStats(EngineStats(), True, gpu_memory={"router": {"used": 5 * 2**30, "total": 80 * 2**30}})

@@ -14,7 +14,7 @@ import openai
 import pytest
 import requests
 
-from moe.engine import EngineConfig, LLMEngine
+from moe.engine.llm_engine import EngineConfig, LLMEngine
 from moe.sampling import SamplingParams
 from tests.cluster_harness import Raymix, free_port, metric, ray_cluster
 

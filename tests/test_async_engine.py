@@ -7,8 +7,8 @@ import threading
 
 import pytest
 
-from moe.async_engine import AsyncEngine
-from moe.engine import EngineConfig, LLMEngine
+from moe.engine.async_engine import AsyncEngine
+from moe.engine.llm_engine import EngineConfig, LLMEngine
 from moe.errors import RequestError
 from moe.expert_parallel.backend import InProcessExperts
 from moe.sampling import SamplingParams
@@ -161,7 +161,7 @@ def test_placement_changes_apply_between_steps(tiny_dir):
 def test_what_comes_after_stop_is_answered_not_left_waiting(tiny_dir):
     """A command queued behind Stop in the same inbox batch gets an error, not silence: the
     engine is held inside a between-steps call while Stop and two more commands queue up."""
-    from moe.async_engine import EngineDeadError, Sink, Stop
+    from moe.engine.async_engine import EngineDeadError, Sink, Stop
 
     eng = AsyncEngine(lambda: LLMEngine.from_pretrained(tiny_dir, EngineConfig(max_model_len=256)))
     assert eng.ready.wait(60) and eng.error is None

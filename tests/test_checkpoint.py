@@ -12,13 +12,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from moe.checkpoint import CheckpointReader, dense_tensor_shapes, expert_tensor_shapes, open_checkpoint
+from moe.checkpoint.reader import CheckpointReader, dense_tensor_shapes, expert_tensor_shapes, open_checkpoint
+from moe.checkpoint.tiny import random_weights
 from moe.config import ModelConfig
-from moe.engine import EngineConfig, LLMEngine
+from moe.engine.llm_engine import EngineConfig, LLMEngine
 from moe.errors import CheckpointError
-from moe.experts import LocalExperts
+from moe.layers.experts import LocalExperts
 from moe.sampling import SamplingParams
-from moe.tiny import random_weights
 
 
 def test_sharded_checkpoint_with_index_loads(other_dir):
@@ -171,7 +171,7 @@ def test_unsupported_quantization_is_refused_by_name(tiny_dir, tmp_path, method)
 
 
 def test_tensors_raymix_cannot_use_as_stored_are_refused(tiny_dir, tmp_path, tmp_path_factory):
-    from moe.fp8_checkpoint import write_fp8
+    from moe.checkpoint.fp8_export import write_fp8
 
     q = write_fp8(tiny_dir, tmp_path_factory.mktemp("fp8"), "compressed-tensors", "channel", "static")
     name = "model.layers.1.block_sparse_moe.experts.5.w2"

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from cluster.messages import ShardInfo
-from moe.engine import EngineConfig, LLMEngine
-from moe.fp8_checkpoint import write_dequantized, write_fp8
+from moe.checkpoint.fp8_export import write_dequantized, write_fp8
+from moe.checkpoint.tiny import default_model_dir
+from moe.engine.llm_engine import EngineConfig, LLMEngine
 from moe.sampling import SamplingParams
-from moe.tiny import default_model_dir
 from tests.cluster_harness import Raymix, free_port, ray_cluster
 from tests.conftest import hf_model
 

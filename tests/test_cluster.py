@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from moe.tiny import default_model_dir
+from moe.checkpoint.tiny import default_model_dir
 from tests.cluster_harness import (
     QUESTIONS,
     Raymix,

@@ -76,7 +76,7 @@ def test_generation_defaults_come_from_the_checkpoint_then_the_overrides(tmp_pat
     import json
 
     from api.protocol import ChatCompletionRequest
-    from moe.generation import generation_defaults
+    from moe.engine.generation import generation_defaults
 
     (tmp_path / "generation_config.json").write_text(
         json.dumps({"temperature": 0.3, "top_p": 0.8, "max_new_tokens": 50, "bos_token_id": 1})

@@ -1,4 +1,4 @@
-"""CPU GEMMs over weights prepacked for oneDNN (moe.cpu_gemm) against torch's own GEMM, the
+"""CPU GEMMs over weights prepacked for oneDNN (moe.layers.cpu_gemm) against torch's own GEMM, the
 reference: the same products to float32 rounding, greedy outputs token-identical to
 transformers with either kernel, the kernel chosen by capability then by measurement or by the
 setting, and torch's GEMM where oneDNN's packed path cannot run (its private ops missing, or bf16
@@ -12,14 +12,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe import cpu_gemm
-from moe.checkpoint import CheckpointReader
+from moe.checkpoint.reader import CheckpointReader
 from moe.config import ModelConfig
-from moe.cpu_gemm import PackedTensor
-from moe.engine import EngineConfig, LLMEngine
-from moe.experts import LocalExperts
+from moe.engine.llm_engine import EngineConfig, LLMEngine
+from moe.layers import cpu_gemm
+from moe.layers.cpu_gemm import PackedTensor
+from moe.layers.experts import LocalExperts
+from moe.layers.weights import Linear, grouped_mm, linear
 from moe.sampling import SamplingParams
-from moe.weights import Linear, grouped_mm, linear
 from tests.test_reference import ARRIVALS, GREEDY, PROMPTS, hf_greedy
 
 needs_onednn = pytest.mark.skipif(not cpu_gemm.available(), reason="this torch has no oneDNN linear ops")
@@ -107,12 +107,12 @@ def test_the_kernel_is_chosen_by_capability_then_measurement_or_setting(monkeypa
     for dtype in (torch.float32, torch.bfloat16):
         if cpu_gemm.unsupported(dtype) is None:
             assert choose("onednn", dtype) == "onednn"
-            with caplog.at_level(logging.INFO, logger="moe.cpu_gemm"):
+            with caplog.at_level(logging.INFO, logger="moe.layers.cpu_gemm"):
                 picked = choose("auto", dtype)
             assert picked in ("onednn", "torch") and f"using {picked}" in caplog.text  # with its numbers
     monkeypatch.setattr(cpu_gemm, "available", lambda: False)  # a torch without the private ops
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="moe.cpu_gemm"):
+    with caplog.at_level(logging.INFO, logger="moe.layers.cpu_gemm"):
         assert choose("auto", torch.float32) == "torch"
     assert "no mkldnn._linear_pointwise" in caplog.text
     with pytest.raises(cpu_gemm.CpuGemmError, match=r"no mkldnn\._linear_pointwise"):
@@ -131,7 +131,7 @@ def test_bf16_on_a_cpu_without_avx512_takes_torchs_gemm(monkeypatch, caplog, tin
         cpu_gemm, "_trial", lambda dtype: AVX2_BF16 if dtype == torch.bfloat16 else None
     )  # the answer this CPU would give without AVX-512
     choose = cpu_gemm.choose.__wrapped__
-    with caplog.at_level(logging.INFO, logger="moe.cpu_gemm"):
+    with caplog.at_level(logging.INFO, logger="moe.layers.cpu_gemm"):
         assert choose("auto", torch.bfloat16) == "torch"
     (line,) = [r.getMessage() for r in caplog.records if "bfloat16" in r.getMessage()]
     assert line == f"CPU GEMM (bfloat16): torch's, as {AVX2_BF16}"

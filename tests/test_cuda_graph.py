@@ -1,4 +1,4 @@
-"""Decode steps through moe.decode_path: the padded, static-buffer step equals the eager one.
+"""Decode steps through moe.engine.decode_path: the padded, static-buffer step equals the eager one.
 
 On CPU the padded step runs without capture (the same code the graph records); on a GPU the
 graphs are captured and replayed. Either way the outputs must not change."""
@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe.attention import AttentionMetadata
-from moe.decode_path import batch_buckets, context_buckets, graphs_runnable
-from moe.engine import EngineConfig, LLMEngine
+from moe.engine.decode_path import batch_buckets, context_buckets, graphs_runnable
+from moe.engine.llm_engine import EngineConfig, LLMEngine
+from moe.layers.attention import AttentionMetadata
 from moe.sampling import SamplingParams
 from tests.test_reference import PROMPTS
 

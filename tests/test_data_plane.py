@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe.checkpoint import CheckpointReader
+from moe.checkpoint.reader import CheckpointReader
 from moe.config import ModelConfig
-from moe.engine import EngineConfig, LLMEngine
+from moe.engine.llm_engine import EngineConfig, LLMEngine
 from moe.expert_parallel.backend import InProcessExperts
 from moe.expert_parallel.local_shards import LocalShards
-from moe.model import MixtralDense
+from moe.models.transformer import MixtralDense
 from moe.sampling import SamplingParams
 from moe.tokenizer import load_tokenizer
 
@@ -61,8 +61,8 @@ def remote_whole(tiny_dir):
 
 def test_the_wire_carries_expert_ids_as_integers():
     """A layer batch encoded and decoded: ids int32 (the -1s too), weights float32, x in its dtype."""
+    from moe.expert_parallel.placement import ShardBatch
     from moe.expert_parallel.wire import HEADER_BYTES, decode, encode
-    from moe.experts import ShardBatch
 
     x = torch.randn(5, 16, dtype=torch.bfloat16)
     b = ShardBatch(torch.tensor([4, 0, 2]), torch.tensor([[7, -1], [-1, 3], [1, 6]]), torch.rand(3, 2))

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from moe.checkpoint import CheckpointReader
+from moe.checkpoint.reader import CheckpointReader
 from moe.config import ModelConfig
 from moe.expert_parallel.eplb import balancedness, plan_replicas, shard_loads
-from moe.experts import LocalExperts, select_experts
+from moe.layers.experts import LocalExperts, select_experts
 
 GROUPS = [[0, 1], [2, 3], [4, 5], [6, 7]]
 

@@ -8,15 +8,8 @@ import torch.nn.functional as F
 
 from moe.config import ModelConfig
 from moe.expert_parallel.backend import InProcessExperts
-from moe.experts import (
-    LocalExperts,
-    Placement,
-    assign,
-    dispatch,
-    dispatch_whole,
-    partition_experts,
-    select_experts,
-)
+from moe.expert_parallel.placement import Placement, assign, dispatch, dispatch_whole, partition_experts
+from moe.layers.experts import LocalExperts, select_experts
 
 
 def reference_moe(x, router_logits, w1, w3, w2, top_k):

@@ -1,5 +1,5 @@
-"""Decode attention over the KV pages in place (moe.flex_decode) against the dense gather it
-replaces on GPUs (moe.attention.DenseDecode, the reference): the same outputs for shuffled and
+"""Decode attention over the KV pages in place (moe.layers.flex_decode) against the dense gather it
+replaces on GPUs (moe.layers.attention.DenseDecode, the reference): the same outputs for shuffled and
 shared blocks, partial last blocks, padded rows and a sliding window, through FlexAttention's
 reference path and through the kernel torch.compile makes of it (on CPU here, Triton on CUDA)."""
 
@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch._dynamo.exc import FailOnRecompileLimitHit
 
-from moe.attention import DenseDecode
 from moe.config import ModelConfig
-from moe.engine import EngineConfig, LLMEngine
-from moe.flex_decode import FlexDecode
-from moe.kv_cache import KVCache
+from moe.engine.kv_cache import KVCache
+from moe.engine.llm_engine import EngineConfig, LLMEngine
+from moe.layers.attention import DenseDecode
+from moe.layers.flex_decode import FlexDecode
 from moe.sampling import SamplingParams
 from tests.test_reference import PROMPTS
 

@@ -12,16 +12,16 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from moe.checkpoint import CheckpointReader, expert_shapes, open_checkpoint
-from moe.engine import EngineConfig, LLMEngine
+from moe.checkpoint.fp8_export import quantize_as_stored, write_dequantized, write_fp8
+from moe.checkpoint.reader import CheckpointReader, expert_shapes, open_checkpoint
+from moe.engine.llm_engine import EngineConfig, LLMEngine
 from moe.expert_parallel.backend import InProcessExperts
-from moe.experts import LocalExperts
-from moe.fp8 import FP8, FP8_MAX, Fp8Tensor, quantize_activations
-from moe.fp8 import grouped_mm as fp8_grouped_mm
-from moe.fp8_checkpoint import quantize_as_stored, write_dequantized, write_fp8
-from moe.model import MixtralDense
+from moe.layers.experts import LocalExperts
+from moe.layers.fp8 import FP8, FP8_MAX, Fp8Tensor, quantize_activations
+from moe.layers.fp8 import grouped_mm as fp8_grouped_mm
+from moe.layers.weights import Linear
+from moe.models.transformer import MixtralDense
 from moe.sampling import SamplingParams
-from moe.weights import Linear
 from tests.conftest import hf_model
 from tests.test_reference import ARRIVALS, PROMPTS, hf_greedy
 

@@ -20,11 +20,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from moe.config import ModelConfig
-from moe.decode_path import graphs_runnable, pick_attention
-from moe.engine import EngineConfig, LLMEngine
-from moe.experts import grouped_gemm_misaligned
-from moe.flex_decode import FlexDecode
-from moe.kv_cache import KVCache
+from moe.engine.decode_path import graphs_runnable, pick_attention
+from moe.engine.kv_cache import KVCache
+from moe.engine.llm_engine import EngineConfig, LLMEngine
+from moe.layers.experts import grouped_gemm_misaligned
+from moe.layers.flex_decode import FlexDecode
 from moe.sampling import SamplingParams
 from tests.test_reference import PROMPTS
 
@@ -133,9 +133,9 @@ def test_no_host_sync_in_decode_forwards_and_a_fixed_number_per_prefill(tiny_dir
 def test_no_host_sync_with_remote_experts(tiny_dir):
     """The router's side of the data plane as it runs on a GPU (every shard gets the whole layer
     batch: no routing read on the host), with shards in spawned processes."""
-    from moe.checkpoint import CheckpointReader
+    from moe.checkpoint.reader import CheckpointReader
     from moe.expert_parallel.local_shards import LocalShards
-    from moe.model import MixtralDense
+    from moe.models.transformer import MixtralDense
     from moe.tokenizer import load_tokenizer
 
     shards = LocalShards(tiny_dir, 2, whole_batch=True, timeout=datetime.timedelta(seconds=120))

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, Field
 
-from moe.engine import EngineConfig, LLMEngine
+from moe.engine.llm_engine import EngineConfig, LLMEngine
 from moe.errors import RequestError
 from moe.guided import apply_bitmask, bound_schema, json_grammar, tool_call_grammar
 from moe.sampling import SamplingParams

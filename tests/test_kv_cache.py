@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe.attention import AttentionMetadata
 from moe.config import ModelConfig
-from moe.engine import EngineConfig, LLMEngine
-from moe.kv_cache import KVCache
+from moe.engine.kv_cache import KVCache
+from moe.engine.llm_engine import EngineConfig, LLMEngine
+from moe.layers.attention import AttentionMetadata
 from moe.sampling import SamplingParams
 from tests.conftest import all_position_logits
 
@@ -96,7 +96,7 @@ def test_slot_mapping_equals_per_position_reference():
 def test_kv_cache_is_sized_from_the_gpu(monkeypatch):
     """On a GPU the cache takes what gpu_memory_utilization leaves after the weights (already
     loaded: in the free memory), the activations and the graphs; none left is a clear error."""
-    from moe.kv_cache import GRAPH_RESERVE_BYTES, activation_bytes, kv_cache_budget
+    from moe.engine.kv_cache import GRAPH_RESERVE_BYTES, activation_bytes, kv_cache_budget
 
     cfg = ModelConfig()  # Mixtral 8x7B's shapes
     gib = 2**30

@@ -11,9 +11,9 @@ import pytest
 
 from cluster.config import RaymixSettings
 from cluster.placement import deployment_plan
+from moe.checkpoint.fp8_export import write_dequantized, write_fp8
 from moe.config import ModelConfig
-from moe.engine import EngineConfig, LLMEngine
-from moe.fp8_checkpoint import write_dequantized, write_fp8
+from moe.engine.llm_engine import EngineConfig, LLMEngine
 from moe.sampling import SamplingParams
 from tests.conftest import hf_model
 from tests.test_reference import ARRIVALS, PROMPTS, hf_greedy

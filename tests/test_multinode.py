@@ -8,9 +8,9 @@ from __future__ import annotations
 import openai
 import pytest
 
-from moe.engine import EngineConfig, LLMEngine
+from moe.checkpoint.tiny import default_model_dir
+from moe.engine.llm_engine import EngineConfig, LLMEngine
 from moe.sampling import SamplingParams
-from moe.tiny import default_model_dir
 from tests.cluster_harness import free_port, greedy_answers
 
 QUESTIONS = ["Hi", "What is a mixture of experts?", "Count from one to ten.", "x"]

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from moe.checkpoint import expert_tensor_shapes
+from moe.checkpoint.reader import expert_tensor_shapes
+from moe.checkpoint.tiny import default_model_dir
 from moe.config import ModelConfig
-from moe.tiny import default_model_dir
 from tests.cluster_harness import Raymix, free_port, ray_cluster
 
 

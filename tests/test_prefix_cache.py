@@ -4,8 +4,8 @@ evicted blocks are recomputed, and the cache never lends a block that is still b
 
 from __future__ import annotations
 
-from moe.engine import EngineConfig, LLMEngine
-from moe.kv_cache import BlockManager
+from moe.engine.kv_cache import BlockManager
+from moe.engine.llm_engine import EngineConfig, LLMEngine
 from moe.sampling import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)

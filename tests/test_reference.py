@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe.engine import EngineConfig, LLMEngine
+from moe.engine.llm_engine import EngineConfig, LLMEngine
 from moe.sampling import SamplingParams
 from tests.conftest import all_position_logits
 

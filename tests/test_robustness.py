@@ -15,7 +15,7 @@ import time
 import httpx
 import pytest
 
-from moe.engine import EngineConfig, LLMEngine
+from moe.engine.llm_engine import EngineConfig, LLMEngine
 from moe.expert_parallel.backend import InProcessExperts
 from tests.cluster_harness import Raymix, free_port, ray_cluster, same_id_requests
 from tests.local_server import local_server

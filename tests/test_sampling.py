@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe.engine import EngineConfig, LLMEngine
+from moe.engine.llm_engine import EngineConfig, LLMEngine
 from moe.errors import RequestError
 from moe.sampling import SamplingParams, draw, filter_probs, process_logits
 

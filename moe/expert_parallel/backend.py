@@ -13,10 +13,11 @@ from typing import Any, Protocol
 
 import torch
 
-from moe.checkpoint import CheckpointReader
+from moe.checkpoint.quantization import QuantizationConfig
+from moe.checkpoint.reader import CheckpointReader
 from moe.config import ModelConfig
-from moe.experts import LocalExperts, Placement, combine, dispatch, partition_experts
-from moe.quantization import QuantizationConfig
+from moe.expert_parallel.placement import Placement, combine, dispatch, partition_experts
+from moe.layers.experts import LocalExperts
 
 
 class ExpertBackend(Protocol):

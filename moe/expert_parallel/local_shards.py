@@ -16,13 +16,14 @@ from pathlib import Path
 
 import torch
 
-from moe.checkpoint import CheckpointReader
+from moe.checkpoint.reader import CheckpointReader
 from moe.config import ModelConfig
+from moe.expert_parallel.placement import Placement, partition_experts
 from moe.expert_parallel.remote import RemoteExperts, ShardLink
 from moe.expert_parallel.rendezvous import Rendezvous, open_store
 from moe.expert_parallel.server import ShardServer
 from moe.expert_parallel.wire import INLINE_TOKENS
-from moe.experts import LocalExperts, Placement, partition_experts
+from moe.layers.experts import LocalExperts
 
 
 def serve_shard(

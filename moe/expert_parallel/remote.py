@@ -28,9 +28,9 @@ import torch
 import torch.distributed as dist
 
 from moe.expert_parallel.load import ExpertLoad
+from moe.expert_parallel.placement import Placement, ShardBatch, assign, combine, dispatch, dispatch_whole
 from moe.expert_parallel.rendezvous import ROUTER, SHARD, Rendezvous, comm_device, pair_group
 from moe.expert_parallel.wire import BODY_TAG, HEAD_TAG, HEADER_BYTES, SHUTDOWN, encode
-from moe.experts import Placement, ShardBatch, assign, combine, dispatch, dispatch_whole
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from moe.allocator import keep_freed_memory
+from moe.engine.allocator import keep_freed_memory
 from moe.expert_parallel.rendezvous import (
     IDLE_TIMEOUT,
     ROUTER,
@@ -20,7 +20,7 @@ from moe.expert_parallel.rendezvous import (
     pair_group,
 )
 from moe.expert_parallel.wire import BODY_TAG, HEAD_TAG, HEADER_BYTES, SHUTDOWN, body_bytes, decode
-from moe.experts import LocalExperts
+from moe.layers.experts import LocalExperts
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class ShardServer:
         compute: threading.Lock | None = None,  # shared by a shard's servers: one batch at a time
     ):
         self.compute = compute or threading.Lock()
-        keep_freed_memory()  # this process's malloc keeps the layer batches' buffers (moe.allocator)
+        keep_freed_memory()  # this process's malloc keeps the layer batches' buffers (moe.engine.allocator)
         self.experts = experts
         self.num_threads = num_threads
         self.rendezvous = rendezvous

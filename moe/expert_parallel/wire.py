@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from moe.experts import ShardBatch
+from moe.expert_parallel.placement import ShardBatch
 
 FORWARD, SHUTDOWN = 1, 2
 HEADER_BYTES = 32  # [op, layer, n, inline] int64

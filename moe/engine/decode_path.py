@@ -12,12 +12,12 @@ engine start, in one place:
   the device: bf16 on SM90/SM100 (elsewhere torch's grouped GEMM reads its offsets on the host:
   graphs stay off, with a log line). `cuda_graphs=True` on a CPU runs the same padded step
   without capture: that is how the tests check it against the eager path on any machine.
-- **attention**: FlexAttention over the KV pages in place (moe.flex_decode; one graph per batch
+- **attention**: FlexAttention over the KV pages in place (moe.layers.flex_decode; one graph per batch
   bucket; on CUDA only with pages of a multiple of 16 tokens, the least Triton's dot takes), or
-  the dense gather of each context into [B, L], L a power of two (moe.attention.DenseDecode,
+  the dense gather of each context into [B, L], L a power of two (moe.layers.attention.DenseDecode,
   the reference: one graph per batch and context bucket).
 - neither (a CPU by default): decode steps take the engine's general path, exact shapes
-  (moe.attention.AttentionMetadata), and `takes` says no.
+  (moe.layers.attention.AttentionMetadata), and `takes` says no.
 Eager steps with FlexAttention (remote experts, float32 on CUDA) go through here too, padded to
 a bucket, each micro-batch ("lane", two with overlap) with its own buffers.
 
@@ -36,12 +36,12 @@ from typing import Any
 
 import torch
 
-from moe.attention import DenseDecode, decode_slots
+from moe.engine.kv_cache import KVCache
 from moe.expert_parallel.backend import ExpertBackend, InProcessExperts
-from moe.flex_decode import AVAILABLE as FLEX_AVAILABLE
-from moe.flex_decode import FlexDecode
-from moe.kv_cache import KVCache
-from moe.model import Metadata, MixtralDense
+from moe.layers.attention import DenseDecode, decode_slots
+from moe.layers.flex_decode import AVAILABLE as FLEX_AVAILABLE
+from moe.layers.flex_decode import FlexDecode
+from moe.models.transformer import Metadata, MixtralDense
 
 log = logging.getLogger(__name__)
 GRAPH_CAPABILITIES = ((9, 0), (10, 0), (10, 3))  # torch's grouped GEMM runs on the device (bf16)

@@ -1,6 +1,6 @@
 """A checkpoint's `quantization_config`: what raymix serves, and a one-line refusal for the rest.
 
-raymix serves FP8 E4M3 weights (moe.fp8) in the two formats the published FP8 Mixtrals use:
+raymix serves FP8 E4M3 weights (moe.layers.fp8) in the two formats the published FP8 Mixtrals use:
 compressed-tensors `float-quantized` (llm-compressor's; parsed with the compressed-tensors
 library: weight scales per tensor, per channel or per block, activations quantized per token at
 run time or with a static `input_scale`) and `quant_method: fp8` (AutoFP8's per-tensor scales,

@@ -8,9 +8,9 @@ mask that is causal, bounded by the context length and, if the model has one, by
 window. Attention is then one batched `scaled_dot_product_attention` over [B, max_q] × [B, max_kv].
 
 `DecodeMetadata` is the same for a step of decodes only (one new token per sequence) in
-fixed-shape tensors, as the CUDA-graph runner (moe.decode_path) keeps them in static buffers
+fixed-shape tensors, as the CUDA-graph runner (moe.engine.decode_path) keeps them in static buffers
 (`DenseDecode`): padded rows write to a scratch slot and see only it. It stays the reference
-for the decode attention that reads the pages in place (moe.flex_decode).
+for the decode attention that reads the pages in place (moe.layers.flex_decode).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from moe.kv_cache import KVCache
+from moe.engine.kv_cache import KVCache
 
 
 @dataclass

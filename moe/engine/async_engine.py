@@ -31,10 +31,10 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from moe.engine import EngineStats, LLMEngine
+from moe.engine.llm_engine import EngineStats, LLMEngine
+from moe.engine.sequence import RequestOutput
 from moe.errors import RequestError
 from moe.sampling import SamplingParams
-from moe.sequence import RequestOutput
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ that a shard never touches another shard's experts. Only safetensors is accepted
 
 `CheckpointReader.check` reads the files' headers only (names, dtypes, shapes) and refuses, in
 one line, any tensor raymix cannot use as it is stored, before a weight is read. Linear layers
-load as plain tensors or, stored FP8 (or quantized at load), as moe.fp8 tensors with their scales.
+load as plain tensors or, stored FP8 (or quantized at load), as moe.layers.fp8 tensors with their scales.
 Experts are named as the Hub's Mixtral files name them (`experts.{e}.w1/w3/w2`) or as
 llm-compressor writes them under transformers 5 (`experts.{e}.gate_proj/up_proj/down_proj`); a
 dense Mistral's MLP (`mlp.gate_proj/up_proj/down_proj`) is its one expert.
@@ -28,11 +28,11 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from moe.checkpoint.quantization import QuantizationConfig
 from moe.config import ModelConfig
 from moe.errors import CheckpointError
-from moe.fp8 import Fp8Tensor
-from moe.quantization import QuantizationConfig
-from moe.weights import Weight
+from moe.layers.fp8 import Fp8Tensor
+from moe.layers.weights import Weight
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ SINGLE_FILE = "model.safetensors"
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 PLAIN = ("F32", "BF16", "F16")  # safetensors dtypes read as they are (cast to the compute dtype)
-FP8_STORED = "F8_E4M3"  # a linear weight with its scale (moe.fp8)
+FP8_STORED = "F8_E4M3"  # a linear weight with its scale (moe.layers.fp8)
 WEIGHT_SCALES = ("weight_scale", "weight_scale_inv")  # compressed-tensors and AutoFP8; block FP8's
 INPUT_SCALES = ("input_scale", "act_scale")  # AutoFP8 wrote act_scale before June 2024
 PROJ = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}  # transformers' names of w1/w3/w2

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
+from moe.engine.sequence import Sequence
 from moe.guided import apply_bitmask
 from moe.sampling import draw, filter_probs, process_logits
-from moe.sequence import Sequence
 
 ALTERNATIVES = 8  # near the budget: allowed tokens tried, most likely first, before the closing path
 

@@ -21,17 +21,17 @@ from typing import cast
 import torch
 from torch import nn
 
-from moe import weights
-from moe.attention import AttentionMetadata, DecodeMetadata, RotaryEmbedding, apply_rotary
-from moe.checkpoint import CheckpointReader, dense_tensor_shapes, linear_modules
+from moe.checkpoint.quantization import QuantizationConfig
+from moe.checkpoint.reader import CheckpointReader, dense_tensor_shapes, linear_modules
 from moe.config import ModelConfig
+from moe.engine.kv_cache import KVCache
 from moe.expert_parallel.backend import ExpertBackend
-from moe.experts import select_experts
-from moe.flex_decode import FlexDecodeMetadata
-from moe.fp8 import Fp8Tensor, w8a8_supported
-from moe.kv_cache import KVCache
-from moe.quantization import QuantizationConfig
-from moe.weights import Linear
+from moe.layers import weights
+from moe.layers.attention import AttentionMetadata, DecodeMetadata, RotaryEmbedding, apply_rotary
+from moe.layers.experts import select_experts
+from moe.layers.flex_decode import FlexDecodeMetadata
+from moe.layers.fp8 import Fp8Tensor, w8a8_supported
+from moe.layers.weights import Linear
 
 Metadata = AttentionMetadata | DecodeMetadata | FlexDecodeMetadata  # a step's attention inputs
 
@@ -138,7 +138,7 @@ class MixtralDense(nn.Module):
     ) -> MixtralDense:
         """The dense part, its attention projections FP8 where the checkpoint stores them so (or
         `--quantization fp8` asks: quant.method "online"); gates and LM head always in `dtype`.
-        Linear weights are prepared for the `gemm` kernel (moe.cpu_gemm: packed for oneDNN)."""
+        Linear weights are prepared for the `gemm` kernel (moe.layers.cpu_gemm: packed for oneDNN)."""
         with torch.device("meta"):
             model = cls(cfg)
         shapes = dense_tensor_shapes(cfg)
@@ -159,7 +159,7 @@ class MixtralDense(nn.Module):
             w = weights.prepare(w, gemm)
             if isinstance(w, torch.Tensor):
                 state[_state_name(m) + ".weight"] = w
-            else:  # FP8 or packed: its module becomes a moe.weights.Linear holding it
+            else:  # FP8 or packed: its module becomes a moe.layers.weights.Linear holding it
                 parent, _, attr = _state_name(m).rpartition(".")  # "" for lm_head: the model
                 setattr(model.get_submodule(parent), attr, Linear(w, w8a8))
         if cfg.tie_word_embeddings:

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from collections import deque
 
-from moe.kv_cache import BlockManager
-from moe.sequence import Sequence, Status
+from moe.engine.kv_cache import BlockManager
+from moe.engine.sequence import Sequence, Status
 
 
 class Scheduler:

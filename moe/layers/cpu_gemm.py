@@ -18,7 +18,7 @@ that may be MKL), unless a setting says which. `--cpu-gemm onednn` where it cann
 error (`CpuGemmError`) at start-up.
 A `PackedTensor` holds one weight [N, K] or a stack of them [E, N, K] (one per expert), each
 matrix an opaque oneDNN tensor (the unpacked copy is not kept: the same bytes as the weight);
-moe.weights dispatches a layer's matmul to `linear` or, for the experts, `grouped_mm`, one GEMM
+moe.layers.weights dispatches a layer's matmul to `linear` or, for the experts, `grouped_mm`, one GEMM
 per expert with tokens: reading the group bounds on the host costs nothing on the CPU.
 """
 
@@ -121,7 +121,7 @@ def _trial(dtype: torch.dtype) -> str | None:
 
 
 def kernel_for(setting: str, device: torch.device | str, dtype: torch.dtype) -> str:
-    """The GEMM a process's weights are prepared for (moe.weights.prepare): "onednn" or
+    """The GEMM a process's weights are prepared for (moe.layers.weights.prepare): "onednn" or
     "torch"; GPUs always "torch" (their grouped GEMM and cuBLAS)."""
     return choose(setting, dtype) if torch.device(device).type == "cpu" else "torch"
 

@@ -1,6 +1,6 @@
 """Decode attention that reads each sequence's KV pages where they lie, with FlexAttention.
 
-The reference decode attention (moe.attention.DecodeMetadata) gathers every sequence's context
+The reference decode attention (moe.layers.attention.DecodeMetadata) gathers every sequence's context
 into a dense [B, L] tensor in every layer, L a power-of-two bucket: B·L·Hkv·D elements of K and
 of V copied out of the cache and read again, padding included. Here the cache of one layer is
 seen as one long sequence of slots, [1, Hkv, slots, D] (a view, no copy), and decode query b
@@ -27,8 +27,8 @@ from collections.abc import Callable
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from moe.attention import padded_rows
-from moe.kv_cache import KVCache
+from moe.engine.kv_cache import KVCache
+from moe.layers.attention import padded_rows
 
 log = logging.getLogger(__name__)
 

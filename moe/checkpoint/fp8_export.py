@@ -1,6 +1,6 @@
 """FP8 checkpoints written as llm-compressor and AutoFP8 write them, for the tests and benchmarks.
 
-raymix serves the FP8 checkpoints those tools make (moe.quantization); this writes the same
+raymix serves the FP8 checkpoints those tools make (moe.checkpoint.quantization); this writes the same
 layouts from an unquantized checkpoint, with no calibration data, so that every variant can be
 tested against a reference: `write_fp8` (compressed-tensors `float-quantized` or AutoFP8's
 `fp8`; weight scales per tensor, per channel or per block; dynamic or static activations; an
@@ -23,7 +23,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from moe.checkpoint import (
+from moe.checkpoint.quantization import QuantizationConfig
+from moe.checkpoint.reader import (
     INDEX_FILE,
     PROJ,
     SINGLE_FILE,
@@ -33,8 +34,7 @@ from moe.checkpoint import (
     linear_modules,
 )
 from moe.config import ModelConfig
-from moe.fp8 import FP8, FP8_MAX, Fp8Tensor
-from moe.quantization import QuantizationConfig
+from moe.layers.fp8 import FP8, FP8_MAX, Fp8Tensor
 
 STATIC_INPUT_SCALE = 8.0 / FP8_MAX  # activations up to |8| (normed inputs of unit variance)
 

@@ -2,8 +2,8 @@
 
 A weight [N, K] (or a stack of them, [E, N, K], one per expert) is held as one of:
 - a plain tensor in the compute dtype: torch's GEMM (`F.linear`, `F.grouped_mm`); the reference;
-- an `Fp8Tensor` (moe.fp8): FP8 values with their scales, W8A8 on FP8 GPUs, weight-only elsewhere;
-- a `PackedTensor` (moe.cpu_gemm): reordered once for oneDNN, on a CPU where that is the faster
+- an `Fp8Tensor` (moe.layers.fp8): FP8 values with their scales, W8A8 on FP8 GPUs, weight-only elsewhere;
+- a `PackedTensor` (moe.layers.cpu_gemm): reordered once for oneDNN, on a CPU where that is the faster
   kernel (`prepare`, after load).
 `linear` and `grouped_mm` dispatch on it; `Linear` is the module over one. The rest is what the
 experts' holder needs to regroup weights (`select`, `stack`, `cat_rows`) and count them (`nbytes`).
@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe import cpu_gemm, fp8
-from moe.cpu_gemm import PackedTensor
 from moe.errors import CheckpointError
-from moe.fp8 import Fp8Tensor
+from moe.layers import cpu_gemm, fp8
+from moe.layers.cpu_gemm import PackedTensor
+from moe.layers.fp8 import Fp8Tensor
 
 Weight = torch.Tensor | Fp8Tensor | PackedTensor
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from moe.checkpoint import INDEX_FILE, SINGLE_FILE, dense_tensor_shapes, expert_tensor_shapes
+from moe.checkpoint.reader import INDEX_FILE, SINGLE_FILE, dense_tensor_shapes, expert_tensor_shapes
 from moe.config import ModelConfig
 
 log = logging.getLogger(__name__)

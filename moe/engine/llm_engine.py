@@ -1,8 +1,8 @@
 """The engine: continuous batching over the dense model and an injected expert backend.
 
 `step()` is the whole loop body, as nano-vllm splits it: the scheduler picks the step's flat
-batch, the model runner runs it (moe.model_runner), the sampler picks a token per sequence
-(moe.sampler), and each sequence processes its token into an output (moe.sequence).
+batch, the model runner runs it (moe.engine.model_runner), the sampler picks a token per sequence
+(moe.engine.sampler), and each sequence processes its token into an output (moe.engine.sequence).
 Requests join (`add_request`) and leave (finish, `abort_request`) between steps; their KV
 blocks go back to the pool when they leave. The engine is single-threaded: whoever drives it
 (a test, the benchmark, the router deployment) calls these methods from one thread.
@@ -17,21 +17,21 @@ from pathlib import Path
 
 import torch
 
-from moe.allocator import keep_freed_memory
-from moe.checkpoint import open_checkpoint, parse_dtype
+from moe.checkpoint.reader import open_checkpoint, parse_dtype
 from moe.config import ModelConfig
-from moe.cpu_gemm import kernel_for
-from moe.decode_path import DecodePath
+from moe.engine.allocator import keep_freed_memory
+from moe.engine.decode_path import DecodePath
+from moe.engine.kv_cache import BlockManager, KVCache, kv_cache_budget
+from moe.engine.model_runner import ModelRunner
+from moe.engine.sampler import Sampler
+from moe.engine.scheduler import Scheduler
+from moe.engine.sequence import RequestOutput, Sequence, Status
 from moe.errors import OverloadedError, RequestError
 from moe.expert_parallel.backend import ExpertBackend, InProcessExperts
 from moe.guided import GrammarTokenizer
-from moe.kv_cache import BlockManager, KVCache, kv_cache_budget
-from moe.model import MixtralDense
-from moe.model_runner import ModelRunner
-from moe.sampler import Sampler
+from moe.layers.cpu_gemm import kernel_for
+from moe.models.transformer import MixtralDense
 from moe.sampling import SamplingParams
-from moe.scheduler import Scheduler
-from moe.sequence import RequestOutput, Sequence, Status
 from moe.tokenizer import IncrementalDetokenizer, Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -43,12 +43,12 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     block_size: int = 16
-    kv_cache_memory_bytes: int | None = None  # None: from the device (moe.kv_cache.kv_cache_budget)
+    kv_cache_memory_bytes: int | None = None  # None: from the device (moe.engine.kv_cache.kv_cache_budget)
     gpu_memory_utilization: float = 0.9  # on a GPU: the fraction of it this process's use may reach
     num_kv_blocks: int | None = None  # overrides both
     dtype: str = "auto"  # auto: float32 on CPU, the checkpoint's dtype on GPU
     quantization: str | None = None  # "fp8": quantize an unquantized checkpoint's linears at load
-    # the CPU's GEMM (moe.cpu_gemm): "onednn" over prepacked weights, "torch" (its default), or
+    # the CPU's GEMM (moe.layers.cpu_gemm): "onednn" over prepacked weights, "torch" (its default), or
     # "auto": the faster of the two on this CPU, measured once per process
     cpu_gemm: str = "auto"
     device: str = "auto"  # auto: cuda if available, else cpu
@@ -56,12 +56,12 @@ class EngineConfig:
     overlap: bool = False  # two micro-batches per step, so attention overlaps remote experts
     max_queued_requests: int = 1024  # waiting requests beyond the running batch; more are refused
     enable_prefix_caching: bool = True  # reuse the KV blocks of shared prompt prefixes
-    # decode steps replayed from CUDA graphs (moe.decode_path); None: on where the captured step
+    # decode steps replayed from CUDA graphs (moe.engine.decode_path); None: on where the captured step
     # can run (bf16 on SM90/SM100, experts in this process, unsplit, no overlap). True on a CPU
     # runs the same padded static-buffer step without capture (what the tests compare).
     cuda_graphs: bool | None = None
     # attention of decode-only steps (in the graphs or not): "flex" reads each sequence's KV
-    # pages in place (FlexAttention, compiled on CUDA: moe.flex_decode), "sdpa" gathers each
+    # pages in place (FlexAttention, compiled on CUDA: moe.layers.flex_decode), "sdpa" gathers each
     # context into a dense tensor first (the reference; prefill always); auto: flex on CUDA with
     # pages of a multiple of 16 tokens
     attention_backend: str = "auto"
@@ -112,7 +112,7 @@ class LLMEngine:
         tokenizer: Tokenizer | None = None,
         model_dir: str | Path | None = None,
     ):
-        keep_freed_memory()  # this process's malloc keeps the step's buffers (moe.allocator)
+        keep_freed_memory()  # this process's malloc keeps the step's buffers (moe.engine.allocator)
         self.cfg = cfg
         self.model = model
         self.experts = experts

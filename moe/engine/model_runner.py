@@ -5,7 +5,7 @@ input ids and attention metadata, runs the model (two micro-batches when overlap
 router's attention overlaps remote experts), records what is now in the KV cache, and returns
 the logits of the sequences whose prompt is complete (they sample this step); a sequence that
 asked for its prompt's logprobs (echo) gets them from its prompt's rows. A step of decodes only
-goes to the decode path when there is one (moe.decode_path: CUDA graphs, FlexAttention over the
+goes to the decode path when there is one (moe.engine.decode_path: CUDA graphs, FlexAttention over the
 pages), invisible to the engine. Nothing here reads a device tensor on the host: the rows that
 sample are known on the host and taken with one index_select per micro-batch.
 """
@@ -16,13 +16,13 @@ import time
 
 import torch
 
-from moe.attention import AttentionMetadata
 from moe.config import ModelConfig
-from moe.decode_path import DecodePath
+from moe.engine.decode_path import DecodePath
+from moe.engine.kv_cache import BlockManager, KVCache
+from moe.engine.sequence import Sequence
 from moe.expert_parallel.backend import ExpertBackend
-from moe.kv_cache import BlockManager, KVCache
-from moe.model import MixtralDense
-from moe.sequence import Sequence
+from moe.layers.attention import AttentionMetadata
+from moe.models.transformer import MixtralDense
 
 Scheduled = list[tuple[Sequence, int]]  # (sequence, tokens of it to compute this step)
 PROMPT_LOGITS_ROWS = 256  # prompt logprobs: logits of this many positions at once (256 x V floats)
