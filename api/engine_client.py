@@ -146,7 +146,7 @@ class LocalEngineClient:
     async def expert_status(self) -> ExpertStatus:
         await asyncio.to_thread(self.engine.ready.wait)
         eng = self.engine.engine
-        layers, experts = (eng.cfg.num_hidden_layers, eng.cfg.num_local_experts) if eng else (0, 0)
+        layers, experts = (eng.cfg.num_moe_layers, eng.cfg.num_local_experts) if eng else (0, 0)
         empty = [[0] * experts for _ in range(layers)]
         return ExpertStatus(
             ready=eng is not None and self.engine.error is None,

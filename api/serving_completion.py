@@ -37,6 +37,9 @@ class ServingCompletion:
         ctx = self.ctx
         model = ctx.model_name(req.model)
         prompts = [p if isinstance(p, list) else ctx.tokenizer.encode(p) for p in req.prompts()]
+        vocab = ctx.tokenizer.vocab_size  # as vLLM: an id the tokenizer cannot decode is refused
+        if any(not 0 <= t < vocab for p in prompts for t in p):
+            raise APIError.bad_request(f"prompt token ids must be in [0, {vocab})", "prompt")
         if len(prompts) > 1 and req.stream:
             raise APIError.bad_request("Streaming takes a single prompt.", "prompt")
         rid = f"cmpl-{request_id()}"  # X-Request-Id when the client sent one

@@ -46,7 +46,7 @@ from moe.expert_parallel.local_shards import LocalShards
 from moe.expert_parallel.remote import RemoteExperts
 from moe.layers.fp8 import Fp8Tensor
 from moe.layers.weights import Linear
-from moe.models.transformer import MixtralDense
+from moe.models.transformer import DenseModel
 from moe.sampling import SamplingParams
 from moe.tokenizer import load_tokenizer
 
@@ -132,7 +132,7 @@ def hf_decode_tok_s(hf, batch: list[list[int]], n: int, device: torch.device) ->
 def sharded_engine(model: Path, experts: RemoteExperts, config: EngineConfig) -> LLMEngine:
     cfg = ModelConfig.from_pretrained(model)
     device, dtype = torch.device(config.device), getattr(torch, config.dtype)
-    dense = MixtralDense.from_checkpoint(CheckpointReader(model), cfg, dtype, device)
+    dense = DenseModel.from_checkpoint(CheckpointReader(model), cfg, dtype, device)
     return LLMEngine(cfg, dense, experts, config, load_tokenizer(model))
 
 

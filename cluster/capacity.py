@@ -1,13 +1,13 @@
 """Capacity model on paper: memory per shard, bytes per dispatch, expected decode step time.
 
-For a Mixtral config and a number of expert shards (one GPU each) plus the router's GPU:
+For a model's config (any family) and a number of expert shards (one GPU each) plus the router's GPU:
 parameters and bytes per shard, the router's dense weights, KV bytes per token, bytes that cross
 the data plane per MoE layer, and a decode step time from first principles (weights streamed
 from HBM once per step; the dispatch over NVLink or InfiniBand; per-message latency). With
 `fp8`, the experts' and attention projections' weights count one byte each plus a float32 scale
-per output row (moe.layers.fp8); embeddings, norms, gates and LM head stay at `dtype_bytes`. A dense
-model (Mistral) has no shards: its MLP is counted in the router's part. It is a model, not a
-measurement: docs/performance.md sets it beside what was measured on CPU.
+per output row (moe.layers.fp8); embeddings, norms, gates and LM head stay at `dtype_bytes`. The
+MLPs of dense layers (all of a dense model's) and shared experts are counted in the router's
+part. It is a model, not a measurement: docs/performance.md sets it beside what was measured on CPU.
 """
 
 from __future__ import annotations
@@ -38,6 +38,44 @@ MIXTRAL_8X22B = ModelConfig(
     num_experts_per_tok=2,
     max_position_embeddings=65536,
 )
+QWEN3_30B_A3B = ModelConfig(  # Qwen/Qwen3-30B-A3B's config.json
+    model_type="qwen3_moe",
+    vocab_size=151936,
+    hidden_size=2048,
+    intermediate_size=6144,
+    moe_intermediate_size=768,
+    num_hidden_layers=48,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    head_dim=128,
+    num_local_experts=128,
+    num_experts_per_tok=8,
+    norm_topk_prob=True,
+    qk_norm="head",
+    max_position_embeddings=40960,
+)
+QWEN3_235B_A22B = ModelConfig(  # Qwen/Qwen3-235B-A22B's config.json
+    model_type="qwen3_moe",
+    vocab_size=151936,
+    hidden_size=4096,
+    intermediate_size=12288,
+    moe_intermediate_size=1536,
+    num_hidden_layers=94,
+    num_attention_heads=64,
+    num_key_value_heads=4,
+    head_dim=128,
+    num_local_experts=128,
+    num_experts_per_tok=8,
+    norm_topk_prob=True,
+    qk_norm="head",
+    max_position_embeddings=40960,
+)
+NAMED = {
+    "mixtral-8x7b": MIXTRAL_8X7B,
+    "mixtral-8x22b": MIXTRAL_8X22B,
+    "qwen3-30b-a3b": QWEN3_30B_A3B,
+    "qwen3-235b-a22b": QWEN3_235B_A22B,
+}
 LINKS = {  # effective one-way bandwidth (bytes/s) and per-message latency (s)
     "nvlink": (300e9, 8e-6),
     "infiniband-200g": (25e9, 12e-6),
@@ -60,20 +98,27 @@ class Plan:
 
 
 def capacity_plan(cfg: ModelConfig, num_shards: int, dtype_bytes: int = 2, fp8: bool = False) -> Plan:
-    h, i, L, d = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.attn_head_dim
+    h, L, d = cfg.hidden_size, cfg.num_hidden_layers, cfg.attn_head_dim
+    i, moe_layers = cfg.expert_intermediate_size, cfg.num_moe_layers
     weight_bytes = 1 if fp8 else dtype_bytes
     scale_bytes = 4 if fp8 else 0  # per output row
-    per_expert = 3 * h * i * L  # w1, w3, w2 of one expert id across all layers
-    expert_bytes = per_expert * weight_bytes + (2 * i + h) * L * scale_bytes
+
+    def mlp(inter: int) -> tuple[int, int]:  # a SwiGLU's (parameters, bytes as held)
+        return 3 * h * inter, 3 * h * inter * weight_bytes + (2 * inter + h) * scale_bytes
+
+    per_expert, expert_bytes = (n * moe_layers for n in mlp(i))  # one expert id across all MoE layers
     groups = partition_experts(cfg.num_local_experts, num_shards) if cfg.is_moe and num_shards else []
     q, kv_dim = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
     attn = h * q * 2 + h * kv_dim * 2
-    gate = cfg.num_local_experts * h if cfg.is_moe else 0
-    other = L * (gate + 2 * h) + cfg.vocab_size * h * (1 if cfg.tie_word_embeddings else 2) + h
+    gates = moe_layers * (cfg.num_local_experts * h + (h if cfg.shared_expert_intermediate_size else 0))
+    other = gates + L * 2 * h + cfg.vocab_size * h * (1 if cfg.tie_word_embeddings else 2) + h
     dense = L * attn + other
     dense_bytes = L * (attn * weight_bytes + (2 * q + 2 * kv_dim) * scale_bytes) + other * dtype_bytes
-    if not cfg.is_moe:  # its MLP (the one "expert") is the router's
-        dense, dense_bytes = dense + per_expert, dense_bytes + expert_bytes
+    local = [cfg.intermediate_size] * (L - moe_layers)  # dense layers' MLPs, on the router
+    local += [cfg.shared_expert_intermediate_size] * moe_layers if cfg.shared_expert_intermediate_size else []
+    for inter in local:
+        n, b = mlp(inter)
+        dense, dense_bytes = dense + n, dense_bytes + b
     kv = 2 * L * cfg.num_key_value_heads * d * dtype_bytes
     # a token goes to at most top_k shards, and its result comes back: 2 directions
     dispatch = 2 * cfg.num_experts_per_tok * h * dtype_bytes if groups else 0
@@ -102,17 +147,18 @@ def decode_step_seconds(
     router streams the dense weights; the data plane moves `batch` tokens per layer."""
     p = capacity_plan(cfg, num_shards, dtype_bytes, fp8)
     bw, lat = LINKS[link]
-    per_layer_expert_bytes = p.bytes_per_expert / cfg.num_hidden_layers
+    moe_layers = max(cfg.num_moe_layers, 1)
+    per_layer_expert_bytes = p.bytes_per_expert / moe_layers
     # the busiest shard reads each of its experts that a token hits (all of them once batch x top_k
     # covers them); the shards read in parallel
     held = max((len(g) for g in p.expert_groups), default=0)
     hit = min(held, batch * cfg.num_experts_per_tok)
-    expert_s = hit * per_layer_expert_bytes * cfg.num_hidden_layers / hbm_bytes_per_s
+    expert_s = hit * per_layer_expert_bytes * cfg.num_moe_layers / hbm_bytes_per_s
     dense_s = p.dense_bytes / hbm_bytes_per_s
     # per layer the router's link carries batch x top_k hidden states out and as many back
     # (full duplex: the two directions overlap), plus a message latency each way
     one_way = batch * cfg.num_experts_per_tok * cfg.hidden_size * dtype_bytes
-    dispatch_s = cfg.num_hidden_layers * (one_way / bw + 2 * lat) if p.expert_groups else 0.0
+    dispatch_s = cfg.num_moe_layers * (one_way / bw + 2 * lat) if p.expert_groups else 0.0
     total = expert_s + dense_s + dispatch_s
     return {
         "experts_s": expert_s,

@@ -59,7 +59,7 @@ from moe.expert_parallel.backend import ExpertBackend, InProcessExperts
 from moe.expert_parallel.remote import RemoteExperts
 from moe.expert_parallel.rendezvous import comm_device
 from moe.layers.cpu_gemm import kernel_for
-from moe.models.transformer import MixtralDense
+from moe.models.transformer import DenseModel
 from moe.tokenizer import load_tokenizer
 
 log = logging.getLogger("ray.serve")
@@ -143,7 +143,7 @@ class Router:
         start = time.perf_counter()
         dtype = pick_dtype(s.dtype, cfg, self.device)
         gemm = kernel_for(s.cpu_gemm, self.device, dtype)
-        model = MixtralDense.from_checkpoint(self.reader, cfg, dtype, self.device, self.quant, gemm)
+        model = DenseModel.from_checkpoint(self.reader, cfg, dtype, self.device, self.quant, gemm)
         tokenizer = load_tokenizer(self.model_dir, s.tokenizer_mode)
         experts: ExpertBackend
         if self.placement is None:  # dense: the MLP is computed here
@@ -330,7 +330,7 @@ class Router:
         experts = self._data_plane()
         load = experts.load.snapshot() if experts else None
         cfg = self.cfg
-        layers = range(cfg.num_hidden_layers)
+        layers = range(cfg.num_moe_layers)
 
         def per_layer(counts: dict[int, list[int]]) -> list[list[int]]:
             return [counts.get(layer, [0] * cfg.num_local_experts) for layer in layers]
@@ -358,7 +358,7 @@ class Router:
             )
         return ExpertStatus(
             ready=self.engine.ready.is_set() and self.engine.error is None,
-            num_layers=cfg.num_hidden_layers,
+            num_layers=cfg.num_moe_layers,
             num_experts=cfg.num_local_experts,
             num_redundant_experts=self.settings.num_redundant_experts,
             recent_expert_tokens=per_layer(load.recent_expert_tokens if load else {}),

@@ -47,10 +47,10 @@ class ExpertShard:
             self.reader, cfg, expert_ids, dtype, self.device, self.quant, gemm
         )
         log.info(
-            "expert shard %d: experts %s of %d layers loaded on %s in %.1fs (%s, %.2f GB)",
+            "expert shard %d: experts %s of %d MoE layers loaded on %s in %.1fs (%s, %.2f GB)",
             shard_id,
             expert_ids,
-            cfg.num_hidden_layers,
+            cfg.num_moe_layers,
             self.device,
             time.perf_counter() - start,
             self.quant.describe() if self.quant else dtype,

@@ -148,8 +148,7 @@ def cmd_generate(ns: argparse.Namespace) -> int:
 
 def cmd_plan(ns: argparse.Namespace) -> int:
     from cluster.capacity import (
-        MIXTRAL_8X7B,
-        MIXTRAL_8X22B,
+        NAMED,
         best_split,
         capacity_plan,
         decode_step_seconds,
@@ -159,9 +158,8 @@ def cmd_plan(ns: argparse.Namespace) -> int:
     from moe.checkpoint.reader import open_checkpoint
     from moe.checkpoint.tiny import default_model_dir
 
-    models = {"mixtral-8x7b": MIXTRAL_8X7B, "mixtral-8x22b": MIXTRAL_8X22B}
-    if ns.model in models:
-        cfg, fp8 = models[ns.model], ns.quantization == "fp8"
+    if ns.model in NAMED:
+        cfg, fp8 = NAMED[ns.model], ns.quantization == "fp8"
     else:  # the checkpoint's own config and quantization, every tensor's header checked
         cfg, quant, _ = open_checkpoint(ns.model or default_model_dir(), ns.quantization)
         fp8 = quant is not None
@@ -171,7 +169,8 @@ def cmd_plan(ns: argparse.Namespace) -> int:
     weights = "fp8 weights (1 byte + a float32 scale per row)" if fp8 else f"{ns.dtype_bytes}-byte weights"
     if cfg.is_moe:
         print(
-            f"{cfg.num_hidden_layers} layers x {cfg.num_local_experts} experts, hidden {cfg.hidden_size}; "
+            f"{cfg.model_type}: {cfg.num_hidden_layers} layers ({cfg.num_moe_layers} with experts) x "
+            f"{cfg.num_local_experts} experts (top-{cfg.num_experts_per_tok}), hidden {cfg.hidden_size}; "
             f"{n} expert shards; {weights}"
         )
     else:
@@ -279,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--model",
         default=None,
-        help="checkpoint dir, or mixtral-8x7b / mixtral-8x22b (default: the tiny model)",
+        help="checkpoint dir, or mixtral-8x7b, mixtral-8x22b, qwen3-30b-a3b, qwen3-235b-a22b (default: the tiny model)",
     )
     p.add_argument("--expert-shards", type=int, default=8)
     p.add_argument("--gpu-memory-gb", type=float, default=80.0)

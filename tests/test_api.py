@@ -542,6 +542,14 @@ def test_completions_name_the_prompt_when_it_is_too_long(api):
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
 
 
+@pytest.mark.parametrize("ids", [[-1], [32768], [5, 1 << 40]])
+def test_prompt_token_ids_outside_the_vocabulary_are_refused(api, ids):
+    """Also where nothing is generated (max_tokens 0 with echo: the echo was a 500 before)."""
+    for extra in ({"max_tokens": 0, "echo": True}, {"max_tokens": 2}):
+        r = post(api, {"prompt": ids, **extra}, path="/v1/completions")
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+
+
 def test_model_retrieve_and_max_model_len(api):
     import openai
 

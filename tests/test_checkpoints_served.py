@@ -108,7 +108,7 @@ def test_fp8_mixtral_over_two_shards(raymix, tmp_path_factory):
     gate_proj/up_proj/down_proj) over 2 shards: transformers' answers on its dequantized weights,
     each shard holding its experts in FP8 (half of bf16's bytes) and reading only those."""
     src = default_model_dir()
-    q = write_fp8(src, tmp_path_factory.mktemp("fp8"), expert_names="proj")
+    q = write_fp8(src, tmp_path_factory.mktemp("fp8"), expert_names=1)
     ref = write_dequantized(q, tmp_path_factory.mktemp("fp8-ref"))
     url = raymix.deploy(model=str(q), expert_shards=2, **SETTINGS)
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)

@@ -11,7 +11,7 @@ from moe.config import ModelConfig
 from moe.engine.llm_engine import EngineConfig, LLMEngine
 from moe.expert_parallel.backend import InProcessExperts
 from moe.expert_parallel.local_shards import LocalShards
-from moe.models.transformer import MixtralDense
+from moe.models.transformer import DenseModel
 from moe.sampling import SamplingParams
 from moe.tokenizer import load_tokenizer
 
@@ -117,7 +117,7 @@ def test_engine_over_remote_shards_is_token_identical(
     NCCL's discipline too: the second micro-batch's batch waits in order behind the first)."""
     remote = {"standing receive": remote, "exact sizes, in order": remote_exact}.get(exchange, remote_whole)
     cfg = ModelConfig.from_pretrained(tiny_dir)
-    dense = MixtralDense.from_checkpoint(CheckpointReader(tiny_dir), cfg, torch.float32)
+    dense = DenseModel.from_checkpoint(CheckpointReader(tiny_dir), cfg, torch.float32)
     tok = load_tokenizer(tiny_dir)
     eng = LLMEngine(cfg, dense, remote, EngineConfig(max_model_len=256, overlap=overlap), tok)
     ref = LLMEngine.from_pretrained(tiny_dir, EngineConfig(max_model_len=256))

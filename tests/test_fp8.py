@@ -20,7 +20,7 @@ from moe.layers.experts import LocalExperts
 from moe.layers.fp8 import FP8, FP8_MAX, Fp8Tensor, quantize_activations
 from moe.layers.fp8 import grouped_mm as fp8_grouped_mm
 from moe.layers.weights import Linear
-from moe.models.transformer import MixtralDense
+from moe.models.transformer import DenseModel
 from moe.sampling import SamplingParams
 from tests.conftest import hf_model
 from tests.test_reference import ARRIVALS, PROMPTS, hf_greedy
@@ -30,20 +30,20 @@ GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
 # (format, weight scales, activations, expert names, ignore list) as the published FP8 Mixtrals
 # and llm-compressor's recipes have them
 VARIANTS = {
-    "ct-channel-dynamic": ("compressed-tensors", "channel", "dynamic", "proj", ("lm_head", "re:.*gate$")),
-    "ct-tensor-static": ("compressed-tensors", "tensor", "static", "hub", ("lm_head", "re:.*gate$")),
-    "ct-channel-weight-only": ("compressed-tensors", "channel", None, "hub", ("lm_head",)),
-    "ct-block-dynamic": ("compressed-tensors", "block", "dynamic", "hub", ("lm_head", "re:.*gate$")),
+    "ct-channel-dynamic": ("compressed-tensors", "channel", "dynamic", 1, ("lm_head", "re:.*gate$")),
+    "ct-tensor-static": ("compressed-tensors", "tensor", "static", 0, ("lm_head", "re:.*gate$")),
+    "ct-channel-weight-only": ("compressed-tensors", "channel", None, 0, ("lm_head",)),
+    "ct-block-dynamic": ("compressed-tensors", "block", "dynamic", 0, ("lm_head", "re:.*gate$")),
     "ct-ignore-layer0-attn": (
         "compressed-tensors",
         "channel",
         "dynamic",
-        "proj",
+        1,
         ("lm_head", "re:.*gate$", "re:model.layers.0.self_attn.*"),
     ),
-    "autofp8-static": ("fp8", "tensor", "static", "hub", ("lm_head",)),  # its gates quantized too
-    "autofp8-dynamic": ("fp8", "tensor", "dynamic", "hub", ("lm_head", "re:.*gate$")),
-    "fp8-block": ("fp8", "block", "dynamic", "hub", ("lm_head", "re:.*gate$")),
+    "autofp8-static": ("fp8", "tensor", "static", 0, ("lm_head",)),  # its gates quantized too
+    "autofp8-dynamic": ("fp8", "tensor", "dynamic", 0, ("lm_head", "re:.*gate$")),
+    "fp8-block": ("fp8", "block", "dynamic", 0, ("lm_head", "re:.*gate$")),
 }
 
 
@@ -78,7 +78,7 @@ def test_fp8_checkpoint_greedy_equals_transformers_on_its_dequantized_weights(
     attn = eng.model.layers[0].self_attn
     assert is_fp8(attn.qkv_proj) != ("layer0-attn" in name)
     assert is_fp8(eng.model.layers[1].self_attn.o_proj)
-    assert not is_fp8(eng.model.layers[0].gate)  # gates are dequantized at load
+    assert not is_fp8(eng.model.layers[0].mlp.gate)  # gates are dequantized at load
     assert all(isinstance(w, Fp8Tensor) and w.data.dtype == FP8 for w in eng.experts.shards[0].gate_up)
 
 
@@ -99,7 +99,7 @@ def test_online_fp8_quantization_of_a_bf16_checkpoint(tiny_dir, tmp_path, device
     save_file(expected, str(ref / "model.safetensors"))
     eng = engine(bf16, quantization="fp8")
     assert is_fp8(eng.model.layers[0].self_attn.qkv_proj)
-    assert not is_fp8(eng.model.layers[0].gate) and not is_fp8(eng.model.lm_head)
+    assert not is_fp8(eng.model.layers[0].mlp.gate) and not is_fp8(eng.model.lm_head)
     hf = hf_model(ref, device)
     prompts = [eng.tokenizer.encode(p) for p in PROMPTS]
     for prompt, seq in zip(prompts, eng.generate(prompts, GREEDY, arrival_steps=ARRIVALS), strict=True):
@@ -111,13 +111,13 @@ def test_fp8_holds_half_the_bytes_of_bf16_and_a_shard_reads_only_its_experts(tin
     cfg, quant, reader = open_checkpoint(q)
     assert quant is not None and quant.describe() == "fp8 (compressed-tensors, activations per token)"
     fp8 = LocalExperts.from_checkpoint(reader, cfg, [2, 3], torch.bfloat16, quant=quant)
-    names = set(expert_shapes(cfg, [2, 3], "proj"))
+    names = set(expert_shapes(cfg, [2, 3], 1))
     assert set(reader.tensors_read) == {f"{m}.{t}" for m in names for t in ("weight", "weight_scale")}
     bf16 = LocalExperts.from_checkpoint(CheckpointReader(tiny_dir), cfg, [2, 3], torch.bfloat16)
     assert 0.5 <= fp8.nbytes() / bf16.nbytes() < 0.51  # one byte a weight and a float32 per row
     # the dense part: its attention projections halve too (embeddings, norms, gates, head do not)
-    dense_fp8 = MixtralDense.from_checkpoint(CheckpointReader(q), cfg, torch.bfloat16, quant=quant)
-    dense_bf16 = MixtralDense.from_checkpoint(CheckpointReader(tiny_dir), cfg, torch.bfloat16)
+    dense_fp8 = DenseModel.from_checkpoint(CheckpointReader(q), cfg, torch.bfloat16, quant=quant)
+    dense_bf16 = DenseModel.from_checkpoint(CheckpointReader(tiny_dir), cfg, torch.bfloat16)
     h, layers = cfg.hidden_size, cfg.num_hidden_layers
     qd, kv = cfg.num_attention_heads * cfg.attn_head_dim, cfg.num_key_value_heads * cfg.attn_head_dim
     attn = layers * (2 * h * qd + 2 * h * kv)  # q, o, k, v: 2 bytes each in bf16, 1 in FP8

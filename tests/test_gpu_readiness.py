@@ -135,13 +135,13 @@ def test_no_host_sync_with_remote_experts(tiny_dir):
     batch: no routing read on the host), with shards in spawned processes."""
     from moe.checkpoint.reader import CheckpointReader
     from moe.expert_parallel.local_shards import LocalShards
-    from moe.models.transformer import MixtralDense
+    from moe.models.transformer import DenseModel
     from moe.tokenizer import load_tokenizer
 
     shards = LocalShards(tiny_dir, 2, whole_batch=True, timeout=datetime.timedelta(seconds=120))
     try:
         cfg = ModelConfig.from_pretrained(tiny_dir)
-        model = MixtralDense.from_checkpoint(CheckpointReader(tiny_dir), cfg, torch.float32)
+        model = DenseModel.from_checkpoint(CheckpointReader(tiny_dir), cfg, torch.float32)
         eng = LLMEngine(
             cfg,
             model,

@@ -26,7 +26,6 @@ from safetensors.torch import save_file
 from moe.checkpoint.quantization import QuantizationConfig
 from moe.checkpoint.reader import (
     INDEX_FILE,
-    PROJ,
     SINGLE_FILE,
     CheckpointReader,
     expert_prefix,
@@ -35,6 +34,7 @@ from moe.checkpoint.reader import (
 )
 from moe.config import ModelConfig
 from moe.layers.fp8 import FP8, FP8_MAX, Fp8Tensor
+from moe.models import family
 
 STATIC_INPUT_SCALE = 8.0 / FP8_MAX  # activations up to |8| (normed inputs of unit variance)
 
@@ -71,8 +71,8 @@ def write_fp8(
     fmt: str = "compressed-tensors",
     strategy: str = "channel",
     activations: str | None = "dynamic",
-    expert_names: str = "hub",
-    ignore: tuple[str, ...] = ("lm_head", "re:.*block_sparse_moe.gate$"),
+    expert_names: int = 0,
+    ignore: tuple[str, ...] | None = None,
     block: tuple[int, int] = (128, 128),
 ) -> Path:
     """An FP8 copy of the unquantized checkpoint `src` in `out` (tokenizer and configs copied).
@@ -80,24 +80,26 @@ def write_fp8(
     fmt: "compressed-tensors" (strategy "tensor", "channel" or "block"; activations "dynamic",
     "static" or None) or "fp8" (AutoFP8: strategy "tensor", activations "dynamic" or "static";
     strategy "block" with dynamic activations is the `weight_block_size` variant). expert_names:
-    "hub" (w1/w3/w2) or "proj" (gate_proj/up_proj/down_proj, as llm-compressor writes them under
-    transformers 5). ignore: modules left unquantized."""
+    which of the family's namings the experts are written in (Mixtral: 0 the Hub's w1/w3/w2, 1
+    gate_proj/up_proj/down_proj as llm-compressor writes them under transformers 5). ignore:
+    modules left unquantized (default: the LM head and the routers' gates, as published)."""
     src, out = Path(src), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for f in src.iterdir():
         if f.is_file() and not f.name.endswith(".safetensors") and f.name != INDEX_FILE:
             shutil.copyfile(f, out / f.name)
     cfg = ModelConfig.from_pretrained(src)
+    if ignore is None:
+        ignore = ("lm_head", f"re:.*{family(cfg.model_type).moe_block}.gate$", "re:.*shared_expert_gate$")
     reader = CheckpointReader(src)
-    linears = linear_modules(cfg) | set(
-        expert_shapes(cfg, range(cfg.num_local_experts), reader.expert_style(cfg))
-    )
-    renamed = {}  # an expert's module (Hub name) → the name written
-    if expert_names == "proj" and cfg.is_moe:
+    style = reader.expert_style(cfg)
+    linears = linear_modules(cfg) | set(expert_shapes(cfg, range(cfg.num_local_experts), style))
+    renamed = {}  # an expert's module (as stored) → the name written
+    if expert_names != style:
         for layer, e, w in itertools.product(
-            range(cfg.num_hidden_layers), range(cfg.num_local_experts), PROJ
+            cfg.moe_layers, range(cfg.num_local_experts), ("gate", "up", "down")
         ):
-            renamed[expert_prefix(layer, e, w)] = expert_prefix(layer, e, w, "proj")
+            renamed[expert_prefix(cfg, layer, e, w, style)] = expert_prefix(cfg, layer, e, w, expert_names)
     tensors: dict[str, torch.Tensor] = {}
     quantized: list[str] = []
     for name in reader.weight_map:
@@ -170,7 +172,8 @@ def _config(
 
 def write_dequantized(fp8_dir: str | Path, out: str | Path) -> Path:
     """The reference of an FP8 checkpoint: every FP8 weight as the float32 values it stands for,
-    experts under the Hub's names, no quantization_config (transformers runs it in float32)."""
+    experts under the family's first names (the Hub's), no quantization_config (transformers runs
+    it in float32)."""
     fp8_dir, out = Path(fp8_dir), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for f in fp8_dir.iterdir():
@@ -179,6 +182,7 @@ def write_dequantized(fp8_dir: str | Path, out: str | Path) -> Path:
     raw = json.loads((fp8_dir / "config.json").read_text())
     quant = QuantizationConfig.parse(raw.pop("quantization_config"))
     (out / "config.json").write_text(json.dumps(raw, indent=2))
+    names = family(ModelConfig.from_pretrained(out).model_type).expert_names
     reader = CheckpointReader(fp8_dir)
     tensors = {}
     scales = {n for n in reader.weight_map if n.endswith(("_scale", "_scale_inv"))}
@@ -194,8 +198,9 @@ def write_dequantized(fp8_dir: str | Path, out: str | Path) -> Path:
             with safe_open(str(reader.weight_map[weight_scale]), framework="pt") as f:
                 scale = f.get_tensor(weight_scale)
             t = Fp8Tensor.from_checkpoint(name, t, scale, None, quant.weight_block).dequantize(torch.float32)
-        for w, proj in PROJ.items():
-            name = re.sub(rf"(\.experts\.\d+)\.{proj}\.", rf"\1.{w}.", name)
+        for written in names[1:]:  # back to the first naming
+            for proj, first in zip(written, names[0], strict=True):
+                name = re.sub(rf"(\.experts\.\d+)\.{proj}\.", rf"\1.{first}.", name)
         tensors[name] = t.float() if t.is_floating_point() else t
     save_file(tensors, str(out / SINGLE_FILE), metadata={"format": "pt"})
     return out

@@ -1,5 +1,5 @@
-"""Reading a Hugging Face Mixtral (or dense Mistral) checkpoint: one `model.safetensors` or a
-sharded set with `model.safetensors.index.json`.
+"""Reading a Hugging Face checkpoint of a family raymix serves (moe.models): one
+`model.safetensors` or a sharded set with `model.safetensors.index.json`.
 
 Only the tensors asked for are read (safetensors maps the file and copies just those), so a
 router loads the dense part alone and an expert shard loads only its experts of every layer.
@@ -9,9 +9,9 @@ that a shard never touches another shard's experts. Only safetensors is accepted
 `CheckpointReader.check` reads the files' headers only (names, dtypes, shapes) and refuses, in
 one line, any tensor raymix cannot use as it is stored, before a weight is read. Linear layers
 load as plain tensors or, stored FP8 (or quantized at load), as moe.layers.fp8 tensors with their scales.
-Experts are named as the Hub's Mixtral files name them (`experts.{e}.w1/w3/w2`) or as
-llm-compressor writes them under transformers 5 (`experts.{e}.gate_proj/up_proj/down_proj`); a
-dense Mistral's MLP (`mlp.gate_proj/up_proj/down_proj`) is its one expert.
+Tensors are named as the family's checkpoints name them (`dense_tensor_shapes`, `expert_prefix`);
+Mixtral's experts as the Hub's files name them (`experts.{e}.w1/w3/w2`) or as llm-compressor
+writes them under transformers 5 (`experts.{e}.gate_proj/up_proj/down_proj`).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from moe.config import ModelConfig
 from moe.errors import CheckpointError
 from moe.layers.fp8 import Fp8Tensor
 from moe.layers.weights import Weight
+from moe.models import family
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,6 @@ PLAIN = ("F32", "BF16", "F16")  # safetensors dtypes read as they are (cast to t
 FP8_STORED = "F8_E4M3"  # a linear weight with its scale (moe.layers.fp8)
 WEIGHT_SCALES = ("weight_scale", "weight_scale_inv")  # compressed-tensors and AutoFP8; block FP8's
 INPUT_SCALES = ("input_scale", "act_scale")  # AutoFP8 wrote act_scale before June 2024
-PROJ = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}  # transformers' names of w1/w3/w2
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -57,9 +57,12 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
 
 
 def dense_tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Name → shape of every tensor of the dense part (all but the experts, or a dense model's MLP)."""
+    """Name → shape of every tensor the router holds: all but the routed experts (attention, norms,
+    the gates, shared experts and dense layers' MLPs, embeddings, LM head), as the family names them."""
     h, d = cfg.hidden_size, cfg.attn_head_dim
     q, kv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
+    moe_block = family(cfg.model_type).moe_block
+    moe_layers = set(cfg.moe_layers)
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, h)}
     for layer in range(cfg.num_hidden_layers):
         p = f"model.layers.{layer}."
@@ -71,55 +74,70 @@ def dense_tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
             p + "self_attn.v_proj.weight": (kv, h),
             p + "self_attn.o_proj.weight": (h, q),
         }
-        if cfg.is_moe:
-            shapes[p + "block_sparse_moe.gate.weight"] = (cfg.num_local_experts, h)
+        if cfg.qkv_bias:
+            shapes |= {p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,)}
+            shapes[p + "self_attn.v_proj.bias"] = (kv,)
+        if cfg.o_bias:
+            shapes[p + "self_attn.o_proj.bias"] = (h,)
+        if cfg.qk_norm is not None:
+            per_head = cfg.qk_norm == "head"
+            shapes[p + "self_attn.q_norm.weight"] = (d,) if per_head else (q,)
+            shapes[p + "self_attn.k_norm.weight"] = (d,) if per_head else (kv,)
+        if layer in moe_layers:
+            shapes[p + moe_block + ".gate.weight"] = (cfg.num_local_experts, h)
+            if cfg.shared_expert_intermediate_size:
+                shapes |= mlp_shapes(p + "mlp.shared_expert.", h, cfg.shared_expert_intermediate_size)
+                shapes[p + "mlp.shared_expert_gate.weight"] = (1, h)
+        else:
+            shapes |= mlp_shapes(p + "mlp.", h, cfg.intermediate_size)
     shapes["model.norm.weight"] = (h,)
     if not cfg.tie_word_embeddings:
         shapes["lm_head.weight"] = (cfg.vocab_size, h)
     return shapes
 
 
-def expert_prefix(layer: int, expert: int, w: str, style: str = "hub") -> str:
-    """The module name of an expert's projection w: w1 (gate), w3 (up) or w2 (down). style "hub":
-    `...block_sparse_moe.experts.{e}.w1`; "proj": `...experts.{e}.gate_proj`; "mlp": a dense
-    model's `model.layers.{l}.mlp.gate_proj` (its one expert, 0)."""
-    if style == "mlp":
-        return f"model.layers.{layer}.mlp.{PROJ[w]}"
-    return f"model.layers.{layer}.block_sparse_moe.experts.{expert}.{PROJ[w] if style == 'proj' else w}"
+def mlp_shapes(prefix: str, h: int, i: int) -> dict[str, tuple[int, ...]]:
+    """A SwiGLU MLP's weights under `prefix`: gate_proj and up_proj [I, H], down_proj [H, I]."""
+    return {
+        prefix + "gate_proj.weight": (i, h),
+        prefix + "up_proj.weight": (i, h),
+        prefix + "down_proj.weight": (h, i),
+    }
 
 
-def expert_tensor_name(layer: int, expert: int, w: str, style: str = "hub") -> str:
-    return expert_prefix(layer, expert, w, style) + ".weight"
+def expert_prefix(cfg: ModelConfig, layer: int, expert: int, w: str, style: int = 0) -> str:
+    """The module name of an expert's projection w ("gate", "up" or "down") in the family's
+    naming `style` (an index into Family.expert_names: Mixtral's 0 is the Hub's w1/w3/w2, 1
+    transformers' gate_proj/up_proj/down_proj), e.g. `model.layers.0.block_sparse_moe.experts.3.w1`."""
+    f = family(cfg.model_type)
+    name = f.expert_names[style][("gate", "up", "down").index(w)]
+    return f"model.layers.{layer}.{f.moe_block}.experts.{expert}.{name}"
 
 
-def expert_shapes(
-    cfg: ModelConfig, expert_ids: Iterable[int], style: str | None = None
-) -> dict[str, tuple[int, int]]:
-    """Module name → weight shape [N, K] of the given experts' projections in every layer
-    (style: as `expert_prefix`; default "hub", "mlp" for a dense model)."""
-    style = style or ("hub" if cfg.is_moe else "mlp")
-    h, i = cfg.hidden_size, cfg.intermediate_size
+def expert_shapes(cfg: ModelConfig, expert_ids: Iterable[int], style: int = 0) -> dict[str, tuple[int, int]]:
+    """Module name → weight shape [N, K] of the given experts' projections in every MoE layer."""
+    h, i = cfg.hidden_size, cfg.expert_intermediate_size
     shapes: dict[str, tuple[int, int]] = {}
-    for layer in range(cfg.num_hidden_layers):
+    for layer in cfg.moe_layers:
         for e in expert_ids:
-            shapes[expert_prefix(layer, e, "w1", style)] = (i, h)
-            shapes[expert_prefix(layer, e, "w3", style)] = (i, h)
-            shapes[expert_prefix(layer, e, "w2", style)] = (h, i)
+            shapes[expert_prefix(cfg, layer, e, "gate", style)] = (i, h)
+            shapes[expert_prefix(cfg, layer, e, "up", style)] = (i, h)
+            shapes[expert_prefix(cfg, layer, e, "down", style)] = (h, i)
     return shapes
 
 
 def expert_tensor_shapes(
-    cfg: ModelConfig, expert_ids: Iterable[int], style: str | None = None
+    cfg: ModelConfig, expert_ids: Iterable[int], style: int = 0
 ) -> dict[str, tuple[int, ...]]:
-    """Tensor name → shape of the given experts' weights in every layer."""
+    """Tensor name → shape of the given experts' weights in every MoE layer."""
     return {p + ".weight": shape for p, shape in expert_shapes(cfg, expert_ids, style).items()}
 
 
 def linear_modules(cfg: ModelConfig) -> set[str]:
-    """The dense part's linear layers (attention projections, gates, LM head): their weights may
+    """The router's linear layers (attention projections, MLPs, gates, LM head): their weights may
     be stored FP8. An expert's projections are linear layers too (`expert_shapes`)."""
-    names = {n.removesuffix(".weight") for n in dense_tensor_shapes(cfg) if n.endswith("_proj.weight")}
-    names |= {n.removesuffix(".weight") for n in dense_tensor_shapes(cfg) if n.endswith("gate.weight")}
+    shapes = dense_tensor_shapes(cfg)
+    names = {n.removesuffix(".weight") for n in shapes if n.endswith(("_proj.weight", "gate.weight"))}
     return names | ({"lm_head"} if not cfg.tie_word_embeddings else set())
 
 
@@ -203,11 +221,17 @@ class CheckpointReader:
             raise CheckpointError(f"{self.weight_map[name]}: tensor {name!r} is missing from the file")
         return self._headers[name]
 
-    def expert_style(self, cfg: ModelConfig) -> str:
-        """How this checkpoint names the experts (see `expert_prefix`)."""
+    def expert_style(self, cfg: ModelConfig) -> int:
+        """Which of its family's namings this checkpoint gives the experts (see `expert_prefix`)."""
         if not cfg.is_moe:
-            return "mlp"
-        return "proj" if expert_tensor_name(0, 0, "w1", "proj") in self.weight_map else "hub"
+            return 0
+        layer, names = cfg.moe_layers[0], family(cfg.model_type).expert_names
+        found = (
+            s
+            for s in range(len(names))
+            if expert_prefix(cfg, layer, 0, "gate", s) + ".weight" in self.weight_map
+        )
+        return next(found, 0)
 
     def scale_names(self, module: str) -> tuple[str | None, str | None]:
         """The weight scale's and the static input scale's tensor names of an FP8 linear (None: absent)."""
@@ -231,7 +255,7 @@ class CheckpointReader:
             if dtype in PLAIN:
                 continue
             module = name.removesuffix(".weight")
-            linear = name in linears or ".experts." in name or ".mlp." in name
+            linear = name in linears or ".experts." in name
             if dtype != FP8_STORED or not linear:
                 raise CheckpointError(
                     f"{where}: tensor {name!r} is stored as {dtype}; raymix reads "

@@ -22,6 +22,7 @@ import shutil
 import tempfile
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -101,6 +102,34 @@ def random_weights(cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
                 t *= 3.0  # logits of std ~3: a peaked, well-separated next-token distribution
         out[name] = t.to(getattr(torch, cfg.torch_dtype)).contiguous()
     return out
+
+
+def hf_config(cfg: ModelConfig) -> dict[str, Any]:
+    """The config.json a Hugging Face Mixtral (or dense Mistral) checkpoint carries."""
+    keys = [
+        "model_type",
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "max_position_embeddings",
+        "rms_norm_eps",
+        "rope_theta",
+        "sliding_window",
+        "tie_word_embeddings",
+        "hidden_act",
+        "bos_token_id",
+        "eos_token_id",
+        "torch_dtype",
+    ]
+    if cfg.is_moe:
+        keys += ["num_local_experts", "num_experts_per_tok"]
+    d = {k: getattr(cfg, k) for k in keys if k != "head_dim" or cfg.head_dim is not None}
+    arch = "MixtralForCausalLM" if cfg.is_moe else "MistralForCausalLM"
+    return d | {"architectures": [arch], "attention_dropout": 0.0}
 
 
 def write_weights(tensors: dict[str, torch.Tensor], out: Path, num_files: int) -> None:
@@ -208,13 +237,15 @@ def make_tiny(
     (model_type="mistral": a dense Mistral). mistral_tokenizer_file: see `write_tokenizer`."""
     if tokenizer not in TOKENIZER_FILES:
         raise ValueError(f"tokenizer must be one of {sorted(TOKENIZER_FILES)}, got {tokenizer!r}")
+    if overrides.get("model_type") == "mistral":
+        overrides["num_local_experts"] = 0  # its MLP is the router's
     cfg = replace(TINY, vocab_size=VOCAB_SIZES[tokenizer], **overrides)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     log.info(
         "writing a tiny %s checkpoint (seed %d, tokenizer %s) to %s", cfg.model_type, seed, tokenizer, out
     )
-    (out / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2))
+    (out / "config.json").write_text(json.dumps(hf_config(cfg), indent=2))
     (out / "generation_config.json").write_text(
         json.dumps({"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}, indent=2)
     )
@@ -230,7 +261,7 @@ def cache_dir() -> Path:
 def default_model_dir() -> Path:
     """The embedded default model, generated once into the cache and reused after."""
     key = hashlib.sha256(
-        json.dumps([TINY.to_hf_dict(), CHAT_TEMPLATE, 0, "v3", FORMAT_VERSION]).encode()
+        json.dumps([hf_config(TINY), CHAT_TEMPLATE, 0, "v3", FORMAT_VERSION]).encode()
     ).hexdigest()[:12]
     target = cache_dir() / f"tiny-mixtral-{key}"
     if (target / "config.json").is_file():

@@ -41,7 +41,7 @@ from moe.expert_parallel.backend import ExpertBackend, InProcessExperts
 from moe.layers.attention import DenseDecode, decode_slots
 from moe.layers.flex_decode import AVAILABLE as FLEX_AVAILABLE
 from moe.layers.flex_decode import FlexDecode
-from moe.models.transformer import Metadata, MixtralDense
+from moe.models.transformer import DenseModel, Metadata
 
 log = logging.getLogger(__name__)
 GRAPH_CAPABILITIES = ((9, 0), (10, 0), (10, 3))  # torch's grouped GEMM runs on the device (bf16)
@@ -150,7 +150,7 @@ class Lane:
 class DecodePath:
     def __init__(
         self,
-        model: MixtralDense,
+        model: DenseModel,
         experts: ExpertBackend,
         kv_cache: KVCache,
         max_batch: int,
@@ -179,7 +179,7 @@ class DecodePath:
     @classmethod
     def decide(
         cls,
-        model: MixtralDense,
+        model: DenseModel,
         experts: ExpertBackend,
         kv_cache: KVCache,
         max_batch: int,
@@ -191,7 +191,7 @@ class DecodePath:
         """The engine's decode path, or None when decode steps take the general path."""
         device, dtype = model.device, model.dtype
         attention = pick_attention(attention_backend, device, kv_cache.block_size)
-        unsplit = isinstance(experts, InProcessExperts) and len(experts.shards) == 1
+        unsplit = isinstance(experts, InProcessExperts) and len(experts.shards) <= 1
         graphs = cuda_graphs
         if graphs is None:
             why = graphs_runnable(device, dtype)

@@ -38,9 +38,10 @@ def activation_bytes(cfg: ModelConfig, max_tokens: int, max_seqs: int, dtype: to
     top-k assignments, in the model's dtype), and the logits, probabilities and sort of every
     sequence that samples (float32). An estimate with headroom, not a measurement."""
     elem = torch.tensor([], dtype=dtype).element_size()
-    h, i, k = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts_per_tok
+    h, k = cfg.hidden_size, cfg.num_experts_per_tok
+    mlp = 3 * max(k * cfg.expert_intermediate_size if cfg.is_moe else 0, cfg.intermediate_size)
     qkv = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.attn_head_dim
-    per_token = 4 * h * 4 + elem * (qkv + 3 * h + k * 3 * i)
+    per_token = 4 * h * 4 + elem * (qkv + 3 * h + mlp)
     return 2 * (max_tokens * per_token + max_seqs * cfg.vocab_size * 4 * 3)
 
 

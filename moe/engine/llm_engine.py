@@ -30,7 +30,7 @@ from moe.errors import OverloadedError, RequestError
 from moe.expert_parallel.backend import ExpertBackend, InProcessExperts
 from moe.guided import GrammarTokenizer
 from moe.layers.cpu_gemm import kernel_for
-from moe.models.transformer import MixtralDense
+from moe.models.transformer import DenseModel
 from moe.sampling import SamplingParams
 from moe.tokenizer import IncrementalDetokenizer, Tokenizer, load_tokenizer
 
@@ -106,7 +106,7 @@ class LLMEngine:
     def __init__(
         self,
         cfg: ModelConfig,
-        model: MixtralDense,
+        model: DenseModel,
         experts: ExpertBackend,
         config: EngineConfig | None = None,
         tokenizer: Tokenizer | None = None,
@@ -188,7 +188,7 @@ class LLMEngine:
         device = pick_device(config.device)
         dtype = pick_dtype(config.dtype, cfg, device)
         gemm = kernel_for(config.cpu_gemm, device, dtype)
-        model = MixtralDense.from_checkpoint(reader, cfg, dtype, device, quant, gemm)
+        model = DenseModel.from_checkpoint(reader, cfg, dtype, device, quant, gemm)
         experts = InProcessExperts.from_checkpoint(reader, cfg, dtype, device, num_shards, quant, gemm)
         return cls(cfg, model, experts, config, load_tokenizer(model_dir, config.tokenizer_mode), model_dir)
 

@@ -22,7 +22,7 @@ from moe.engine.kv_cache import BlockManager, KVCache
 from moe.engine.sequence import Sequence
 from moe.expert_parallel.backend import ExpertBackend
 from moe.layers.attention import AttentionMetadata
-from moe.models.transformer import MixtralDense
+from moe.models.transformer import DenseModel
 
 Scheduled = list[tuple[Sequence, int]]  # (sequence, tokens of it to compute this step)
 PROMPT_LOGITS_ROWS = 256  # prompt logprobs: logits of this many positions at once (256 x V floats)
@@ -32,7 +32,7 @@ class ModelRunner:
     def __init__(
         self,
         cfg: ModelConfig,
-        model: MixtralDense,
+        model: DenseModel,
         experts: ExpertBackend,
         kv_cache: KVCache,
         blocks: BlockManager,

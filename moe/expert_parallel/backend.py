@@ -35,10 +35,11 @@ class InProcessExperts:
     """All experts in this process, split over `num_shards` groups with the cluster's dispatch."""
 
     def __init__(self, shards: list[LocalExperts], num_experts: int):
-        """Shard s holds shards[s].expert_ids; an expert held by several is a replicated one."""
+        """Shard s holds shards[s].expert_ids; an expert held by several is a replicated one. No
+        shards: a dense model (nothing is ever submitted)."""
         self.shards = shards
         groups = [shard.expert_ids for shard in shards]
-        self.placement = Placement.from_groups(groups, num_experts).to(shards[0].device)
+        self.placement = Placement.from_groups(groups, num_experts).to(shards[0].device) if shards else None
 
     @classmethod
     def from_checkpoint(
@@ -51,6 +52,8 @@ class InProcessExperts:
         quant: QuantizationConfig | None = None,
         gemm: str = "torch",
     ) -> InProcessExperts:
+        if not cfg.is_moe:
+            return cls([], 0)
         groups = partition_experts(cfg.num_local_experts, num_shards)
         shards = [LocalExperts.from_checkpoint(reader, cfg, g, dtype, device, quant, gemm) for g in groups]
         return cls(shards, cfg.num_local_experts)
@@ -68,6 +71,7 @@ class InProcessExperts:
     ) -> torch.Tensor:
         if len(self.shards) == 1:
             return self.shards[0].forward(layer, x, expert_ids, weights)
+        assert self.placement is not None
         parts = []  # each shard's part of the weighted sum, float32, added in float32 as remote ones are
         for shard, b in zip(self.shards, dispatch(expert_ids, weights, self.placement), strict=True):
             if b.token_index.numel():

@@ -1,7 +1,8 @@
 """The experts: routing and SwiGLU experts held in one place.
 
-Routing is Mixtral's: softmax over all experts (float32), top-k, renormalise the k weights.
-A set of experts held in one place (one shard) is `LocalExperts`: per layer, the stacked weights
+Routing is softmax over all experts (float32), top-k, and, where the family does it (Mixtral,
+Qwen3-MoE: `norm_topk_prob`), the k weights renormalised to sum to 1.
+A set of experts held in one place (one shard) is `LocalExperts`: per MoE layer, the stacked weights
 of the experts it holds and an `expert_map` (global expert id → local index, -1 where the expert
 lives elsewhere, as vLLM's expert parallelism does it). Which shard holds which expert, and how
 a batch is split between shards and added back, is moe.expert_parallel.placement's.
@@ -16,14 +17,17 @@ from moe.checkpoint.quantization import QuantizationConfig
 from moe.checkpoint.reader import CheckpointReader, expert_prefix, expert_shapes
 from moe.config import ModelConfig
 from moe.layers.fp8 import w8a8_supported
-from moe.layers.weights import Weight, cat_rows, grouped_mm, linear, nbytes, prepare, select, stack
+from moe.layers.weights import Weight, cat_rows, grouped_mm, nbytes, prepare, select, stack
 
 
-def select_experts(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def select_experts(
+    router_logits: torch.Tensor, top_k: int, renormalize: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """router_logits [T, E] → (weights [T, K] float32, expert ids [T, K] int64)."""
     probs = torch.softmax(router_logits.float(), dim=-1)  # [T, E]
     weights, ids = torch.topk(probs, top_k, dim=-1)  # [T, K]
-    weights = weights / weights.sum(dim=-1, keepdim=True)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights, ids
 
 
@@ -31,18 +35,18 @@ def grouped_gemm_misaligned(cfg: ModelConfig, dtype: torch.dtype) -> str | None:
     """Why torch's CUDA grouped GEMM would refuse these experts' shapes, or None: it wants every
     row's stride a multiple of 16 bytes (hidden and intermediate sizes in the compute dtype)."""
     elem = torch.tensor([], dtype=dtype).element_size()
-    for name, size in (("hidden_size", cfg.hidden_size), ("intermediate_size", cfg.intermediate_size)):
+    for name, size in (("hidden_size", cfg.hidden_size), ("intermediate_size", cfg.expert_intermediate_size)):
         if size * elem % 16:
             return f"{name} {size} x {elem} bytes is not a multiple of 16 bytes (the CUDA grouped GEMM's row stride)"
     return None
 
 
 class LocalExperts:
-    """The experts with the given global ids, for every layer, held in this process.
+    """The experts with the given global ids, for every MoE layer, held in this process.
 
-    Per layer: gate_up [n, 2I, H] (w1 stacked over w3, one GEMM for both) and down [n, H, I],
-    held as moe.layers.weights holds a weight: plain, FP8 with their scales, or packed for oneDNN on a
-    CPU where that is faster (`gemm`). A dense model's MLP is its one expert.
+    Per MoE layer (its index in cfg.moe_layers): gate_up [n, 2I, H] (gate stacked over up, one
+    GEMM for both) and down [n, H, I], held as moe.layers.weights holds a weight: plain, FP8 with
+    their scales, or packed for oneDNN on a CPU where that is faster (`gemm`).
     """
 
     def __init__(
@@ -90,19 +94,22 @@ class LocalExperts:
         t = reader.load_linears(expert_shapes(cfg, expert_ids, style), dtype, device, quant, quantize=True)
         gate_up: list[Weight] = []
         down: list[Weight] = []
-        for layer in range(cfg.num_hidden_layers):
-            names = {w: [expert_prefix(layer, e, w, style) for e in expert_ids] for w in ("w1", "w3", "w2")}
-            pairs = zip(names["w1"], names["w3"], strict=True)
+        for layer in cfg.moe_layers:
+            names = {
+                w: [expert_prefix(cfg, layer, e, w, style) for e in expert_ids]
+                for w in ("gate", "up", "down")
+            }
+            pairs = zip(names["gate"], names["up"], strict=True)
             gate_up.append(prepare(stack([cat_rows([t[a], t[b]]) for a, b in pairs]), gemm))
-            down.append(prepare(stack([t[w2] for w2 in names["w2"]]), gemm))
-            for name in names["w1"] + names["w3"] + names["w2"]:  # free the per-expert copies as we go
+            down.append(prepare(stack([t[w] for w in names["down"]]), gemm))
+            for name in names["gate"] + names["up"] + names["down"]:  # free the per-expert copies as we go
                 del t[name]
         w8a8 = w8a8_supported(torch.device(device), dtype, grouped=True)
         return cls(cfg, expert_ids, gate_up, down, w8a8, dtype, gemm)
 
     @classmethod
     def empty(cls, cfg: ModelConfig, dtype: torch.dtype, device: str | torch.device = "cpu") -> LocalExperts:
-        h, i, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+        h, i, layers = cfg.hidden_size, cfg.expert_intermediate_size, cfg.num_moe_layers
         gate_up: list[Weight] = [torch.empty(0, 2 * i, h, dtype=dtype, device=device) for _ in range(layers)]
         down: list[Weight] = [torch.empty(0, h, i, dtype=dtype, device=device) for _ in range(layers)]
         return cls(cfg, [], gate_up, down)
@@ -130,7 +137,7 @@ class LocalExperts:
                 src, j = fresh, fresh.expert_ids.index(e)
             return select((src.gate_up if which == "gate_up" else src.down)[layer], j)
 
-        layers = range(self.cfg.num_hidden_layers)
+        layers = range(self.cfg.num_moe_layers)
         gate_up = [stack([pick(layer, e, "gate_up") for e in expert_ids]) for layer in layers]
         down = [stack([pick(layer, e, "down") for e in expert_ids]) for layer in layers]
         w8a8 = w8a8_supported(self.device, dtype, grouped=True)
@@ -163,18 +170,13 @@ class LocalExperts:
         The (token, expert) assignments are sorted by expert and each projection is one grouped
         GEMM over them, with the group offsets counted and summed on the device: no host sync and
         a fixed number of launches whatever the routing (the per-expert loop it replaces is the
-        reference in tests/test_experts.py). The weighted sum accumulates in float32. A dense
-        model's MLP (one expert, every token's with weight 1) is two plain GEMMs.
+        reference in tests/test_experts.py). The weighted sum accumulates in float32.
         """
         n, k = expert_ids.shape
         e = len(self.expert_ids)
-        inter = self.cfg.intermediate_size
+        inter = self.cfg.expert_intermediate_size
         if e == 0 or n == 0:
             return torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-        if not self.cfg.is_moe:
-            gu = linear(x, select(self.gate_up[layer], 0), self.w8a8)  # [n, 2I]
-            y = linear(F.silu(gu[:, :inter]) * gu[:, inter:], select(self.down[layer], 0), self.w8a8)
-            return y.float()  # [n, H]
         local = self.expert_map[expert_ids.clamp(min=0)]  # [n, K] local index, -1: not held
         local = torch.where((expert_ids < 0) | (local < 0), e, local).flatten()  # [nK]; e: not here
         order = torch.argsort(local, stable=True)  # [nK] assignments grouped by expert, others last

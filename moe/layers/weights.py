@@ -56,16 +56,19 @@ def grouped_mm(
 
 
 class Linear(nn.Module):
-    """A bias-free linear layer over a held weight [N, K] that is not a plain parameter: FP8, or
-    packed for oneDNN. The weight is an attribute, not a parameter: it is loaded where it lives."""
+    """A linear layer over a held weight [N, K] that is not a plain parameter: FP8, or packed for
+    oneDNN. The weight is an attribute, not a parameter: it is loaded where it lives; a bias [N]
+    (q/k/v's in Qwen2-MoE) stays a plain parameter, loaded with the model's state."""
 
-    def __init__(self, weight: Weight, w8a8: bool = False):
+    def __init__(self, weight: Weight, w8a8: bool = False, bias: bool = False):
         super().__init__()
         self.held = weight
         self.w8a8 = w8a8
+        self.bias = nn.Parameter(torch.empty(weight.shape[0], device="meta")) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.held, self.w8a8)
+        y = linear(x, self.held, self.w8a8)
+        return y if self.bias is None else y + self.bias
 
 
 def nbytes(w: Weight) -> int:

@@ -1,16 +1,20 @@
-"""The dense part of Mixtral: embeddings, RMSNorm, attention, the gates and the LM head.
+"""The one model every family shares: all of it but the routed experts, and its forward.
 
-Everything but the experts, which live behind an `ExpertBackend`: at each layer the model
-computes the gate, routes every token to its top-k experts and hands the flat batch to the
-backend (in this process, or remote expert shards). The forward pass works on flat batches of
-new tokens from many sequences ([T, H]), as the continuous-batching engine produces them, and
-reads as the block it is: attention then MoE, each added to the residual stream. It takes a
-list of micro-batches: with two, one's experts of a layer are computed (remotely) while the
-other's attention of that layer runs; each goes through the same ops in the same order either
-way, only the wait for a layer's MoE output moves to just before its next layer. The residual
-stream is kept in float32 whatever the model's dtype (layers compute in bf16, their outputs add
-up in float32): in bf16 the greedy path then stays with the float32 one at least as long as
-transformers' own bf16 does (tests/test_reference.py).
+Embeddings, RMSNorm, attention (fused q/k/v, with the family's biases, q/k norms and clamp), the
+experts' gates, shared experts, the dense layers' MLPs and the LM head: what a router holds. The
+routed experts live behind an `ExpertBackend`: at each MoE layer the model computes the gate,
+routes every token to its top-k experts and hands the flat batch to the backend (in this
+process, or remote expert shards); a shared expert (Qwen2-MoE) is computed here meanwhile. A
+layer without experts (a dense model's, or `mlp_only_layers`) computes its MLP here.
+
+The forward pass works on flat batches of new tokens from many sequences ([T, H]), as the
+continuous-batching engine produces them, and reads as the block it is: attention then MLP, each
+added to the residual stream. It takes a list of micro-batches: with two, one's experts of a
+layer are computed (remotely) while the other's attention of that layer runs; each goes through
+the same ops in the same order either way, only the wait for a layer's MLP output moves to just
+before its next layer. The residual stream is kept in float32 whatever the model's dtype (layers
+compute in bf16, their outputs add up in float32): in bf16 the greedy path then stays with the
+float32 one at least as long as transformers' own bf16 does (tests/test_reference.py).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from dataclasses import dataclass
 from typing import cast
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from moe.checkpoint.quantization import QuantizationConfig
@@ -32,13 +37,10 @@ from moe.layers.experts import select_experts
 from moe.layers.flex_decode import FlexDecodeMetadata
 from moe.layers.fp8 import Fp8Tensor, w8a8_supported
 from moe.layers.weights import Linear
+from moe.models import family
 
 Metadata = AttentionMetadata | DecodeMetadata | FlexDecodeMetadata  # a step's attention inputs
-
-
-def _state_name(checkpoint_name: str) -> str:
-    """A checkpoint's tensor or module name → MixtralDense's."""
-    return checkpoint_name.removeprefix("model.").replace("block_sparse_moe.gate", "gate")
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
 class RMSNorm(nn.Module):
@@ -61,9 +63,15 @@ class Attention(nn.Module):
         super().__init__()
         d = cfg.attn_head_dim
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, d
+        q, kv = self.n_heads * d, self.n_kv * d
         # q, k and v in one GEMM: [Hq·D + 2·Hkv·D, H], the checkpoint's three stacked at load
-        self.qkv_proj = nn.Linear(cfg.hidden_size, (self.n_heads + 2 * self.n_kv) * d, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * d, cfg.hidden_size, bias=False)
+        self.qkv_proj = nn.Linear(cfg.hidden_size, q + 2 * kv, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(q, cfg.hidden_size, bias=cfg.o_bias)
+        self.per_head_norm = cfg.qk_norm == "head"  # Qwen3: each head; OLMoE: the whole projection
+        norm_q, norm_k = (d, d) if self.per_head_norm else (q, kv)
+        self.q_norm = RMSNorm(norm_q, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(norm_k, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.clip = cfg.clip_qkv
 
     def forward(
         self,
@@ -75,53 +83,96 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         t, d = x.shape[0], self.head_dim
         qkv = self.qkv_proj(x)  # [T, (Hq + 2 Hkv) D]
-        q = qkv[:, : self.n_heads * d].view(t, self.n_heads, d)  # [T, Hq, D]
-        k = qkv[:, self.n_heads * d : (self.n_heads + self.n_kv) * d].view(t, self.n_kv, d)  # [T, Hkv, D]
-        v = qkv[:, (self.n_heads + self.n_kv) * d :].view(t, self.n_kv, d)  # [T, Hkv, D]
+        q, k, v = qkv.split([self.n_heads * d, self.n_kv * d, self.n_kv * d], dim=-1)
+        if self.q_norm is not None and self.k_norm is not None and not self.per_head_norm:
+            q, k = self.q_norm(q), self.k_norm(k)  # [T, Hq·D], [T, Hkv·D]
+        if self.clip is not None:
+            q, k, v = (
+                q.clamp(-self.clip, self.clip),
+                k.clamp(-self.clip, self.clip),
+                v.clamp(-self.clip, self.clip),
+            )
+        q, k, v = q.reshape(t, self.n_heads, d), k.reshape(t, self.n_kv, d), v.reshape(t, self.n_kv, d)
+        if self.q_norm is not None and self.k_norm is not None and self.per_head_norm:
+            q, k = self.q_norm(q), self.k_norm(k)  # [T, Hq, D], [T, Hkv, D]
         q, k = apply_rotary(q, *cos_sin), apply_rotary(k, *cos_sin)
         out = meta.attend(q, k, v, k_cache, v_cache)  # [T, Hq, D]
         return self.o_proj(out.reshape(t, -1))  # [T, H]
 
 
-class DecoderLayer(nn.Module):
-    """One layer's dense weights; its experts are elsewhere (the backend)."""
+class MLP(nn.Module):
+    """SwiGLU, computed here: a dense layer's MLP, or a shared expert."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=False)  # gate over up, one GEMM
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [T, I] each
+        return self.down_proj(F.silu(gate) * up)  # [T, H]
+
+    def submit(self, residual: torch.Tensor, x: torch.Tensor, experts: ExpertBackend) -> PendingMLP:
+        return PendingMLP(residual, None, self(x))
+
+
+class MoE(nn.Module):
+    """The router of a layer's experts (its gate) and its shared expert; the routed experts are
+    the backend's, addressed by this layer's MoE index."""
+
+    def __init__(self, cfg: ModelConfig, moe_index: int):
+        super().__init__()
+        self.moe_index = moe_index
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_local_experts, bias=False)
+        self.top_k, self.renormalize = cfg.num_experts_per_tok, cfg.norm_topk_prob
+        shared = cfg.shared_expert_intermediate_size
+        self.shared_expert = MLP(cfg.hidden_size, shared) if shared else None
+        self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False) if shared else None
+
+    def submit(self, residual: torch.Tensor, x: torch.Tensor, experts: ExpertBackend) -> PendingMLP:
+        """x [T, H] (normalised) → the layer's pending output: gate, top-k experts per token, the
+        experts wherever they live; the shared expert computed here while they run."""
+        weights, ids = select_experts(self.gate(x), self.top_k, self.renormalize)  # [T, K], [T, K]
+        handle = experts.submit(self.moe_index, x, ids, weights)
+        shared = None
+        if self.shared_expert is not None and self.shared_expert_gate is not None:
+            shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)  # [T, H]
+        return PendingMLP(residual, handle, shared)
+
+
+@dataclass
+class PendingMLP:
+    """A micro-batch between its layer's MLP submit and its output."""
+
+    residual: torch.Tensor  # [T_m, H] the stream after attention, before the MLP is added
+    handle: object | None  # the backend's handle for the routed experts' output [T_m, H]
+    local: torch.Tensor | None  # [T_m, H] what was computed here (a dense MLP, a shared expert)
+
+    def finish(self, experts: ExpertBackend) -> torch.Tensor:
+        h = self.residual if self.handle is None else self.residual + experts.wait(self.handle)
+        return h if self.local is None else h + self.local  # [T_m, H] float32
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        # a dense model has no gate: its MLP is the one expert, every token's with weight 1
-        self.gate = nn.Linear(cfg.hidden_size, cfg.num_local_experts, bias=False) if cfg.is_moe else None
-        self.top_k = cfg.num_experts_per_tok
-
-    def submit_moe(self, layer: int, x: torch.Tensor, experts: ExpertBackend) -> object:
-        """x [T, H] (normalised) → the backend's handle for this layer's MoE output [T, H]:
-        gate, top-k experts per token, then the experts wherever they live."""
-        if self.gate is None:
-            ids = torch.zeros(x.shape[0], 1, dtype=torch.long, device=x.device)  # [T, 1]
-            return experts.submit(layer, x, ids, torch.ones(x.shape[0], 1, device=x.device))
-        weights, ids = select_experts(self.gate(x), self.top_k)  # [T, K], [T, K]
-        return experts.submit(layer, x, ids, weights)
+        moe = cfg.moe_layers
+        self.mlp: MLP | MoE = (
+            MoE(cfg, moe.index(layer)) if layer in moe else MLP(cfg.hidden_size, cfg.intermediate_size)
+        )
 
 
-@dataclass
-class PendingMoE:
-    """A micro-batch between its layer's MoE submit and its output."""
+class DenseModel(nn.Module):
+    """Everything but the routed experts: what a router holds."""
 
-    residual: torch.Tensor  # [T_m, H] the stream after attention, before the MoE is added
-    handle: object  # the backend's handle for the MoE output [T_m, H]
-
-    def finish(self, experts: ExpertBackend) -> torch.Tensor:
-        return self.residual + experts.wait(self.handle)  # [T_m, H]
-
-
-class MixtralDense(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rotary: RotaryEmbedding | None = None
@@ -135,10 +186,11 @@ class MixtralDense(nn.Module):
         device: str | torch.device = "cpu",
         quant: QuantizationConfig | None = None,
         gemm: str = "torch",
-    ) -> MixtralDense:
-        """The dense part, its attention projections FP8 where the checkpoint stores them so (or
-        `--quantization fp8` asks: quant.method "online"); gates and LM head always in `dtype`.
-        Linear weights are prepared for the `gemm` kernel (moe.layers.cpu_gemm: packed for oneDNN)."""
+    ) -> DenseModel:
+        """The router's part, its projections (attention, dense MLPs, shared experts) FP8 where
+        the checkpoint stores them so (or `--quantization fp8` asks: quant.method "online");
+        gates and LM head always in `dtype`. q/k/v (and gate/up) are stacked into one GEMM's
+        weight; linear weights are prepared for the `gemm` kernel (moe.layers.cpu_gemm)."""
         with torch.device("meta"):
             model = cls(cfg)
         shapes = dense_tensor_shapes(cfg)
@@ -149,19 +201,27 @@ class MixtralDense(nn.Module):
         held = reader.load_linears(projections, dtype, device, quant, quantize=True)
         for m, w in reader.load_linears(rest, dtype, device, quant).items():
             held[m] = w.dequantize(dtype) if isinstance(w, Fp8Tensor) else w
-        for layer in range(cfg.num_hidden_layers):  # q, k, v stacked into one GEMM's weight
-            p = f"model.layers.{layer}.self_attn."
-            held[p + "qkv_proj"] = weights.cat_rows([held.pop(p + x) for x in ("q_proj", "k_proj", "v_proj")])
         plain = {n: shape for n, shape in shapes.items() if n.removesuffix(".weight") not in linears}
-        state = {_state_name(n): t for n, t in reader.load(plain, dtype=dtype, device=device).items()}
+        loaded = reader.load(plain, dtype=dtype, device=device)
+        for fused, parts in FUSED.items():  # one GEMM's weight (and bias) from the checkpoint's parts
+            for m in [m for m in list(held) if m.endswith("." + parts[0])]:
+                base = m.removesuffix(parts[0])
+                held[base + fused] = weights.cat_rows([held.pop(base + p) for p in parts])
+                if base + parts[0] + ".bias" in loaded:
+                    loaded[base + fused + ".bias"] = torch.cat(
+                        [loaded.pop(base + p + ".bias") for p in parts]
+                    )
+        rename = _state_name(cfg)
+        state = {rename(n): t for n, t in loaded.items()}
         w8a8 = w8a8_supported(torch.device(device), dtype)
         for m, w in held.items():
             w = weights.prepare(w, gemm)
             if isinstance(w, torch.Tensor):
-                state[_state_name(m) + ".weight"] = w
+                state[rename(m) + ".weight"] = w
             else:  # FP8 or packed: its module becomes a moe.layers.weights.Linear holding it
-                parent, _, attr = _state_name(m).rpartition(".")  # "" for lm_head: the model
-                setattr(model.get_submodule(parent), attr, Linear(w, w8a8))
+                parent, _, attr = rename(m).rpartition(".")  # "" for lm_head: the model
+                bias = getattr(model.get_submodule(rename(m)), "bias", None) is not None
+                setattr(model.get_submodule(parent), attr, Linear(w, w8a8, bias))
         if cfg.tie_word_embeddings:
             state["lm_head.weight"] = state["embed_tokens.weight"]
         model.load_state_dict(state, assign=True, strict=True)
@@ -192,16 +252,16 @@ class MixtralDense(nn.Module):
         assert self.rotary is not None
         hs = [self.embed(ids) for ids, _ in micro_batches]  # [T_m, H] each, float32
         cos_sin = [self.rotary.cos_sin(meta.positions, self.dtype) for _, meta in micro_batches]
-        pending: list[PendingMoE | None] = [None] * len(hs)
+        pending: list[PendingMLP | None] = [None] * len(hs)
         for i, layer in enumerate(cast(list[DecoderLayer], self.layers)):
             for m, (_, meta) in enumerate(micro_batches):
                 p = pending[m]
-                h = hs[m] if p is None else p.finish(experts)  # layer i-1's MoE output added
+                h = hs[m] if p is None else p.finish(experts)  # layer i-1's MLP output added
                 h = h + layer.self_attn(
                     layer.input_layernorm(h), cos_sin[m], kv_cache.k[i], kv_cache.v[i], meta
                 )
-                pending[m] = PendingMoE(h, layer.submit_moe(i, layer.post_attention_layernorm(h), experts))
-        return [self.norm(cast(PendingMoE, p).finish(experts)) for p in pending]
+                pending[m] = layer.mlp.submit(h, layer.post_attention_layernorm(h), experts)
+        return [self.norm(cast(PendingMLP, p).finish(experts)) for p in pending]
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids [T] → the residual stream's start [T, H], in float32."""
@@ -211,3 +271,13 @@ class MixtralDense(nn.Module):
     def compute_logits(self, h: torch.Tensor) -> torch.Tensor:
         """h [B, H] → logits [B, V] in float32."""
         return self.lm_head(h).float()
+
+
+def _state_name(cfg: ModelConfig):
+    """A checkpoint's tensor or module name → DenseModel's (the family's MoE block is `mlp`)."""
+    block = family(cfg.model_type).moe_block
+
+    def rename(name: str) -> str:
+        return name.removeprefix("model.").replace(f".{block}.", ".mlp.")
+
+    return rename
