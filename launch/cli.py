@@ -101,27 +101,50 @@ def cmd_serve(ns: argparse.Namespace) -> int:
 
 def cmd_make_tiny(ns: argparse.Namespace) -> int:
     from moe.checkpoint.tiny import make_tiny
+    from moe.checkpoint.tiny_families import make_tiny_family
 
-    sizes = {
-        k: v
-        for k, v in (
-            ("hidden_size", ns.hidden_size),
-            ("intermediate_size", ns.intermediate_size),
-            ("num_hidden_layers", ns.num_layers),
-            ("sliding_window", ns.sliding_window),
-        )
-        if v is not None
-    }
-    out = make_tiny(
-        ns.dir,
-        seed=ns.seed,
-        tokenizer=ns.tokenizer,
-        num_files=ns.num_files,
-        model_type=ns.model_type,
-        **sizes,
+    flags = (
+        ("hidden_size", ns.hidden_size),
+        ("intermediate_size", ns.intermediate_size),
+        ("num_hidden_layers", ns.num_layers),
+        ("sliding_window", ns.sliding_window),
+        ("num_attention_heads", ns.num_heads),
+        ("num_key_value_heads", ns.num_kv_heads),
+        ("head_dim", ns.head_dim),
     )
+    sizes = {k: v for k, v in flags if v is not None}
+    if ns.model_type in ("mixtral", "mistral"):
+        experts = {"num_local_experts": ns.num_experts, "num_experts_per_tok": ns.experts_per_token}
+        sizes |= {k: v for k, v in experts.items() if v is not None}
+        out = make_tiny(
+            ns.dir,
+            seed=ns.seed,
+            tokenizer=ns.tokenizer,
+            num_files=ns.num_files,
+            model_type=ns.model_type,
+            **sizes,
+        )
+    else:  # made by transformers itself, with a byte-level BPE tokenizer trained here
+        extra = (
+            ("num_experts", ns.num_experts),
+            ("num_experts_per_tok", ns.experts_per_token),
+            ("moe_intermediate_size", ns.moe_intermediate_size),
+        )
+        sizes |= {k: v for k, v in extra if v is not None}
+        out = make_tiny_family(ns.dir, ns.model_type, seed=ns.seed, **sizes)
     print(f"wrote a tiny {ns.model_type} checkpoint to {out}")
     return 0
+
+
+def id_ranges(ids: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] → "0-2, 5, 7-8": a shard's experts on one line, 128 of them too."""
+    runs: list[list[int]] = []
+    for i in sorted(ids):
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs)
 
 
 def cmd_generate(ns: argparse.Namespace) -> int:
@@ -176,7 +199,7 @@ def cmd_plan(ns: argparse.Namespace) -> int:
     else:
         print(f"{cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, dense: the router alone; {weights}")
     for k, (group, b) in enumerate(zip(p.expert_groups, p.shard_bytes(), strict=True)):
-        print(f"  ExpertShard{k}: experts {group} of every layer, {b / gb:.2f} GB")
+        print(f"  ExpertShard{k}: experts {id_ranges(group)} of every MoE layer, {b / gb:.2f} GB")
     part = "dense part" if cfg.is_moe else "whole model"
     print(
         f"  Router: {part} {p.dense_bytes / gb:.2f} GB + KV cache {p.kv_bytes_per_token / 1e3:.1f} KB per token"
@@ -252,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("serve", help="serve the OpenAI API from a Ray cluster")
     add_settings_flags(p)
     p.set_defaults(func=cmd_serve)
-    p = sub.add_parser("make-tiny", help="write the tiny Mixtral-format checkpoint")
+    p = sub.add_parser("make-tiny", help="write a tiny checkpoint (the embedded Mixtral, or another family)")
     p.add_argument("dir")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tokenizer", choices=["v3", "v1"], default="v3")
@@ -262,8 +285,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hidden-size", type=int, default=None, help="default 256")
     p.add_argument("--intermediate-size", type=int, default=None, help="default 512")
     p.add_argument("--num-layers", type=int, default=None, help="default 4")
-    p.add_argument("--model-type", choices=["mixtral", "mistral"], default="mixtral", help="mistral: dense")
+    p.add_argument(
+        "--model-type",
+        choices=["mixtral", "mistral", "qwen3_moe", "qwen2_moe", "olmoe"],
+        default="mixtral",
+        help="mistral: dense; qwen3_moe, qwen2_moe, olmoe: made by transformers, byte-level BPE tokenizer",
+    )
     p.add_argument("--sliding-window", type=int, default=None, help="default none")
+    p.add_argument("--num-heads", type=int, default=None)
+    p.add_argument("--num-kv-heads", type=int, default=None)
+    p.add_argument("--head-dim", type=int, default=None)
+    p.add_argument("--num-experts", type=int, default=None)
+    p.add_argument("--experts-per-token", type=int, default=None)
+    p.add_argument("--moe-intermediate-size", type=int, default=None, help="an expert's width (Qwen)")
     p.set_defaults(func=cmd_make_tiny)
     p = sub.add_parser("generate", help="generate in this process (no Ray): a quick check of a checkpoint")
     p.add_argument("--model", default=None)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from moe.checkpoint.tiny import make_tiny
+from moe.checkpoint.tiny_families import make_tiny_family
 from moe.layers.attention import AttentionMetadata
+from moe.models import family
 from moe.sampling import SamplingParams
 
 # A second shape, different in every size: no GQA sharing ratio of the default, 4 experts,
@@ -52,12 +56,37 @@ def mistral_window_dir(tmp_path_factory):
     return make_tiny(d, seed=3, num_files=2, model_type="mistral", sliding_window=6, **OTHER_SIZES)
 
 
+FAMILIES = ["qwen3_moe", "qwen2_moe", "olmoe"]  # made by transformers (moe.checkpoint.tiny_families)
+
+
+@pytest.fixture(scope="session")
+def family_dirs(tmp_path_factory):
+    """A tiny checkpoint of each family beyond Mixtral, written once per session."""
+    cache = {}
+
+    def get(model_type: str):
+        if model_type not in cache:
+            cache[model_type] = make_tiny_family(tmp_path_factory.mktemp(model_type), model_type, seed=5)
+        return cache[model_type]
+
+    return get
+
+
+@pytest.fixture(scope="session", params=FAMILIES)
+def family_dir(request, family_dirs):
+    return family_dirs(request.param)
+
+
 def hf_model(path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-    """transformers' MixtralForCausalLM, or MistralForCausalLM for a dense checkpoint."""
+    """transformers' own class for the checkpoint's family (MixtralForCausalLM, MistralForCausalLM,
+    Qwen3MoeForCausalLM, ...)."""
+    import json
+
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
-    assert type(model).__name__ in ("MixtralForCausalLM", "MistralForCausalLM")
+    model_type = json.loads((Path(path) / "config.json").read_text()).get("model_type", "mixtral")
+    assert type(model).__name__ == family(model_type).architecture
     return model
 
 

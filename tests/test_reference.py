@@ -22,9 +22,14 @@ GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
 
 
 def hf_greedy(hf, prompt, n):
-    out = hf.generate(
-        torch.tensor([prompt], device=hf.device), max_new_tokens=n, min_new_tokens=n, do_sample=False
-    )
+    """transformers' greedy `generate` of exactly n tokens, eos ones included (as ignore_eos: its
+    min_new_tokens would forbid the eos ids instead)."""
+    eos, hf.generation_config.eos_token_id = hf.generation_config.eos_token_id, None
+    try:
+        out = hf.generate(torch.tensor([prompt], device=hf.device), max_new_tokens=n, do_sample=False)
+    finally:
+        hf.generation_config.eos_token_id = eos
+    assert out.shape[1] == len(prompt) + n
     return out[0, len(prompt) :].tolist()
 
 

@@ -141,7 +141,13 @@ def linear_modules(cfg: ModelConfig) -> set[str]:
     return names | ({"lm_head"} if not cfg.tie_word_embeddings else set())
 
 
-REVISION_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
+REVISION_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+)
 
 
 def checkpoint_revision(model_dir: str | Path) -> str:

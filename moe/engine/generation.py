@@ -30,3 +30,16 @@ def generation_defaults(
             raise CheckpointError(f"{path}: cannot read ({e})") from None
         defaults = {k: v for k, v in data.items() if k in GENERATION_KEYS and isinstance(v, int | float)}
     return defaults | dict(overrides or {})
+
+
+def generation_eos_ids(model_dir: str | Path | None) -> list[int]:
+    """The eos ids of `generation_config.json` (one or a list: Qwen3 stops on <|im_end|> and
+    <|endoftext|>), which transformers' generate and vLLM stop on besides config.json's."""
+    path = Path(model_dir) / "generation_config.json" if model_dir is not None else None
+    if path is None or not path.is_file():
+        return []
+    try:
+        eos = json.loads(path.read_text()).get("eos_token_id")
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read ({e})") from None
+    return [eos] if isinstance(eos, int) else [int(t) for t in eos or []]

@@ -21,6 +21,7 @@ from moe.checkpoint.reader import open_checkpoint, parse_dtype
 from moe.config import ModelConfig
 from moe.engine.allocator import keep_freed_memory
 from moe.engine.decode_path import DecodePath
+from moe.engine.generation import generation_eos_ids
 from moe.engine.kv_cache import BlockManager, KVCache, kv_cache_budget
 from moe.engine.model_runner import ModelRunner
 from moe.engine.sampler import Sampler
@@ -170,8 +171,9 @@ class LLMEngine:
             self.decode.warm_up()  # every batch bucket compiled and captured before serving
         self.seqs: dict[str, Sequence] = {}
         eos = list(cfg.eos_token_ids)
-        if tokenizer is not None and tokenizer.eos_token_id not in eos:
-            eos.append(tokenizer.eos_token_id)
+        for t in [*generation_eos_ids(model_dir), *([tokenizer.eos_token_id] if tokenizer else [])]:
+            if t not in eos:
+                eos.append(t)
         self.eos_token_ids = eos
         self.vocab_size = cfg.vocab_size
         self.sampler = Sampler(eos, cfg.vocab_size)

@@ -1,0 +1,176 @@
+"""Tiny checkpoints of the families beyond Mixtral (Qwen3-MoE, Qwen2-MoE, OLMoE), made by
+transformers itself, with a byte-level BPE tokenizer trained here: for tests and demos, nothing
+downloaded.
+
+`make_tiny_family(dir, model_type)` builds the family's own transformers model from its config
+class at a tiny size, fills every weight from a seeded generator (scaled as moe.checkpoint.tiny
+does, so greedy choices are well separated), and writes it with `save_pretrained`: the Hub's
+layout, exactly what the family's published checkpoints look like. The tokenizer is a byte-level
+BPE (Qwen's and most new models' kind: any text, Chinese and emoji included, round-trips) trained
+in milliseconds on a fixed text, deterministically, with ChatML's special tokens and the
+non-special tags of tool calls and reasoning (<tool_call>, <think>, ...), and a chat template in
+Qwen3's format (templates/chatml_tools_think.jinja). `generation_config.json` lists two eos ids
+(<|im_end|> and <|endoftext|>), as Qwen3's does.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+TAGS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>"]
+TEMPLATE = Path(__file__).parent / "templates" / "chatml_tools_think.jinja"
+
+# Each family at a tiny size with the shape of its published checkpoints where it matters:
+# Qwen3-MoE 128 experts top-8 (renormalised), head_dim apart from hidden / heads, a dense layer;
+# Qwen2-MoE a shared expert and q/k/v biases; OLMoE 64 experts top-8, its q/k norms and a clamp.
+SIZES: dict[str, dict[str, Any]] = {
+    "qwen3_moe": dict(
+        hidden_size=64,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        num_experts=128,
+        num_experts_per_tok=8,
+        norm_topk_prob=True,
+        mlp_only_layers=[1],
+    ),
+    "qwen2_moe": dict(
+        hidden_size=64,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts=8,
+        num_experts_per_tok=2,
+        norm_topk_prob=False,
+    ),
+    "olmoe": dict(
+        hidden_size=64,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts=64,
+        num_experts_per_tok=8,
+        clip_qkv=2.0,
+    ),
+}
+
+CORPUS = """\
+Mixture-of-experts models route every token to a few experts out of many.
+The router computes a score for each expert, keeps the top k, and adds up their outputs.
+Expert parallelism places the experts of every layer on different GPUs; a router sends each
+shard the hidden states of the tokens routed to its experts, in one message per layer.
+The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs!
+def forward(self, x):\n    return self.down(F.silu(self.gate(x)) * self.up(x))\n
+{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}
+{"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}
+Numbers: 0 1 2 3 4 5 6 7 8 9 10 42 100 1000 3.14159 -7 1e-5.
+混合专家模型把每个词元路由到少数几个专家。专家并行把专家放在不同的显卡上。
+今天天气很好，我们去公园散步吧。你好，世界！
+Les modèles à mélange d'experts sont rapides. Grüße aus München! ¿Qué tal?
+Emoji: 😀 🎉 👍 🚀 ❤️ 🤖 — and symbols: © ® ™ € £ ¥ § ¶ • … ≤ ≥ ≠ ∞.
+"""
+
+
+def train_tokenizer(vocab_size: int = 1024):
+    """A byte-level BPE trained on CORPUS (the same merges every time), wrapped for transformers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([CORPUS] * 4, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>"],
+        clean_up_tokenization_spaces=False,
+        model_max_length=1_000_000,
+    )
+    fast.add_tokens(TAGS)  # added, not special: they survive skip_special_tokens, as Qwen3's do
+    fast.chat_template = TEMPLATE.read_text()
+    return fast
+
+
+def config_class(model_type: str):
+    from transformers import OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig
+
+    return {"qwen3_moe": Qwen3MoeConfig, "qwen2_moe": Qwen2MoeConfig, "olmoe": OlmoeConfig}[model_type]
+
+
+def fill_weights(model: torch.nn.Module, seed: int) -> None:
+    """Every parameter from a seeded generator: norms near 1, biases small, embeddings of unit
+    variance, matrices [.., out, in] with unit-variance outputs, the LM head's logits of std ~3."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if name.endswith("norm.weight"):
+                t = 1.0 + 0.1 * torch.randn(p.shape, generator=g)
+            elif name.endswith(".bias"):
+                t = 0.1 * torch.randn(p.shape, generator=g)
+            elif "embed_tokens" in name:
+                t = torch.randn(p.shape, generator=g)
+            else:
+                t = torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5
+                if name.startswith("lm_head"):
+                    t *= 3.0
+            p.copy_(t)
+
+
+def make_tiny_family(out_dir: str | Path, model_type: str, seed: int = 0, **overrides: Any) -> Path:
+    """Write a tiny `model_type` checkpoint ("qwen3_moe", "qwen2_moe", "olmoe") to `out_dir`;
+    `overrides` change its transformers config's fields (e.g. tie_word_embeddings=True)."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    if model_type not in SIZES:
+        raise ValueError(f"model_type must be one of {sorted(SIZES)}, got {model_type!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    log.info("writing a tiny %s checkpoint (seed %d) to %s", model_type, seed, out)
+    tokenizer = train_tokenizer()
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL}
+    fields = dict(SIZES[model_type]) | overrides
+    fields |= dict(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=4096,
+        rope_theta=1e6,
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+    )
+    config = config_class(model_type)(**fields)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    fill_weights(model, seed)
+    model.generation_config = GenerationConfig(
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
+        pad_token_id=ids["<|endoftext|>"],
+    )
+    model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    raw = json.loads((out / "config.json").read_text())
+    assert raw["model_type"] == model_type, raw["model_type"]
+    return out
