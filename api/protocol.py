@@ -91,6 +91,9 @@ class ChatMessage(BaseModel):
         for k in ("name", "tool_calls", "tool_call_id"):
             if getattr(self, k) is not None:
                 d[k] = getattr(self, k)
+        reasoning = (self.model_extra or {}).get("reasoning_content")
+        if isinstance(reasoning, str):  # an earlier answer's reasoning, for templates that keep it
+            d["reasoning_content"] = reasoning
         return d
 
 
@@ -255,6 +258,11 @@ class ChatCompletionRequest(SamplingFields):
     # Mistral's API: random_seed is its seed; safe_prompt prepends its guardrail system prompt
     random_seed: int | None = Field(default=None, ge=0, lt=2**64)
     safe_prompt: bool = False
+    # vLLM's: the chat template's own variables ({"enable_thinking": false}), whether the
+    # assistant's turn is opened, or the last (assistant) message continued instead
+    chat_template_kwargs: dict[str, Any] | None = Field(default=None, max_length=32)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
 
     @model_validator(mode="after")
     def _mistral_names(self) -> ChatCompletionRequest:
@@ -341,6 +349,7 @@ class ToolCall(BaseModel):
 class ChatMessageOut(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
+    reasoning_content: str | None = OMIT()  # the model's <think> text (vLLM's reasoning parsers)
     tool_calls: list[ToolCall] | None = OMIT()
 
 
@@ -377,6 +386,7 @@ class ToolCallDelta(BaseModel):
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = OMIT()
     content: str | None = OMIT()
+    reasoning_content: str | None = OMIT()
     tool_calls: list[ToolCallDelta] | None = OMIT()
 
 
@@ -495,7 +505,7 @@ class ResponsesInputItem(BaseModel):
     """A message ({role, content}), a function call the model made, or a tool's output for it."""
 
     model_config = ConfigDict(extra="allow")
-    type: Literal["message", "function_call", "function_call_output"] = "message"
+    type: Literal["message", "function_call", "function_call_output", "reasoning"] = "message"
     role: Literal["user", "assistant", "system", "developer"] | None = None
     content: str | list[ContentPart] | None = None  # input_text / output_text parts
     call_id: str | None = None
@@ -575,6 +585,8 @@ class ResponsesRequest(BaseModel):
             else self.input
         )
         for i, item in enumerate(items):
+            if item.type == "reasoning":  # an earlier answer's reasoning, sent back: templates drop it
+                continue
             if item.type == "function_call":
                 call = {
                     "id": item.call_id,
@@ -655,6 +667,22 @@ class ResponseOutputText(BaseModel):
     logprobs: list[Any] = Field(default_factory=list)
 
 
+class ResponseReasoningText(BaseModel):
+    type: Literal["reasoning_text"] = "reasoning_text"
+    text: str
+
+
+class ResponseReasoningItem(OpenAIBody):
+    """The model's reasoning (its <think> text), before its message or calls: as vLLM gives it,
+    the text in `content`, no summary."""
+
+    type: Literal["reasoning"] = "reasoning"
+    id: str
+    summary: list[dict[str, str]] = Field(default_factory=list)
+    content: list[ResponseReasoningText]
+    status: Literal["in_progress", "completed", "incomplete"] = "completed"
+
+
 class ResponseMessageItem(OpenAIBody):
     type: Literal["message"] = "message"
     id: str
@@ -697,7 +725,9 @@ class ResponseObject(OpenAIBody):
     incomplete_details: dict[str, str] | None = None
     error: dict[str, Any] | None = None
     model: str
-    output: list[ResponseMessageItem | ResponseFunctionCallItem] = Field(default_factory=list)
+    output: list[ResponseReasoningItem | ResponseMessageItem | ResponseFunctionCallItem] = Field(
+        default_factory=list
+    )
     instructions: str | None = None
     max_output_tokens: int | None = None
     temperature: float | None = None
@@ -738,7 +768,7 @@ class ResponseObject(OpenAIBody):
 
     def finished(
         self,
-        output: list[ResponseMessageItem | ResponseFunctionCallItem],
+        output: list[ResponseReasoningItem | ResponseMessageItem | ResponseFunctionCallItem],
         finish_reason: str | None,
         usage: ResponseUsage,
     ) -> ResponseObject:

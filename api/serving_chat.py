@@ -1,8 +1,10 @@
-"""POST /v1/chat/completions: the chat template, tools and structured output, JSON or SSE.
+"""POST /v1/chat/completions: the chat template, tools, reasoning and structured output, JSON or SSE.
 
-A choice whose output starts with the tokenizer's [TOOL_CALLS] token (when the request has
-tools) is read back as OpenAI `tool_calls`; streamed, it is held back until complete and sent
-as tool-call deltas (per call: id, type and name, then the arguments).
+Each choice's output is read by the plan's parser (api.chat_plan): the model's reasoning goes to
+`reasoning_content`, its text to `content`, and a tool call in its format (when the request has
+tools) to `tool_calls`; streamed, reasoning and text go out as they come, and a call is held
+back until complete and sent as tool-call deltas (per call: id, type and name, then the
+arguments).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 from fastapi.responses import JSONResponse, Response
 
 from api.access_log import request_id
+from api.chat_plan import ChatPlan, Parsed, plan_chat
 from api.context import ServingContext
 from api.protocol import (
     ChatChoice,
@@ -33,7 +36,6 @@ from api.protocol import (
     TopLogprob,
 )
 from api.streaming import ChoiceStream, sse_response, start_choices
-from api.tool_calls import ChatPlan, calls_of, plan_chat
 from moe.sampling import Logprobs
 
 log = logging.getLogger("ray.serve")
@@ -46,8 +48,8 @@ class ServingChat:
     async def create(self, req: ChatCompletionRequest) -> Response:
         ctx = self.ctx
         model = ctx.model_name(req.model)
-        plan = await asyncio.to_thread(plan_chat, req, ctx.tokenizer)  # a schema compiles off the loop
-        prompt = ctx.tokenizer.apply_chat_template(plan.messages, plan.tools)
+        plan = await asyncio.to_thread(plan_chat, req, ctx.tokenizer)  # template, schema: off the loop
+        prompt = plan.prompt
         max_tokens = await ctx.max_tokens(req.requested_max_tokens(), len(prompt))
         rid = f"chatcmpl-{request_id()}"  # X-Request-Id when the client sent one
         choices = await start_choices(
@@ -55,17 +57,16 @@ class ServingChat:
         )
         created = int(time.time())
         if req.stream:
-            return sse_response(
-                self._stream(choices, rid, model, created, req.include_usage(), plan, req.parallel_tool_calls)
-            )
+            return sse_response(self._stream(choices, rid, model, created, req.include_usage(), plan))
         results = await choices.collect()
         out = []
         for i, r in enumerate(results):
-            calls, text = None, r.text
-            if plan.tool_calls_token is not None and r.token_ids[:1] == [plan.tool_calls_token]:
-                calls, text = calls_of(r.text, req.parallel_tool_calls), ""
-            message = (
-                ChatMessageOut(content=None, tool_calls=calls) if calls else ChatMessageOut(content=text)
+            parsed = plan.parser().whole(r.text, r.token_ids)
+            calls = parsed.calls
+            message = ChatMessageOut(
+                content=(parsed.content or None) if calls else parsed.content,  # whitespace alone: ""
+                reasoning_content=parsed.reasoning or None,
+                tool_calls=calls,
             )
             out.append(
                 ChatChoice(
@@ -87,9 +88,8 @@ class ServingChat:
         created: int,
         include_usage: bool,
         plan: ChatPlan,
-        parallel: bool,
     ) -> AsyncIterator[str]:
-        """Role chunk, content deltas, finish chunk per choice; usage; [DONE]."""
+        """Role chunk, reasoning and content deltas, tool calls, finish chunk per choice; usage; [DONE]."""
         extra: dict[str, Any] = {"usage": None} if include_usage else {}
 
         def delta(i: int, d: DeltaMessage, lp: ChatLogprobs | None = None, finish: str | None = None) -> str:
@@ -102,42 +102,42 @@ class ServingChat:
             )
             return json.dumps(chunk.body())
 
-        calling: list[bool | None] = [None] * choices.n  # per choice: a tool call? (None: not known yet)
-        held = [""] * choices.n
+        def shown(p: Parsed) -> DeltaMessage | None:
+            if not (p.reasoning or p.content):
+                return None
+            return DeltaMessage(reasoning_content=p.reasoning or None, content=p.content or None)
+
+        parsers = [plan.parser() for _ in range(choices.n)]
         for i in range(choices.n):
             yield delta(i, DeltaMessage(role="assistant", content=""))
         async for i, out in choices:
-            if calling[i] is None and out.new_token_ids:
-                calling[i] = (
-                    plan.tool_calls_token is not None and out.new_token_ids[0] == plan.tool_calls_token
-                )
             lp = self._logprobs(out.new_logprobs) if out.new_logprobs else None
-            if calling[i]:
-                held[i] += out.new_text
-            elif out.new_text or lp:
-                yield delta(i, DeltaMessage(content=out.new_text), lp)
+            d = shown(parsers[i].feed(out.new_text, out.new_token_ids))
+            if d is not None or lp:
+                yield delta(i, d or DeltaMessage(content=""), lp)
             if not out.finished:
                 continue
+            last = parsers[i].finish()
+            if (d := shown(last)) is not None:
+                yield delta(i, d)
             reason = out.finish_reason
-            if calling[i]:
-                calls = calls_of(held[i], parallel)
-                if calls is not None:
-                    for k, c in enumerate(calls):
-                        head = ToolCallDelta(
-                            index=k,
-                            id=c.id,
-                            type="function",
-                            function=FunctionDelta(name=c.function.name, arguments=""),
-                        )
-                        yield delta(i, DeltaMessage(tool_calls=[head]))
-                        args = ToolCallDelta(index=k, function=FunctionDelta(arguments=c.function.arguments))
-                        yield delta(i, DeltaMessage(tool_calls=[args]))
-                    reason = "tool_calls" if reason == "stop" else reason
+            for k, c in enumerate(last.calls or []):
+                head = ToolCallDelta(
+                    index=k,
+                    id=c.id,
+                    type="function",
+                    function=FunctionDelta(name=c.function.name, arguments=""),
+                )
+                yield delta(i, DeltaMessage(tool_calls=[head]))
+                args = ToolCallDelta(index=k, function=FunctionDelta(arguments=c.function.arguments))
+                yield delta(i, DeltaMessage(tool_calls=[args]))
+            if last.calls and reason == "stop":
+                reason = "tool_calls"
             yield delta(i, DeltaMessage(), None, reason)
         if include_usage:
             usage = self.ctx.usage(choices.prompt_tokens, choices.completion_tokens)
-            last = ChatCompletionChunk(id=rid, created=created, model=model, choices=[], usage=usage)
-            yield json.dumps(last.body())
+            last_chunk = ChatCompletionChunk(id=rid, created=created, model=model, choices=[], usage=usage)
+            yield json.dumps(last_chunk.body())
         yield "[DONE]"
 
     def _logprobs(self, lps: list[Logprobs]) -> ChatLogprobs:

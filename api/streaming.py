@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 from sse_starlette.sse import EventSourceResponse
 
 from api import access_log
+from api.chat_plan import ChatPlan
 from api.context import ServingContext
 from api.engine_client import Outputs
 from api.errors import APIError, EngineUnavailable
 from api.protocol import SamplingFields, error_body
-from api.tool_calls import ChatPlan
 from cluster.messages import GenerateRequest, Refusal
 from moe.engine.sequence import RequestOutput
 from moe.errors import RequestError

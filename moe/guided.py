@@ -11,9 +11,12 @@ what mistral-common's own guidance uses). raymix's part is which grammar a reque
   objects with named properties no extra keys, free-form objects short keys and a few entries,
   free-form values a small depth. A bounded schema only narrows the original: whatever it
   allows, the original allows, so the output validates against what the user sent.
-- `tool_call_grammar(tools, tool_calls_token)`: Mistral's `[TOOL_CALLS] [{"name": ..,
-  "arguments": {..}}]`, the names restricted to the offered (or the named) functions and each
-  call's arguments to that function's parameters schema (bounded the same way).
+- `tool_calls_grammar(tools, ...)`: forced calls in the model's format (api.tool_parsers: Mistral's
+  `[TOOL_CALLS] [{"name": .., "arguments": {..}}]`, Hermes' `<tool_call>` blocks), the names
+  restricted to the offered (or the named) functions and each call's arguments to that
+  function's parameters schema (bounded the same way).
+- `reasoning_prefix`: a `<think>` block before any of these (Qwen3), free text; structured output
+  applies after it.
 
 `GrammarMatcher` is one request's matcher: `fill_bitmask` before sampling, `fit_budget` on the
 sampled token, `advance` after.
@@ -50,7 +53,9 @@ INT_BOUND = 10**15
 KEY_PATTERN = "^[A-Za-z0-9_]{1,24}$"
 NO_WHITESPACE = {"whitespace_flexible": False}
 # the closing path's preference: what ends strings, objects, arrays, then the shortest values
-CLOSERS = '"}]0,:' + "123456789" + "abcdefghijklmnopqrstuvwxyz" + "ABCDEFGHIJKLMNOPQRSTUVWXYZ" + "-._ eE+"
+# (an object or array where one must start: after a reasoning block, before optional spaces)
+CLOSERS = '"}]0,:{[' + "123456789" + "abcdefghijklmnopqrstuvwxyz" + "ABCDEFGHIJKLMNOPQRSTUVWXYZ" + "-._ eE+"
+THINK_END = "</think>"  # a reasoning block's end tag, where the vocabulary has it as one token
 CLOSE_LIMIT = 4096  # tokens: a closing path longer than this counts as none
 
 
@@ -130,17 +135,28 @@ def _llg():
     return llguidance
 
 
-def json_grammar(schema: dict[str, Any] | None) -> str:
+def json_grammar(schema: dict[str, Any] | None, prefix: str = "") -> str:
     """The grammar for `response_format`: JSON matching `schema` (any JSON object when None),
-    compact, with one optional leading space (SentencePiece words start with one)."""
+    compact, with one optional leading space (SentencePiece words start with one), after
+    `prefix` (lark: a reasoning block, `reasoning_prefix`)."""
     bounded = bound_schema(schema) if schema is not None else bound_schema({"type": "object"}, ANY_DEPTH + 1)
     body = json.dumps({"x-guidance": NO_WHITESPACE, **bounded})
-    return _lark(f'start: " "? %json {body}\n', "response_format")
+    return _lark(f'start: {prefix} " "? %json {body}\n', "response_format")
 
 
-def tool_call_grammar(tools: list[dict[str, Any]], tool_calls_token: int, parallel: bool = True) -> str:
-    """The grammar for a forced tool call (`tool_choice` required/any or a named function):
-    the `[TOOL_CALLS]` token, then a JSON list of calls of the given functions."""
+def reasoning_prefix(start: int, end: int, inside: bool, special: list[int]) -> str:
+    """Lark for the reasoning before a constrained answer, in `<think>` tags (token ids `start`,
+    `end`): any tokens but the end tag and the `special` ones (an eos must not end the answer
+    inside its reasoning), then up to 4 newlines or spaces (bounded: the closing path must not
+    write whitespace forever); optional unless the prompt already opened it (`inside`). The
+    closing path ends it with the end tag (`GrammarTokenizer`)."""
+    excluded = ",".join(str(t) for t in sorted({end, *special}))
+    block = f"<[^{excluded}]>* <[{end}]> /[ \\n]{{0,4}}/"
+    return block if inside else f"(<[{start}]> {block})?"
+
+
+def call_schema(tools: list[dict[str, Any]]) -> dict[str, Any]:
+    """One call of one of `tools`: {"name": its name, "arguments": its parameters (bounded)}."""
     defs: dict[str, Any] = {}
     calls = []
     for i, t in enumerate(tools):
@@ -156,15 +172,26 @@ def tool_call_grammar(tools: list[dict[str, Any]], tool_calls_token: int, parall
                 "additionalProperties": False,
             }
         )
-    schema = {
-        "x-guidance": NO_WHITESPACE,
-        "type": "array",
-        "items": calls[0] if len(calls) == 1 else {"anyOf": calls},
-        "minItems": 1,
-        "maxItems": 4 if parallel else 1,
-        **({"$defs": defs} if defs else {}),
-    }
-    return _lark(f'start: <[{tool_calls_token}]> " "? %json {json.dumps(schema)}\n', "tools")
+    one = calls[0] if len(calls) == 1 else {"anyOf": calls}
+    return {"x-guidance": NO_WHITESPACE, **one, **({"$defs": defs} if defs else {})}
+
+
+def tool_calls_grammar(
+    tools: list[dict[str, Any]], parallel: bool, prefix: str, head: str, tail: str, sep: str | None = None
+) -> str:
+    """The grammar for a forced tool call (`tool_choice` required or a named function), in the
+    model's format, after `prefix` (lark: `reasoning_prefix`, or nothing): `head` (lark ending
+    in `%json`), the calls' JSON, `tail`. With `sep` None the JSON is a list of 1-4 calls (1
+    unless parallel: Mistral's `[TOOL_CALLS] [...]`); else each call is one JSON object in its
+    own head...tail block, up to 4 joined by `sep` (Hermes' `<tool_call>` blocks)."""
+    one = call_schema(tools)
+    if sep is None:
+        items = {k: v for k, v in one.items() if k not in ("x-guidance", "$defs")}
+        array = {"x-guidance": NO_WHITESPACE, "type": "array", "items": items, "minItems": 1}
+        array |= {"maxItems": 4 if parallel else 1, **({"$defs": one["$defs"]} if "$defs" in one else {})}
+        return _lark(f"start: {prefix} {head} {json.dumps(array)}{tail}\n", "tools")
+    more = f' ("{sep}" call){{0,3}}' if parallel else ""
+    return _lark(f"start: {prefix} call{more}\ncall: {head} {json.dumps(one)}{tail}\n", "tools")
 
 
 def _rebase(params: Any, index: int, defs: dict[str, Any]) -> Any:
@@ -231,6 +258,9 @@ class GrammarTokenizer:
         self.llg = llg
         single = [self.ll.tokenize_str(c) for c in CLOSERS]  # the tokens that are one character
         self.closers = [ids[0] for ids in single if len(ids) == 1]
+        think_end = hf.encode(THINK_END, add_special_tokens=False)
+        if len(think_end) == 1:  # a reasoning block is closed first (`reasoning_prefix`)
+            self.closers.insert(0, think_end[0])
 
     def matcher(self, grammar: str, max_tokens: int | None = None) -> GrammarMatcher:
         """A matcher at the grammar's start; with `max_tokens`, refused (RequestError) when its

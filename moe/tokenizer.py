@@ -13,6 +13,7 @@ back until the rest arrives) and without losing SentencePiece's leading spaces.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, cast
 
@@ -32,13 +33,58 @@ class Tokenizer(Protocol):
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str: ...
 
     def apply_chat_template(
-        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+        template: ChatTemplateOptions | None = None,
     ) -> list[int]: ...
 
     def token_text(self, token_id: int) -> str: ...
 
+    def token_id(self, text: str) -> int | None:
+        """The id of the one token whose text is `text` (<think>, <tool_call>), else None."""
+        ...
+
+    @property
+    def special_ids(self) -> list[int]:
+        """The control tokens (bos, eos, pad, <|im_start|>, ...): never text."""
+        ...
+
     @property
     def tool_calls_token_id(self) -> int | None: ...
+
+
+@dataclass(frozen=True)
+class ChatTemplateOptions:
+    """How a chat is rendered, as vLLM's request fields say: `add_generation_prompt` (open the
+    assistant's turn), `continue_final_message` (leave the last, an assistant's, open to be
+    continued) and `kwargs`, the template's own variables (`{"enable_thinking": false}`)."""
+
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+# apply_chat_template's own parameters: a request's chat_template_kwargs may not set these
+RESERVED_TEMPLATE_KWARGS = frozenset(
+    {
+        "conversation",
+        "messages",
+        "tools",
+        "documents",
+        "chat_template",
+        "tokenize",
+        "padding",
+        "truncation",
+        "max_length",
+        "return_tensors",
+        "return_dict",
+        "return_assistant_tokens_mask",
+        "tokenizer_kwargs",
+        "add_generation_prompt",
+        "continue_final_message",
+    }
+)
 
 
 class HFTokenizer:
@@ -62,8 +108,12 @@ class HFTokenizer:
         return str(self.tok.decode(ids, skip_special_tokens=skip_special_tokens))
 
     def apply_chat_template(
-        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+        template: ChatTemplateOptions | None = None,
     ) -> list[int]:
+        t = template or ChatTemplateOptions()
         if not self.tok.chat_template:
             raise RequestError("this model has no chat template; use /v1/completions", param="messages")
         if tools and "tools" not in self.tok.chat_template:
@@ -73,7 +123,12 @@ class HFTokenizer:
             )
         try:
             out: Any = self.tok.apply_chat_template(
-                messages, tools=cast(Any, tools or None), tokenize=True, add_generation_prompt=True
+                messages,
+                tools=cast(Any, tools or None),
+                tokenize=True,
+                add_generation_prompt=t.add_generation_prompt,
+                continue_final_message=t.continue_final_message,
+                **t.kwargs,
             )
         except Exception as e:  # jinja's raise_exception and template errors
             raise RequestError(
@@ -85,6 +140,14 @@ class HFTokenizer:
     def token_text(self, token_id: int) -> str:
         """One token as text for logprobs: its piece, with SentencePiece's '▁' as a space."""
         return str(self.tok.convert_ids_to_tokens(token_id)).replace("\u2581", " ")
+
+    def token_id(self, text: str) -> int | None:
+        ids = self.tok.encode(text, add_special_tokens=False)
+        return int(ids[0]) if len(ids) == 1 else None
+
+    @property
+    def special_ids(self) -> list[int]:
+        return sorted(set(self.tok.all_special_ids))
 
     @property
     def tool_calls_token_id(self) -> int | None:
@@ -148,18 +211,33 @@ class MistralTokenizer:
         return "".join(parts)
 
     def apply_chat_template(
-        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+        template: ChatTemplateOptions | None = None,
     ) -> list[int]:
+        """Mistral's own format: no template variables; `continue_final_message` as mistral-common
+        takes it (the generation prompt is always its own)."""
         from mistral_common.protocol.instruct.request import ChatCompletionRequest
 
+        t = template or ChatTemplateOptions()
         try:
-            req = ChatCompletionRequest.from_openai(messages, tools=tools or None)
+            req = ChatCompletionRequest.from_openai(
+                messages, tools=tools or None, continue_final_message=t.continue_final_message
+            )
             return list(self.mt.encode_chat_completion(req).tokens)
         except Exception as e:  # mistral-common validates roles and their order
             raise RequestError(f"invalid messages: {e}", param="messages") from None
 
     def token_text(self, token_id: int) -> str:
         return str(self.raw.id_to_piece(token_id)).replace("\u2581", " ")
+
+    def token_id(self, text: str) -> int | None:
+        return self._controls.get(text)
+
+    @property
+    def special_ids(self) -> list[int]:
+        return sorted(self._controls.values())
 
     @property
     def tool_calls_token_id(self) -> int | None:

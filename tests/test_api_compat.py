@@ -314,7 +314,7 @@ def test_mistral_sdk_complete_stream_seed_and_safe_prompt(url):
     (a, n_plain), (b, _), (c, _) = say(7), say(7), say(8)
     assert a == b and a != c  # random_seed is the seed
     _, n_safe = say(7, safe=True)
-    from api.tool_calls import SAFE_PROMPT
+    from api.chat_plan import SAFE_PROMPT
 
     expected = httpx.post(
         f"{url}/tokenize",

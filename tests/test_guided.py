@@ -15,9 +15,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, Field
 
+from api.tool_parsers import MistralCalls
 from moe.engine.llm_engine import EngineConfig, LLMEngine
 from moe.errors import RequestError
-from moe.guided import apply_bitmask, bound_schema, json_grammar, tool_call_grammar
+from moe.guided import apply_bitmask, bound_schema, json_grammar
 from moe.sampling import SamplingParams
 
 
@@ -139,6 +140,11 @@ TOOLS = [
         },
     },
 ]
+
+
+def tool_call_grammar(tools, token):
+    """Mistral's forced-call grammar ([TOOL_CALLS] and a JSON list of calls), as chat builds it."""
+    return MistralCalls(token).grammar(tools, True, "")
 
 
 @pytest.mark.parametrize("offered", [TOOLS, TOOLS[1:]])
