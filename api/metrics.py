@@ -75,9 +75,13 @@ class MetricsMirror(Protocol):
     def observe(self, name: str, value: float) -> None: ...
 
 
+PER_EXPERT_LIMIT = 4096  # expert_tokens series a router exports at most with expert_metrics "auto"
+
+
 class ServingMetrics:
-    def __init__(self, mirror: MetricsMirror | None = None) -> None:
+    def __init__(self, mirror: MetricsMirror | None = None, expert_metrics: str = "auto") -> None:
         self.mirror = mirror
+        self.expert_metrics = expert_metrics  # "expert", "shard" or "auto" (PER_EXPERT_LIMIT)
         self.registry = r = CollectorRegistry()
         self.series: dict[str, Any] = {}
         for spec in (*REQUEST_METRICS, *ENGINE_GAUGES, SHARD_RECOVERIES):
@@ -161,9 +165,11 @@ class ServingMetrics:
 
 
 class ExpertLoadCollector:
-    """Expert-parallel metrics from the router's counters, at scrape time. Cardinality is bounded
-    by the model: layers x experts series of expert_tokens (256 for Mixtral 8x7B, 448 for 8x22B),
-    one latency histogram per shard, one gauge."""
+    """Expert-parallel metrics from the router's counters, at scrape time. Cardinality is bounded:
+    layers x experts series of expert_tokens per router (256 for Mixtral 8x7B, 448 for 8x22B), or,
+    where that is too many (Qwen3-235B: 94 x 128 = 12,032) or `expert_metrics` says so, one
+    series per shard (shard_expert_tokens: its experts' assignments, every layer together); one
+    latency histogram per shard, one gauge."""
 
     def __init__(self, metrics: ServingMetrics):
         self.metrics = metrics
@@ -187,11 +193,27 @@ class ExpertLoadCollector:
             "Mean / max tokens per expert shard over recent layer batches (1 = even)",
             labels=["router"],
         )
+        by_shard = CounterMetricFamily(
+            "raymix:shard_expert_tokens",
+            "Token assignments routed to each shard's experts, every layer together",
+            labels=["shard", "router"],
+        )
+        mode = self.metrics.expert_metrics
         for load in loads:
             router = str(load.router)
-            for layer, counts in load.expert_tokens.items():
-                for expert, n in enumerate(counts):
-                    tokens.add_metric([str(layer), str(expert), str(load.expert_to_shard[expert]), router], n)
+            series = len(load.expert_tokens) * len(load.expert_to_shard)
+            if mode == "expert" or (mode == "auto" and series <= PER_EXPERT_LIMIT):
+                for layer, counts in load.expert_tokens.items():
+                    for expert, n in enumerate(counts):
+                        shard = str(load.expert_to_shard[expert])
+                        tokens.add_metric([str(layer), str(expert), shard, router], n)
+            else:
+                totals: dict[int, int] = {}
+                for counts in load.expert_tokens.values():
+                    for expert, n in enumerate(counts):
+                        totals[load.expert_to_shard[expert]] = totals.get(load.expert_to_shard[expert], 0) + n
+                for shard, n in sorted(totals.items()):
+                    by_shard.add_metric([str(shard), router], n)
             for shard, counts in enumerate(load.dispatch_latency_counts):
                 cumulative, total = [], 0
                 for bound, c in zip([*load.dispatch_latency_buckets, float("inf")], counts, strict=True):
@@ -202,6 +224,7 @@ class ExpertLoadCollector:
                 )
             balance.add_metric([router], load.balancedness)
         yield tokens
+        yield by_shard
         yield latency
         yield balance
         holders = GaugeMetricFamily(

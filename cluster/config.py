@@ -163,6 +163,11 @@ class RaymixSettings(BaseSettings):
         gt=0,
         description="Rebalance the expert replicas from the measured load this often while serving; none: only on request",
     )
+    expert_metrics: Literal["auto", "expert", "shard"] = Field(
+        default="auto",
+        description="Prometheus token counts per expert and layer, or per shard only (bounded series: "
+        "128 experts x 48 layers x routers is too many); auto: per expert up to 4096 series a router",
+    )
     data_plane: Literal["auto", "gloo", "nccl"] = Field(
         default="auto",
         description="Transport of the per-layer expert traffic; auto: nccl with GPUs (gloo between a router and a "

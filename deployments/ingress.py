@@ -35,7 +35,7 @@ class Ingress:
             defaults=generation_defaults(
                 model_dir, settings.generation_config, settings.override_generation_config
             ),
-            metrics=ServingMetrics(mirror=RayRequestMetrics()),
+            metrics=ServingMetrics(mirror=RayRequestMetrics(), expert_metrics=settings.expert_metrics),
         )
 
     def __serve_build_asgi_app__(self):

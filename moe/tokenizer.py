@@ -284,3 +284,11 @@ class IncrementalDetokenizer:
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
             return full[len(prefix) :]
         return ""
+
+    def flush(self) -> str:
+        """The output ended: what was held back (a UTF-8 sequence the tokens never completed,
+        as a replacement character, where transformers' decode shows one too)."""
+        prefix = self.tok.decode(self.ids[self.prefix_offset : self.read_offset], self.skip)
+        full = self.tok.decode(self.ids[self.prefix_offset :], self.skip)
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return full[len(prefix) :] if len(full) > len(prefix) else ""

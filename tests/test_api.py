@@ -495,6 +495,36 @@ def test_gpu_memory_is_exported_per_deployment():
     assert "gpu_memory" not in ServingMetrics().render([RouterStats(EngineStats(), True)])[0].decode()
 
 
+def test_per_expert_series_are_bounded(api):
+    """48 layers x 128 experts (Qwen3-30B-A3B) is 6144 series a router: past 4096, `auto`
+    exports one series per shard (every layer's and expert's assignments added up)."""
+    from moe.expert_parallel.load import ExpertLoadSnapshot
+
+    def load(layers: int, experts: int) -> ExpertLoadSnapshot:
+        counts = {layer: [layer + e for e in range(experts)] for layer in range(layers)}
+        primary = [e * 4 // experts for e in range(experts)]  # 4 shards
+        return ExpertLoadSnapshot(
+            counts, primary, (0.1,), [[0, 0]] * 4, [0.0] * 4, 1.0, [1] * experts, {}, []
+        )
+
+    stats = [RouterStats(EngineStats(), True)]
+    for mode, layers, experts, per_expert in [
+        ("auto", 4, 8, True),
+        ("auto", 48, 128, False),
+        ("expert", 48, 128, True),
+        ("shard", 4, 8, False),
+    ]:
+        snapshot = load(layers, experts)
+        text = ServingMetrics(expert_metrics=mode).render(stats, [snapshot])[0].decode()
+        lines = [x for x in text.splitlines() if not x.startswith("#")]
+        expert_lines = [x for x in lines if x.startswith("raymix:expert_tokens_total")]
+        shard_lines = [x for x in lines if x.startswith("raymix:shard_expert_tokens_total")]
+        assert len(expert_lines) == (layers * experts if per_expert else 0)
+        assert len(shard_lines) == (0 if per_expert else 4)
+        total = sum(sum(c) for c in snapshot.expert_tokens.values())
+        assert sum(float(x.rsplit(" ", 1)[1]) for x in expert_lines + shard_lines) == total
+
+
 def test_json_nested_deeper_than_the_limit_is_named_and_shallower_is_read(api):
     deep = post(api, b'{"a": ' + b"[" * 30_000 + b"]" * 30_000 + b"}")  # within the body limit
     assert deep.status_code == 400 and "nested deeper than 128 levels" in deep.json()["error"]["message"]

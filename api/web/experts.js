@@ -12,19 +12,24 @@ function compact(n) {
   return n >= 1e6 ? `${(n / 1e6).toFixed(1)}M` : n >= 1e4 ? `${Math.round(n / 1e3)}k` : n >= 1e3 ? `${(n / 1e3).toFixed(1)}k` : String(n);
 }
 
-// tokens [layer][expert] → a grid: a row per layer, a column per expert, darker = more tokens
-// (scaled to the busiest cell); a column's header names the shards computing that expert
+// tokens [layer][expert] → a grid: a row per MoE layer, a column per expert, darker = more tokens
+// (scaled to the busiest cell); a column's header names the shards computing that expert. With
+// many experts (Qwen3's 128, OLMoE's 64) the columns narrow to colour alone: every 8th is named,
+// the numbers are in each cell's tooltip, and the grid scrolls sideways on a narrow screen.
+const DENSE_FROM = 33; // experts: above 32, cells show colour only
 function renderHeatmap(status, which) {
   const tokens = which === "total" ? status.expert_tokens : status.recent_expert_tokens;
   const holders = Array.from({ length: status.num_experts }, () => []);
   for (const s of status.shards) for (const e of s.experts) holders[e].push(s.shard_id);
   const max = Math.max(1, ...tokens.flat());
   const grid = $("heatmap");
-  grid.style.gridTemplateColumns = `auto repeat(${status.num_experts}, minmax(2.2em, 1fr))`;
+  const dense = status.num_experts >= DENSE_FROM;
+  grid.classList.toggle("dense", dense);
+  grid.style.gridTemplateColumns = `auto repeat(${status.num_experts}, minmax(${dense ? "0.7em" : "2.2em"}, 1fr))`;
   const cells = [element("div", "corner", "layer \\ expert")];
   for (let e = 0; e < status.num_experts; e++) {
-    const head = element("div", "col-head", `E${e}`);
-    if (holders[e].length) head.append(element("small", "", ` s${holders[e].join(",")}`));
+    const head = element("div", "col-head", dense ? (e % 8 === 0 ? String(e) : "") : `E${e}`);
+    if (holders[e].length && !dense) head.append(element("small", "", ` s${holders[e].join(",")}`));
     head.title = holders[e].length ? `expert ${e}: computed by shard ${holders[e].join(" and ")}` : `expert ${e}`;
     cells.push(head);
   }
@@ -32,7 +37,7 @@ function renderHeatmap(status, which) {
     cells.push(element("div", "row-head", `L${layer}`));
     const total = row.reduce((a, b) => a + b, 0);
     row.forEach((n, e) => {
-      const cell = element("div", "cell", n ? compact(n) : "");
+      const cell = element("div", "cell", n && !dense ? compact(n) : "");
       const level = n / max;
       cell.style.background = `rgba(214, 69, 20, ${(0.06 + 0.94 * level).toFixed(3)})`;
       cell.style.color = level > 0.55 ? "#fff" : "";
@@ -44,6 +49,16 @@ function renderHeatmap(status, which) {
     });
   });
   grid.replaceChildren(...cells);
+}
+
+// [0, 1, 2, 5, 7, 8] → [[0, 2], [5, 5], [7, 8]]: a shard's 43 experts as a few chips
+function runs(ids) {
+  const out = [];
+  for (const e of [...ids].sort((a, b) => a - b)) {
+    if (out.length && e === out[out.length - 1][1] + 1) out[out.length - 1][1] = e;
+    else out.push([e, e]);
+  }
+  return out;
 }
 
 function renderShards(status) {
@@ -64,10 +79,19 @@ function renderShards(status) {
       const facts = [s.device, s.transport && `data plane: ${s.transport}`, s.pid && `pid ${s.pid}`].filter(Boolean);
       card.append(element("div", "muted", s.healthy ? facts.join(" · ") : s.detail));
       const chips = element("div", "chips");
-      for (const e of s.experts) {
-        const replica = s.replicas.includes(e);
-        const chip = element("span", replica ? "chip replica" : "chip", replica ? `E${e} replica` : `E${e}`);
-        chip.title = replica ? `a replica of hot expert ${e} (its primary is on another shard)` : `expert ${e}`;
+      const own = s.experts.filter((e) => !s.replicas.includes(e));
+      if (own.length > 16) {
+        for (const [a, b] of runs(own)) chips.append(element("span", "chip", a === b ? `E${a}` : `E${a}–${b}`));
+      } else {
+        for (const e of own) {
+          const chip = element("span", "chip", `E${e}`);
+          chip.title = `expert ${e}`;
+          chips.append(chip);
+        }
+      }
+      for (const e of s.replicas) {
+        const chip = element("span", "chip replica", `E${e} replica`);
+        chip.title = `a replica of hot expert ${e} (its primary is on another shard)`;
         chips.append(chip);
       }
       card.append(chips);

@@ -113,6 +113,8 @@ class Sequence:
             self.finish("stop")  # the grammar is complete (also under ignore_eos)
         if not self.finished and (n_out >= p.max_tokens or len(self) >= max_model_len):
             self.finish("length")
+        if self.finished and self.detokenizer is not None and not isinstance(self.stop_reason, str):
+            self.text += self.detokenizer.flush()  # not after a stop string: the text was cut there
 
     def _check_stop_strings(self, prev_len: int) -> None:
         longest = max(len(s) for s in self.params.stop)
