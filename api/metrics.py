@@ -209,11 +209,11 @@ class ExpertLoadCollector:
                         tokens.add_metric([str(layer), str(expert), shard, router], n)
             else:
                 totals: dict[int, int] = {}
-                for counts in load.expert_tokens.values():
-                    for expert, n in enumerate(counts):
+                for per_expert in load.expert_tokens.values():
+                    for expert, n in enumerate(per_expert):
                         totals[load.expert_to_shard[expert]] = totals.get(load.expert_to_shard[expert], 0) + n
-                for shard, n in sorted(totals.items()):
-                    by_shard.add_metric([str(shard), router], n)
+                for k, total in sorted(totals.items()):
+                    by_shard.add_metric([str(k), router], total)
             for shard, counts in enumerate(load.dispatch_latency_counts):
                 cumulative, total = [], 0
                 for bound, c in zip([*load.dispatch_latency_buckets, float("inf")], counts, strict=True):
