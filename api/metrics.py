@@ -205,8 +205,8 @@ class ExpertLoadCollector:
             if mode == "expert" or (mode == "auto" and series <= PER_EXPERT_LIMIT):
                 for layer, counts in load.expert_tokens.items():
                     for expert, n in enumerate(counts):
-                        shard = str(load.expert_to_shard[expert])
-                        tokens.add_metric([str(layer), str(expert), shard, router], n)
+                        holder = str(load.expert_to_shard[expert])
+                        tokens.add_metric([str(layer), str(expert), holder, router], n)
             else:
                 totals: dict[int, int] = {}
                 for per_expert in load.expert_tokens.values():
