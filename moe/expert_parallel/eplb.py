@@ -1,10 +1,11 @@
-"""Hot-expert replication (expert-parallel load balancing, EPLB) for Mixtral.
+"""Hot-expert replication (expert-parallel load balancing, EPLB).
 
 From the measured assignments per expert, copy the hottest experts onto spare room of other
 shards so that no shard computes far more than the mean; `dispatch` then deals a replicated
 expert's tokens out evenly over its holders. As vLLM's EPLB does with redundant experts, but
-for Mixtral's layout: a shard holds an expert in every layer, so a replica is a whole expert
-(all layers) and the load that decides is summed over layers.
+for raymix's layout: a shard holds an expert in every MoE layer, so a replica is a whole expert
+(all layers) and the load that decides is summed over layers. It plans over any expert count
+(Mixtral's 8, Qwen3-MoE's 128: tests/test_eplb.py).
 
 Greedy, and only while it pays: take the busiest shard, the expert on it with the most work
 per holder, and give that expert one more holder (the least busy shard with a free slot that
