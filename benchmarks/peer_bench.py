@@ -8,7 +8,9 @@ tokens, --concurrency at a time, temperature 0.8, seed 1, ignore_eos) and prints
 per server (median of --runs), against vLLM and against transformers. Not run in CI.
 
 The default checkpoint is the issue's medium one (hidden 512, intermediate 1792, 8 layers, 8
-experts top-2, 8 query / 4 KV heads, vocab 32000, fp32), written once under --cache.
+experts top-2, 8 query / 4 KV heads, vocab 32000, fp32), written once under --cache; with
+--model-type qwen3_moe a Qwen3-MoE-shaped one (hidden 512, 8 layers, 64 experts top-8,
+moe_intermediate 256, 8 query / 4 KV heads of 64, byte-level BPE), made by transformers.
 
 vLLM's CPU build in a venv of its own (it pins torch 2.13.0 CPU, the same as raymix's):
 
@@ -46,6 +48,18 @@ MEDIUM = dict(
     num_attention_heads=8,
     num_key_value_heads=4,
     num_local_experts=8,
+)
+MEDIUM_QWEN3 = dict(
+    hidden_size=512,
+    intermediate_size=1536,
+    moe_intermediate_size=256,
+    num_hidden_layers=8,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    head_dim=64,
+    num_experts=64,
+    num_experts_per_tok=8,
+    mlp_only_layers=[],
 )
 
 
@@ -149,6 +163,7 @@ def transformers_one_at_a_time(model: Path, prompts: list[str], tokens: int) -> 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="checkpoint directory (default: the issue's medium one)")
+    ap.add_argument("--model-type", choices=["mixtral", "qwen3_moe"], default="mixtral", help="the medium one's")
     ap.add_argument("--cache", default="/tmp/raymix-peer-bench")
     ap.add_argument("--shards", type=int, nargs="+", default=[0, 1, 4], help="raymix runs, by expert shards")
     ap.add_argument("--vllm-python", default=None, help="the python of a venv with vLLM's CPU build")
@@ -160,11 +175,16 @@ def main() -> None:
     ap.add_argument("--name", default="peer_bench")
     args = ap.parse_args()
     from moe.checkpoint.tiny import make_tiny
+    from moe.checkpoint.tiny_families import make_tiny_family
 
-    model = Path(args.model) if args.model else Path(args.cache) / "medium"
+    medium = "medium" if args.model_type == "mixtral" else f"medium-{args.model_type}"
+    model = Path(args.model) if args.model else Path(args.cache) / medium
     if not (model / "config.json").is_file():
         print(f"writing the medium checkpoint to {model} ...", flush=True)
-        make_tiny(model, tokenizer="v1", mistral_tokenizer_file=False, **MEDIUM)
+        if args.model_type == "mixtral":
+            make_tiny(model, tokenizer="v1", mistral_tokenizer_file=False, **MEDIUM)
+        else:
+            make_tiny_family(model, args.model_type, **MEDIUM_QWEN3)
     words = WORDS  # serve_bench's
     prompts = [" ".join(words[: 4 + (i * 7) % len(words)]) for i in range(16)]
     logs = Path(args.cache) / "logs"
