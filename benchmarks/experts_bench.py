@@ -27,7 +27,7 @@ def loop_forward(ex: LocalExperts, layer: int, x, expert_ids, weights):
     """The per-expert loop (as tests/test_experts.py keeps it)."""
     out = torch.zeros_like(x)
     local = ex.expert_map[expert_ids.clamp(min=0)].masked_fill(expert_ids < 0, -1)
-    inter = ex.cfg.intermediate_size
+    inter = ex.cfg.expert_intermediate_size
     for j in range(len(ex.expert_ids)):
         rows, slot = (local == j).nonzero(as_tuple=True)
         if rows.numel() == 0:

@@ -163,7 +163,9 @@ def transformers_one_at_a_time(model: Path, prompts: list[str], tokens: int) -> 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="checkpoint directory (default: the issue's medium one)")
-    ap.add_argument("--model-type", choices=["mixtral", "qwen3_moe"], default="mixtral", help="the medium one's")
+    ap.add_argument(
+        "--model-type", choices=["mixtral", "qwen3_moe"], default="mixtral", help="the medium one's"
+    )
     ap.add_argument("--cache", default="/tmp/raymix-peer-bench")
     ap.add_argument("--shards", type=int, nargs="+", default=[0, 1, 4], help="raymix runs, by expert shards")
     ap.add_argument("--vllm-python", default=None, help="the python of a venv with vLLM's CPU build")

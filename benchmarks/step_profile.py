@@ -2,7 +2,8 @@
 
 Runs --streams sequences to --tokens tokens each (temperature 0.8, a seed per request, as the
 peer benchmark's load) and times every decode step and, inside it, each part by wrapping it:
-the experts (the MoE backend), the LM head, the linear projections (q/k/v/o and the gates),
+the experts (the MoE backend), the LM head, the linear projections (q/k/v/o, the gates, dense
+MLPs and shared experts),
 attention (cache write, gather, SDPA), the sampler; the rest of the step (norms, rotary,
 routing, residuals, host work) is what is left. On the CPU every op is synchronous, so wall
 time per call is the part's. With --threads 1 2 it repeats at each torch thread count.
@@ -25,6 +26,7 @@ from report import save  # benchmarks/report.py
 
 import moe.layers.attention
 from moe.engine.llm_engine import EngineConfig, LLMEngine
+from moe.models.transformer import MoE
 from moe.sampling import SamplingParams
 
 PARTS = ["experts", "LM head", "projections", "attention", "sampler", "rest"]
@@ -59,11 +61,13 @@ def profile(model: Path, streams: int, tokens: int, threads: int) -> dict[str, f
     eng.experts.forward = timer.wrap("experts", eng.experts.forward)  # type: ignore[method-assign]
     eng.model.compute_logits = timer.wrap("LM head", eng.model.compute_logits)  # type: ignore[method-assign]
     for layer in eng.model.layers:
-        attn = layer.self_attn
-        for m in (attn.qkv_proj, attn.o_proj):
+        mlp = layer.mlp  # MoE: its gate and shared expert are the router's; MLP: a dense layer's
+        mods = [layer.self_attn.qkv_proj, layer.self_attn.o_proj]
+        local = mlp.shared_expert if isinstance(mlp, MoE) else mlp
+        mods += [mlp.gate] if isinstance(mlp, MoE) else []
+        mods += [local.gate_up_proj, local.down_proj] if local is not None else []
+        for m in mods:
             timer.hook("projections", m)
-        if layer.gate is not None:
-            timer.hook("projections", layer.gate)
     moe.layers.attention.paged_attention = timer.wrap("attention", moe.layers.attention.paged_attention)
     eng.sampler = timer.wrap("sampler", eng.sampler)  # type: ignore[assignment]
     words = ["the", "cat", "sat", "on", "a", "mat", "while", "experts", "routed", "every", "token", "to"]

@@ -154,3 +154,14 @@ def test_sliding_window_in_some_layers_only_is_refused(family_dirs, tmp_path):
     (d / "config.json").write_text(json.dumps(raw | {"use_sliding_window": True, "layer_types": kinds}))
     with pytest.raises(CheckpointError, match="window in some layers only"):
         ModelConfig.from_pretrained(d)
+
+
+def test_the_padded_decode_step_changes_nothing(family_dir):
+    """The static-buffer decode step the CUDA graphs capture (run uncaptured here) on each
+    family's layers: q/k norms, biases, shared experts and dense layers inside it too."""
+    base, padded = engine(family_dir), engine(family_dir, cuda_graphs=True)
+    assert padded.decode is not None and base.decode is None
+    prompts = prompts_of(base)
+    want = [s.output_token_ids for s in base.generate(prompts, GREEDY)]
+    assert [s.output_token_ids for s in padded.generate(prompts, GREEDY)] == want
+    assert padded.decode.steps > 0
