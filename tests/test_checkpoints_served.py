@@ -100,7 +100,7 @@ def test_dense_mistral_served_by_the_router_alone(raymix, mistral_dir):
     card = httpx.get(f"{url}/v1/models").json()["data"][0]
     assert card["quantization"] is None
     experts = httpx.get(f"{url}/experts").json()
-    assert experts["shards"] == [] and experts["num_experts"] == 1
+    assert experts["shards"] == [] and experts["num_experts"] == 0  # a dense model: its MLPs are the router's
 
 
 def test_fp8_mixtral_over_two_shards(raymix, tmp_path_factory):
