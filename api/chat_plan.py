@@ -20,6 +20,7 @@ reasoning, content, then the calls once the output is complete.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from api.protocol import ChatCompletionRequest, NamedToolChoice, ToolCall, template_messages
@@ -68,7 +69,9 @@ def template_options(req: ChatCompletionRequest) -> ChatTemplateOptions:
 
 
 def plan_chat(req: ChatCompletionRequest, tokenizer: Tokenizer) -> ChatPlan:
-    """Runs off the event loop: the chat template and a schema's compilation take time."""
+    """Runs off the event loop: the chat template and a schema's compilation take time. The
+    request's tools and schema are checked first (a bad one is a 400 naming them), the prompt
+    is rendered, then the grammar built for what the prompt leaves open (a <think> block)."""
     messages = template_messages(req.messages)
     if req.safe_prompt:
         messages.insert(0, {"role": "system", "content": SAFE_PROMPT})
@@ -76,15 +79,9 @@ def plan_chat(req: ChatCompletionRequest, tokenizer: Tokenizer) -> ChatPlan:
     choice = req.tool_choice or ("auto" if tools else "none")
     fmt = req.response_format
     wants_json = fmt is not None and fmt.type != "text"
-    prompt = tokenizer.apply_chat_template(messages, tools, template_options(req))
-    think = ThinkTags.detect(tokenizer)
-    plan = ChatPlan(prompt, think=think, parallel=req.parallel_tool_calls)
-    plan.think_open = think is not None and think.inside_at_start(prompt)
-    prefix = (
-        reasoning_prefix(think.start_id, think.end_id, plan.think_open, tokenizer.special_ids)
-        if think
-        else ""
-    )
+    calls: ToolCallFormat | None = None
+    grammar: Callable[[str], str] | None = None  # the grammar after a given (reasoning) prefix
+    extra_bias = None
     if tools is None:
         if choice != "none":
             raise RequestError("tool_choice needs tools", param="tool_choice")
@@ -95,27 +92,41 @@ def plan_chat(req: ChatCompletionRequest, tokenizer: Tokenizer) -> ChatPlan:
                 "this model has no tool-call format (its vocabulary has no call tokens)", param="tools"
             )
         if choice == "none":
-            plan.extra_bias = {calls.start_token: -100.0}
+            extra_bias, calls = {calls.start_token: -100.0}, None
         elif wants_json and choice != "auto":
             raise RequestError(
                 "response_format cannot be combined with a forced tool_choice", param="tool_choice"
             )
-        else:
-            plan.tools = calls
-            if choice in ("required", "any") or isinstance(choice, NamedToolChoice):
-                offered = tools
-                if isinstance(choice, NamedToolChoice):
-                    offered = [t for t in tools if t["function"]["name"] == choice.function.name]
-                    if not offered:
-                        raise RequestError(
-                            f"tool_choice names {choice.function.name!r}, which is not in tools",
-                            param="tool_choice",
-                        )
-                plan.grammar = calls.grammar(offered, req.parallel_tool_calls, prefix)
-    if wants_json and plan.grammar is None:
+        elif choice in ("required", "any") or isinstance(choice, NamedToolChoice):
+            offered = tools
+            if isinstance(choice, NamedToolChoice):
+                offered = [t for t in tools if t["function"]["name"] == choice.function.name]
+                if not offered:
+                    raise RequestError(
+                        f"tool_choice names {choice.function.name!r}, which is not in tools",
+                        param="tool_choice",
+                    )
+            forced, chosen = calls, offered
+
+            def grammar(prefix: str) -> str:
+                return forced.grammar(chosen, req.parallel_tool_calls, prefix)
+
+    if wants_json and grammar is None:
         assert fmt is not None
         schema = fmt.json_schema.schema_ if fmt.type == "json_schema" and fmt.json_schema else None
-        plan.grammar = json_grammar(schema, prefix)
+
+        def grammar(prefix: str) -> str:
+            return json_grammar(schema, prefix)
+
+    compiled = grammar("") if grammar is not None else None  # a bad schema: refused before the template
+    prompt = tokenizer.apply_chat_template(messages, tools, template_options(req))
+    think = ThinkTags.detect(tokenizer)
+    plan = ChatPlan(prompt, compiled, extra_bias, calls, think, parallel=req.parallel_tool_calls)
+    if think is not None:
+        plan.think_open = think.inside_at_start(prompt)
+        if grammar is not None:  # the reasoning comes first: the grammar lets it
+            prefix = reasoning_prefix(think.start_id, think.end_id, plan.think_open, tokenizer.special_ids)
+            plan.grammar = grammar(prefix)
     return plan
 
 
