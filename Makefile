@@ -6,6 +6,9 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 PYTEST_ARGS ?=
+# two pytest workers, a module each at a time (one Ray cluster per module, as the tests share
+# them): the Ray tests wait on start-ups and health checks while the other worker computes
+PYTEST_WORKERS ?= 2
 
 .PHONY: install serve test lint format bench clean
 
@@ -37,7 +40,7 @@ format: install
 	$(BIN)/ruff check --fix .
 
 test: lint
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/python benchmarks/engine_bench.py

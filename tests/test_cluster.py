@@ -57,9 +57,10 @@ def reference():
     return reference_answers(QUESTIONS, 16)
 
 
-@pytest.mark.parametrize("shards", [0, 1, 2, 4])
+@pytest.mark.parametrize("shards", [0, 1, 4])
 def test_greedy_http_equals_engine_and_transformers(raymix, reference, shards):
-    """0 shards: the experts in the router's own process."""
+    """0 shards: the experts in the router's own process (2 shards: the module's other tests,
+    whose answers are checked against these)."""
     url = raymix.deploy(expert_shards=shards, **SETTINGS)
     client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=120)
 

@@ -87,7 +87,7 @@ schemas = st.recursive(
 ).filter(lambda s: s.get("type") in ("object", "array"))
 
 
-@settings(max_examples=50, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(schema=schemas, temperature=st.sampled_from([0.0, 1.0]), seed=st.integers(0, 2**16))
 def test_output_under_a_random_schema_parses_and_validates(engine, schema, temperature, seed):
     jsonschema.Draft202012Validator.check_schema(schema)
