@@ -6,9 +6,10 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 PYTEST_ARGS ?=
-# two pytest workers, a module each at a time (one Ray cluster per module, as the tests share
-# them): the Ray tests wait on start-ups and health checks while the other worker computes
-PYTEST_WORKERS ?= 2
+# pytest workers, a module each at a time (one Ray cluster per module, as the tests share them):
+# the Ray tests wait on start-ups and health checks while the others compute (each worker one
+# compute thread, OpenMP's idle threads asleep: tests/conftest.py)
+PYTEST_WORKERS ?= 3
 
 .PHONY: install serve test lint format bench clean
 

@@ -87,7 +87,7 @@ schemas = st.recursive(
 ).filter(lambda s: s.get("type") in ("object", "array"))
 
 
-@settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@settings(max_examples=20, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(schema=schemas, temperature=st.sampled_from([0.0, 1.0]), seed=st.integers(0, 2**16))
 def test_output_under_a_random_schema_parses_and_validates(engine, schema, temperature, seed):
     jsonschema.Draft202012Validator.check_schema(schema)
@@ -289,7 +289,7 @@ def test_structured_output_closes_within_every_max_tokens(engine, case, monkeypa
     with pytest.raises(RequestError) as e:
         engine.add_request("short", prompt, SamplingParams(max_tokens=shortest - 1, grammar=grammar))
     assert e.value.param == "max_tokens"
-    budgets = list(range(shortest, shortest + 48))
+    budgets = list(range(shortest, shortest + 24))
     params = [SamplingParams(max_tokens=b, temperature=1.0, seed=b, grammar=grammar) for b in budgets]
     seqs = engine.generate([prompt] * len(budgets), params)
     for b, seq in zip(budgets, seqs, strict=True):
