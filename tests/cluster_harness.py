@@ -91,7 +91,7 @@ class Raymix:
 
 def metric(url: str, name: str, headers: dict[str, str] | None = None) -> float:
     """The sum of a series' samples in /metrics, over its label sets (the routers, say)."""
-    text = httpx.get(f"{url}/metrics", headers=headers or {}).text
+    text = httpx.get(f"{url}/metrics", headers=headers or {}, timeout=60).text
     values = [
         float(line.rsplit(" ", 1)[1])
         for line in text.splitlines()

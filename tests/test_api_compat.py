@@ -70,9 +70,9 @@ def model_dir(tiny_dir, tmp_path_factory):
 def url(model_dir):
     with ray_cluster():
         rm = Raymix(free_port())
-        rm.deploy(
+        rm.deploy(  # the APIs' examples: the experts in the router (the cluster tests shard them)
             model=str(model_dir),
-            expert_shards=2,
+            expert_shards=0,
             served_model_name=ALIASES,
             api_key=[KEY],
             max_model_len=4096,
@@ -320,6 +320,7 @@ def test_mistral_sdk_complete_stream_seed_and_safe_prompt(url):
         f"{url}/tokenize",
         headers={"Authorization": f"Bearer {KEY}"},
         json={"messages": [{"role": "system", "content": SAFE_PROMPT}, {"role": "user", "content": "Hello"}]},
+        timeout=60,
     ).json()["count"]
     assert n_safe == expected > n_plain  # the guardrail prompt went in front
 

@@ -97,9 +97,9 @@ def test_dense_mistral_served_by_the_router_alone(raymix, mistral_dir):
         response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": schema}},
     )
     assert isinstance(json.loads(r.choices[0].message.content)["n"], int)
-    card = httpx.get(f"{url}/v1/models").json()["data"][0]
+    card = httpx.get(f"{url}/v1/models", timeout=60).json()["data"][0]
     assert card["quantization"] is None
-    experts = httpx.get(f"{url}/experts").json()
+    experts = httpx.get(f"{url}/experts", timeout=60).json()
     assert experts["shards"] == [] and experts["num_experts"] == 0  # a dense model: its MLPs are the router's
 
 
@@ -113,8 +113,8 @@ def test_fp8_mixtral_over_two_shards(raymix, tmp_path_factory):
     url = raymix.deploy(model=str(q), expert_shards=2, **SETTINGS)
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
     assert served_answers(client, q.name) == reference_answers(q, ref)
-    assert httpx.get(f"{url}/v1/models").json()["data"][0]["quantization"] == "fp8"
-    assert httpx.get(f"{url}/version").json()["quantization"] == "fp8"
+    assert httpx.get(f"{url}/v1/models", timeout=60).json()["data"][0]["quantization"] == "fp8"
+    assert httpx.get(f"{url}/version", timeout=60).json()["quantization"] == "fp8"
     bf16_per_shard = LLMEngine.from_pretrained(src).experts.shards[0].num_parameters() * 2 / 2
     for k, info in enumerate(shard_infos(2)):
         assert info.experts_read == [4 * k, 4 * k + 1, 4 * k + 2, 4 * k + 3]
@@ -128,6 +128,6 @@ def test_quantization_fp8_flag_on_the_embedded_model(raymix):
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
     expected = reference_answers(default_model_dir(), quantization="fp8")
     assert served_answers(client, "raymix-tiny-mixtral") == expected
-    assert httpx.get(f"{url}/v1/models").json()["data"][0]["quantization"] == "fp8"
+    assert httpx.get(f"{url}/v1/models", timeout=60).json()["data"][0]["quantization"] == "fp8"
     fp32_per_shard = LLMEngine.from_pretrained(default_model_dir()).experts.shards[0].num_parameters() * 4 / 2
     assert all(0.25 <= info.nbytes / fp32_per_shard < 0.26 for info in shard_infos(2))

@@ -181,11 +181,15 @@ def test_completions_models_tokenize(client, raymix):
     )
     assert batch.choices[0].text == r.choices[0].text and len(batch.choices) == 2
     assert [m.id for m in client.models.list().data] == ["raymix-tiny-mixtral"]
-    tok = httpx.post(f"{raymix.url}/tokenize", json={"prompt": "Hello world"}, headers=AUTH).json()
+    tok = httpx.post(
+        f"{raymix.url}/tokenize", json={"prompt": "Hello world"}, headers=AUTH, timeout=60
+    ).json()
     assert tok["count"] == len(tok["tokens"]) and tok["max_model_len"] == 512
-    back = httpx.post(f"{raymix.url}/detokenize", json={"tokens": tok["tokens"]}, headers=AUTH).json()
+    back = httpx.post(
+        f"{raymix.url}/detokenize", json={"tokens": tok["tokens"]}, headers=AUTH, timeout=60
+    ).json()
     assert back["prompt"] == "Hello world"
-    assert httpx.get(f"{raymix.url}/version").json()["version"]
+    assert httpx.get(f"{raymix.url}/version", timeout=60).json()["version"]
 
 
 def post(url: str, body, headers=AUTH, path="/v1/chat/completions") -> httpx.Response:
@@ -240,8 +244,8 @@ def test_api_keys(client, raymix):
     assert post(raymix.url, GOOD, headers={}).status_code == 401
     r = post(raymix.url, GOOD, headers={"Authorization": "Bearer wrong"})
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
-    assert httpx.get(f"{raymix.url}/v1/models").status_code == 401
-    assert httpx.get(f"{raymix.url}/health").status_code == 200  # open
+    assert httpx.get(f"{raymix.url}/v1/models", timeout=60).status_code == 401
+    assert httpx.get(f"{raymix.url}/health", timeout=60).status_code == 200  # open
     assert post(raymix.url, GOOD).status_code == 200
 
 
@@ -280,7 +284,7 @@ def test_cors_only_for_configured_origins(client, raymix):
 
 def scrape(url: str) -> dict[str, float]:
     samples = {}
-    for line in httpx.get(f"{url}/metrics").text.splitlines():
+    for line in httpx.get(f"{url}/metrics", timeout=60).text.splitlines():
         if line and not line.startswith("#"):
             name, value = line.rsplit(" ", 1)
             samples[name] = float(value)
@@ -372,7 +376,7 @@ def test_dashboard_and_alerts_use_only_exported_metrics(client, raymix):
     def base(name: str) -> str:
         return re.sub(r"_(total|bucket|count|sum)$", "", name)
 
-    scraped = httpx.get(f"{raymix.url}/metrics").text.splitlines()
+    scraped = httpx.get(f"{raymix.url}/metrics", timeout=60).text.splitlines()
     families = {base(line.split()[2]) for line in scraped if line.startswith("# TYPE ")}
     dashboard = json.loads((k8s / "grafana-dashboard.json").read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]

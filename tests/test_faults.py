@@ -51,7 +51,7 @@ def test_killed_shard_fails_no_request(rm):
 def test_service_continues_after_recovery(rm):
     r = httpx.post(f"{rm.url}/v1/completions", json={"prompt": "after", "max_tokens": 4}, timeout=60)
     assert r.status_code == 200
-    assert httpx.get(f"{rm.url}/health").status_code == 200
+    assert httpx.get(f"{rm.url}/health", timeout=60).status_code == 200
 
 
 def test_router_killed_clear_errors_then_recovers_by_itself(rm):
