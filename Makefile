@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 # pytest workers, a module each at a time (one Ray cluster per module, as the tests share them):
 # the Ray tests wait on start-ups and health checks while the others compute (each worker one
 # compute thread, OpenMP's idle threads asleep: tests/conftest.py)
-PYTEST_WORKERS ?= 3
+PYTEST_WORKERS ?= 2
 
 .PHONY: install serve test lint format bench clean
 
