@@ -139,7 +139,7 @@ def choose(setting: str, dtype: torch.dtype) -> str:
     if why is not None:
         if setting == "onednn":
             raise CpuGemmError(f"--cpu-gemm onednn cannot run in {_name(dtype)} on this CPU: {why}")
-        log.info("CPU GEMM (%s): torch's, as %s", _name(dtype), why)
+        log.warning("CPU GEMM (%s): torch's, as %s", _name(dtype), why)
         return "torch"
     if setting == "onednn":
         return "onednn"
