@@ -112,8 +112,9 @@ class RaymixSettings(BaseSettings):
     )
     cpu_gemm: Literal["auto", "onednn", "torch"] = Field(
         default="auto",
-        description="CPU GEMM kernel: onednn over weights prepacked at load, torch (its default, MKL's sgemm), "
-        "or auto: the faster of the two on this CPU, measured once at start-up (GPUs: their own)",
+        description="CPU GEMM kernel: onednn over weights prepacked at load (refused where this CPU lacks "
+        "the path: bf16 without AVX-512), torch (its default, MKL's sgemm), or auto: torch's where oneDNN's "
+        "path is missing (logged), else the faster of the two, measured once at start-up (GPUs: their own)",
     )
     quantization: Literal["fp8"] | None = Field(
         default=None,
