@@ -15,35 +15,42 @@ PYTEST_WORKERS ?= 2
 
 install: $(VENV)/.installed
 
-# Without a GPU, torch is installed first as the CPU build ("+cpu"), never the multi-GB CUDA one;
-# raymix's own `torch>=2.9` is then already satisfied.
+# What serving needs (the package without its dev extra: no lm-eval, schemathesis or playwright on
+# a serving box). Without a GPU, torch is installed first as the CPU build ("+cpu"), never the
+# multi-GB CUDA one; with one, PyPI's torch, which is the CUDA build. raymix's own torch bounds are
+# then already satisfied.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	@if command -v nvidia-smi >/dev/null 2>&1; then \
-		$(BIN)/pip install "torch>=2.9"; \
+		$(BIN)/pip install "torch>=2.11,<2.14"; \
 	else \
 		$(BIN)/pip install "torch==$(TORCH_VERSION)+cpu" 2>/dev/null \
 		|| $(BIN)/pip install "torch==$(TORCH_VERSION)+cpu" --index-url $(TORCH_CPU_INDEX); \
 	fi
+	$(BIN)/pip install -e .
+	touch $@
+
+# The tests, lint and benchmarks add the dev extra (clients, fuzzers, the browser driver).
+$(VENV)/.installed-dev: $(VENV)/.installed
 	$(BIN)/pip install -e ".[dev]"
 	touch $@
 
 serve: install
 	$(BIN)/raymix serve
 
-lint: install
+lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-format: install
+format: $(VENV)/.installed-dev
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
 test: lint
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
-bench: install
+bench: $(VENV)/.installed-dev
 	$(BIN)/python benchmarks/engine_bench.py
 
 clean:

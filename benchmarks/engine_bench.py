@@ -69,11 +69,21 @@ def hf_tok_s(hf, batch: list[list[int]], n: int, pad_id: int) -> float:
     return len(batch) * n / (time.perf_counter() - t)
 
 
-def host_breakdown(model: Path, streams: int, tokens: int, **engine: Any) -> dict[str, float]:
+def host_breakdown(
+    model: Path, streams: int, tokens: int, queued: bool = False, **engine: Any
+) -> dict[str, float]:
     """ms per decode step of `streams` sequences by part, median over the decode steps: the
-    host's work (scheduling, the step's inputs and metadata, sampling, turning tokens into
-    outputs) apart from the model's forward and logits, the device's work on a GPU. On a GPU the
-    host's share runs in series with the device's unless it is small: the target is <= 1 ms."""
+    host's work (scheduling, the step's input ids and metadata, sampling, turning tokens into
+    outputs) apart from the model's forward and logits, the device's work on a GPU. On a GPU,
+    without async scheduling all of the host's work runs in series with the device's (the
+    device waits while the host reads the samples, processes outputs and prepares the next
+    step); with it, only what the host does between queuing a step and queuing the next is
+    behind nothing (the outputs of the last step run while this one computes): the target for
+    the host's work per step is <= 1 ms, and 'serial' is what the device waits for. Sampling
+    (an argmax over [streams, V]) is the device's work on a GPU, counted apart.
+    queued: the forward replaced by returning fixed tensors of its shapes, as on a GPU where
+    the host only queues it (a graph replay): the host's work alone, its caches not flushed by
+    a forward computed on the same cores."""
     import statistics
     from collections import defaultdict
 
@@ -91,10 +101,26 @@ def host_breakdown(model: Path, streams: int, tokens: int, **engine: Any) -> dic
 
         return run
 
+    if queued:
+        hidden = torch.zeros(config.max_num_batched_tokens, eng.cfg.hidden_size)  # [T, H], any step
+        logits = torch.randn(streams, eng.cfg.vocab_size, generator=torch.Generator().manual_seed(0))
+        eng.model.forward = lambda inputs, kv, experts: [hidden[: len(ids)] for ids, _ in inputs]  # type: ignore[method-assign]
+        eng.model.compute_logits = lambda h: logits[: len(h)]  # type: ignore[method-assign]
     eng.scheduler.schedule = timed("schedule", eng.scheduler.schedule)  # type: ignore[method-assign]
     eng.model.forward = timed("forward", eng.model.forward)  # type: ignore[method-assign]
     eng.model.compute_logits = timed("forward", eng.model.compute_logits)  # type: ignore[method-assign]
-    eng.sampler = timed("sample", eng.sampler)  # type: ignore[assignment]
+    eng.runner._input_ids = timed("inputs", eng.runner._input_ids)  # type: ignore[method-assign]
+    eng.runner._metadata = timed("inputs", eng.runner._metadata)  # type: ignore[method-assign]
+    if eng.decode is not None:
+        for lane in eng.decode.lanes:
+            lane.fill = timed("inputs", lane.fill)  # type: ignore[method-assign]
+    sampler = eng.sampler
+
+    class TimedSampler:  # both ways of sampling, timed
+        __call__ = staticmethod(timed("sample", sampler))
+        sample_ids = staticmethod(timed("sample", sampler.sample_ids))
+
+    eng.sampler = TimedSampler()  # type: ignore[assignment]
     eng._postprocess = timed("outputs", eng._postprocess)  # type: ignore[method-assign]
     words = ["the", "cat", "sat", "on", "a", "mat", "while", "experts", "routed", "every", "token"]
     for i in range(streams):
@@ -108,9 +134,11 @@ def host_breakdown(model: Path, streams: int, tokens: int, **engine: Any) -> dic
         eng.step()
         total = time.perf_counter() - start
         if decode and len(eng.seqs) == streams:
-            parts = {k: spent.get(k, 0.0) for k in ("schedule", "sample", "outputs", "forward")}
-            parts["inputs and the rest"] = total - sum(parts.values())
-            parts["host"] = total - parts["forward"]
+            parts = {k: spent.get(k, 0.0) for k in ("schedule", "inputs", "sample", "outputs", "forward")}
+            parts["the rest"] = total - sum(parts.values())
+            parts["host"] = total - parts["forward"] - parts["sample"]
+            # async: the outputs (of the last step) run behind this step's forward on a GPU
+            parts["serial"] = parts["host"] - (parts["outputs"] if config.async_scheduling else 0.0)
             steps.append(parts)
     return {k: 1e3 * statistics.median(s[k] for s in steps) for k in steps[0]}
 
@@ -131,13 +159,22 @@ def main() -> None:
     model = Path(args.model) if args.model else default_model_dir()
     if args.host:
         for label, kw in (
-            ("general path (the CPU's default)", {}),
+            ("general path (the CPU's default), async scheduling off", {"async_scheduling": False}),
+            ("general path (the CPU's default), async scheduling on", {"async_scheduling": True}),
             (
-                "padded decode step, FlexAttention (a GPU's path, uncaptured)",
-                {"cuda_graphs": True, "attention_backend": "flex"},
+                "padded decode step, FlexAttention (a GPU's path, uncaptured), async scheduling on",
+                {"cuda_graphs": True, "attention_backend": "flex", "async_scheduling": True},
+            ),
+            (
+                "padded decode step, FlexAttention, forward queued (the host alone), async scheduling off",
+                {"cuda_graphs": True, "attention_backend": "flex", "async_scheduling": False, "queued": True},
+            ),
+            (
+                "padded decode step, FlexAttention, forward queued (the host alone), async scheduling on",
+                {"cuda_graphs": True, "attention_backend": "flex", "async_scheduling": True, "queued": True},
             ),
         ):
-            parts = host_breakdown(model, args.host, 8, **kw)
+            parts = host_breakdown(model, args.host, 8 if not kw.get("queued") else 64, **kw)
             print(f"{label}: ms per decode step of {args.host}, median")
             for part, ms in parts.items():
                 print(f"  {part:<22} {ms:7.2f}")

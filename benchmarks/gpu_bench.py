@@ -23,6 +23,10 @@ default with the two-micro-batch overlap.
     .venv/bin/python benchmarks/gpu_bench.py --attention flex sdpa --prompt-tokens 2000  # long contexts
     .venv/bin/python benchmarks/gpu_bench.py --quantization fp8       # + FP8 weights, vs FP8's limit
     .venv/bin/python benchmarks/gpu_bench.py --device cpu --hidden-size 512 --intermediate-size 1024
+    .venv/bin/python benchmarks/gpu_bench.py --no-engine --quantization fp8 --tag fp8   # FP8 rows alone
+
+The checkpoint is written to a temporary directory and renamed when complete, so a run cut off
+while writing leaves nothing a rerun would take for a checkpoint.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -150,6 +155,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--cache", default="/tmp/raymix-gpu-bench", help="where the random checkpoint is written")
     ap.add_argument("--no-transformers", action="store_true")
+    ap.add_argument("--no-engine", action="store_true", help="skip the bf16 engine's rows (the others only)")
+    ap.add_argument("--tag", default="", help="results file gpu_bench_DEVICE[_TAG].json / .png")
     ap.add_argument("--expert-shards", type=int, default=0, help="also the engine over N shard processes")
     ap.add_argument(
         "--attention",
@@ -179,7 +186,10 @@ def main() -> None:
         model = Path(args.cache) / "-".join(f"{v}" for v in shape.values())
         if not (model / "config.json").is_file():
             print(f"writing a random checkpoint {shape} to {model} ...", flush=True)
-            make_tiny(model, max_position_embeddings=4096, **shape)
+            partial = model.with_name(model.name + ".partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            make_tiny(partial, max_position_embeddings=4096, **shape)
+            partial.rename(model)  # complete: only now does a rerun find it
     cfg = ModelConfig.from_pretrained(model)
     dtype = getattr(torch, args.dtype)
     elem = torch.tensor([], dtype=dtype).element_size()
@@ -218,7 +228,7 @@ def main() -> None:
                 f"{name} x{b}",
             )
 
-    for attention in args.attention:
+    for attention in [] if args.no_engine else args.attention:
         name = "raymix engine" if len(args.attention) == 1 else f"raymix engine, {attention} attention"
         measure(name, LLMEngine.from_pretrained(model, config(attention_backend=attention)))
     if args.quantization:
@@ -273,7 +283,7 @@ def main() -> None:
         ratios = ", ".join(f"{b}: {ours[b] / results['transformers generate'][b]:.2f}x" for b in args.streams)
         print(f"{names[0]} / transformers: {ratios}")
     save(
-        f"gpu_bench_{device.type}",
+        f"gpu_bench_{device.type}{'_' + args.tag if args.tag else ''}",
         {
             "model": str(model),
             "device": str(device),

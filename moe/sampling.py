@@ -132,6 +132,11 @@ def filter_probs(probs: torch.Tensor, p: SamplingParams) -> torch.Tensor:
 
 
 def draw(probs: torch.Tensor, generators: list[torch.Generator | None]) -> list[int]:
+    """draw_ids, on the host."""
+    return draw_ids(probs, generators).tolist()
+
+
+def draw_ids(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
     """One token per row of probs [R, V] (unnormalised is fine), by inverse CDF: one uniform
     per row against the row's cumulative sum (float64). Exact, and far cheaper than
     torch.multinomial or an exponential race, which both draw a random number per vocabulary
@@ -147,7 +152,7 @@ def draw(probs: torch.Tensor, generators: list[torch.Generator | None]) -> list[
             u[i] = torch.rand((), dtype=torch.float64, generator=g, device=probs.device)
     target = u * cdf[:, -1]  # [R], in [0, total)
     idx = torch.searchsorted(cdf, target[:, None], right=True).squeeze(-1)  # first cdf > target
-    return idx.clamp(max=probs.shape[1] - 1).tolist()
+    return idx.clamp(max=probs.shape[1] - 1)  # [R], where probs are: no host sync
 
 
 def logprobs_of_rows(logits: torch.Tensor, token_ids: list[int], k: int) -> list[Logprobs]:

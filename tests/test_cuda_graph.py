@@ -38,7 +38,10 @@ def test_greedy_outputs_identical_with_decode_graphs(request, model, attention):
     either decode attention: the dense gather, or FlexAttention over the pages in place."""
     model_dir = request.getfixturevalue(model)
     kw = dict(max_model_len=256, block_size=16 if torch.cuda.is_available() else 8)  # flex on CUDA: 16s
-    eager = LLMEngine.from_pretrained(model_dir, EngineConfig(cuda_graphs=False, **kw))
+    # the reference: eager steps over the dense gather (on CUDA auto would pick FlexAttention)
+    eager = LLMEngine.from_pretrained(
+        model_dir, EngineConfig(cuda_graphs=False, attention_backend="sdpa", **kw)
+    )
     graphs = LLMEngine.from_pretrained(
         model_dir, EngineConfig(cuda_graphs=True, attention_backend=attention, **kw)
     )

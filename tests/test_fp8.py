@@ -58,6 +58,9 @@ def is_fp8(module) -> bool:
 
 
 def engine(path, num_shards=1, **kw):
+    """float32 everywhere, as the reference: the weight-only FP8 path, token-exact also on an FP8
+    GPU (whose W8A8 bf16 path is checked against its emulation below, not against fp32)."""
+    kw.setdefault("dtype", "float32")
     return LLMEngine.from_pretrained(path, EngineConfig(max_model_len=256, **kw), num_shards=num_shards)
 
 

@@ -203,3 +203,8 @@ def test_configuration_checks_mirror_cudas_limits(monkeypatch):
     assert "intermediate_size 100" in grouped_gemm_misaligned(
         ModelConfig(hidden_size=64, intermediate_size=100), torch.bfloat16
     )
+    # FP8 experts (W8A8): 16 elements, not bf16's 8; 8x7B's sizes fit both
+    odd = ModelConfig(hidden_size=64, intermediate_size=200)  # 200 bf16: 400 bytes; 200 FP8: 200 bytes
+    assert grouped_gemm_misaligned(odd, torch.bfloat16) is None
+    assert "intermediate_size 200 x 1 bytes (FP8)" in grouped_gemm_misaligned(odd, torch.bfloat16, fp8=True)
+    assert grouped_gemm_misaligned(ModelConfig(), torch.bfloat16, fp8=True) is None

@@ -123,13 +123,24 @@ class Lane:
         self.flex = FlexDecode(kv_cache, max_batch, window, compile) if flex else None
 
     def fill(
-        self, token_ids: list[int], tables: list[list[int]], lens: list[int], bsz: int, ctx: int, flex: bool
+        self,
+        token_ids: torch.Tensor | list[int],
+        tables: list[list[int]],
+        lens: list[int],
+        bsz: int,
+        ctx: int,
+        flex: bool,
     ) -> None:
-        """Write the step into rows [:bsz] (built on the host, one copy each); padded rows write
-        their K/V to the scratch slot and attend to no real key."""
-        pad = bsz - len(token_ids)
+        """Write the step into rows [:bsz] (built on the host, one copy each; the ids [n] may
+        already be on the device: the last step's samples, never read on the host); padded rows
+        write their K/V to the scratch slot and attend to no real key."""
+        n = len(token_ids)
+        pad = bsz - n
         slots = decode_slots(tables, lens, self.kv_cache.block_size)
-        self.ids[:bsz].copy_(torch.tensor(token_ids + [0] * pad), non_blocking=True)
+        ids = torch.as_tensor(token_ids, dtype=torch.long)
+        self.ids[:n].copy_(ids, non_blocking=True)
+        if pad:
+            self.ids[n:bsz].zero_()
         self.positions[:bsz].copy_(torch.tensor([c - 1 for c in lens] + [0] * pad), non_blocking=True)
         self.slot_mapping[:bsz].copy_(
             torch.tensor(slots + [self.kv_cache.scratch_slot] * pad), non_blocking=True
@@ -223,9 +234,11 @@ class DecodePath:
     def takes(self, num_seqs: int, max_context: int) -> bool:
         return num_seqs <= self.batches[-1] and max_context <= self.contexts[-1]
 
-    def run(self, token_ids: list[int], tables: list[list[int]], context_lens: list[int]) -> torch.Tensor:
-        """The step of sequences whose last token (token_ids[b], at position context_lens[b] - 1)
-        is new → their logits [n, V] in float32."""
+    def run(
+        self, token_ids: torch.Tensor | list[int], tables: list[list[int]], context_lens: list[int]
+    ) -> torch.Tensor:
+        """The step of sequences whose last token (token_ids[b] [n], at position
+        context_lens[b] - 1) is new → their logits [n, V] in float32."""
         self.steps += 1
         if len(self.lanes) == 1 or len(token_ids) < 2:
             parts = [(0, len(token_ids))]

@@ -23,7 +23,7 @@ from moe.engine.allocator import keep_freed_memory
 from moe.engine.decode_path import DecodePath
 from moe.engine.generation import generation_eos_ids
 from moe.engine.kv_cache import BlockManager, KVCache, kv_cache_budget
-from moe.engine.model_runner import ModelRunner
+from moe.engine.model_runner import ModelRunner, Pending
 from moe.engine.sampler import Sampler
 from moe.engine.scheduler import Scheduler
 from moe.engine.sequence import RequestOutput, Sequence, Status
@@ -66,6 +66,9 @@ class EngineConfig:
     # context into a dense tensor first (the reference; prefill always); auto: flex on CUDA with
     # pages of a multiple of 16 tokens
     attention_backend: str = "auto"
+    # a step's samples stay on the device as the next step's inputs, their outputs processed one
+    # step behind (vLLM's async scheduling), while every request is plain (Sequence.plain)
+    async_scheduling: bool = True
 
 
 def pick_device(device: str) -> torch.device:
@@ -153,7 +156,9 @@ class LLMEngine:
             )
         self.kv_cache = KVCache(cfg, num_blocks, bs, model.dtype, self.device)
         self.blocks = BlockManager(num_blocks, bs, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(
+            self.blocks, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len
+        )
         self.decode = DecodePath.decide(
             model,
             experts,
@@ -179,6 +184,7 @@ class LLMEngine:
         self.sampler = Sampler(eos, cfg.vocab_size)
         self.model_dir = model_dir
         self._grammar_tokenizer: GrammarTokenizer | None = None
+        self._pending: Pending | None = None  # the last step's samples, on the device
 
     @classmethod
     def from_pretrained(
@@ -252,7 +258,10 @@ class LLMEngine:
         return self._grammar_tokenizer
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        pending = self._pending  # samples of sequences not yet finished still to process
+        return self.scheduler.has_unfinished() or (
+            pending is not None and any(not s.finished for s in pending.seqs)
+        )
 
     def stats(self) -> EngineStats:
         return EngineStats(
@@ -269,22 +278,51 @@ class LLMEngine:
     # ---- the loop ----
 
     def step(self) -> list[RequestOutput]:
+        """One step of the batch → the outputs it produced. With async scheduling (the default,
+        while every request is plain: moe.engine.sequence), a step's samples stay on the device
+        as the next step's inputs, and their outputs (detokenizing, stop strings, finishing)
+        are processed one step behind: after the next step's work is queued, so on a GPU they
+        run while it computes. A sequence that stops is then computed once more, and that
+        sample is dropped: no token past a stop reaches a client."""
+        run_ahead = self.config.async_scheduling and all(s.plain for s in self.seqs.values())
+        outputs = [] if run_ahead else self._process_pending()
         scheduled = self.scheduler.schedule()
         if not scheduled:
-            return []
-        logits, seqs = self.runner.execute(scheduled)  # [S, V], the S sequences that sample
-        tokens = self.sampler(logits, seqs)
-        return self._postprocess(seqs, tokens, logits)
+            return outputs + self._process_pending()
+        pending = self._pending
+        logits, seqs = self.runner.execute(scheduled, pending)  # [S, V], the S sequences that sample
+        if not run_ahead:
+            return outputs + self._postprocess(seqs, self.sampler(logits, seqs), logits)
+        ids = self.sampler.sample_ids(logits, seqs)  # [S], on the device
+        for seq in seqs:
+            seq.pending += 1
+        self._pending = None
+        outputs += self._postprocess(pending.seqs, pending.token_list(), None) if pending else []
+        self._pending = Pending.launch(seqs, ids) if seqs else None
+        return outputs
+
+    def _process_pending(self) -> list[RequestOutput]:
+        """The outputs of the step whose samples are still pending, now."""
+        pending, self._pending = self._pending, None
+        return self._postprocess(pending.seqs, pending.token_list(), None) if pending else []
 
     def _postprocess(
-        self, seqs: list[Sequence], tokens: list[int], logits: torch.Tensor
+        self, seqs: list[Sequence], tokens: list[int], logits: torch.Tensor | None
     ) -> list[RequestOutput]:
+        """Each sequence's sampled token into its output; logits [S, V] (None: none needed)."""
         outputs = []
         for row, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
+            if seq.pending:
+                seq.pending -= 1
+                if seq.finished:  # stopped (or aborted) since: its last sample is dropped
+                    continue
             if seq.params.max_tokens == 0:  # the prompt's logprobs only: nothing to generate
                 seq.finish("length")
             else:
-                seq.append_token(token, logits[row], self.eos_token_ids, self.max_model_len)
+                seq.append_token(
+                    token, logits[row] if logits is not None else None, self.eos_token_ids, self.max_model_len
+                )
+                self.runner.name_full_blocks(seq)  # a block the sample completed, now known
             if seq.finished:
                 self.scheduler.finish(seq)  # its KV blocks go back to the pool
                 self.seqs.pop(seq.request_id, None)

@@ -10,7 +10,7 @@ import torch
 
 from moe.engine.sequence import Sequence
 from moe.guided import apply_bitmask
-from moe.sampling import draw, filter_probs, process_logits
+from moe.sampling import draw, draw_ids, filter_probs, process_logits
 
 ALTERNATIVES = 8  # near the budget: allowed tokens tried, most likely first, before the closing path
 
@@ -68,6 +68,24 @@ class Sampler:
                 ]
                 tokens[i] = matcher.fit_budget(tokens[i], alts)
         return tokens
+
+    def sample_ids(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """For plain sequences (Sequence.plain: no grammar, processing or logprobs): the same
+        choice as __call__, as ids [S] on the device, with no host sync (async scheduling)."""
+        ids = logits.argmax(dim=-1)  # [S]: the greedy rows' choice
+        rand = [i for i, s in enumerate(seqs) if not s.params.greedy]
+        if rand:
+            temps = torch.tensor([seqs[i].params.temperature for i in rand]).to(
+                logits.device, non_blocking=True
+            )
+            probs = torch.softmax(logits[rand] / temps[:, None], dim=-1)  # [R, V]
+            for r, i in enumerate(rand):
+                p = seqs[i].params
+                if p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0:
+                    probs[r] = filter_probs(probs[r], p)
+            rows = torch.tensor(rand).to(logits.device, non_blocking=True)
+            ids.index_copy_(0, rows, draw_ids(probs, [seqs[i].generator for i in rand]))
+        return ids
 
     def _apply_grammars(self, logits: torch.Tensor, seqs: list[Sequence], rows: list[int]) -> torch.Tensor:
         """Mask the tokens each guided row's grammar forbids (after the other processing, so a

@@ -5,7 +5,9 @@ long prompt), then admits waiting ones while the token budget, `max_num_seqs` an
 blocks allow. Prefill and decode share one flat batch. When the KV cache is full, the most
 recently arrived running sequence is preempted: its blocks are freed and it is recomputed
 later from its tokens so far (vLLM's recompute preemption). With prefix caching, a sequence
-admitted with a cached prefix starts computing after it.
+admitted with a cached prefix starts computing after it. With async scheduling a running
+sequence may have a pending sample (moe.engine.sequence): it is scheduled as its next input,
+unless that sample is its last by length.
 """
 
 from __future__ import annotations
@@ -17,8 +19,11 @@ from moe.engine.sequence import Sequence, Status
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(
+        self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int = 0
+    ):
         self.blocks = blocks
+        self.max_model_len = max_model_len or 1 << 62
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -37,8 +42,8 @@ class Scheduler:
         scheduled: list[tuple[Sequence, int]] = []
         preempted = False
         for seq in list(self.running):
-            if seq.status is not Status.RUNNING or budget == 0:
-                continue
+            if seq.status is not Status.RUNNING or budget == 0 or seq.stops_by_length(self.max_model_len):
+                continue  # (its pending sample ends it: nothing more to compute)
             n = min(len(seq) - seq.num_computed, budget)
             while not self.blocks.can_allocate(seq.request_id, seq.num_computed + n):
                 victim = self.running[-1]

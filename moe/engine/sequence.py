@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from enum import Enum
+from functools import cached_property
 
 import torch
 
@@ -32,6 +33,9 @@ class Sequence:
     status: Status = Status.WAITING
     num_computed: int = 0  # tokens whose K/V are in the cache
     num_cached: int = 0  # of the prompt, tokens found in the prefix cache at admission
+    # sampled tokens not yet on the host (0 or 1): with async scheduling, the last step's sample
+    # stays on the device as the next step's input and is processed one step behind
+    pending: int = 0
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: str | int | None = None  # the stop string or stop token that ended it
     text: str = ""  # output text so far (stop string excluded)
@@ -68,10 +72,40 @@ class Sequence:
 
     @property
     def token_ids(self) -> list[int]:
+        """The tokens known on the host (a pending sample is not among them)."""
         return self.prompt_token_ids + self.output_token_ids
 
     def __len__(self) -> int:
+        """Tokens so far, a pending sample included (the next step computes its K/V)."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.pending
+
+    @property
+    def num_known(self) -> int:
+        """Tokens known on the host: len(token_ids), without building the list."""
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    def known_tokens(self, start: int, stop: int) -> list[int]:
+        """token_ids[start:stop], without building the whole list (a decode step's one token)."""
+        p = len(self.prompt_token_ids)
+        if start >= p:
+            return self.output_token_ids[start - p : stop - p]
+        if stop <= p:
+            return self.prompt_token_ids[start:stop]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: stop - p]
+
+    @cached_property
+    def plain(self) -> bool:
+        """Whether its next tokens can be sampled without its last one on the host: no grammar,
+        no penalties, bias or min_tokens over its output, no logprobs (async scheduling). Fixed
+        once the engine has set its grammar, when the engine first asks."""
+        p = self.params
+        return self.matcher is None and p.logprobs is None and p.min_tokens == 0 and not p.needs_processing(0)
+
+    def stops_by_length(self, max_model_len: int) -> bool:
+        """Whether its pending sample is its last by length (max_tokens or the context)."""
+        return self.pending > 0 and (
+            self.num_output_tokens + self.pending >= self.params.max_tokens or len(self) >= max_model_len
+        )
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -88,15 +122,17 @@ class Sequence:
     # ---- output processing: after each sampled token ----
 
     def append_token(
-        self, token: int, logits: torch.Tensor, eos_token_ids: list[int], max_model_len: int
+        self, token: int, logits: torch.Tensor | None, eos_token_ids: list[int], max_model_len: int
     ) -> None:
-        """Take the sampled token (logits [V]: its row, for logprobs), detokenize it, and finish
-        the sequence if it stopped: EOS, a stop token or string, a complete grammar, or length."""
+        """Take the sampled token (logits [V]: its row, for logprobs; None where none are asked),
+        detokenize it, and finish the sequence if it stopped: EOS, a stop token or string, a
+        complete grammar, or length."""
         p = self.params
         self.output_token_ids.append(token)
         if self.matcher is not None:
             self.matcher.advance(token)
         if p.logprobs is not None:
+            assert logits is not None
             self.logprobs.append(logprobs_of(logits, token, p.logprobs))
         prev_len = len(self.text)
         if self.detokenizer is not None:

@@ -31,13 +31,18 @@ def select_experts(
     return weights, ids
 
 
-def grouped_gemm_misaligned(cfg: ModelConfig, dtype: torch.dtype) -> str | None:
+def grouped_gemm_misaligned(cfg: ModelConfig, dtype: torch.dtype, fp8: bool = False) -> str | None:
     """Why torch's CUDA grouped GEMM would refuse these experts' shapes, or None: it wants every
-    row's stride a multiple of 16 bytes (hidden and intermediate sizes in the compute dtype)."""
-    elem = torch.tensor([], dtype=dtype).element_size()
+    row's stride a multiple of 16 bytes (hidden and intermediate sizes in the compute dtype), and
+    the FP8 one (fp8: W8A8 experts, one byte an element) sizes that are multiples of 16 elements."""
+    elem = 1 if fp8 else torch.tensor([], dtype=dtype).element_size()
+    kind = "FP8" if fp8 else str(dtype).removeprefix("torch.")
     for name, size in (("hidden_size", cfg.hidden_size), ("intermediate_size", cfg.expert_intermediate_size)):
         if size * elem % 16:
-            return f"{name} {size} x {elem} bytes is not a multiple of 16 bytes (the CUDA grouped GEMM's row stride)"
+            return (
+                f"{name} {size} x {elem} bytes ({kind}) is not a multiple of 16 bytes "
+                "(the CUDA grouped GEMM's row stride)"
+            )
     return None
 
 
@@ -69,7 +74,7 @@ class LocalExperts:
         self.gemm = gemm
         w0 = gate_up[0]
         self.dtype: torch.dtype = dtype or (w0.dtype if isinstance(w0, torch.Tensor) else torch.float32)
-        if w0.device.type == "cuda" and (why := grouped_gemm_misaligned(cfg, self.dtype)):
+        if w0.device.type == "cuda" and (why := grouped_gemm_misaligned(cfg, self.dtype, fp8=w8a8)):
             raise ValueError(f"the experts cannot run on this GPU: {why}")
         expert_map = torch.full((cfg.num_local_experts,), -1, dtype=torch.long)
         expert_map[self.expert_ids] = torch.arange(len(self.expert_ids))

@@ -21,14 +21,15 @@ the cache: the same mask, for checking it, slow.
 from __future__ import annotations
 
 import inspect
+import itertools
 import logging
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from moe.engine.kv_cache import KVCache
-from moe.layers.attention import padded_rows
 
 log = logging.getLogger(__name__)
 
@@ -126,24 +127,30 @@ class FlexDecode:
 
     def fill(self, tables: list[list[int]], context_lens: list[int], bsz: int, ctx: int) -> None:
         """Write the step's block tables, their pages in the window and the lengths into rows
-        [:bsz] (pads: no blocks): tensor ops over the whole batch on the host, one copy each."""
+        [:bsz] (pads: no blocks): array ops over the whole batch on the host (numpy: a few
+        microseconds each where a small torch op costs ten), one copy each."""
         n, bs = len(tables), self.block_size
-        lens = torch.tensor(context_lens, dtype=torch.int32)  # [n]
+        lens = np.asarray(context_lens, dtype=np.int32)  # [n]
         pages = (lens + bs - 1) // bs  # [n] blocks each table uses
         width = int(pages.max())
-        table = padded_rows(tables, pages.tolist(), width)  # [n, width]
-        first = torch.zeros_like(pages)  # [n] the first page the window reaches
+        col = np.arange(width, dtype=np.int32)  # [width]
+        table = np.zeros((n, width), dtype=np.int32)  # [n, width], rows zero-padded on the right
+        table[col < pages[:, None]] = list(
+            itertools.chain.from_iterable(t[:k] for t, k in zip(tables, pages.tolist(), strict=True))
+        )
+        first = np.zeros_like(pages)  # [n] the first page the window reaches
         if self.sliding_window is not None:
-            first = (lens - self.sliding_window).clamp(min=0) // bs
-        col = torch.arange(width, dtype=torch.int32)  # [width]
-        take = (first[:, None] + col).clamp(max=width - 1)  # [n, width]
-        window = torch.where(col < (pages - first)[:, None], table.gather(1, take.long()), 0)  # [n, width]
-        pad = bsz - n
-        self.tables[:n, :width].copy_(table, non_blocking=True)
-        self.partial[:n, 0, 0, :width].copy_(window, non_blocking=True)
-        self.num_partial[:bsz, 0, 0].copy_(torch.cat([pages - first, lens.new_zeros(pad)]), non_blocking=True)
-        self.num_pages[:bsz].copy_(torch.cat([pages, lens.new_zeros(pad)]), non_blocking=True)
-        self.context_lens[:bsz].copy_(torch.cat([lens, lens.new_zeros(pad)]), non_blocking=True)
+            first = np.maximum(lens - self.sliding_window, 0) // bs
+        take = np.minimum(first[:, None] + col, width - 1)  # [n, width]
+        window = np.where(col < (pages - first)[:, None], np.take_along_axis(table, take, 1), 0)  # [n, width]
+        counts = np.zeros((3, bsz), dtype=np.int32)  # pages in the window, pages, lengths [bsz] each
+        counts[0, :n], counts[1, :n], counts[2, :n] = pages - first, pages, lens
+        counts_t = torch.from_numpy(counts)
+        self.tables[:n, :width].copy_(torch.from_numpy(table), non_blocking=True)
+        self.partial[:n, 0, 0, :width].copy_(torch.from_numpy(window), non_blocking=True)
+        self.num_partial[:bsz, 0, 0].copy_(counts_t[0], non_blocking=True)
+        self.num_pages[:bsz].copy_(counts_t[1], non_blocking=True)
+        self.context_lens[:bsz].copy_(counts_t[2], non_blocking=True)
 
     def metadata(
         self, positions: torch.Tensor, slot_mapping: torch.Tensor, bsz: int, ctx: int
