@@ -31,6 +31,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
+from starlette._utils import get_route_path
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -80,10 +81,11 @@ JSON_BODY_PATHS = {
     "/predict",
     "/production/predict",
 }
-PROTECTED = {("POST", p) for p in JSON_BODY_PATHS} | {
-    ("GET", "/v1/models"),
-    ("POST", REBALANCE),
-}  # need a key when keys are set (and every GET under /v1/models/)
+# When keys are set, every route needs one but these (matched on the path after root_path, as
+# Starlette routes it): liveness, Prometheus, and static files (the web page, which then sends
+# the key it is given on every call, and the API docs, which hold no data)
+PUBLIC = {"/", "/health", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+PUBLIC_PREFIXES = ("/ui/", DOCS_ASSETS + "/")
 MAX_JSON_DEPTH = 128  # arrays and objects in a request body (a deep JSON schema has ~60)
 JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"?')  # an unclosed string runs to the end: linear time
 
@@ -159,11 +161,11 @@ class RequestGuard:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        route = (scope["method"], scope["path"])
+        path = get_route_path(scope)  # behind a route_prefix or root_path: what the router matches
         try:
-            if self.keys and (route in PROTECTED or route[1].startswith(("/v1/models/", "/v1/responses/"))):
+            if self.keys and not (path in PUBLIC or path.startswith(PUBLIC_PREFIXES)):
                 self._check_key(scope)
-            if route[0] == "POST" and route[1] in JSON_BODY_PATHS:
+            if scope["method"] == "POST" and path in JSON_BODY_PATHS:
                 body = await self._read_json(scope, receive)
                 scope, receive = self._replay(scope, body, receive)
         except APIError as e:
@@ -334,10 +336,13 @@ def build_api(ctx: ServingContext, behind_serve_proxy: bool = False) -> FastAPI:
     @app.post("/tokenize", response_model=TokenizeResponse, responses=ERRORS)
     async def tokenize(req: TokenizeRequest) -> dict[str, Any]:
         ctx.model_name(req.model)
+        # off the event loop: a large input takes seconds, and other streams go on meanwhile
         if req.messages is not None:
-            tokens = ctx.tokenizer.apply_chat_template(template_messages(req.messages))
+            messages = template_messages(req.messages)
+            tokens = await asyncio.to_thread(ctx.tokenizer.apply_chat_template, messages)
         elif req.prompt is not None:
-            tokens = ctx.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+            prompt, special = req.prompt, req.add_special_tokens
+            tokens = await asyncio.to_thread(lambda: ctx.tokenizer.encode(prompt, add_special_tokens=special))
         else:
             raise APIError.bad_request("Either prompt or messages is required.", "prompt")
         return TokenizeResponse(

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from moe.errors import RequestError
 from moe.sampling import SamplingParams
@@ -643,6 +643,16 @@ class ResponsesRequest(BaseModel):
             response_format = {"type": "json_schema", "json_schema": schema}
         elif fmt is not None and fmt.type == "json_object":
             response_format = {"type": "json_object"}
+        try:
+            return self._chat_request(messages, tools, choice, response_format)
+        except ValidationError as e:  # what chat refuses (a tool's name, too many items): a 400
+            param, message = validation_param(e.errors())
+            param = "input" + param.removeprefix("messages") if param.startswith("messages") else param
+            raise RequestError(message.replace("messages", "input", 1), param=param) from None
+
+    def _chat_request(
+        self, messages: list[dict[str, Any]], tools: Any, choice: Any, response_format: Any
+    ) -> ChatCompletionRequest:
         return ChatCompletionRequest.model_validate(
             {
                 "model": self.model,

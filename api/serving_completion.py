@@ -8,6 +8,7 @@ OpenAI's legacy completions and vLLM do: what lm-eval's log-likelihood tasks rea
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -36,7 +37,18 @@ class ServingCompletion:
     async def create(self, req: CompletionRequest) -> Response:
         ctx = self.ctx
         model = ctx.model_name(req.model)
-        prompts = [p if isinstance(p, list) else ctx.tokenizer.encode(p) for p in req.prompts()]
+        given = req.prompts()
+        cap = ctx.settings.max_num_seqs  # choices of one request: at most one running batch
+        if len(given) * req.n > cap:
+            raise APIError.bad_request(
+                f"{len(given)} prompts x n={req.n} is {len(given) * req.n} choices; at most {cap} "
+                "(--max-num-seqs) per request",
+                "prompt" if len(given) > 1 else "n",
+            )
+        # tokenized off the event loop: a large prompt takes seconds, and other streams go on
+        prompts = await asyncio.to_thread(
+            lambda: [p if isinstance(p, list) else ctx.tokenizer.encode(p) for p in given]
+        )
         vocab = ctx.tokenizer.vocab_size  # as vLLM: an id the tokenizer cannot decode is refused
         if any(not 0 <= t < vocab for p in prompts for t in p):
             raise APIError.bad_request(f"prompt token ids must be in [0, {vocab})", "prompt")

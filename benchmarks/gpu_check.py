@@ -55,7 +55,7 @@ mods = ["torch", "transformers", "safetensors", "numpy", "matplotlib", "pytest",
 for m in mods:
     try:
         importlib.import_module(m)
-    except Exception as e:  # noqa: BLE001: any failure here stops the run with its name
+    except Exception as e:  # any failure here stops the run, with its name
         print(f"gpu_check: the box's python cannot import {m}: {type(e).__name__}: {e}")
         print("gpu_check: add the missing package to benchmarks/gpu_wheels.sh, refill .whl/, and rehearse")
         sys.exit(2)

@@ -56,7 +56,9 @@ NO_WHITESPACE = {"whitespace_flexible": False}
 # (an object or array where one must start: after a reasoning block, before optional spaces)
 CLOSERS = '"}]0,:{[' + "123456789" + "abcdefghijklmnopqrstuvwxyz" + "ABCDEFGHIJKLMNOPQRSTUVWXYZ" + "-._ eE+"
 THINK_END = "</think>"  # a reasoning block's end tag, where the vocabulary has it as one token
-CLOSE_LIMIT = 4096  # tokens: a closing path longer than this counts as none
+# tokens: a closing path longer than this counts as none, and such a grammar is refused (each
+# step of the path costs ~0.1 ms, and near the budget it is measured on every token: bounded)
+CLOSE_LIMIT = 256
 
 
 def _any(depth: int) -> dict[str, Any]:
@@ -269,8 +271,14 @@ class GrammarTokenizer:
         if m.is_error():
             raise RequestError(f"invalid grammar: {m.get_error()}", param="response_format")
         matcher = GrammarMatcher(m, self.vocab_size, self.closers, max_tokens)
+        if matcher.close_len > CLOSE_LIMIT:
+            raise RequestError(
+                f"the requested format's shortest complete answer is longer than {CLOSE_LIMIT} tokens "
+                "(or has none), more than structured output takes here",
+                param="response_format",
+            )
         if max_tokens is not None and matcher.close_len > max_tokens:
-            shortest = "none" if matcher.close_len > CLOSE_LIMIT else f"{matcher.close_len} tokens"
+            shortest = f"{matcher.close_len} tokens"
             raise RequestError(
                 f"max_tokens is {max_tokens}, too few for a complete answer in the requested format "
                 f"(the shortest takes {shortest}); raise max_tokens",

@@ -34,10 +34,10 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 GOOD = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
 
 
-def make_client(model_dir, engine, **settings) -> TestClient:
+def make_client(model_dir, engine, root_path: str = "", **settings) -> TestClient:
     s = RaymixSettings(model=str(model_dir), served_model_name=["tiny"], **settings)
     ctx = ServingContext(s, engine, load_tokenizer(model_dir), {}, ServingMetrics())
-    return TestClient(build_api(ctx), raise_server_exceptions=False)
+    return TestClient(build_api(ctx), raise_server_exceptions=False, root_path=root_path)
 
 
 @pytest.fixture(scope="module")
@@ -109,8 +109,31 @@ def test_api_keys_guard_the_api_not_health_or_docs(api):
     assert post(api, GOOD, headers={"Authorization": f"Api-Key {KEY}"}).status_code == 200  # Baseten's
     assert api.get("/v1/models").status_code == 401
     assert [m["id"] for m in api.get("/v1/models", headers=AUTH).json()["data"]] == ["tiny"]
-    for path in ("/health", "/version", "/metrics", "/openapi.json"):
+    # every route needs the key but the public ones: liveness, metrics, the page and the docs
+    for path in ("/health", "/metrics", "/openapi.json", "/docs", "/", "/ui/app.js"):
         assert api.get(path).status_code == 200, path
+    for path in ("/version", "/experts", "/v1/models/tiny", "/v1/responses/resp_1", "/v1/nope"):
+        r = api.get(path)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", path
+    assert api.get("/version", headers=AUTH).status_code == 200
+
+
+@pytest.mark.parametrize("prefix", ["/raymix", "/a/b"])
+def test_keys_and_body_limits_hold_behind_a_route_prefix(tiny_dir, engine, prefix):
+    """Behind a Serve route_prefix (or an http_options.root_path) the app sees root_path set and
+    full paths: the key and the body limits apply to the path it routes on."""
+    with make_client(
+        tiny_dir, LocalEngineClient(engine), root_path=prefix, api_key=[KEY], max_request_body_bytes=65536
+    ) as client:
+        url = f"{prefix}/v1/chat/completions"
+        r = client.post(url, json=GOOD)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert client.get(f"{prefix}/v1/models").status_code == 401
+        big = {**GOOD, "messages": [{"role": "user", "content": "x" * 70000}]}
+        r = client.post(url, json=big, headers=AUTH)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+        assert client.post(url, json=GOOD, headers=AUTH).status_code == 200
+        assert client.get(f"{prefix}/health").status_code == 200
 
 
 def test_unknown_paths_and_wrong_methods_are_openai_errors(api):
@@ -415,10 +438,11 @@ def test_web_page_loads_only_its_own_files(api):
 
 
 def test_expert_status_and_rebalance_in_process(api):
-    """The expert view's endpoints, documented in the OpenAPI schema: /experts answers without a
-    key (in-process: the model's shape, no shards, nothing counted); a rebalance needs the key
-    and says why it cannot plan here."""
-    status = api.get("/experts")
+    """The expert view's endpoints, documented in the OpenAPI schema: /experts (in-process: the
+    model's shape, no shards, nothing counted); a rebalance says why it cannot plan here. Both
+    need the key when keys are set."""
+    assert api.get("/experts").status_code == 401
+    status = api.get("/experts", headers=AUTH)
     assert status.status_code == 200
     body = status.json()
     assert body["shards"] == [] and body["num_layers"] > 0 and body["num_experts"] == 8
@@ -471,7 +495,7 @@ def test_request_ids_access_log_and_model_revision(api, tiny_dir, engine, caplog
 
     revision = checkpoint_revision(tiny_dir)
     assert len(revision) == 16
-    assert api.get("/version").json()["model_revision"] == revision
+    assert api.get("/version", headers=AUTH).json()["model_revision"] == revision
     assert api.get("/v1/models", headers=AUTH).json()["data"][0]["revision"] == revision
     assert f'raymix:model_info{{model_name="tiny",revision="{revision}"}} 1.0' in api.get("/metrics").text
     copy = tmp_path / "copy"
@@ -570,6 +594,18 @@ def test_completions_name_the_prompt_when_it_is_too_long(api):
     assert r.json()["error"]["code"] == "context_length_exceeded"
     r = post(api, {"prompt": "hello", "max_tokens": 1000}, path="/v1/completions")
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+
+
+def test_prompts_times_n_are_bounded_before_any_work(api):
+    """A prompt array multiplied by n: at most --max-num-seqs choices (64 here), refused before
+    tokenizing (a 0.5 MB body of short prompts once made 1.6 M choices on the event loop)."""
+    r = post(api, {"prompt": ["a"] * 10_000, "n": 16, "max_tokens": 1}, path="/v1/completions")
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+    assert "160000 choices" in r.json()["error"]["message"]
+    r = post(api, {"prompt": ["a", "b", "c", "d", "e"], "n": 16, "max_tokens": 1}, path="/v1/completions")
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    ok = post(api, {"prompt": ["a", "b", "c", "d"], "n": 16, "max_tokens": 1}, path="/v1/completions")
+    assert ok.status_code == 200 and len(ok.json()["choices"]) == 64
 
 
 @pytest.mark.parametrize("ids", [[-1], [32768], [5, 1 << 40]])

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from moe.engine.async_engine import AsyncEngine
+from moe.engine.async_engine import AsyncEngine, Sink
 from moe.engine.llm_engine import EngineConfig, LLMEngine
 from moe.errors import RequestError
 from moe.expert_parallel.backend import InProcessExperts
@@ -187,3 +187,78 @@ def test_what_comes_after_stop_is_answered_not_left_waiting(tiny_dir):
     error, item = asyncio.run(run())
     eng._thread.join(10)
     assert isinstance(error, EngineDeadError) and isinstance(item, EngineDeadError)
+
+
+def test_grammars_compile_beside_the_engine_thread_and_a_costly_one_is_refused(tiny_dir):
+    """Where the work runs, not how long it takes: every grammar is compiled on a compiler
+    thread, never the engine's; a schema whose shortest answer has thousands of tokens (whose
+    closing path once cost 0.4-0.66 s per token per sequence on the engine thread) is refused as
+    response_format; an abort while compiling drops the request; and a request whose adding
+    fails for any other reason fails alone while a stream beside it goes on."""
+    from moe.guided import json_grammar
+
+    threads: list[str] = []
+    compiling = threading.Event()  # cleared: a compile waits for it (the abort comes first)
+    compiling.set()
+
+    def build() -> LLMEngine:
+        eng = LLMEngine.from_pretrained(tiny_dir, EngineConfig(max_model_len=256))
+        compile_grammar = eng.compile_grammar
+
+        def recorded(*args, **kwargs):
+            threads.append(threading.current_thread().name)
+            assert compiling.wait(30)
+            return compile_grammar(*args, **kwargs)
+
+        eng.compile_grammar = recorded  # type: ignore[method-assign]
+        return eng
+
+    engine = AsyncEngine(build, name="engine-loop")
+    assert engine.ready.wait(60) and engine.error is None
+    try:
+        small = json_grammar({"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]})
+        text, _, _, last = collect(engine, "ok", [1, 2, 3], SamplingParams(max_tokens=40, grammar=small))
+        assert last.finished and text.startswith("{")
+        costly = json_grammar({"type": "string", "pattern": "^[~!]{3000}$"})
+        with pytest.raises(RequestError) as refused:
+            collect(engine, "costly", [1, 2, 3], SamplingParams(max_tokens=3100, grammar=costly))
+        assert refused.value.param == "response_format"
+        assert threads and all(t.startswith("engine-loop-grammar") for t in threads), threads
+
+        async def abort_while_compiling() -> int:
+            sink = Sink()
+            compiling.clear()
+            engine.add("gone", [1, 2, 3], SamplingParams(max_tokens=5, grammar=small), sink)
+            engine.abort("gone")
+            compiling.set()
+            for _ in range(3000):  # the compile has ended (it takes itself off the list)
+                if "gone" not in engine._compiling:
+                    break
+                await asyncio.sleep(0.01)
+            # a request through the inbox after it: whatever the compile sent was handled before
+            await collect_async(engine, "after", [1, 2, 3], SamplingParams(max_tokens=2))
+            return sink.queue.qsize()
+
+        assert asyncio.run(abort_while_compiling()) == 0 and "gone" not in engine.engine.seqs
+
+        broken = SamplingParams(max_tokens=5)
+        broken.validate = None  # type: ignore[method-assign,assignment]  # add_request calls it: a TypeError
+
+        async def one_fails_alone():
+            params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+            beside = asyncio.ensure_future(collect_async_tokens(engine, "beside", [1, 2, 3], params))
+            with pytest.raises(TypeError):
+                async for _ in engine.generate("broken", [1, 2, 3], broken):
+                    pass
+            return await beside
+
+        assert len(asyncio.run(one_fails_alone())) == 30 and engine.alive
+    finally:
+        engine.stop()
+
+
+async def collect_async_tokens(engine, rid, prompt, params) -> list[int]:
+    tokens: list[int] = []
+    async for out in engine.generate(rid, prompt, params):
+        tokens += out.new_token_ids
+    return tokens

@@ -189,7 +189,7 @@ def test_completions_models_tokenize(client, raymix):
         f"{raymix.url}/detokenize", json={"tokens": tok["tokens"]}, headers=AUTH, timeout=60
     ).json()
     assert back["prompt"] == "Hello world"
-    assert httpx.get(f"{raymix.url}/version", timeout=60).json()["version"]
+    assert httpx.get(f"{raymix.url}/version", headers=AUTH, timeout=60).json()["version"]
 
 
 def post(url: str, body, headers=AUTH, path="/v1/chat/completions") -> httpx.Response:

@@ -163,6 +163,9 @@ def test_tool_round_trip(client):
             "input.0.content.1",
         ),
         ({"input": "x" * 20000}, 400, "input"),  # longer than the context
+        # what the chat request it becomes refuses: 400s naming the parameter, never 500s
+        ({"input": "x", "tools": [{"type": "function", "name": "bad name!"}]}, 400, "tools.0.function.name"),
+        ({"input": [{"role": "user", "content": "x"}] * 2049}, 400, "input"),
         ({"input": "x", "model": "gpt-17"}, 404, "model"),
     ],
 )

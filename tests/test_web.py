@@ -287,7 +287,9 @@ def test_expert_view_follows_traffic(browser, cluster):
     greedy_answers(client, [f"Tell me about expert {i}." for i in range(4)], 16, ignore_eos=True)
     page.wait_for_function(f"() => {HEAT} > {before}")
     assert heat(page) > before
-    status = httpx.get(f"{cluster.url}/experts", timeout=30).json()
+    status = httpx.get(
+        f"{cluster.url}/experts", headers={"Authorization": f"Bearer {KEY}"}, timeout=30
+    ).json()
     assert page.locator("#heatmap .cell").count() == status["num_layers"] * status["num_experts"]
     for k in range(2):
         card = page.locator(f'.shard[data-shard="{k}"]')

@@ -15,7 +15,9 @@ Everything reaches the engine thread through one inbox of typed commands (`AddRe
 `AbortRequest`, `BetweenSteps`, `Stop`), applied between steps, as vLLM's engine core takes its
 typed requests. `between_steps(fn)` is how the rest of the process changes what the engine
 uses, its expert placement above all: fn runs on the engine thread when no step is in flight,
-so no step ever sees two placements, and the caller awaits its result.
+so no step ever sees two placements, and the caller awaits its result. A request with a grammar
+is compiled first on a compiler thread beside the engine's, then added: a costly grammar delays
+its own request, never a step. An exception from one request fails that request alone.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from typing import Any
 from moe.engine.llm_engine import EngineStats, LLMEngine
 from moe.engine.sequence import RequestOutput
 from moe.errors import RequestError
+from moe.guided import GrammarMatcher
 from moe.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -82,6 +85,7 @@ class AddRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     sink: Sink
+    matcher: GrammarMatcher | None = None  # its grammar, compiled beside the engine thread
 
 
 @dataclass
@@ -116,6 +120,11 @@ class AsyncEngine:
         self.stats = EngineStats()
         self.steps = 0
         self.step_seconds = 0.0  # time spent inside engine.step (the rest is idle or overhead)
+        # grammars are compiled here, beside the engine thread (as vLLM's structured-output
+        # manager does): a costly one delays its own request, never a step
+        self._compiler = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix=f"{name}-grammar")
+        self._compiling: dict[str, bool] = {}  # request id → aborted while compiling
+        self._compiling_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -128,9 +137,41 @@ class AsyncEngine:
     def add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, sink: Sink) -> None:
         if not self.alive:
             raise EngineDeadError(f"the engine is not running ({self.error})")
-        self._inbox.put(AddRequest(request_id, prompt_token_ids, params, sink))
+        if params.grammar is None:
+            self._inbox.put(AddRequest(request_id, prompt_token_ids, params, sink))
+            return
+        with self._compiling_lock:
+            self._compiling[request_id] = False
+        self._compiler.submit(self._compile_and_add, AddRequest(request_id, prompt_token_ids, params, sink))
+
+    def _compile_and_add(self, cmd: AddRequest) -> None:
+        """On a compiler thread: the request's grammar, then the request to the engine (or its
+        refusal to its sink)."""
+        error: BaseException | None = None
+        try:
+            if not self.ready.wait(timeout=600) or self.engine is None:
+                raise EngineDeadError(f"the engine is not running ({self.error})")
+            assert cmd.params.grammar is not None
+            cmd.matcher = self.engine.compile_grammar(cmd.params.grammar, cmd.params.max_tokens)
+        except RequestError as e:
+            error = e
+        except Exception as e:  # one request's grammar fails that request alone
+            log.exception("compiling request %s's grammar failed", cmd.request_id)
+            error = e
+        with self._compiling_lock:
+            aborted = self._compiling.pop(cmd.request_id, False)
+        if aborted:
+            return
+        if error is not None:
+            cmd.sink.put([(cmd.request_id, error)])
+        else:
+            self._inbox.put(cmd)
 
     def abort(self, request_id: str) -> None:
+        with self._compiling_lock:
+            if request_id in self._compiling:
+                self._compiling[request_id] = True  # dropped when its compile ends
+                return
         self._inbox.put(AbortRequest(request_id))
 
     async def between_steps(self, fn: Callable[[LLMEngine], Any]) -> Any:
@@ -163,6 +204,7 @@ class AsyncEngine:
     def stop(self, timeout: float = 10.0) -> None:
         self._inbox.put(Stop())
         self._thread.join(timeout)
+        self._compiler.shutdown(wait=False, cancel_futures=True)
 
     # ---- the engine thread ----
 
@@ -194,9 +236,13 @@ class AsyncEngine:
                     return
                 if isinstance(cmd, AddRequest):
                     try:
-                        engine.add_request(cmd.request_id, cmd.prompt_token_ids, cmd.params)
+                        engine.add_request(cmd.request_id, cmd.prompt_token_ids, cmd.params, cmd.matcher)
                         self._sinks[cmd.request_id] = cmd.sink
                     except RequestError as e:
+                        cmd.sink.put([(cmd.request_id, e)])
+                    except Exception as e:  # one request's failure is that request's alone
+                        log.exception("adding request %s failed", cmd.request_id)
+                        engine.abort_request(cmd.request_id)
                         cmd.sink.put([(cmd.request_id, e)])
                 elif isinstance(cmd, AbortRequest):
                     engine.abort_request(cmd.request_id)

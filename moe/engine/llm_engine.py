@@ -11,6 +11,7 @@ blocks go back to the pool when they leave. The engine is single-threaded: whoev
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ from moe.engine.scheduler import Scheduler
 from moe.engine.sequence import RequestOutput, Sequence, Status
 from moe.errors import OverloadedError, RequestError
 from moe.expert_parallel.backend import ExpertBackend, InProcessExperts
-from moe.guided import GrammarTokenizer
+from moe.guided import GrammarMatcher, GrammarTokenizer
 from moe.layers.cpu_gemm import kernel_for
 from moe.models.transformer import DenseModel
 from moe.sampling import SamplingParams
@@ -184,6 +185,7 @@ class LLMEngine:
         self.sampler = Sampler(eos, cfg.vocab_size)
         self.model_dir = model_dir
         self._grammar_tokenizer: GrammarTokenizer | None = None
+        self._grammar_lock = threading.Lock()
         self._pending: Pending | None = None  # the last step's samples, on the device
 
     @classmethod
@@ -202,7 +204,15 @@ class LLMEngine:
 
     # ---- requests in and out ----
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        matcher: GrammarMatcher | None = None,
+    ) -> None:
+        """matcher: the request's grammar already compiled (`compile_grammar`, on another thread:
+        AsyncEngine does so); without it a grammar is compiled here."""
         if len(self.scheduler.waiting) >= self.config.max_queued_requests:
             raise OverloadedError(
                 f"The server is at capacity ({len(self.scheduler.running)} running, "
@@ -234,7 +244,7 @@ class LLMEngine:
             detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens)
         seq = Sequence(request_id, list(prompt_token_ids), params, gen, detok)
         if params.grammar is not None:
-            seq.matcher = self.grammar_tokenizer().matcher(params.grammar, params.max_tokens)
+            seq.matcher = matcher or self.compile_grammar(params.grammar, params.max_tokens)
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
 
@@ -247,8 +257,19 @@ class LLMEngine:
         seq.finish("abort")
         return True
 
+    def compile_grammar(self, grammar: str, max_tokens: int) -> GrammarMatcher:
+        """A request's grammar as a matcher at its start (RequestError when it is invalid or
+        cannot close within max_tokens). Safe on any thread: AsyncEngine runs it beside the
+        engine's, so a costly grammar never delays a step."""
+        return self.grammar_tokenizer().matcher(grammar, max_tokens)
+
     def grammar_tokenizer(self) -> GrammarTokenizer:
-        """The vocabulary for guided decoding, built on the first request that needs it."""
+        """The vocabulary for guided decoding, built on the first request that needs it (once,
+        whichever thread asks first)."""
+        with self._grammar_lock:
+            return self._grammar_vocabulary()
+
+    def _grammar_vocabulary(self) -> GrammarTokenizer:
         if self._grammar_tokenizer is None:
             if self.model_dir is None:
                 raise RequestError(
