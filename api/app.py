@@ -20,9 +20,9 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -68,6 +68,7 @@ from cluster.messages import ExpertStatus
 from moe.errors import RequestError
 
 log = logging.getLogger("ray.serve")
+T = TypeVar("T")
 VERSION = "0.1.0"
 DOCS_ASSETS = "/static-offline-docs"  # fastapi-offline's Swagger UI and ReDoc files
 WEB = Path(__file__).parent / "web"  # the web page's files (HTML, CSS, ES modules), under /ui
@@ -86,6 +87,8 @@ JSON_BODY_PATHS = {
 # the key it is given on every call, and the API docs, which hold no data)
 PUBLIC = {"/", "/health", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
 PUBLIC_PREFIXES = ("/ui/", DOCS_ASSETS + "/")
+ADMIN = {REBALANCE}  # with --admin-api-key: only those keys (it reloads expert weights on the shards)
+EXPERTS_CACHE_S = 1.0  # /experts asks every router and shard: one answer a second, however many ask
 MAX_JSON_DEPTH = 128  # arrays and objects in a request body (a deep JSON schema has ~60)
 JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"?')  # an unclosed string runs to the end: linear time
 
@@ -152,9 +155,17 @@ class RequestGuard:
     then replayed to the route as JSON, whatever Content-Type the client sent (curl -d sends a
     form type)."""
 
-    def __init__(self, app: ASGIApp, keys: list[str], max_body: int, on_error: Callable[[int], None]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        keys: list[str],
+        max_body: int,
+        on_error: Callable[[int], None],
+        admin_keys: list[str] | None = None,
+    ) -> None:
         self.app = app
         self.keys = [k.encode() for k in keys]
+        self.admin_keys = [k.encode() for k in admin_keys or []]  # for the admin routes, if set
         self.max_body = max_body
         self.on_error = on_error
 
@@ -163,8 +174,10 @@ class RequestGuard:
             return await self.app(scope, receive, send)
         path = get_route_path(scope)  # behind a route_prefix or root_path: what the router matches
         try:
-            if self.keys and not (path in PUBLIC or path.startswith(PUBLIC_PREFIXES)):
-                self._check_key(scope)
+            if path in ADMIN and self.admin_keys:
+                self._check_key(scope, self.admin_keys)
+            elif self.keys and not (path in PUBLIC or path.startswith(PUBLIC_PREFIXES)):
+                self._check_key(scope, self.keys)
             if scope["method"] == "POST" and path in JSON_BODY_PATHS:
                 body = await self._read_json(scope, receive)
                 scope, receive = self._replay(scope, body, receive)
@@ -173,11 +186,12 @@ class RequestGuard:
             return await JSONResponse(e.body, e.status, e.headers)(scope, receive, send)
         await self.app(scope, receive, send)
 
-    def _check_key(self, scope: Scope) -> None:
+    @staticmethod
+    def _check_key(scope: Scope, keys: list[bytes]) -> None:
         header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
         scheme, _, token_text = header.partition(" ")
         token = token_text.strip().encode() if scheme.lower() in ("bearer", "api-key") else b""
-        if not any(hmac.compare_digest(token, k) for k in self.keys):
+        if not any(hmac.compare_digest(token, k) for k in keys):
             raise APIError(
                 401, "Incorrect API key provided.", "invalid_request_error", None, "invalid_api_key"
             )
@@ -240,6 +254,30 @@ class RequestGuard:
         return {**scope, "headers": headers}, receive
 
 
+def cached(ttl_s: float, fetch: Callable[[], Awaitable[T]]) -> Callable[[], Awaitable[T]]:
+    """fetch(), shared: callers within ttl_s of the last answer get it, and callers while one
+    is in flight wait for that one (an error is not kept)."""
+    last: tuple[float, T] | None = None
+    inflight: asyncio.Future[T] | None = None
+
+    async def get() -> T:
+        nonlocal last, inflight
+        if last is not None and time.monotonic() - last[0] < ttl_s:
+            return last[1]
+        if inflight is None:
+            inflight = asyncio.ensure_future(fetch())
+        mine = inflight
+        try:
+            value = await asyncio.shield(mine)
+        finally:
+            if inflight is mine and mine.done():
+                inflight = None
+        last = (time.monotonic(), value)
+        return value
+
+    return get
+
+
 def build_api(ctx: ServingContext, behind_serve_proxy: bool = False) -> FastAPI:
     """behind_serve_proxy: Ray Serve's proxy is in front (it sets and echoes X-Request-Id)."""
     s = ctx.settings
@@ -251,7 +289,11 @@ def build_api(ctx: ServingContext, behind_serve_proxy: bool = False) -> FastAPI:
     )
     app.add_middleware(CancelOnDisconnect)  # innermost: the routes see the body RequestGuard replays
     app.add_middleware(
-        RequestGuard, keys=s.api_key, max_body=s.max_request_body_bytes, on_error=ctx.metrics.count_error
+        RequestGuard,
+        keys=s.api_key,
+        max_body=s.max_request_body_bytes,
+        on_error=ctx.metrics.count_error,
+        admin_keys=s.admin_api_key,
     )
     if s.cors_allow_origins:  # off unless configured; outside the guard, so preflights need no key
         app.add_middleware(
@@ -276,9 +318,11 @@ def build_api(ctx: ServingContext, behind_serve_proxy: bool = False) -> FastAPI:
         round trip per layer, and the tokens per expert per layer over the recent window: the
         router's own counters, read by the web page's expert view."""
         try:
-            return await asyncio.wait_for(ctx.engine.expert_status(), timeout=10)
+            return await expert_status()
         except Exception as e:  # the router is down or restarting
             raise EngineUnavailable(str(e) or type(e).__name__) from None
+
+    expert_status = cached(EXPERTS_CACHE_S, lambda: asyncio.wait_for(ctx.engine.expert_status(), timeout=10))
 
     @app.post(REBALANCE, response_model=RebalanceResponse, responses=ERRORS)
     async def rebalance() -> dict[str, Any]:

@@ -89,9 +89,16 @@ async def start_choices(
     index = {rid: i for i, rid in enumerate(rids)}
     firsts: list[RequestOutput | None] = [None] * len(rids)
     early: list[RequestOutput] = []  # later outputs of a choice that arrived before all firsts
+    timeout = ctx.settings.request_timeout_s  # one deadline from the request's start: the wait
+    deadline = None if timeout is None else start + timeout  # for the first outputs counts too
     try:
         while any(f is None for f in firsts):
-            item = await outputs.next()
+            try:
+                item = await asyncio.wait_for(
+                    outputs.next(), None if deadline is None else max(0.0, deadline - time.monotonic())
+                )
+            except TimeoutError:
+                raise timed_out(ctx) from None
             if isinstance(item, Refusal):
                 s = ctx.settings
                 raise APIError.from_refusal(item, s.overload_status, s.retry_after_s, prompt_param)
@@ -109,6 +116,16 @@ async def start_choices(
         raise
     ready = [f for f in firsts if f is not None] + early
     return ChoiceStream(ctx, outputs, rids, ready, prompt_tokens, start, streaming)
+
+
+def timed_out(ctx: ServingContext) -> APIError:
+    return APIError(
+        408,
+        f"The request did not finish within {ctx.settings.request_timeout_s:g} seconds.",
+        "timeout_error",
+        None,
+        "request_timeout",
+    )
 
 
 @dataclass
@@ -159,13 +176,7 @@ class ChoiceStream:
                 self.outputs.next(), None if deadline is None else deadline - time.monotonic()
             )
         except TimeoutError:
-            raise APIError(
-                408,
-                f"The request did not finish within {self.ctx.settings.request_timeout_s:g} seconds.",
-                "timeout_error",
-                None,
-                "request_timeout",
-            ) from None
+            raise timed_out(self.ctx) from None
         if isinstance(item, Refusal):  # refused mid-way: the engine step failed
             raise EngineUnavailable(item.message)
         return item
@@ -173,7 +184,7 @@ class ChoiceStream:
     async def __aiter__(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         metrics = self.ctx.metrics
         timeout = self.ctx.settings.request_timeout_s
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = None if timeout is None else self.start + timeout  # from the request's start
         last: dict[int, float] = {}  # choice -> when its previous output arrived
         done = 0
         try:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from moe.engine.generation import GENERATION_KEYS
@@ -58,8 +58,22 @@ class RaymixSettings(BaseSettings):
         le=256,
         description="Most ingress (HTTP API) replicas; above 1, Serve autoscales them from 1 by requests in flight",
     )
+    # keys: from the environment (RAYMIX_API_KEY, comma-separated) or a file (a mounted Secret),
+    # rather than a command line `ps` shows; never printed (repr=False)
     api_key: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="Accepted API key(s) (Bearer); none: no authentication"
+        default_factory=list, repr=False, description="Accepted API key(s) (Bearer); none: no authentication"
+    )
+    api_key_file: str | None = Field(
+        default=None,
+        description="A file of accepted API keys, one per line (a mounted Secret), added to api_key",
+    )
+    admin_api_key: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        repr=False,
+        description="Key(s) for /experts/rebalance, apart from the users' keys (none: a user's key does)",
+    )
+    admin_api_key_file: str | None = Field(
+        default=None, description="A file of admin API keys, one per line, added to admin_api_key"
     )
     max_num_seqs: int = Field(
         default=64, ge=1, le=4096, description="Most sequences in the running batch at once"
@@ -228,7 +242,18 @@ class RaymixSettings(BaseSettings):
         description="Write each request's prompt (messages or prompt) into its access-log line; off: never logged",
     )
 
-    @field_validator("served_model_name", "api_key", "cors_allow_origins", mode="before")
+    @model_validator(mode="after")
+    def _keys_from_files(self) -> RaymixSettings:
+        for keys, path in ((self.api_key, self.api_key_file), (self.admin_api_key, self.admin_api_key_file)):
+            if path:
+                try:
+                    lines = Path(path).read_text().splitlines()
+                except OSError as e:
+                    raise ValueError(f"cannot read the key file {path}: {e.strerror}") from None
+                keys.extend(k.strip() for k in lines if k.strip() and k.strip() not in keys)
+        return self
+
+    @field_validator("served_model_name", "api_key", "admin_api_key", "cors_allow_origins", mode="before")
     @classmethod
     def _one_or_many(cls, v: Any) -> Any:
         return [s for s in v.split(",") if s] if isinstance(v, str) else v

@@ -125,7 +125,7 @@ def curl_example(s: RaymixSettings, url: str) -> str:
         "messages": [{"role": "user", "content": "Hello!"}],
         "max_tokens": 32,
     }
-    auth = f" -H 'Authorization: Bearer {s.api_key[0]}'" if s.api_key else ""
+    auth = " -H 'Authorization: Bearer <your API key>'" if s.api_key else ""  # never the key itself
     return f"curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} -d '{json.dumps(body)}'"
 
 
@@ -160,9 +160,10 @@ SUPERVISED = "RAYMIX_SUPERVISED"  # set in the server process `supervise` starts
 def supervise(argv: list[str]) -> int:
     """Run `raymix <argv>` again as the server, in a session of its own, relaying SIGTERM and
     SIGINT to it as SIGTERM; → its exit status, once it has drained and stopped."""
+    argv, keys = keys_off_the_command_line(argv)
     child = subprocess.Popen(
         [sys.executable, "-m", "launch.cli", *argv],
-        env={**os.environ, SUPERVISED: "1"},
+        env={**os.environ, **keys, SUPERVISED: "1"},
         start_new_session=True,
         preexec_fn=_stop_with_parent,
     )
@@ -175,6 +176,24 @@ def supervise(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, relay)
     rc = child.wait()
     return 128 - rc if rc < 0 else rc  # killed by signal n: the shell's 128 + n
+
+
+KEY_FLAGS = {"--api-key": "RAYMIX_API_KEY", "--admin-api-key": "RAYMIX_ADMIN_API_KEY"}
+
+
+def keys_off_the_command_line(argv: list[str]) -> tuple[list[str], dict[str, str]]:
+    """argv without its key flags, and the keys as the environment variables the settings read:
+    the server process's command line (which `ps` shows every user) carries no key."""
+    rest: list[str] = []
+    keys: dict[str, list[str]] = {}
+    it = iter(argv)
+    for arg in it:
+        flag, eq, value = arg.partition("=")
+        if flag in KEY_FLAGS:
+            keys.setdefault(KEY_FLAGS[flag], []).append(value if eq else next(it, ""))
+        else:
+            rest.append(arg)
+    return rest, {name: ",".join(values) for name, values in keys.items()}  # the flags win, as in load()
 
 
 def _stop_with_parent() -> None:

@@ -61,6 +61,12 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         kernel_for(s.cpu_gemm, device, pick_dtype(s.dtype, cfg, device))  # CpuGemmError if it cannot
     from launch import bringup
 
+    if getattr(ns, "api_key", None) or getattr(ns, "admin_api_key", None):
+        print(
+            "raymix: warning: a key given on the command line is visible to every user of this machine "
+            "(ps, shell history); prefer RAYMIX_API_KEY or --api-key-file",
+            file=sys.stderr,
+        )
     if not s.address and not os.environ.get(bringup.SUPERVISED):  # an embedded Ray: see bringup
         return bringup.supervise(sys.argv[1:] if ns.argv is None else ns.argv)
 

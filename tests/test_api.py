@@ -118,6 +118,31 @@ def test_api_keys_guard_the_api_not_health_or_docs(api):
     assert api.get("/version", headers=AUTH).status_code == 200
 
 
+def test_an_admin_key_alone_rebalances_and_expert_status_is_shared(tiny_dir, engine, monkeypatch):
+    """--admin-api-key: /experts/rebalance takes only it (a user's key gets 401); /experts, which
+    asks every router and shard, is answered from one call a second however many clients ask
+    (the second stretched to an hour here, so the count does not depend on the machine's speed)."""
+    from api import app as app_module
+
+    monkeypatch.setattr(app_module, "EXPERTS_CACHE_S", 3600.0)
+    calls = []
+    client = LocalEngineClient(engine)
+    status = client.expert_status
+
+    async def counted():
+        calls.append(1)
+        return await status()
+
+    client.expert_status = counted  # type: ignore[method-assign]
+    with make_client(tiny_dir, client, api_key=[KEY], admin_api_key=["sk-admin"]) as api:
+        assert api.post("/experts/rebalance", headers=AUTH).status_code == 401
+        admin = {"Authorization": "Bearer sk-admin"}
+        assert api.post("/experts/rebalance", headers=admin).status_code == 200
+        assert api.get("/experts", headers=admin).status_code == 401  # the admin key is for admin routes
+        answers = [api.get("/experts", headers=AUTH) for _ in range(20)]
+        assert all(a.status_code == 200 for a in answers) and len(calls) == 1
+
+
 @pytest.mark.parametrize("prefix", ["/raymix", "/a/b"])
 def test_keys_and_body_limits_hold_behind_a_route_prefix(tiny_dir, engine, prefix):
     """Behind a Serve route_prefix (or an http_options.root_path) the app sees root_path set and

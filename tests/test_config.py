@@ -186,3 +186,28 @@ def test_plan_splits_gpus_into_routers_and_shards(capsys):
     assert main(["plan", "--model", "mixtral-8x7b", "--gpus", "8"]) == 0
     out = capsys.readouterr().out
     assert f"<- best: --routers {best.routers} --expert-shards {best.shards}" in out and "1:7" in out
+
+
+def test_keys_come_from_files_and_the_environment_and_never_from_a_printed_line(tmp_path, monkeypatch):
+    """--api-key-file (a mounted Secret, one key per line) adds to the keys; RAYMIX_API_KEY
+    gives them too; the settings' repr and the printed curl example never hold a key; the
+    server process started for an embedded Ray gets the keys from its environment, not argv."""
+    from launch.bringup import curl_example, keys_off_the_command_line
+
+    keys = tmp_path / "keys"
+    keys.write_text("sk-one\n\nsk-two\n")
+    admin = tmp_path / "admin"
+    admin.write_text("sk-admin\n")
+    s = RaymixSettings(api_key=["sk-zero"], api_key_file=str(keys), admin_api_key_file=str(admin))
+    assert s.api_key == ["sk-zero", "sk-one", "sk-two"] and s.admin_api_key == ["sk-admin"]
+    assert "sk-" not in repr(s) and "sk-" not in str(s)
+    assert "sk-" not in curl_example(s, "http://127.0.0.1:8000")
+    monkeypatch.setenv("RAYMIX_API_KEY", "sk-env1,sk-env2")
+    assert RaymixSettings.load({}).api_key == ["sk-env1", "sk-env2"]
+    with pytest.raises(ValueError, match="cannot read the key file"):
+        RaymixSettings(api_key_file=str(tmp_path / "missing"))
+    argv, env = keys_off_the_command_line(
+        ["serve", "--api-key", "sk-a", "--model", "m", "--api-key=sk-b", "--admin-api-key", "sk-c"]
+    )
+    assert argv == ["serve", "--model", "m"]
+    assert env == {"RAYMIX_API_KEY": "sk-a,sk-b", "RAYMIX_ADMIN_API_KEY": "sk-c"}

@@ -153,3 +153,24 @@ def test_expert_load_recent_window_per_layer_and_shard():
     assert snap.balancedness == 1.0
     load.count(0, torch.tensor([[0, 1], [0, 2]]), torch.tensor([[0, 0], [0, 1]]), 2)
     assert load.snapshot().balancedness == pytest.approx(2 / 3)  # shards got 3 and 1: mean 2, max 3
+
+
+def test_a_shard_checks_the_header_it_reads_before_sizing_anything():
+    """Layer, token count and inline flag come off the wire: a header out of range (a stray or
+    hostile peer on the data plane's port) is refused before a buffer is sized from it."""
+    from moe.expert_parallel.wire import FORWARD, MAX_TOKENS, SHUTDOWN, check_header
+
+    check_header(FORWARD, 3, 100, 1, num_layers=4, standing=512)
+    check_header(FORWARD, 0, 5000, 0, num_layers=4, standing=512)  # a big batch, its body apart
+    check_header(SHUTDOWN, 0, 0, 0, num_layers=4, standing=512)
+    for header in (
+        (7, 0, 1, 1),  # unknown op
+        (FORWARD, 4, 1, 1),  # no such MoE layer
+        (FORWARD, -1, 1, 1),
+        (FORWARD, 0, -5, 1),
+        (FORWARD, 0, MAX_TOKENS + 1, 0),  # a body of terabytes
+        (FORWARD, 0, 600, 1),  # inline, but larger than the standing receive
+        (FORWARD, 0, 1, 2),
+    ):
+        with pytest.raises(ValueError, match="malformed layer batch"):
+            check_header(*header, num_layers=4, standing=512)

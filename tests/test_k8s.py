@@ -94,3 +94,57 @@ def test_routers_reach_build_app_and_count_in_the_gpus(validator):
     assert args["routers"] == 3 and args["expert_shards"] == 6
     workers = doc["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
     assert workers["replicas"] == 3  # 9 GPUs on 4-GPU workers
+
+
+def test_the_manifests_security_parts():
+    """Keys never in the rendered YAML (Secrets referenced, pods wait for them); Ray's token
+    authentication; containers without root, privileges or capabilities on a read-only root; and
+    NetworkPolicies: the API port from the gateway (and Prometheus) only, Ray's ports from
+    raymix's pods and the operator only. (No NetworkPolicy schema is at hand offline: its
+    shape is checked here, the RayService against KubeRay's CRD above.)"""
+    from launch.k8s import RAY_PORTS, render
+
+    s = RaymixSettings(**DOCUMENTED, api_key=["sk-secret-1", "sk-secret-2"], admin_api_key=["sk-admin-3"])
+    text = render(s)
+    assert "sk-" not in text
+    service, api, ray = yaml.safe_load_all(text)
+    cluster = service["spec"]["rayClusterConfig"]
+    assert cluster["authOptions"] == {"mode": "token"}
+    args = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]["args"]
+    assert not {"api_key", "admin_api_key"} & set(args)
+    pods = [cluster["headGroupSpec"]["template"]["spec"]] + [
+        g["template"]["spec"] for g in cluster["workerGroupSpecs"]
+    ]
+    for pod in pods:
+        (c,) = pod["containers"]
+        refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in c["env"] if "valueFrom" in e}
+        assert refs == {
+            "RAYMIX_API_KEY": {"name": "raymix-api-keys", "key": "keys", "optional": False},
+            "RAYMIX_ADMIN_API_KEY": {"name": "raymix-admin-api-keys", "key": "keys", "optional": False},
+        }
+        sc = c["securityContext"]
+        assert sc["runAsNonRoot"] and not sc["allowPrivilegeEscalation"] and sc["readOnlyRootFilesystem"]
+        assert sc["capabilities"] == {"drop": ["ALL"]}
+        mounted = {m["mountPath"] for m in c["volumeMounts"]}
+        assert {"/tmp", "/dev/shm"} <= mounted  # what Ray writes, on a read-only root
+        assert {v["name"] for v in pod["volumes"] if "emptyDir" in v} >= {"tmp", "shm"}
+    for policy in (api, ray):
+        assert policy["apiVersion"] == "networking.k8s.io/v1" and policy["kind"] == "NetworkPolicy"
+        assert policy["spec"]["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": "raymix"}}
+        assert policy["spec"]["policyTypes"] == ["Ingress"]
+    gateway, prometheus = api["spec"]["ingress"]
+    assert gateway["ports"] == [{"protocol": "TCP", "port": 8000}]
+    assert gateway["from"] == [{"podSelector": {"matchLabels": {"raymix.io/api-client": "true"}}}]
+    assert {p["port"] for p in prometheus["ports"]} == {8000, 8080}
+    own, operator = ray["spec"]["ingress"]
+    assert own == {"from": [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "raymix"}}}]}
+    assert {p["port"] for p in operator["ports"]} == set(RAY_PORTS)
+    # without keys asked for, no Secret is referenced (the API is open, as raymix serve's default)
+    plain = yaml.safe_load(render(RaymixSettings(**DOCUMENTED)).split("---")[0])
+    head = plain["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert not [e for e in head["env"] if "valueFrom" in e]
+
+
+def test_the_image_leaves_history_and_environments_out():
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".git", ".venv", ".cache", ".whl"} <= set(ignored)

@@ -173,6 +173,33 @@ def test_request_timeout_is_408_and_frees_the_request(tiny_dir):
         assert stats.num_requests_running == 0 and stats.num_used_kv_blocks == 0
 
 
+def test_the_deadline_counts_the_wait_for_the_first_output(tiny_dir):
+    """One deadline from the request's start: a request whose first output never comes (the
+    engine held in its first step) gets its 408 while the engine is still held, not after."""
+    held = threading.Event()
+
+    def build():
+        eng = LLMEngine.from_pretrained(tiny_dir, EngineConfig(max_model_len=512))
+        step = eng.step
+
+        def first_step_held():
+            held.wait(120)
+            return step()
+
+        eng.step = first_step_held  # type: ignore[method-assign]
+        return eng
+
+    try:
+        with local_server(tiny_dir, build_engine=build, request_timeout_s=1.0) as url:
+            r = post(url, json.dumps(GOOD).encode())
+            still_held = not held.is_set()
+            held.set()
+        assert r.status_code == 408 and r.json()["error"]["code"] == "request_timeout"
+        assert still_held  # it came at the deadline, not when the engine moved again
+    finally:
+        held.set()
+
+
 def test_cancelled_streams_release_everything(rm):
     """vLLM's test_request_cancellation and test_abort_metrics_reset, scaled to this machine."""
     body = {**GOOD, "max_tokens": 300, "ignore_eos": True, "stream": True}

@@ -19,7 +19,15 @@ from moe.expert_parallel.rendezvous import (
     open_store,
     pair_group,
 )
-from moe.expert_parallel.wire import BODY_TAG, HEAD_TAG, HEADER_BYTES, SHUTDOWN, body_bytes, decode
+from moe.expert_parallel.wire import (
+    BODY_TAG,
+    HEAD_TAG,
+    HEADER_BYTES,
+    SHUTDOWN,
+    body_bytes,
+    check_header,
+    decode,
+)
 from moe.layers.experts import LocalExperts
 
 log = logging.getLogger(__name__)
@@ -69,6 +77,7 @@ class ShardServer:
         if self.num_threads:  # OpenMP's thread count is per calling thread: set it in this one
             torch.set_num_threads(self.num_threads)
         hidden, k = self.experts.cfg.hidden_size, self.experts.cfg.num_experts_per_tok
+        num_layers = self.experts.cfg.num_moe_layers
         dtype = self.experts.dtype
         size = HEADER_BYTES + body_bytes(self.rendezvous.inline, hidden, k, dtype)
         pin = self.device.type == "cuda" and self.comm.type == "cpu"
@@ -84,6 +93,7 @@ class ShardServer:
                 work.wait()
                 buf = bufs[cur]
                 op, layer, n, inline = buf[:HEADER_BYTES].view(torch.long).tolist()
+                check_header(op, layer, n, inline, num_layers, self.rendezvous.inline)  # before sizing
                 if op == SHUTDOWN:  # the router said goodbye; a new one may connect later
                     self.router_gone = True
                     return

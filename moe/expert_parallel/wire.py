@@ -21,6 +21,24 @@ HEAD_TAG, BODY_TAG = 0, 1  # a body sent apart from its header has its own tag (
 INLINE_TOKENS = 512  # batches up to this many tokens travel as one message (gloo)
 
 
+MAX_TOKENS = 1 << 20  # a layer batch's rows: more than any step's token budget
+
+
+def check_header(op: int, layer: int, n: int, inline: int, num_layers: int, standing: int) -> None:
+    """A header read off the wire, checked before anything is sized from it (ValueError): a
+    known op, a MoE layer this model has, 0 <= n <= MAX_TOKENS, and an inline body only within
+    the standing receive's `standing` tokens."""
+    if op not in (FORWARD, SHUTDOWN):
+        raise ValueError(f"malformed layer batch: op {op}")
+    if op == FORWARD and not (
+        0 <= layer < num_layers
+        and 0 <= n <= MAX_TOKENS
+        and inline in (0, 1)
+        and (not inline or n <= standing)
+    ):
+        raise ValueError(f"malformed layer batch: layer {layer} of {num_layers}, n {n}, inline {inline}")
+
+
 def body_bytes(n: int, hidden: int, top_k: int, dtype: torch.dtype) -> int:
     """Bytes of a batch of n tokens after the header: ids [n, K] int32, weights [n, K] float32, x [n, H]."""
     return n * (2 * top_k * 4 + hidden * dtype.itemsize)
