@@ -70,6 +70,7 @@ class ShuttingDown(RuntimeError):
 
 
 SHARD_HEALTH_TIMEOUT_S = 2.0  # a shard that does not answer `info` within this is shown unhealthy
+UNOPENED_S = 60.0  # a subscriber that submitted but has not opened its stream in this long is gone
 
 
 class Router:
@@ -95,6 +96,7 @@ class Router:
         )
         self.sinks: dict[str, Sink] = {}  # one per ingress replica's stream
         self.owned: dict[str, set[str]] = {}  # request ids of each stream still running
+        self.unopened: dict[str, float] = {}  # subscribers whose stream is not open yet: since when
         self.pool = ShardPool(
             shards,
             self.transport,
@@ -242,6 +244,7 @@ class Router:
         """Every output of one ingress replica's requests: one list per engine step (steps that
         piled up while the reader was busy come merged). Ending the stream aborts them all."""
         sink = self._sink(subscriber)
+        self.unopened.pop(subscriber, None)
         try:
             while True:
                 batch: list[Output] = []
@@ -270,9 +273,23 @@ class Router:
 
     def _sink(self, subscriber: str) -> Sink:
         if subscriber not in self.sinks:
+            self._drop_unopened()
             self.sinks[subscriber] = Sink()
             self.owned[subscriber] = set()
+            self.unopened[subscriber] = time.monotonic()
         return self.sinks[subscriber]
+
+    def _drop_unopened(self) -> None:
+        """A subscriber that submitted but never opened its stream within UNOPENED_S (its
+        ingress replica died in between): its requests are aborted and its sink dropped."""
+        now = time.monotonic()
+        for subscriber, since in list(self.unopened.items()):
+            if now - since > UNOPENED_S:
+                del self.unopened[subscriber]
+                self.sinks.pop(subscriber, None)
+                for rid in self.owned.pop(subscriber, set()):
+                    self.engine.abort(rid)
+                log.warning("subscriber %s never opened its stream: its requests are aborted", subscriber)
 
     async def model_info(self) -> ModelInfo:
         eng = self.engine.engine

@@ -35,6 +35,7 @@ from cluster.messages import (
 )
 
 log = logging.getLogger("ray.serve")
+SUBMIT_TIMEOUT_S = 30.0  # handing requests to a router: a queue put there, normally milliseconds
 
 
 Lost = Callable[[list[GenerateRequest], Outputs, EngineUnavailable], None]
@@ -135,8 +136,8 @@ class RouterClient:
             batch, self.pending = [r for r in self.pending if r.request_id in self.routes], []
             if not batch:  # aborted, or failed over to another router meanwhile
                 return
-            try:
-                await self.router.submit.remote(self.subscriber, batch)
+            try:  # bounded: a router that hangs fails these requests over, as one that died
+                await asyncio.wait_for(self.router.submit.remote(self.subscriber, batch), SUBMIT_TIMEOUT_S)
             except Exception as e:
                 self._fail(
                     [r.request_id for r in batch], EngineUnavailable(f"could not submit to the router: {e}")

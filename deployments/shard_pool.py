@@ -28,6 +28,9 @@ from moe.expert_parallel.remote import ShardLink
 from moe.expert_parallel.rendezvous import Rendezvous, open_store
 
 log = logging.getLogger("ray.serve")
+# no call to a shard waits forever (a hung replica fails the join, which is retried or reported)
+CALL_TIMEOUT_S = 60.0  # a question (info)
+LOAD_TIMEOUT_S = 900.0  # loading experts from the checkpoint
 
 
 class ShardPool:
@@ -66,7 +69,7 @@ class ShardPool:
         """Open the rendezvous store, then have every shard join its pair group with us."""
         import ray
 
-        infos = [h.info.remote().result() for h in self.handles]
+        infos = [h.info.remote().result(timeout_s=CALL_TIMEOUT_S) for h in self.handles]
         ctx = ray.get_runtime_context()
         here = ctx.get_node_id()
         self.gpu = (here, tuple(str(g) for g in ctx.get_accelerator_ids().get("GPU", [])))
@@ -120,13 +123,15 @@ class ShardPool:
     def _join(self, k: int) -> ShardLink:
         """Ask shard k (the replica Serve routes to) to join a fresh pair group, and join it."""
         handle = self.handles[k]
-        info = handle.info.remote().result()
+        info = handle.info.remote().result(timeout_s=CALL_TIMEOUT_S)
         held = self.holding(k)
         if self.shared:  # never drop what another router may route to: only add what is missing
             if set(held) - set(info.expert_ids):
-                handle.set_experts.remote(sorted(set(held) | set(info.expert_ids))).result()
+                handle.set_experts.remote(sorted(set(held) | set(info.expert_ids))).result(
+                    timeout_s=LOAD_TIMEOUT_S
+                )
         elif sorted(info.expert_ids) != sorted(held):  # a replacement: give back what it held
-            handle.set_experts.remote(held).result()
+            handle.set_experts.remote(held).result(timeout_s=LOAD_TIMEOUT_S)
         interface = "127.0.0.1" if self.same_node else info.node_ip
         backend = link_transport(self.transport, self.gpu, (info.node_id, tuple(info.gpu_ids)))
         self.backends[k] = backend
@@ -135,7 +140,7 @@ class ShardPool:
         )
         pending = handle.connect.remote(rdv)
         link = ShardLink(self.store, rdv, self.device, self.timeout, self.host)
-        pending.result()
+        pending.result(timeout_s=self.timeout.total_seconds())  # the join: the data plane's own timeout
         return link
 
 

@@ -656,3 +656,41 @@ def test_model_retrieve_and_max_model_len(api):
     assert client.models.retrieve("tiny").id == "tiny"
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("gpt-17")
+
+
+def test_fuzzed_requests_behind_a_route_prefix_need_the_key_and_never_get_a_5xx(tiny_dir, engine):
+    """Schemathesis' generated requests (valid and invalid, from the app's own OpenAPI document)
+    to the app mounted under a prefix, as a Serve route_prefix mounts it: without the key every
+    route but the public ones answers 401; with it, nothing answers 5xx."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    from api.app import PUBLIC
+
+    s = RaymixSettings(
+        model=str(tiny_dir), served_model_name=["tiny"], api_key=[KEY], request_timeout_s=10, max_num_seqs=8
+    )
+    ctx = ServingContext(s, LocalEngineClient(engine), load_tokenizer(tiny_dir), {}, ServingMetrics())
+    inner = build_api(ctx)
+    schema = schemathesis.openapi.from_dict(inner.openapi())
+    operations = [r.ok() for r in schema.get_all_operations()]
+    assert len(operations) >= 10
+    with TestClient(Starlette(routes=[Mount("/raymix", app=inner)]), raise_server_exceptions=False) as client:
+        for op in operations:
+
+            @given(case=op.as_strategy())
+            @settings(max_examples=4, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+            def fuzz(case) -> None:
+                kw = case.as_transport_kwargs(base_url="http://testserver/raymix")
+                kw.pop("cookies", None)
+                kw["headers"] = {k: v for k, v in kw["headers"].items() if k.lower() != "authorization"}
+                bare = client.request(**kw)
+                if case.formatted_path not in PUBLIC:
+                    assert bare.status_code == 401, f"{case.method} {case.formatted_path}: {bare.status_code}"
+                kw["headers"] = {**kw["headers"], **AUTH}
+                keyed = client.request(**kw)
+                assert keyed.status_code < 500, f"{case.method} {case.formatted_path}: {keyed.text[:300]}"
+
+            fuzz()

@@ -258,3 +258,42 @@ def test_a_router_killed_under_load_fails_nothing_that_starts_after(raymix):
     assert sum(len(i.expert_ids) for i in infos) == sum(holders)  # no shard lost one
     for _ in range(2):  # on both routers: the answers they gave before the kill
         assert greedy_answers(client, QUESTIONS, 16) == expected
+
+
+def test_a_subscriber_that_never_opens_its_stream_is_dropped_with_its_requests():
+    """An ingress replica that submitted and died before opening its stream: once a later
+    subscriber arrives past UNOPENED_S, its requests are aborted and its sink is gone (the map
+    was never pruned). No Ray here: the Router's own methods over a recording engine."""
+    import asyncio
+
+    from cluster.messages import GenerateRequest
+    from deployments.router import UNOPENED_S, Router
+    from moe.sampling import SamplingParams
+
+    class Engine:
+        def __init__(self):
+            self.added, self.aborted = [], []
+
+        def add(self, rid, prompt, params, sink):
+            self.added.append(rid)
+
+        def abort(self, rid):
+            self.aborted.append(rid)
+
+    cls = Router
+    router = cls.__new__(cls)
+    router.sinks, router.owned, router.unopened, router.draining = {}, {}, {}, False
+    router.engine = Engine()
+
+    async def run():
+        await router.submit("gone", [GenerateRequest("r1", [1, 2], SamplingParams())])
+        router.unopened["gone"] -= UNOPENED_S + 1  # it has waited longer than that
+        await router.submit("alive", [GenerateRequest("r2", [1, 2], SamplingParams())])
+        stream = router.stream("alive")
+        opened = asyncio.ensure_future(stream.__anext__())
+        await asyncio.sleep(0)
+        assert router.engine.added == ["r1", "r2"] and router.engine.aborted == ["r1"]
+        assert set(router.sinks) == {"alive"} and "gone" not in router.owned and router.unopened == {}
+        opened.cancel()
+
+    asyncio.run(run())

@@ -306,12 +306,12 @@ def test_expert_view_follows_traffic(browser, cluster):
 
 
 def test_rebalance_button_needs_the_key_and_replicates_hot_experts(browser, cluster):
-    """Without the key the button's answer is the server's refusal and nothing moves; with it,
-    after a skewed workload, the hot experts get replicas, marked on their new shards' cards
-    and held by those shards."""
+    """Without the key the expert view is refused (with keys set, only the page's files are
+    public), the button's answer is the server's refusal and nothing moves; with it, after a
+    skewed workload, the hot experts get replicas, marked on their new shards' cards and held
+    by those shards."""
     p = Page(browser, cluster.url, None)
     page = p.open("experts")
-    page.wait_for_selector(".shard")
     page.click("#rebalance")
     page.wait_for_selector("#rebalance-result.error")
     assert "Incorrect API key" in page.locator("#rebalance-result").inner_text()
