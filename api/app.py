@@ -383,10 +383,13 @@ def build_api(ctx: ServingContext, behind_serve_proxy: bool = False) -> FastAPI:
         # off the event loop: a large input takes seconds, and other streams go on meanwhile
         if req.messages is not None:
             messages = template_messages(req.messages)
-            tokens = await asyncio.to_thread(ctx.tokenizer.apply_chat_template, messages)
+            size = sum(len(str(m.get("content") or "")) for m in messages)
+            tokens = await ctx.off_loop(size, ctx.tokenizer.apply_chat_template, messages)
         elif req.prompt is not None:
             prompt, special = req.prompt, req.add_special_tokens
-            tokens = await asyncio.to_thread(lambda: ctx.tokenizer.encode(prompt, add_special_tokens=special))
+            tokens = await ctx.off_loop(
+                len(prompt), lambda: ctx.tokenizer.encode(prompt, add_special_tokens=special)
+            )
         else:
             raise APIError.bad_request("Either prompt or messages is required.", "prompt")
         return TokenizeResponse(

@@ -7,20 +7,29 @@ in-process engine) and handed to `api.app.build_api`; no module-level state.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import Any, TypeVar
 
 from api import access_log
 from api.engine_client import EngineClient
 from api.errors import APIError, EngineUnavailable
 from api.metrics import ServingMetrics
-from api.protocol import UsageInfo
+from api.protocol import ChatCompletionRequest, UsageInfo
 from cluster.config import RaymixSettings
 from moe.checkpoint.quantization import QuantizationConfig
 from moe.checkpoint.reader import checkpoint_revision
 from moe.errors import CheckpointError
 from moe.tokenizer import Tokenizer
+
+T = TypeVar("T")
+LARGE_INPUT_BYTES = 256 * 1024  # a request body past this is tokenized one at a time
+
+
+def request_size(req: ChatCompletionRequest) -> int:
+    """Characters of a chat request's messages (what its template and tokenizer go through)."""
+    return sum(len(m.text()) for m in req.messages)
 
 
 @dataclass
@@ -48,6 +57,19 @@ class ServingContext:
         except CheckpointError:  # the engine refused it: nothing is served anyway
             return None
         return quant.name if quant else None
+
+    @cached_property
+    def _large_inputs(self) -> asyncio.Semaphore:
+        return asyncio.Semaphore(1)
+
+    async def off_loop(self, size: int, fn: Callable[..., T], *args: Any) -> T:
+        """fn(*args) on a worker thread, off the event loop (tokenizing, chat templates). Inputs
+        over LARGE_INPUT_BYTES go one at a time: a tokenizer holds the GIL in stretches, and
+        several megabytes tokenized at once would starve the loop that streams the others."""
+        if size <= LARGE_INPUT_BYTES:
+            return await asyncio.to_thread(fn, *args)
+        async with self._large_inputs:
+            return await asyncio.to_thread(fn, *args)
 
     @cached_property
     def names(self) -> list[str]:

@@ -9,7 +9,6 @@ arguments).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
@@ -20,7 +19,7 @@ from fastapi.responses import JSONResponse, Response
 
 from api.access_log import request_id
 from api.chat_plan import ChatPlan, Parsed, plan_chat
-from api.context import ServingContext
+from api.context import ServingContext, request_size
 from api.protocol import (
     ChatChoice,
     ChatChunkChoice,
@@ -48,7 +47,9 @@ class ServingChat:
     async def create(self, req: ChatCompletionRequest) -> Response:
         ctx = self.ctx
         model = ctx.model_name(req.model)
-        plan = await asyncio.to_thread(plan_chat, req, ctx.tokenizer)  # template, schema: off the loop
+        plan = await ctx.off_loop(
+            request_size(req), plan_chat, req, ctx.tokenizer
+        )  # template, schema: off the loop
         prompt = plan.prompt
         max_tokens = await ctx.max_tokens(req.requested_max_tokens(), len(prompt))
         rid = f"chatcmpl-{request_id()}"  # X-Request-Id when the client sent one

@@ -8,7 +8,6 @@ OpenAI's legacy completions and vLLM do: what lm-eval's log-likelihood tasks rea
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -46,8 +45,9 @@ class ServingCompletion:
                 "prompt" if len(given) > 1 else "n",
             )
         # tokenized off the event loop: a large prompt takes seconds, and other streams go on
-        prompts = await asyncio.to_thread(
-            lambda: [p if isinstance(p, list) else ctx.tokenizer.encode(p) for p in given]
+        size = sum(len(p) for p in given if isinstance(p, str))
+        prompts = await ctx.off_loop(
+            size, lambda: [p if isinstance(p, list) else ctx.tokenizer.encode(p) for p in given]
         )
         vocab = ctx.tokenizer.vocab_size  # as vLLM: an id the tokenizer cannot decode is refused
         if any(not 0 <= t < vocab for p in prompts for t in p):

@@ -362,19 +362,27 @@ def allowed_tokens(bitmask: np.ndarray, vocab_size: int) -> np.ndarray:
 
 
 def closing_step(m: Any, closers: list[int], vocab_size: int) -> int:
-    """The closing path's next token from m's state (m is not changed)."""
+    """The closing path's next token from m's state (m is not changed): the first of `closers`
+    the grammar accepts (validated one by one: it accepts a closer that spells the start of a
+    longer token the mask alone allows), else its forced token, else the first allowed one,
+    found from the mask's lowest set bit (unpacking all V bits cost more than the rest)."""
     for t in closers:
         if m.validate_tokens([t]) == 1:
             return t
     forced = m.compute_ff_tokens()
     if forced:
         return int(forced[0])
-    mask = np.zeros((vocab_size + 31) // 32, dtype=np.int32)
+    mask = np.zeros((vocab_size + 31) // 32, dtype=np.int32)  # [ceil(V / 32)]
     m.unsafe_compute_mask_ptr(mask.ctypes.data, mask.nbytes)
-    allowed = allowed_tokens(mask, vocab_size)
-    if not len(allowed):
+    words = mask.view(np.uint32)
+    nonzero = np.flatnonzero(words)
+    if not len(nonzero):
         raise RuntimeError("guided decoding: the grammar allows no token")
-    return int(allowed[0])
+    word = int(words[nonzero[0]])
+    token = int(nonzero[0]) * 32 + (word & -word).bit_length() - 1  # its lowest set bit
+    if token >= vocab_size:
+        raise RuntimeError("guided decoding: the grammar allows no token")
+    return token
 
 
 def closing_length(m: Any, closers: list[int], vocab_size: int) -> int:
