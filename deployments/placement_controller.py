@@ -23,15 +23,25 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from cluster.messages import EXPERT_SHARD, PlacementSnapshot, RebalanceResult, ResizeResult
-from deployments.shard_pool import ShardPool
+from deployments.shard_pool import CALL_TIMEOUT_S, LOAD_TIMEOUT_S, ShardPool
 from moe.expert_parallel.eplb import balancedness, plan_replicas
 from moe.expert_parallel.placement import Placement, partition_experts
 from moe.expert_parallel.remote import RemoteExperts, ShardLink
 
 log = logging.getLogger("ray.serve")
+T = TypeVar("T")
+
+
+async def bounded(aw: Awaitable[T], timeout_s: float, what: str) -> T:
+    """aw, or a TimeoutError naming what did not finish: no wait in a placement change is
+    unbounded (the change's lock is released, and the next one can run)."""
+    try:
+        return await asyncio.wait_for(aw, timeout_s)
+    except TimeoutError:
+        raise TimeoutError(f"placement change: {what} did not finish within {timeout_s:g} s") from None
 
 
 class PlacementController:
@@ -99,7 +109,8 @@ class PlacementController:
             )
         async with self._changing:
             load = experts.load.recent_expert_load()
-            for other in await asyncio.gather(*[f.recent_expert_load.remote() for f in self.followers]):
+            loads = [f.recent_expert_load.remote() for f in self.followers]
+            for other in await bounded(asyncio.gather(*loads), CALL_TIMEOUT_S, "a router's expert load"):
                 load = [a + b for a, b in zip(load, other, strict=True)]  # every router's tokens
             plan = plan_replicas(load, self.primaries, n)
             num_shards = len(self.pool)
@@ -130,13 +141,21 @@ class PlacementController:
             old = len(experts.links)
             await self.connect(num_shards, extra_apps, shard_deployment)
             # every other router connects the new shards too, before any expert moves
-            await asyncio.gather(
-                *[f.connect.remote(num_shards, extra_apps, shard_deployment) for f in self.followers]
+            await bounded(
+                asyncio.gather(
+                    *[f.connect.remote(num_shards, extra_apps, shard_deployment) for f in self.followers]
+                ),
+                LOAD_TIMEOUT_S,
+                "the other routers connecting the shards",
             )
             self.primaries = partition_experts(self.num_experts, num_shards)
             await self._move(Placement.from_groups(self.primaries).expert_shards, num_shards)
-            await asyncio.gather(
-                self.disconnect(num_shards), *[f.disconnect.remote(num_shards) for f in self.followers]
+            await bounded(
+                asyncio.gather(
+                    self.disconnect(num_shards), *[f.disconnect.remote(num_shards) for f in self.followers]
+                ),
+                LOAD_TIMEOUT_S,
+                "disconnecting the shards left out",
             )
             log.info("expert shards resized %d -> %d: groups %s", old, num_shards, self.primaries)
             return ResizeResult(expert_shards=num_shards, expert_groups=self.primaries)
@@ -187,26 +206,46 @@ class PlacementController:
         # every router knows the grown holdings before any shard grows: one that reconnects a
         # replaced shard meanwhile gives it those, not the ones before
         old = self.placement
-        await asyncio.gather(
-            *[
-                f.follow.remote(old.expert_shards, old.num_shards, self.held, self.primaries)
-                for f in self.followers
-            ]
+        await bounded(
+            asyncio.gather(
+                *[
+                    f.follow.remote(old.expert_shards, old.num_shards, self.held, self.primaries)
+                    for f in self.followers
+                ]
+            ),
+            CALL_TIMEOUT_S,
+            "the other routers taking the grown holdings",
         )
-        await asyncio.gather(*[handles[k].set_experts.remote(self.held[k]) for k in grow])
+        await bounded(
+            asyncio.gather(*[handles[k].set_experts.remote(self.held[k]) for k in grow]),
+            LOAD_TIMEOUT_S,
+            "shards loading their new experts",
+        )
         self.placement = new
         # the engine switches between two steps: no step routes some layers one way and some the
         # other, and no layer batch of the old routing is in flight once this returns
-        await asyncio.gather(
-            self._switch(new),
-            *[f.follow.remote(plan, num_shards, self.held, self.primaries) for f in self.followers],
+        await bounded(
+            asyncio.gather(
+                self._switch(new),
+                *[f.follow.remote(plan, num_shards, self.held, self.primaries) for f in self.followers],
+            ),
+            LOAD_TIMEOUT_S,
+            "every router switching to the new placement",
         )
         shrink = [k for k in range(len(handles)) if set(self.held[k]) - set(want[k])]
         for k in shrink:
             self.held[k] = want[k]
-        await asyncio.gather(*[handles[k].set_experts.remote(want[k]) for k in shrink])
-        await asyncio.gather(
-            *[f.follow.remote(plan, num_shards, self.held, self.primaries) for f in self.followers]
+        await bounded(
+            asyncio.gather(*[handles[k].set_experts.remote(want[k]) for k in shrink]),
+            LOAD_TIMEOUT_S,
+            "shards dropping the experts they no longer hold",
+        )
+        await bounded(
+            asyncio.gather(
+                *[f.follow.remote(plan, num_shards, self.held, self.primaries) for f in self.followers]
+            ),
+            CALL_TIMEOUT_S,
+            "the other routers taking the shrunk holdings",
         )
 
     async def follow(

@@ -297,3 +297,35 @@ def test_a_subscriber_that_never_opens_its_stream_is_dropped_with_its_requests()
         opened.cancel()
 
     asyncio.run(run())
+
+
+def test_a_hung_follower_fails_the_rebalance_in_bounded_time_and_frees_the_next_one(monkeypatch):
+    """A follower router that never answers (hung, or half-dead): the rebalance fails with a
+    timeout naming what did not finish, and the placement lock is free for the next change
+    (it was held forever). No Ray: the controller over fakes, the timeout shortened."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from deployments import placement_controller as pc
+
+    monkeypatch.setattr(pc, "CALL_TIMEOUT_S", 0.2)
+
+    class Hung:
+        class recent_expert_load:  # a Serve handle's method: .remote()
+            @staticmethod
+            def remote():
+                return asyncio.sleep(3600)
+
+    load = SimpleNamespace(recent_expert_load=lambda: [[1, 0, 0, 0]], reset_window=lambda: None)
+    experts = SimpleNamespace(load=load)
+
+    async def run():
+        controller = pc.PlacementController(
+            pool=[0, 1], primaries=[[0, 1], [2, 3]], num_experts=4, num_redundant_experts=1,
+            data_plane=lambda: experts, between_steps=None, followers=[Hung()],
+        )  # fmt: skip
+        with pytest.raises(TimeoutError, match=r"a router's expert load did not finish within 0\.2 s"):
+            await controller.rebalance()
+        assert not controller._changing.locked()
+
+    asyncio.run(run())
