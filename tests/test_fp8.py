@@ -140,12 +140,31 @@ def test_fp8_holds_half_the_bytes_of_bf16_and_a_shard_reads_only_its_experts(tin
     assert [s.nbytes() for s in two.shards] == [fp8.nbytes() * 2, fp8.nbytes() * 2]
 
 
-def test_w8a8_linear_equals_its_emulation():
+def rowwise_scaled_mm_on_cpu() -> bool:
+    """Whether this torch's CPU _scaled_mm takes per-row scales (2.13 does; 2.11's takes
+    per-tensor ones only: there the W8A8 path is the GPU's alone)."""
+    a = torch.ones(16, 16).to(FP8)
+    try:
+        torch._scaled_mm(
+            a, a.t(), scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16), out_dtype=torch.float32
+        )
+    except RuntimeError:
+        return False
+    return True
+
+
+def test_w8a8_linear_equals_its_emulation(device):
     """The FP8-GPU path (activations quantized per token or with the static scale, then
     torch._scaled_mm, which also runs on the CPU) against the same arithmetic written out."""
+    if device.type == "cuda" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 matmuls need SM89+")
+    if device.type == "cpu" and not rowwise_scaled_mm_on_cpu():
+        pytest.skip(
+            f"torch {torch.__version__}'s CPU _scaled_mm takes per-tensor scales only (row-wise from 2.13)"
+        )
     torch.manual_seed(0)
-    x, w = torch.randn(5, 64), torch.randn(48, 64) / 8
-    for input_scale in (None, torch.tensor(4.0 / FP8_MAX)):
+    x, w = torch.randn(5, 64, device=device), torch.randn(48, 64, device=device) / 8
+    for input_scale in (None, torch.tensor(4.0 / FP8_MAX, device=device)):
         weight = Fp8Tensor.quantize(w)
         weight.input_scale = input_scale
         xq, sa = quantize_activations(x, input_scale)
