@@ -174,3 +174,34 @@ def test_a_shard_checks_the_header_it_reads_before_sizing_anything():
     ):
         with pytest.raises(ValueError, match="malformed layer batch"):
             check_header(*header, num_layers=4, standing=512)
+
+
+def test_an_idle_router_keeps_its_links_and_a_silent_one_is_taken_for_gone(tiny_dir):
+    """A shard waits idle_timeout_s (here 3 s) for its router's next message. A live router
+    that is idle pings its links (RemoteExperts.keepalive, from the engine thread): past that
+    time the shards still serve, with no reconnection. A router that goes silent (a half-open
+    link: its process gone without a goodbye) is taken for gone: the shards stop waiting."""
+    import time
+
+    cfg = ModelConfig.from_pretrained(tiny_dir)
+    dense = DenseModel.from_checkpoint(CheckpointReader(tiny_dir), cfg, torch.float32)
+    tok = load_tokenizer(tiny_dir)
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    shards = LocalShards(tiny_dir, 2, idle_timeout_s=3.0)
+    try:
+        eng = LLMEngine(cfg, dense, shards.experts, EngineConfig(max_model_len=128), tok)
+        first = eng.generate([tok.encode("before the pause")], params)[0].output_token_ids
+        end = time.monotonic() + 5.0  # idle past the shards' timeout, pinging
+        while time.monotonic() < end:
+            shards.experts.keepalive(0.5)
+            time.sleep(0.25)
+        again = eng.generate([tok.encode("before the pause")], params)[0].output_token_ids
+        assert again == first and shards.experts.recoveries == 0
+        assert all(p.is_alive() for p in shards.procs)
+        for p in shards.procs:  # silent now: each shard stops waiting after its timeout
+            p.join(timeout=30)
+        assert [p.exitcode for p in shards.procs] == [0, 0]
+    finally:
+        for p in shards.procs:
+            if p.is_alive():
+                p.kill()

@@ -36,10 +36,12 @@ from typing import Any
 from moe.engine.llm_engine import EngineStats, LLMEngine
 from moe.engine.sequence import RequestOutput
 from moe.errors import RequestError
+from moe.expert_parallel.rendezvous import KEEPALIVE_S
 from moe.guided import GrammarMatcher
 from moe.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
+KEEPALIVE_CHECK_S = 1.0  # how often the engine thread looks for idle data-plane links
 
 Item = RequestOutput | BaseException
 
@@ -125,6 +127,8 @@ class AsyncEngine:
         self._compiler = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix=f"{name}-grammar")
         self._compiling: dict[str, bool] = {}  # request id → aborted while compiling
         self._compiling_lock = threading.Lock()
+        self.keepalive_s = KEEPALIVE_S  # remote experts' links idle this long are pinged
+        self._last_keepalive = 0.0
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -254,16 +258,36 @@ class AsyncEngine:
                         cmd.done.set_exception(e)
             if engine.has_unfinished():
                 self._step(engine)
+            self._keepalive(engine)
             self.stats = engine.stats()
 
     def _drain(self, block: bool) -> list[Command]:
-        """Everything in the inbox; when idle, first wait for something to arrive."""
-        cmds = [self._inbox.get()] if block else []
+        """Everything in the inbox; when idle, first wait for something to arrive (or for the
+        next keepalive's time)."""
+        cmds: list[Command] = []
+        if block:
+            try:
+                cmds.append(self._inbox.get(timeout=KEEPALIVE_CHECK_S))
+            except queue.Empty:
+                return []
         while True:
             try:
                 cmds.append(self._inbox.get_nowait())
             except queue.Empty:
                 return cmds
+
+    def _keepalive(self, engine: LLMEngine) -> None:
+        """Remote experts' idle links pinged (moe.expert_parallel.remote), checked once a
+        KEEPALIVE_CHECK_S at most: a shard tells a live, idle router from a gone one."""
+        now = time.monotonic()
+        keepalive = getattr(engine.experts, "keepalive", None)
+        if keepalive is None or now - self._last_keepalive < KEEPALIVE_CHECK_S:
+            return
+        self._last_keepalive = now
+        try:
+            keepalive(self.keepalive_s)
+        except Exception:
+            log.exception("keepalive failed")
 
     def _step(self, engine: LLMEngine) -> None:
         start = time.perf_counter()

@@ -20,7 +20,7 @@ from moe.checkpoint.reader import CheckpointReader
 from moe.config import ModelConfig
 from moe.expert_parallel.placement import Placement, partition_experts
 from moe.expert_parallel.remote import RemoteExperts, ShardLink
-from moe.expert_parallel.rendezvous import Rendezvous, open_store
+from moe.expert_parallel.rendezvous import IDLE_TIMEOUT_S, Rendezvous, open_store
 from moe.expert_parallel.server import ShardServer
 from moe.expert_parallel.wire import INLINE_TOKENS
 from moe.layers.experts import LocalExperts
@@ -62,6 +62,7 @@ class LocalShards:
         inline_tokens: int = INLINE_TOKENS,  # the shards' standing receive (0: NCCL's discipline)
         whole_batch: bool | None = None,  # RemoteExperts' dispatch (None: its default for the device)
         timeout: datetime.timedelta = datetime.timedelta(seconds=60),
+        idle_timeout_s: float = IDLE_TIMEOUT_S,  # a shard's wait for this router's next message
     ):
         cfg = ModelConfig.from_pretrained(model_dir)
         groups = partition_experts(cfg.num_local_experts, num_shards)
@@ -72,7 +73,13 @@ class LocalShards:
         here = f"cuda:{device.index or 0}"
         self.backends = ["nccl" if d.startswith("cuda") and d != here else "gloo" for d in devices]
         rdvs = [
-            Rendezvous(url, f"shard{k}/", self.backends[k], inline_tokens=inline_tokens)
+            Rendezvous(
+                url,
+                f"shard{k}/",
+                self.backends[k],
+                inline_tokens=inline_tokens,
+                idle_timeout_s=idle_timeout_s,
+            )
             for k in range(num_shards)
         ]
         ctx = mp.get_context("spawn")

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from moe.expert_parallel.load import ExpertLoad
 from moe.expert_parallel.placement import Placement, ShardBatch, assign, combine, dispatch, dispatch_whole
 from moe.expert_parallel.rendezvous import ROUTER, SHARD, Rendezvous, comm_device, pair_group
-from moe.expert_parallel.wire import BODY_TAG, HEAD_TAG, HEADER_BYTES, SHUTDOWN, encode
+from moe.expert_parallel.wire import BODY_TAG, HEAD_TAG, HEADER_BYTES, PING, SHUTDOWN, encode
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +50,12 @@ class ShardLink:
         self.device = comm_device(rendezvous.backend, device)
         self.timeout = timeout
         self.pg = pair_group(store, rendezvous.prefix, ROUTER, rendezvous.backend, timeout, host)
+        self.last_sent = time.monotonic()
 
     def send(self, layer: int, x: torch.Tensor, b: ShardBatch) -> list:
         """Post the sends of this shard's part of a layer batch → the pending works (wait on
         them): one message when it fits the shard's standing receive."""
+        self.last_sent = time.monotonic()
         inline = b.token_index.numel() <= self.rendezvous.inline
         msg = encode(layer, x, b, inline, self.device)
         if inline:
@@ -74,6 +76,12 @@ class ShardLink:
             work.wait()
         else:
             work.wait(self.timeout)
+
+    def ping(self) -> None:
+        """A header alone, unanswered: the shard knows this router is idle, not gone."""
+        self.last_sent = time.monotonic()
+        header = torch.tensor([PING, 0, 0, 0], dtype=torch.long, device=self.device)
+        self.wait(self.pg.send([header.view(torch.uint8)], SHARD, HEAD_TAG))
 
     def shutdown(self) -> None:
         header = torch.tensor([SHUTDOWN, 0, 0, 0], dtype=torch.long, device=self.device)
@@ -110,6 +118,19 @@ class RemoteExperts:
         self.recoveries = 0
         self.load = ExpertLoad(len(links), self.placement.primary)
         self.load.holders = self.placement.holders  # replicas too (a router restarted)
+
+    def keepalive(self, idle_s: float) -> None:
+        """Ping every link with nothing sent for idle_s (the engine thread calls this between
+        steps and when idle): a shard hears from a live router well within its idle timeout. A
+        link that fails here is left to the next layer's exchange, which reconnects it."""
+        now = time.monotonic()
+        for k, link in enumerate(self.links):
+            if now - link.last_sent >= idle_s:
+                try:
+                    link.ping()
+                except Exception as e:  # a dead shard: its next exchange reconnects
+                    link.last_sent = now
+                    log.info("keepalive to shard %d failed: %s", k, e)
 
     def set_placement(self, placement: Placement, links: list[ShardLink] | None = None) -> None:
         """Route by a new placement from the next layer on (each layer reads it once); with

@@ -19,7 +19,11 @@ import torch.distributed as dist
 from moe.expert_parallel.wire import INLINE_TOKENS
 
 ROUTER, SHARD = 0, 1  # ranks in each pair group
-IDLE_TIMEOUT = datetime.timedelta(days=365)  # a shard waits for work as long as it takes
+# a shard waits this long for its router's next message; an idle router pings every
+# KEEPALIVE_S, so silence this long means the router is gone (a half-open link): the shard
+# drops the link (over NCCL its watchdog ends the process, which Serve restarts)
+IDLE_TIMEOUT_S = 300.0
+KEEPALIVE_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,7 @@ class Rendezvous:
     interface_host: str = "127.0.0.1"  # address gloo binds to on the shard's side
     inline_tokens: int = INLINE_TOKENS  # the shard's standing receive, in tokens (gloo; 0: none)
     router: int = 0  # which router (a shard serves every router over a pair group each)
+    idle_timeout_s: float = IDLE_TIMEOUT_S  # the shard's wait for the next message
 
     @property
     def inline(self) -> int:

@@ -11,7 +11,6 @@ import torch
 
 from moe.engine.allocator import keep_freed_memory
 from moe.expert_parallel.rendezvous import (
-    IDLE_TIMEOUT,
     ROUTER,
     SHARD,
     Rendezvous,
@@ -23,6 +22,7 @@ from moe.expert_parallel.wire import (
     BODY_TAG,
     HEAD_TAG,
     HEADER_BYTES,
+    PING,
     SHUTDOWN,
     body_bytes,
     check_header,
@@ -63,7 +63,8 @@ class ShardServer:
         """Blocks until the router's end of the pair group is up."""
         r = self.rendezvous
         self.store = open_store(r.store, is_master=False, timeout=self.connect_timeout)
-        self.pg = pair_group(self.store, r.prefix, SHARD, r.backend, IDLE_TIMEOUT, r.interface_host)
+        idle = datetime.timedelta(seconds=r.idle_timeout_s)
+        self.pg = pair_group(self.store, r.prefix, SHARD, r.backend, idle, r.interface_host)
 
     def start(self) -> None:
         self.thread = threading.Thread(target=self._serve, name="expert-shard-data-plane", daemon=True)
@@ -97,6 +98,10 @@ class ShardServer:
                 if op == SHUTDOWN:  # the router said goodbye; a new one may connect later
                     self.router_gone = True
                     return
+                if op == PING:  # the router is idle, not gone: wait for its next message
+                    cur = 1 - cur
+                    work = self.pg.recv([bufs[cur]], ROUTER, HEAD_TAG)
+                    continue
                 if inline:
                     body = buf[HEADER_BYTES:]
                 else:  # too big for the standing buffer: the body follows on its own

@@ -15,7 +15,7 @@ import torch
 
 from moe.expert_parallel.placement import ShardBatch
 
-FORWARD, SHUTDOWN = 1, 2
+FORWARD, SHUTDOWN, PING = 1, 2, 3  # PING: a header alone, unanswered (an idle link's keepalive)
 HEADER_BYTES = 32  # [op, layer, n, inline] int64
 HEAD_TAG, BODY_TAG = 0, 1  # a body sent apart from its header has its own tag (gloo matches per tag)
 INLINE_TOKENS = 512  # batches up to this many tokens travel as one message (gloo)
@@ -28,7 +28,7 @@ def check_header(op: int, layer: int, n: int, inline: int, num_layers: int, stan
     """A header read off the wire, checked before anything is sized from it (ValueError): a
     known op, a MoE layer this model has, 0 <= n <= MAX_TOKENS, and an inline body only within
     the standing receive's `standing` tokens."""
-    if op not in (FORWARD, SHUTDOWN):
+    if op not in (FORWARD, SHUTDOWN, PING):
         raise ValueError(f"malformed layer batch: op {op}")
     if op == FORWARD and not (
         0 <= layer < num_layers
