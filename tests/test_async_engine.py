@@ -262,3 +262,51 @@ async def collect_async_tokens(engine, rid, prompt, params) -> list[int]:
     async for out in engine.generate(rid, prompt, params):
         tokens += out.new_token_ids
     return tokens
+
+
+def test_a_request_failing_mid_stream_fails_alone(tiny_dir):
+    """An exception while processing one request's token (its detokenizer, here made to fail on
+    its fifth token) ends that request with the error; the stream beside it and the engine go
+    on, and its KV blocks go back."""
+
+    class Failing:
+        def __init__(self, inner):
+            self.inner, self.n = inner, 0
+
+        def add(self, token):
+            self.n += 1
+            if self.n == 5:
+                raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "a broken tokenizer")
+            return self.inner.add(token)
+
+        def flush(self):
+            return self.inner.flush()
+
+    def build() -> LLMEngine:
+        eng = LLMEngine.from_pretrained(tiny_dir, EngineConfig(max_model_len=256))
+        add = eng.add_request
+
+        def add_request(rid, prompt, params, matcher=None):
+            add(rid, prompt, params, matcher)
+            if rid == "bad":
+                seq = eng.seqs[rid]
+                seq.detokenizer = Failing(seq.detokenizer)
+
+        eng.add_request = add_request  # type: ignore[method-assign]
+        return eng
+
+    engine = AsyncEngine(build)
+    assert engine.ready.wait(60) and engine.error is None
+    try:
+
+        async def run():
+            params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+            beside = asyncio.ensure_future(collect_async_tokens(engine, "good", [1, 2, 3], params))
+            with pytest.raises(UnicodeDecodeError):
+                await collect_async_tokens(engine, "bad", [1, 2, 4], params)
+            return await beside
+
+        assert len(asyncio.run(run())) == 30 and engine.alive
+        assert engine.stats.num_used_kv_blocks == 0 or engine.engine.blocks.num_used_blocks == 0
+    finally:
+        engine.stop()

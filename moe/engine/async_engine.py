@@ -299,7 +299,7 @@ class AsyncEngine:
             return
         self.steps += 1
         self.step_seconds += time.perf_counter() - start
-        self._emit([(out.request_id, out) for out in outputs])
+        self._emit([(out.request_id, out) for out in outputs] + list(engine.take_failures()))
 
     def _emit(self, items: list[tuple[str, Item]]) -> None:
         """One put per sink per step."""

@@ -187,6 +187,7 @@ class LLMEngine:
         self._grammar_tokenizer: GrammarTokenizer | None = None
         self._grammar_lock = threading.Lock()
         self._pending: Pending | None = None  # the last step's samples, on the device
+        self.failed: list[tuple[str, BaseException]] = []  # requests a step failed alone
 
     @classmethod
     def from_pretrained(
@@ -337,18 +338,30 @@ class LLMEngine:
                 seq.pending -= 1
                 if seq.finished:  # stopped (or aborted) since: its last sample is dropped
                     continue
-            if seq.params.max_tokens == 0:  # the prompt's logprobs only: nothing to generate
-                seq.finish("length")
+            try:
+                if seq.params.max_tokens == 0:  # the prompt's logprobs only: nothing to generate
+                    seq.finish("length")
+                else:
+                    row_logits = logits[row] if logits is not None else None
+                    seq.append_token(token, row_logits, self.eos_token_ids, self.max_model_len)
+                    self.runner.name_full_blocks(seq)  # a block the sample completed, now known
+                output = seq.take_output()
+            except Exception as e:  # this request's own (its grammar, its detokenizing): it alone fails
+                log.exception("request %s failed while processing its token", seq.request_id)
+                seq.finish("abort")
+                self.failed.append((seq.request_id, e))
             else:
-                seq.append_token(
-                    token, logits[row] if logits is not None else None, self.eos_token_ids, self.max_model_len
-                )
-                self.runner.name_full_blocks(seq)  # a block the sample completed, now known
+                outputs.append(output)
             if seq.finished:
                 self.scheduler.finish(seq)  # its KV blocks go back to the pool
                 self.seqs.pop(seq.request_id, None)
-            outputs.append(seq.take_output())
         return outputs
+
+    def take_failures(self) -> list[tuple[str, BaseException]]:
+        """Requests that failed in the steps since the last call, with their errors (the
+        others went on)."""
+        failed, self.failed = self.failed, []
+        return failed
 
     # ---- convenience for scripts and tests ----
 
