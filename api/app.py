@@ -36,7 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.access_log import AccessLog, current
-from api.context import ServingContext
+from api.context import ServingContext, text_size
 from api.errors import APIError, EngineUnavailable
 from api.protocol import (
     ChatCompletionRequest,
@@ -383,8 +383,7 @@ def build_api(ctx: ServingContext, behind_serve_proxy: bool = False) -> FastAPI:
         # off the event loop: a large input takes seconds, and other streams go on meanwhile
         if req.messages is not None:
             messages = template_messages(req.messages)
-            size = sum(len(str(m.get("content") or "")) for m in messages)
-            tokens = await ctx.off_loop(size, ctx.tokenizer.apply_chat_template, messages)
+            tokens = await ctx.off_loop(text_size(req.messages), ctx.tokenizer.apply_chat_template, messages)
         elif req.prompt is not None:
             prompt, special = req.prompt, req.add_special_tokens
             tokens = await ctx.off_loop(

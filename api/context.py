@@ -16,7 +16,7 @@ from api import access_log
 from api.engine_client import EngineClient
 from api.errors import APIError, EngineUnavailable
 from api.metrics import ServingMetrics
-from api.protocol import ChatCompletionRequest, UsageInfo
+from api.protocol import ChatMessage, UsageInfo
 from cluster.config import RaymixSettings
 from moe.checkpoint.quantization import QuantizationConfig
 from moe.checkpoint.reader import checkpoint_revision
@@ -27,9 +27,9 @@ T = TypeVar("T")
 LARGE_INPUT_BYTES = 256 * 1024  # a request body past this is tokenized one at a time
 
 
-def request_size(req: ChatCompletionRequest) -> int:
-    """Characters of a chat request's messages (what its template and tokenizer go through)."""
-    return sum(len(m.text()) for m in req.messages)
+def text_size(messages: list[ChatMessage]) -> int:
+    """Characters of a conversation's messages (what its template and tokenizer go through)."""
+    return sum(len(m.text()) for m in messages)
 
 
 @dataclass

@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, Response
 
 from api.access_log import request_id
 from api.chat_plan import ChatPlan, Parsed, plan_chat
-from api.context import ServingContext, request_size
+from api.context import ServingContext, text_size
 from api.protocol import (
     ChatChoice,
     ChatChunkChoice,
@@ -47,9 +47,8 @@ class ServingChat:
     async def create(self, req: ChatCompletionRequest) -> Response:
         ctx = self.ctx
         model = ctx.model_name(req.model)
-        plan = await ctx.off_loop(
-            request_size(req), plan_chat, req, ctx.tokenizer
-        )  # template, schema: off the loop
+        # template, schema: off the loop
+        plan = await ctx.off_loop(text_size(req.messages), plan_chat, req, ctx.tokenizer)
         prompt = plan.prompt
         max_tokens = await ctx.max_tokens(req.requested_max_tokens(), len(prompt))
         rid = f"chatcmpl-{request_id()}"  # X-Request-Id when the client sent one

@@ -28,7 +28,7 @@ from fastapi.responses import JSONResponse, Response
 
 from api.access_log import request_id
 from api.chat_plan import ChatPlan, Parsed, plan_chat
-from api.context import ServingContext, request_size
+from api.context import ServingContext, text_size
 from api.protocol import (
     ResponseFunctionCallItem,
     ResponseMessageItem,
@@ -57,9 +57,8 @@ class ServingResponses:
         ctx = self.ctx
         model = ctx.model_name(req.model)
         chat = req.to_chat()
-        plan = await ctx.off_loop(
-            request_size(chat), plan_chat, chat, ctx.tokenizer
-        )  # template, schema: off the loop
+        # template, schema: off the loop
+        plan = await ctx.off_loop(text_size(chat.messages), plan_chat, chat, ctx.tokenizer)
         prompt = plan.prompt
         max_tokens = await ctx.max_tokens(chat.requested_max_tokens(), len(prompt))
         rid = f"resp_{request_id()}"  # X-Request-Id when the client sent one

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 from cluster.messages import EXPERT_SHARD, PlacementSnapshot, RebalanceResult, ResizeResult
 from deployments.shard_pool import CALL_TIMEOUT_S, LOAD_TIMEOUT_S, ShardPool
@@ -32,14 +32,13 @@ from moe.expert_parallel.placement import Placement, partition_experts
 from moe.expert_parallel.remote import RemoteExperts, ShardLink
 
 log = logging.getLogger("ray.serve")
-T = TypeVar("T")
 
 
-async def bounded(aw: Awaitable[T], timeout_s: float, what: str) -> T:
-    """aw, or a TimeoutError naming what did not finish: no wait in a placement change is
-    unbounded (the change's lock is released, and the next one can run)."""
+async def bounded(timeout_s: float, what: str, *aws: Awaitable[Any]) -> list[Any]:
+    """The awaitables' results, gathered, or a TimeoutError naming what did not finish: no wait
+    in a placement change is unbounded (the change's lock is released, and the next can run)."""
     try:
-        return await asyncio.wait_for(aw, timeout_s)
+        return await asyncio.wait_for(asyncio.gather(*aws), timeout_s)
     except TimeoutError:
         raise TimeoutError(f"placement change: {what} did not finish within {timeout_s:g} s") from None
 
@@ -110,7 +109,7 @@ class PlacementController:
         async with self._changing:
             load = experts.load.recent_expert_load()
             loads = [f.recent_expert_load.remote() for f in self.followers]
-            for other in await bounded(asyncio.gather(*loads), CALL_TIMEOUT_S, "a router's expert load"):
+            for other in await bounded(CALL_TIMEOUT_S, "a router's expert load", *loads):
                 load = [a + b for a, b in zip(load, other, strict=True)]  # every router's tokens
             plan = plan_replicas(load, self.primaries, n)
             num_shards = len(self.pool)
@@ -142,20 +141,17 @@ class PlacementController:
             await self.connect(num_shards, extra_apps, shard_deployment)
             # every other router connects the new shards too, before any expert moves
             await bounded(
-                asyncio.gather(
-                    *[f.connect.remote(num_shards, extra_apps, shard_deployment) for f in self.followers]
-                ),
                 LOAD_TIMEOUT_S,
                 "the other routers connecting the shards",
+                *[f.connect.remote(num_shards, extra_apps, shard_deployment) for f in self.followers],
             )
             self.primaries = partition_experts(self.num_experts, num_shards)
             await self._move(Placement.from_groups(self.primaries).expert_shards, num_shards)
             await bounded(
-                asyncio.gather(
-                    self.disconnect(num_shards), *[f.disconnect.remote(num_shards) for f in self.followers]
-                ),
                 LOAD_TIMEOUT_S,
                 "disconnecting the shards left out",
+                self.disconnect(num_shards),
+                *[f.disconnect.remote(num_shards) for f in self.followers],
             )
             log.info("expert shards resized %d -> %d: groups %s", old, num_shards, self.primaries)
             return ResizeResult(expert_shards=num_shards, expert_groups=self.primaries)
@@ -207,45 +203,39 @@ class PlacementController:
         # replaced shard meanwhile gives it those, not the ones before
         old = self.placement
         await bounded(
-            asyncio.gather(
-                *[
-                    f.follow.remote(old.expert_shards, old.num_shards, self.held, self.primaries)
-                    for f in self.followers
-                ]
-            ),
             CALL_TIMEOUT_S,
             "the other routers taking the grown holdings",
+            *[
+                f.follow.remote(old.expert_shards, old.num_shards, self.held, self.primaries)
+                for f in self.followers
+            ],
         )
         await bounded(
-            asyncio.gather(*[handles[k].set_experts.remote(self.held[k]) for k in grow]),
             LOAD_TIMEOUT_S,
             "shards loading their new experts",
+            *[handles[k].set_experts.remote(self.held[k]) for k in grow],
         )
         self.placement = new
         # the engine switches between two steps: no step routes some layers one way and some the
         # other, and no layer batch of the old routing is in flight once this returns
         await bounded(
-            asyncio.gather(
-                self._switch(new),
-                *[f.follow.remote(plan, num_shards, self.held, self.primaries) for f in self.followers],
-            ),
             LOAD_TIMEOUT_S,
             "every router switching to the new placement",
+            self._switch(new),
+            *[f.follow.remote(plan, num_shards, self.held, self.primaries) for f in self.followers],
         )
         shrink = [k for k in range(len(handles)) if set(self.held[k]) - set(want[k])]
         for k in shrink:
             self.held[k] = want[k]
         await bounded(
-            asyncio.gather(*[handles[k].set_experts.remote(want[k]) for k in shrink]),
             LOAD_TIMEOUT_S,
             "shards dropping the experts they no longer hold",
+            *[handles[k].set_experts.remote(want[k]) for k in shrink],
         )
         await bounded(
-            asyncio.gather(
-                *[f.follow.remote(plan, num_shards, self.held, self.primaries) for f in self.followers]
-            ),
             CALL_TIMEOUT_S,
             "the other routers taking the shrunk holdings",
+            *[f.follow.remote(plan, num_shards, self.held, self.primaries) for f in self.followers],
         )
 
     async def follow(

@@ -268,16 +268,15 @@ class LLMEngine:
         """The vocabulary for guided decoding, built on the first request that needs it (once,
         whichever thread asks first)."""
         with self._grammar_lock:
-            return self._grammar_vocabulary()
-
-    def _grammar_vocabulary(self) -> GrammarTokenizer:
-        if self._grammar_tokenizer is None:
-            if self.model_dir is None:
-                raise RequestError(
-                    "guided decoding needs the engine's model directory", param="response_format"
+            if self._grammar_tokenizer is None:
+                if self.model_dir is None:
+                    raise RequestError(
+                        "guided decoding needs the engine's model directory", param="response_format"
+                    )
+                self._grammar_tokenizer = GrammarTokenizer(
+                    self.model_dir, self.vocab_size, self.eos_token_ids[0]
                 )
-            self._grammar_tokenizer = GrammarTokenizer(self.model_dir, self.vocab_size, self.eos_token_ids[0])
-        return self._grammar_tokenizer
+            return self._grammar_tokenizer
 
     def has_unfinished(self) -> bool:
         pending = self._pending  # samples of sequences not yet finished still to process
@@ -311,15 +310,13 @@ class LLMEngine:
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return outputs + self._process_pending()
-        pending = self._pending
-        logits, seqs = self.runner.execute(scheduled, pending)  # [S, V], the S sequences that sample
+        logits, seqs = self.runner.execute(scheduled, self._pending)  # [S, V], the S sequences that sample
         if not run_ahead:
             return outputs + self._postprocess(seqs, self.sampler(logits, seqs), logits)
         ids = self.sampler.sample_ids(logits, seqs)  # [S], on the device
         for seq in seqs:
             seq.pending += 1
-        self._pending = None
-        outputs += self._postprocess(pending.seqs, pending.token_list(), None) if pending else []
+        outputs += self._process_pending()  # the last step's, while this one computes
         self._pending = Pending.launch(seqs, ids) if seqs else None
         return outputs
 

@@ -42,13 +42,14 @@ class Pending:
     @classmethod
     def launch(cls, seqs: list[Sequence], tokens: torch.Tensor) -> Pending:
         """Queue the copy of tokens to the host behind the step's work; nothing waits for it."""
+        rows = {s.request_id: i for i, s in enumerate(seqs)}
         if tokens.device.type != "cuda":
-            return cls(seqs, tokens, {s.request_id: i for i, s in enumerate(seqs)}, tokens, None)
+            return cls(seqs, tokens, rows, tokens, None)
         host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
         host.copy_(tokens, non_blocking=True)
         ready = torch.cuda.Event()
         ready.record()
-        return cls(seqs, tokens, {s.request_id: i for i, s in enumerate(seqs)}, host, ready)
+        return cls(seqs, tokens, rows, host, ready)
 
     def token_list(self) -> list[int]:
         """The samples on the host: waits for this step's work only, not for later steps'."""
@@ -132,10 +133,10 @@ class ModelRunner:
     def _input_ids(self, group: Scheduled, pending: Pending | None) -> torch.Tensor:
         """A micro-batch's input ids [T_m] on the device: the tokens known on the host, and
         each pending sample gathered from the last step's sampled ids (no host sync)."""
+        for seq, _ in group:
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = time.monotonic()
         if pending is not None and all(n == 1 and s.pending for s, n in group):  # decodes, all pending
-            for seq, _ in group:
-                if seq.first_scheduled_time is None:
-                    seq.first_scheduled_time = time.monotonic()
             src = torch.tensor([pending.rows[s.request_id] for s, _ in group])
             return pending.tokens.index_select(0, src.to(self.device, non_blocking=True))  # [T]
         input_ids: list[int] = []
@@ -148,8 +149,6 @@ class ModelRunner:
                 at.append(len(input_ids))
                 rows.append(pending.rows[seq.request_id])
                 input_ids.append(0)
-            if seq.first_scheduled_time is None:
-                seq.first_scheduled_time = time.monotonic()
         ids = torch.tensor(input_ids, dtype=torch.long).to(self.device, non_blocking=True)  # [T]
         if at:
             assert pending is not None

@@ -10,7 +10,7 @@ import torch
 
 from moe.engine.sequence import Sequence
 from moe.guided import apply_bitmask
-from moe.sampling import draw, draw_ids, filter_probs, process_logits
+from moe.sampling import draw_ids, filter_probs, process_logits
 
 ALTERNATIVES = 8  # near the budget: allowed tokens tried, most likely first, before the closing path
 
@@ -47,13 +47,7 @@ class Sampler:
                 tokens[i] = t
         rand = [i for i, s in enumerate(seqs) if not s.params.greedy]
         if rand:
-            temps = torch.tensor([seqs[i].params.temperature for i in rand], device=logits.device)
-            probs = torch.softmax(logits[rand] / temps[:, None], dim=-1)  # [R, V]
-            for r, i in enumerate(rand):
-                p = seqs[i].params
-                if p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0:
-                    probs[r] = filter_probs(probs[r], p)
-            for i, t in zip(rand, draw(probs, [seqs[i].generator for i in rand]), strict=True):
+            for i, t in zip(rand, self._draw(logits, seqs, rand).tolist(), strict=True):
                 tokens[i] = t
         for i in guided:  # structured output must close within max_tokens (moe.guided)
             matcher = seqs[i].matcher
@@ -75,17 +69,22 @@ class Sampler:
         ids = logits.argmax(dim=-1)  # [S]: the greedy rows' choice
         rand = [i for i, s in enumerate(seqs) if not s.params.greedy]
         if rand:
-            temps = torch.tensor([seqs[i].params.temperature for i in rand]).to(
-                logits.device, non_blocking=True
+            ids.index_copy_(
+                0, torch.tensor(rand).to(logits.device, non_blocking=True), self._draw(logits, seqs, rand)
             )
-            probs = torch.softmax(logits[rand] / temps[:, None], dim=-1)  # [R, V]
-            for r, i in enumerate(rand):
-                p = seqs[i].params
-                if p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0:
-                    probs[r] = filter_probs(probs[r], p)
-            rows = torch.tensor(rand).to(logits.device, non_blocking=True)
-            ids.index_copy_(0, rows, draw_ids(probs, [seqs[i].generator for i in rand]))
         return ids
+
+    @staticmethod
+    def _draw(logits: torch.Tensor, seqs: list[Sequence], rand: list[int]) -> torch.Tensor:
+        """The random rows' tokens [R], on the device: temperature, softmax, each row's filters
+        where asked, one inverse-CDF draw (a row with a seed from its own generator)."""
+        temps = torch.tensor([seqs[i].params.temperature for i in rand]).to(logits.device, non_blocking=True)
+        probs = torch.softmax(logits[rand] / temps[:, None], dim=-1)  # [R, V]
+        for r, i in enumerate(rand):
+            p = seqs[i].params
+            if p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0:
+                probs[r] = filter_probs(probs[r], p)
+        return draw_ids(probs, [seqs[i].generator for i in rand])
 
     def _apply_grammars(self, logits: torch.Tensor, seqs: list[Sequence], rows: list[int]) -> torch.Tensor:
         """Mask the tokens each guided row's grammar forbids (after the other processing, so a

@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -145,16 +146,13 @@ class DenseDecode:
 
 def padded_rows(rows: list[list[int]], lengths: list[int], width: int) -> torch.Tensor:
     """The first lengths[i] entries of each row, as an int32 [n, width] tensor zero-padded on the
-    right: one flat tensor and one scatter, not a tensor per row."""
-    flat = torch.tensor(
-        list(itertools.chain.from_iterable(r[:k] for r, k in zip(rows, lengths, strict=True)))
+    right: one flat list written through one mask (numpy: microseconds where small torch ops
+    cost ten each; the tensor shares its memory)."""
+    out = np.zeros((len(rows), width), dtype=np.int32)
+    out[np.arange(width) < np.asarray(lengths)[:, None]] = list(
+        itertools.chain.from_iterable(r[:k] for r, k in zip(rows, lengths, strict=True))
     )
-    counts = torch.tensor(lengths)
-    row = torch.repeat_interleave(torch.arange(len(rows)), counts)  # [total]
-    col = torch.arange(len(flat)) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)  # [total]
-    out = torch.zeros(len(rows), width, dtype=torch.int32)
-    out[row, col] = flat.to(torch.int32)
-    return out
+    return torch.from_numpy(out)
 
 
 def decode_slots(tables: list[list[int]], context_lens: list[int], block_size: int) -> list[int]:

@@ -21,7 +21,6 @@ the cache: the same mask, for checking it, slow.
 from __future__ import annotations
 
 import inspect
-import itertools
 import logging
 from collections.abc import Callable
 
@@ -30,6 +29,7 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from moe.engine.kv_cache import KVCache
+from moe.layers.attention import padded_rows
 
 log = logging.getLogger(__name__)
 
@@ -134,10 +134,7 @@ class FlexDecode:
         pages = (lens + bs - 1) // bs  # [n] blocks each table uses
         width = int(pages.max())
         col = np.arange(width, dtype=np.int32)  # [width]
-        table = np.zeros((n, width), dtype=np.int32)  # [n, width], rows zero-padded on the right
-        table[col < pages[:, None]] = list(
-            itertools.chain.from_iterable(t[:k] for t, k in zip(tables, pages.tolist(), strict=True))
-        )
+        table = padded_rows(tables, pages.tolist(), width).numpy()  # [n, width]
         first = np.zeros_like(pages)  # [n] the first page the window reaches
         if self.sliding_window is not None:
             first = np.maximum(lens - self.sliding_window, 0) // bs
