@@ -1,7 +1,7 @@
 """ShardPool: the router's expert shards as processes: their handles and their data-plane links.
 
 It opens the rendezvous store (a FileStore when every shard shares the router's node, so
-nothing listens on the network; a TCPStore across nodes), has each shard join a pair group of
+nothing listens on the network; a TCPStore on this node's interface only across nodes), has each shard join a pair group of
 its own with the router, and joins again when a shard's replica was replaced, retrying while
 Serve restarts it. Each pair group uses the router's transport (NCCL between GPUs) except where
 the shard shares the router's GPU (a cluster with fewer GPUs than processes): NCCL refuses two
@@ -14,7 +14,6 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-import socket
 import tempfile
 import threading
 import time
@@ -78,8 +77,10 @@ class ShardPool:
         if self.same_node:  # nothing listens on the network: a FileStore in a fresh directory
             self.url = f"file://{os.path.join(tempfile.mkdtemp(prefix='raymix-store-'), 'store')}"
         else:
-            self.url = f"tcp://{self.host}:{_free_port()}"
+            self.url = f"tcp://{self.host}:0"  # listening on this node's interface only
         self.store = open_store(self.url, is_master=True, timeout=self.timeout)
+        if not self.same_node:
+            self.url = f"tcp://{self.host}:{self.store.port}"
         links = [self.rejoin(k) for k in range(len(self.handles))]  # retried: shards may still be starting
         log.info(
             "data plane up: %d shards, %s via %s",
@@ -152,8 +153,3 @@ def link_transport(
     same_device = bool(router_gpu[1]) and router_gpu == shard_gpu
     return "gloo" if preferred == "nccl" and same_device else preferred
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("", 0))
-        return sock.getsockname()[1]

@@ -205,3 +205,25 @@ def test_an_idle_router_keeps_its_links_and_a_silent_one_is_taken_for_gone(tiny_
         for p in shards.procs:
             if p.is_alive():
                 p.kill()
+
+
+def test_the_rendezvous_store_listens_on_the_routers_interface_only():
+    """Across nodes the router's TCPStore is the one listening socket of the rendezvous: it is
+    bound to the interface it names (torch's own server would bind every interface, `::`), on a
+    free port read back from the store, and a shard's client reaches it there."""
+    import datetime
+
+    import psutil
+
+    from moe.expert_parallel.rendezvous import open_store
+
+    timeout = datetime.timedelta(seconds=10)
+    master = open_store("tcp://127.0.0.1:0", is_master=True, timeout=timeout)
+    port = master.port
+    listening = [
+        c.laddr.ip for c in psutil.Process().net_connections("tcp") if c.status == "LISTEN" and c.laddr.port == port
+    ]
+    assert listening == ["127.0.0.1"]
+    client = open_store(f"tcp://127.0.0.1:{port}", is_master=False, timeout=timeout)
+    master.set("shard0/addr", "here")
+    assert client.get("shard0/addr") == b"here"

@@ -2,14 +2,15 @@
 
 Each router-shard pair shares a two-rank torch.distributed process group of its own (gloo on
 CPU, NCCL on GPU), rendezvoused through a store the router opens (a FileStore when every shard
-shares the router's node, so nothing listens on the network; a TCPStore across nodes), under a
-key prefix of its own. One pair group per shard (rather than one world) keeps shards
+shares the router's node, so nothing listens on the network; a TCPStore across nodes, listening
+on the router's own interface only), under a key prefix of its own. One pair group per shard (rather than one world) keeps shards
 independent: a restarted shard reconnects under a new prefix without touching the others.
 """
 
 from __future__ import annotations
 
 import datetime
+import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,10 +46,25 @@ class Rendezvous:
 
 
 def open_store(url: str, is_master: bool, timeout: datetime.timedelta) -> dist.Store:
+    """The store at `url`. The master of a "tcp://host:port" store listens on `host` only (port 0:
+    any free one, read back from the store's `.port`), not on every interface as TCPStore's own
+    server would: the socket is bound here and handed over."""
     if url.startswith("file://"):
         return dist.FileStore(url.removeprefix("file://"), -1)
     host, port = url.removeprefix("tcp://").rsplit(":", 1)
-    return dist.TCPStore(host, int(port), is_master=is_master, wait_for_workers=False, timeout=timeout)
+    host = host.strip("[]")
+    if not is_master:
+        return dist.TCPStore(host, int(port), is_master=False, timeout=timeout)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.create_server((host, int(port)), family=family)
+    return dist.TCPStore(
+        host,
+        sock.getsockname()[1],
+        is_master=True,
+        wait_for_workers=False,
+        timeout=timeout,
+        master_listen_fd=sock.detach(),  # the store owns the bound socket from here
+    )
 
 
 def pair_group(
