@@ -152,4 +152,3 @@ def link_transport(
     on the same GPU (same node, same device ids), which NCCL refuses: gloo there."""
     same_device = bool(router_gpu[1]) and router_gpu == shard_gpu
     return "gloo" if preferred == "nccl" and same_device else preferred
-

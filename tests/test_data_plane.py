@@ -221,7 +221,9 @@ def test_the_rendezvous_store_listens_on_the_routers_interface_only():
     master = open_store("tcp://127.0.0.1:0", is_master=True, timeout=timeout)
     port = master.port
     listening = [
-        c.laddr.ip for c in psutil.Process().net_connections("tcp") if c.status == "LISTEN" and c.laddr.port == port
+        c.laddr.ip
+        for c in psutil.Process().net_connections("tcp")
+        if c.status == "LISTEN" and c.laddr.port == port
     ]
     assert listening == ["127.0.0.1"]
     client = open_store(f"tcp://127.0.0.1:{port}", is_master=False, timeout=timeout)
