@@ -82,8 +82,7 @@ def run_raymix(hf_tok, vocab: int, tokens: int, rng, budget: int | None = None) 
         t = time.perf_counter()
         m.fill_bitmask(mask)
         tok = int(rng.choice(allowed_tokens(mask.numpy(), vocab)))
-        if m.near_budget:
-            tok = m.fit_budget(tok, [])
+        tok = m.fit_budget(tok, list)
         m.advance(tok)
         steps.append(time.perf_counter() - t)
         if m.done:

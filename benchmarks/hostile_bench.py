@@ -6,6 +6,8 @@ streamed chat request (64 tokens) alone and beside it, in one run: its wall time
 and the stream's longest pause between chunks; and the hostile request's own status and time.
   - schema: a JSON schema whose shortest answer is 3000 tokens, n=8, max_tokens 3100
   - schema250: the same at 250 tokens (max_tokens 300), about the longest now taken
+  - n8: the control, an ordinary request as large (n=8, 300 tokens, no format): what a batch
+    that size costs the stream on this machine, hostile or not
   - prompts: /v1/completions with 200,000 prompts and n=16
   - big: four 3.5 MB prompts to /tokenize while the stream runs
 The targets (issue 32): the normal request within 3x (or +2 s) of its time alone, and its
@@ -56,6 +58,8 @@ def hostile(kind: str, url: str) -> list[tuple[str, dict[str, Any]]]:
         fmt = {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}
         body = {**NORMAL, "response_format": fmt, "n": 8, "max_tokens": budget}
         return [("/v1/chat/completions", body)]
+    if kind == "n8":  # not hostile: the control, a plain request as large as schema250's
+        return [("/v1/chat/completions", {**NORMAL, "n": 8, "max_tokens": 300, "ignore_eos": True})]
     if kind == "prompts":
         return [("/v1/completions", {"prompt": ["a"] * 200_000, "n": 16, "max_tokens": 1})]
     if kind == "big":

@@ -210,6 +210,15 @@ class AsyncEngine:
         self._thread.join(timeout)
         self._compiler.shutdown(wait=False, cancel_futures=True)
 
+    @staticmethod
+    def _build_grammar_vocabulary(engine: LLMEngine) -> None:
+        """On a compiler thread at start: the first structured-output request would otherwise
+        build it, its ~1.5 s of CPU pausing the streams beside it (benchmarks/hostile_bench.py)."""
+        try:
+            engine.grammar_tokenizer()
+        except Exception as e:  # a request needing it gets the error then
+            log.info("no grammar vocabulary for structured output: %s", e)
+
     # ---- the engine thread ----
 
     def _run(self) -> None:
@@ -222,6 +231,10 @@ class AsyncEngine:
             return
         self.stats = engine.stats()
         self.ready.set()
+        if (
+            engine.model_dir is not None
+        ):  # the grammar vocabulary (~1.5 s), built before a request waits on it
+            self._compiler.submit(self._build_grammar_vocabulary, engine)
         while True:
             cmds = self._drain(block=not engine.has_unfinished())
             for i, cmd in enumerate(cmds):

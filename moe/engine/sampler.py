@@ -6,6 +6,8 @@ grammar masks of moe.guided, applied only to the rows that need them.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from moe.engine.sequence import Sequence
@@ -13,6 +15,12 @@ from moe.guided import apply_bitmask
 from moe.sampling import draw_ids, filter_probs, process_logits
 
 ALTERNATIVES = 8  # near the budget: allowed tokens tried, most likely first, before the closing path
+
+
+def _alternatives(row: torch.Tensor) -> list[int]:
+    """The most likely allowed tokens of a masked logits row [V], most likely first."""
+    top = torch.topk(row, min(ALTERNATIVES, row.shape[0]))
+    return [t for t, v in zip(top.indices.tolist(), top.values.tolist(), strict=True) if v > float("-inf")]
 
 
 class Sampler:
@@ -52,15 +60,7 @@ class Sampler:
         for i in guided:  # structured output must close within max_tokens (moe.guided)
             matcher = seqs[i].matcher
             assert matcher is not None
-            if matcher.near_budget:
-                row = logits[i]
-                top = torch.topk(row, min(ALTERNATIVES, row.shape[0]))
-                alts = [
-                    t
-                    for t, v in zip(top.indices.tolist(), top.values.tolist(), strict=True)
-                    if v > float("-inf")
-                ]
-                tokens[i] = matcher.fit_budget(tokens[i], alts)
+            tokens[i] = matcher.fit_budget(tokens[i], functools.partial(_alternatives, logits[i]))
         return tokens
 
     def sample_ids(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
