@@ -59,40 +59,72 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
 def dense_tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Name → shape of every tensor the router holds: all but the routed experts (attention, norms,
     the gates, shared experts and dense layers' MLPs, embeddings, LM head), as the family names them."""
-    h, d = cfg.hidden_size, cfg.attn_head_dim
-    q, kv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
+    h = cfg.hidden_size
     moe_block = family(cfg.model_type).moe_block
     moe_layers = set(cfg.moe_layers)
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, h)}
     for layer in range(cfg.num_hidden_layers):
         p = f"model.layers.{layer}."
-        shapes |= {
-            p + "input_layernorm.weight": (h,),
-            p + "post_attention_layernorm.weight": (h,),
-            p + "self_attn.q_proj.weight": (q, h),
-            p + "self_attn.k_proj.weight": (kv, h),
-            p + "self_attn.v_proj.weight": (kv, h),
-            p + "self_attn.o_proj.weight": (h, q),
-        }
-        if cfg.qkv_bias:
-            shapes |= {p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,)}
-            shapes[p + "self_attn.v_proj.bias"] = (kv,)
-        if cfg.o_bias:
-            shapes[p + "self_attn.o_proj.bias"] = (h,)
-        if cfg.qk_norm is not None:
-            per_head = cfg.qk_norm == "head"
-            shapes[p + "self_attn.q_norm.weight"] = (d,) if per_head else (q,)
-            shapes[p + "self_attn.k_norm.weight"] = (d,) if per_head else (kv,)
+        shapes |= {p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,)}
+        shapes |= mla_shapes(cfg, p + "self_attn.") if cfg.is_mla else attention_shapes(cfg, p + "self_attn.")
         if layer in moe_layers:
             shapes[p + moe_block + ".gate.weight"] = (cfg.num_local_experts, h)
+            if cfg.topk_method == "noaux_tc":
+                shapes[p + moe_block + ".gate.e_score_correction_bias"] = (cfg.num_local_experts,)
             if cfg.shared_expert_intermediate_size:
-                shapes |= mlp_shapes(p + "mlp.shared_expert.", h, cfg.shared_expert_intermediate_size)
-                shapes[p + "mlp.shared_expert_gate.weight"] = (1, h)
+                shared = f"{p}mlp.{family(cfg.model_type).shared_expert}."
+                shapes |= mlp_shapes(shared, h, cfg.shared_expert_intermediate_size)
+                if cfg.shared_expert_gate:
+                    shapes[p + "mlp.shared_expert_gate.weight"] = (1, h)
         else:
             shapes |= mlp_shapes(p + "mlp.", h, cfg.intermediate_size)
     shapes["model.norm.weight"] = (h,)
     if not cfg.tie_word_embeddings:
         shapes["lm_head.weight"] = (cfg.vocab_size, h)
+    return shapes
+
+
+def attention_shapes(cfg: ModelConfig, a: str) -> dict[str, tuple[int, ...]]:
+    """GQA attention's weights under `a` (q/k/v/o projections, biases and q/k norms as the family has them)."""
+    h, d = cfg.hidden_size, cfg.attn_head_dim
+    q, kv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
+    shapes: dict[str, tuple[int, ...]] = {
+        a + "q_proj.weight": (q, h),
+        a + "k_proj.weight": (kv, h),
+        a + "v_proj.weight": (kv, h),
+        a + "o_proj.weight": (h, q),
+    }
+    if cfg.qkv_bias:
+        shapes |= {a + "q_proj.bias": (q,), a + "k_proj.bias": (kv,), a + "v_proj.bias": (kv,)}
+    if cfg.o_bias:
+        shapes[a + "o_proj.bias"] = (h,)
+    if cfg.qk_norm is not None:
+        per_head = cfg.qk_norm == "head"
+        shapes[a + "q_norm.weight"] = (d,) if per_head else (q,)
+        shapes[a + "k_norm.weight"] = (d,) if per_head else (kv,)
+    return shapes
+
+
+def mla_shapes(cfg: ModelConfig, a: str) -> dict[str, tuple[int, ...]]:
+    """Multi-head latent attention's weights under `a` (moe.layers.mla), as DeepSeek names them."""
+    h, nh, r, rq = cfg.hidden_size, cfg.num_attention_heads, cfg.kv_lora_rank, cfg.q_lora_rank
+    qk, dr = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.qk_rope_head_dim
+    shapes: dict[str, tuple[int, ...]] = {
+        a + "kv_a_proj_with_mqa.weight": (r + dr, h),
+        a + "kv_a_layernorm.weight": (r,),
+        a + "kv_b_proj.weight": (nh * (cfg.qk_nope_head_dim + cfg.v_head_dim), r),
+        a + "o_proj.weight": (h, nh * cfg.v_head_dim),
+    }
+    if rq:
+        shapes |= {a + "q_a_proj.weight": (rq, h), a + "q_a_layernorm.weight": (rq,), a + "q_b_proj.weight": (nh * qk, rq)}
+    else:
+        shapes[a + "q_proj.weight"] = (nh * qk, h)
+    if cfg.qkv_bias:
+        shapes[a + "kv_a_proj_with_mqa.bias"] = (r + dr,)
+        if rq:
+            shapes[a + "q_a_proj.bias"] = (rq,)
+    if cfg.o_bias:
+        shapes[a + "o_proj.bias"] = (h,)
     return shapes
 
 
@@ -137,7 +169,8 @@ def linear_modules(cfg: ModelConfig) -> set[str]:
     """The router's linear layers (attention projections, MLPs, gates, LM head): their weights may
     be stored FP8. An expert's projections are linear layers too (`expert_shapes`)."""
     shapes = dense_tensor_shapes(cfg)
-    names = {n.removesuffix(".weight") for n in shapes if n.endswith(("_proj.weight", "gate.weight"))}
+    linear = ("_proj.weight", "gate.weight", "_proj_with_mqa.weight")
+    names = {n.removesuffix(".weight") for n in shapes if n.endswith(linear)}
     return names | ({"lm_head"} if not cfg.tie_word_embeddings else set())
 
 

@@ -1,4 +1,4 @@
-"""Tiny checkpoints of the families beyond Mixtral (Qwen3-MoE, Qwen2-MoE, OLMoE), made by
+"""Tiny checkpoints of the families beyond Mixtral (Qwen3-MoE, Qwen2-MoE, OLMoE, DeepSeek-V3/V2), made by
 transformers itself, with a byte-level BPE tokenizer trained here: for tests and demos, nothing
 downloaded.
 
@@ -56,6 +56,74 @@ SIZES: dict[str, dict[str, Any]] = {
         num_experts=8,
         num_experts_per_tok=2,
         norm_topk_prob=False,
+    ),
+    # DeepSeek-V3: MLA with a q down-projection, interleaved rotary pairs, YaRN whose cos/sin
+    # scale is not 1 (mscale != mscale_all_dim), sigmoid routing with a correction bias within 2 of
+    # 4 groups, a shared expert, a dense first layer
+    "deepseek_v3": dict(
+        hidden_size=64,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        q_lora_rank=32,
+        kv_lora_rank=16,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        n_routed_experts=16,
+        num_experts_per_tok=4,
+        n_group=4,
+        topk_group=2,
+        n_shared_experts=1,
+        routed_scaling_factor=2.5,
+        norm_topk_prob=True,
+        first_k_dense_replace=1,
+        max_position_embeddings=4096,  # YaRN's factor 4 over 1024
+        rope_interleave=True,
+        rope_parameters=dict(
+            rope_type="yarn",
+            rope_theta=10000.0,
+            factor=4.0,
+            original_max_position_embeddings=1024,
+            beta_fast=32,
+            beta_slow=1,
+            mscale=1.0,
+            mscale_all_dim=0.8,
+        ),
+    ),
+    # DeepSeek-V2(-Lite): MLA without a q down-projection, softmax routing within 2 of 4 groups
+    "deepseek_v2": dict(
+        hidden_size=64,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        q_lora_rank=None,
+        kv_lora_rank=16,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        n_routed_experts=16,
+        num_experts_per_tok=4,
+        n_group=4,
+        topk_group=2,
+        topk_method="group_limited_greedy",
+        n_shared_experts=2,
+        routed_scaling_factor=2.0,
+        norm_topk_prob=False,
+        first_k_dense_replace=1,
+        max_position_embeddings=4096,
+        rope_parameters=dict(
+            rope_type="yarn",
+            rope_theta=10000.0,
+            factor=4.0,
+            original_max_position_embeddings=1024,
+            mscale=0.707,
+            mscale_all_dim=0.707,
+        ),
     ),
     "olmoe": dict(
         hidden_size=64,
@@ -115,9 +183,15 @@ def train_tokenizer(vocab_size: int = 1024):
 
 
 def config_class(model_type: str):
-    from transformers import OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig
+    from transformers import DeepseekV2Config, DeepseekV3Config, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
-    return {"qwen3_moe": Qwen3MoeConfig, "qwen2_moe": Qwen2MoeConfig, "olmoe": OlmoeConfig}[model_type]
+    return {
+        "qwen3_moe": Qwen3MoeConfig,
+        "qwen2_moe": Qwen2MoeConfig,
+        "olmoe": OlmoeConfig,
+        "deepseek_v3": DeepseekV3Config,
+        "deepseek_v2": DeepseekV2Config,
+    }[model_type]
 
 
 def fill_weights(model: torch.nn.Module, seed: int) -> None:
@@ -137,6 +211,9 @@ def fill_weights(model: torch.nn.Module, seed: int) -> None:
                 if name.startswith("lm_head"):
                     t *= 3.0
             p.copy_(t)
+        for name, b in sorted(model.named_buffers()):
+            if name.endswith("e_score_correction_bias"):  # DeepSeek-V3's: zeros as initialised
+                b.copy_(0.3 * torch.randn(b.shape, generator=g))
 
 
 def make_tiny_family(out_dir: str | Path, model_type: str, seed: int = 0, **overrides: Any) -> Path:
@@ -154,8 +231,8 @@ def make_tiny_family(out_dir: str | Path, model_type: str, seed: int = 0, **over
     fields = dict(SIZES[model_type]) | overrides
     fields |= dict(
         vocab_size=len(tokenizer),
-        max_position_embeddings=4096,
-        rope_theta=1e6,
+        max_position_embeddings=fields.get("max_position_embeddings", 4096),
+        **({} if "rope_parameters" in fields else {"rope_theta": 1e6}),
         bos_token_id=ids["<|endoftext|>"],
         eos_token_id=ids["<|im_end|>"],
         pad_token_id=ids["<|endoftext|>"],

@@ -40,7 +40,10 @@ def activation_bytes(cfg: ModelConfig, max_tokens: int, max_seqs: int, dtype: to
     elem = torch.tensor([], dtype=dtype).element_size()
     h, k = cfg.hidden_size, cfg.num_experts_per_tok
     mlp = 3 * max(k * cfg.expert_intermediate_size if cfg.is_moe else 0, cfg.intermediate_size)
-    qkv = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.attn_head_dim
+    if cfg.is_mla:  # q, the latent, the absorbed q (per head r + dr) and the latent output
+        qkv = cfg.num_attention_heads * (2 * cfg.kv_lora_rank + cfg.qk_rope_head_dim + cfg.qk_nope_head_dim)
+    else:
+        qkv = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.attn_head_dim
     per_token = 4 * h * 4 + elem * (qkv + 3 * h + mlp)
     return 2 * (max_tokens * per_token + max_seqs * cfg.vocab_size * 4 * 3)
 
@@ -87,6 +90,10 @@ def kv_cache_budget(
 
 
 class KVCache:
+    """K and V per layer, [L, slots, heads, width] each; for multi-head latent attention one
+    latent per token ([L, slots, 1, kv_lora_rank + qk_rope_head_dim]) whose first kv_lora_rank
+    values are also the values: `v` is a view of `k` (moe.layers.mla)."""
+
     def __init__(
         self,
         cfg: ModelConfig,
@@ -96,16 +103,25 @@ class KVCache:
         device: str | torch.device,
     ):
         self.scratch_slot = num_blocks * block_size  # written by padding, read by nothing real
-        shape = (cfg.num_hidden_layers, self.scratch_slot + 1, cfg.num_key_value_heads, cfg.attn_head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, slots, Hkv, D]
-        self.v = torch.zeros(shape, dtype=dtype, device=device)  # [L, slots, Hkv, D]
+        heads, k_dim, v_dim = cfg.kv_cache_dims
+        shape = (cfg.num_hidden_layers, self.scratch_slot + 1, heads, k_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, slots, Hkv, Dk]
+        if cfg.is_mla:
+            self.v = self.k[..., :v_dim]  # [L, slots, 1, r]: the latent, a view
+        else:
+            self.v = torch.zeros(shape[:-1] + (v_dim,), dtype=dtype, device=device)  # [L, slots, Hkv, Dv]
         self.num_blocks = num_blocks
         self.block_size = block_size
 
     @staticmethod
-    def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    def bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
+        """A token's KV cache bytes over all layers."""
         elem = torch.tensor([], dtype=dtype).element_size()
-        return 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.attn_head_dim * elem
+        return cfg.num_hidden_layers * cfg.kv_values_per_token * elem
+
+    @staticmethod
+    def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+        return block_size * KVCache.bytes_per_token(cfg, dtype)
 
 
 def hash_block(parent: bytes, tokens: list[int]) -> bytes:

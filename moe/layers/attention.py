@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from moe.config import Yarn
 from moe.engine.kv_cache import KVCache
 
 
@@ -164,17 +165,26 @@ def decode_slots(tables: list[list[int]], context_lens: list[int], block_size: i
 
 
 class RotaryEmbedding:
-    """Mixtral's RoPE (rotate-half form), computed in float32 exactly as transformers does."""
+    """RoPE in the rotate-half form over `dim` values, computed in float32 exactly as transformers
+    does; with YaRN (DeepSeek), its frequencies and the scale it puts on cos and sin."""
 
-    def __init__(self, head_dim: int, theta: float, device: torch.device | str):
-        exponent = (
-            torch.arange(0, head_dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / head_dim
-        )
+    def __init__(self, dim: int, theta: float, device: torch.device | str, yarn: Yarn | None = None):
+        exponent = torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / dim
         self.inv_freq = 1.0 / (theta**exponent)  # [D/2]
+        self.scale = 1.0  # what cos and sin are multiplied by
+        if yarn is not None:
+            low, high = yarn.correction_range(dim, theta)
+            ramp = ((torch.arange(dim // 2, dtype=torch.float32, device=device) - low) / (high - low)).clamp(0, 1)
+            pos_freqs = theta**exponent  # [D/2]
+            extrapolate = 1 - ramp  # 1 for the fast frequencies (kept), 0 for the slow (divided by factor)
+            self.inv_freq = (1 / (yarn.factor * pos_freqs)) * (1 - extrapolate) + (1 / pos_freqs) * extrapolate
+            self.scale = yarn.cos_sin_scale
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions[:, None].float() * self.inv_freq[None, :]  # [T, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]
+        if self.scale != 1.0:
+            return (emb.cos() * self.scale).to(dtype), (emb.sin() * self.scale).to(dtype)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 

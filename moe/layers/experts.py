@@ -1,7 +1,11 @@
 """The experts: routing and SwiGLU experts held in one place.
 
-Routing is softmax over all experts (float32), top-k, and, where the family does it (Mixtral,
-Qwen3-MoE: `norm_topk_prob`), the k weights renormalised to sum to 1.
+Routing (`Routing`, from the config) is softmax over all experts (float32), top-k, and, where the
+family does it (Mixtral, Qwen3-MoE: `norm_topk_prob`), the k weights renormalised to sum to 1;
+DeepSeek-V2's picks within the best groups of experts (`group_limited_greedy`), and DeepSeek-V3's
+scores each expert by a sigmoid, adds a correction bias for the choice only, and picks within
+the groups whose two best experts score highest (`noaux_tc`); both scale the weights by
+`routed_scaling_factor`.
 A set of experts held in one place (one shard) is `LocalExperts`: per MoE layer, the stacked weights
 of the experts it holds and an `expert_map` (global expert id → local index, -1 where the expert
 lives elsewhere, as vLLM's expert parallelism does it). Which shard holds which expert, and how
@@ -9,6 +13,8 @@ a batch is split between shards and added back, is moe.expert_parallel.placement
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +35,68 @@ def select_experts(
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights, ids
+
+
+@dataclass(frozen=True)
+class Routing:
+    """How a layer's gate logits choose each token's experts and weigh them."""
+
+    top_k: int
+    renormalize: bool = True
+    scoring: str = "softmax"  # or "sigmoid"
+    method: str = "greedy"  # or "group_limited_greedy", "noaux_tc"
+    n_group: int = 1
+    topk_group: int = 1
+    scale: float = 1.0  # routed_scaling_factor
+
+    @classmethod
+    def of(cls, cfg: ModelConfig) -> Routing:
+        return cls(
+            cfg.num_experts_per_tok,
+            cfg.norm_topk_prob,
+            cfg.scoring_func,
+            cfg.topk_method,
+            cfg.n_group,
+            cfg.topk_group,
+            cfg.routed_scaling_factor,
+        )
+
+    def select(
+        self, router_logits: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """router_logits [T, E] (bias [E]: noaux_tc's correction) → (weights [T, K] float32,
+        expert ids [T, K] int64)."""
+        if self.method == "greedy" and self.scoring == "softmax":
+            weights, ids = select_experts(router_logits, self.top_k, self.renormalize)
+        else:
+            logits = router_logits.float()
+            scores = torch.sigmoid(logits) if self.scoring == "sigmoid" else torch.softmax(logits, dim=-1)
+            if self.method == "greedy":
+                weights, ids = torch.topk(scores, self.top_k, dim=-1)
+            else:
+                weights, ids = self._grouped(scores, bias)
+            if self.renormalize:
+                weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return (weights * self.scale if self.scale != 1.0 else weights), ids
+
+    def _grouped(self, scores: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k within the topk_group best of n_group groups: a group scored by its best expert
+        (group_limited_greedy) or by its two best after the bias (noaux_tc: the bias chooses,
+        the unbiased scores weigh)."""
+        t, e = scores.shape
+        choice = scores if bias is None else scores + bias.float()  # [T, E]
+        grouped = choice.view(t, self.n_group, e // self.n_group)  # [T, G, E/G]
+        if self.method == "noaux_tc":
+            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # [T, G]
+        else:
+            group_scores = grouped.amax(dim=-1)  # [T, G]
+        best = group_scores.topk(self.topk_group, dim=-1).indices  # [T, topk_group]
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)  # [T, G]
+        keep = keep[:, :, None].expand_as(grouped).reshape(t, e)  # [T, E]
+        if self.method == "noaux_tc":
+            ids = choice.masked_fill(~keep, float("-inf")).topk(self.top_k, dim=-1).indices  # [T, K]
+            return scores.gather(1, ids), ids
+        return scores.masked_fill(~keep, 0.0).topk(self.top_k, dim=-1)
 
 
 def grouped_gemm_misaligned(cfg: ModelConfig, dtype: torch.dtype, fp8: bool = False) -> str | None:

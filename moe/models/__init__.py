@@ -10,12 +10,20 @@ from __future__ import annotations
 from typing import Any
 
 from moe.errors import CheckpointError
-from moe.models import mistral, mixtral, olmoe, qwen2_moe, qwen3_moe
+from moe.models import deepseek_v2, deepseek_v3, mistral, mixtral, olmoe, qwen2_moe, qwen3_moe
 from moe.models.family import Family
 
 FAMILIES: dict[str, Family] = {
     f.model_type: f
-    for f in (mixtral.FAMILY, mistral.FAMILY, qwen3_moe.FAMILY, qwen2_moe.FAMILY, olmoe.FAMILY)
+    for f in (
+        mixtral.FAMILY,
+        mistral.FAMILY,
+        qwen3_moe.FAMILY,
+        qwen2_moe.FAMILY,
+        olmoe.FAMILY,
+        deepseek_v3.FAMILY,
+        deepseek_v2.FAMILY,
+    )
 }
 
 

@@ -21,3 +21,4 @@ class Family:
     moe_block: str = "mlp"  # a layer's gate and experts: model.layers.{l}.{moe_block}.gate / .experts.{e}
     # an expert's (gate, up, down) projections: the names its checkpoints use, the first as written
     expert_names: tuple[tuple[str, str, str], ...] = (GATE_UP_DOWN,)
+    shared_expert: str = "shared_expert"  # a layer's shared expert: model.layers.{l}.mlp.{shared_expert}

@@ -19,6 +19,7 @@ float32 one at least as long as transformers' own bf16 does (tests/test_referenc
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import cast
 
@@ -33,29 +34,18 @@ from moe.engine.kv_cache import KVCache
 from moe.expert_parallel.backend import ExpertBackend
 from moe.layers import weights
 from moe.layers.attention import AttentionMetadata, DecodeMetadata, RotaryEmbedding, apply_rotary
-from moe.layers.experts import select_experts
+from moe.layers.experts import Routing
 from moe.layers.flex_decode import FlexDecodeMetadata
 from moe.layers.fp8 import Fp8Tensor, w8a8_supported
+from moe.layers.mla import MLAttention
+from moe.layers.norm import RMSNorm
 from moe.layers.weights import Linear
 from moe.models import family
 
+log = logging.getLogger(__name__)
 Metadata = AttentionMetadata | DecodeMetadata | FlexDecodeMetadata  # a step's attention inputs
+PROJ = ("_proj", "_proj_with_mqa")  # the router's projections: held FP8 where stored so
 FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
-
-
-class RMSNorm(nn.Module):
-    """Normalised in float32 (as transformers does); the output is in the weights' dtype, whatever
-    the input's (the residual stream is float32, the layers compute in the model's dtype)."""
-
-    def __init__(self, hidden: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(self.weight.dtype)
 
 
 class Attention(nn.Module):
@@ -124,19 +114,25 @@ class MoE(nn.Module):
         super().__init__()
         self.moe_index = moe_index
         self.gate = nn.Linear(cfg.hidden_size, cfg.num_local_experts, bias=False)
-        self.top_k, self.renormalize = cfg.num_experts_per_tok, cfg.norm_topk_prob
+        self.routing = Routing.of(cfg)
+        # DeepSeek-V3's correction of each expert's score, for the choice only (noaux_tc)
+        biased = cfg.topk_method == "noaux_tc"
+        self.e_score_correction_bias = nn.Parameter(torch.zeros(cfg.num_local_experts)) if biased else None
         shared = cfg.shared_expert_intermediate_size
         self.shared_expert = MLP(cfg.hidden_size, shared) if shared else None
-        self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False) if shared else None
+        gated = shared and cfg.shared_expert_gate
+        self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False) if gated else None
 
     def submit(self, residual: torch.Tensor, x: torch.Tensor, experts: ExpertBackend) -> PendingMLP:
         """x [T, H] (normalised) → the layer's pending output: gate, top-k experts per token, the
         experts wherever they live; the shared expert computed here while they run."""
-        weights, ids = select_experts(self.gate(x), self.top_k, self.renormalize)  # [T, K], [T, K]
+        weights, ids = self.routing.select(self.gate(x), self.e_score_correction_bias)  # [T, K], [T, K]
         handle = experts.submit(self.moe_index, x, ids, weights)
         shared = None
-        if self.shared_expert is not None and self.shared_expert_gate is not None:
-            shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)  # [T, H]
+        if self.shared_expert is not None:
+            shared = self.shared_expert(x)  # [T, H]
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
         return PendingMLP(residual, handle, shared)
 
 
@@ -157,7 +153,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn: Attention | MLAttention = MLAttention(cfg) if cfg.is_mla else Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         moe = cfg.moe_layers
         self.mlp: MLP | MoE = (
@@ -196,7 +192,8 @@ class DenseModel(nn.Module):
         shapes = dense_tensor_shapes(cfg)
         linears = linear_modules(cfg)
         matrices = {m: (shapes[m + ".weight"][0], shapes[m + ".weight"][1]) for m in linears}
-        projections = {m: shape for m, shape in matrices.items() if m.endswith("_proj")}
+        # MLA's kv_b_proj is absorbed (moe.layers.mla): read in `dtype`, never a GEMM's weight
+        projections = {m: shape for m, shape in matrices.items() if m.endswith(PROJ) and "kv_b_proj" not in m}
         rest = {m: shape for m, shape in matrices.items() if m not in projections}
         held = reader.load_linears(projections, dtype, device, quant, quantize=True)
         for m, w in reader.load_linears(rest, dtype, device, quant).items():
@@ -206,6 +203,8 @@ class DenseModel(nn.Module):
         for fused, parts in FUSED.items():  # one GEMM's weight (and bias) from the checkpoint's parts
             for m in [m for m in list(held) if m.endswith("." + parts[0])]:
                 base = m.removesuffix(parts[0])
+                if not all(base + p in held for p in parts):  # MLA's q_proj: no k_proj or v_proj
+                    continue
                 held[base + fused] = weights.cat_rows([held.pop(base + p) for p in parts])
                 if base + parts[0] + ".bias" in loaded:
                     loaded[base + fused + ".bias"] = torch.cat(
@@ -215,7 +214,7 @@ class DenseModel(nn.Module):
         state = {rename(n): t for n, t in loaded.items()}
         w8a8 = w8a8_supported(torch.device(device), dtype)
         for m, w in held.items():
-            w = weights.prepare(w, gemm)
+            w = weights.prepare(w, gemm) if "kv_b_proj" not in m else w
             if isinstance(w, torch.Tensor):
                 state[rename(m) + ".weight"] = w
             else:  # FP8 or packed: its module becomes a moe.layers.weights.Linear holding it
@@ -225,7 +224,13 @@ class DenseModel(nn.Module):
         if cfg.tie_word_embeddings:
             state["lm_head.weight"] = state["embed_tokens.weight"]
         model.load_state_dict(state, assign=True, strict=True)
-        model.rotary = RotaryEmbedding(cfg.attn_head_dim, cfg.rope_theta, device)
+        model.rotary = RotaryEmbedding(cfg.rope_dim, cfg.rope_theta, device, cfg.yarn)
+        if cfg.num_nextn_predict_layers:
+            log.info(
+                "not reading the checkpoint's %d multi-token-prediction layer(s) (num_nextn_predict_layers): "
+                "decoding does not use them",
+                cfg.num_nextn_predict_layers,
+            )
         return model.eval()
 
     @property
@@ -275,9 +280,11 @@ class DenseModel(nn.Module):
 
 def _state_name(cfg: ModelConfig):
     """A checkpoint's tensor or module name → DenseModel's (the family's MoE block is `mlp`)."""
-    block = family(cfg.model_type).moe_block
+    f = family(cfg.model_type)
 
     def rename(name: str) -> str:
-        return name.removeprefix("model.").replace(f".{block}.", ".mlp.")
+        name = name.removeprefix("model.").replace(f".{f.moe_block}.", ".mlp.")
+        name = name.replace(f".mlp.{f.shared_expert}.", ".mlp.shared_expert.")
+        return name.replace(".gate.e_score_correction_bias", ".e_score_correction_bias")
 
     return rename
