@@ -57,7 +57,9 @@ class Yarn:
         if self.attention_factor is not None:
             return self.attention_factor
         if self.mscale and self.mscale_all_dim:
-            return self.get_mscale(self.factor, self.mscale) / self.get_mscale(self.factor, self.mscale_all_dim)
+            return self.get_mscale(self.factor, self.mscale) / self.get_mscale(
+                self.factor, self.mscale_all_dim
+            )
         return self.get_mscale(self.factor)
 
     def correction_range(self, dim: int, base: float) -> tuple[float, float]:
@@ -134,7 +136,9 @@ class ModelConfig:
                 f"topk_method {self.topk_method!r} is not supported (greedy, group_limited_greedy, noaux_tc)"
             )
         if self.topk_method != "greedy" and (
-            self.n_group < 1 or self.num_local_experts % self.n_group or not 1 <= self.topk_group <= self.n_group
+            self.n_group < 1
+            or self.num_local_experts % self.n_group
+            or not 1 <= self.topk_group <= self.n_group
         ):
             raise CheckpointError(
                 f"n_group {self.n_group} and topk_group {self.topk_group} do not split "
@@ -281,6 +285,10 @@ def yarn_of(raw: dict[str, Any]) -> Yarn | None:
     if not isinstance(rope, dict) or rope.get("rope_type", rope.get("type")) != "yarn":
         return None
     original = rope.get("original_max_position_embeddings") or raw.get("max_position_embeddings")
+    if original is None:
+        raise CheckpointError(
+            "YaRN rope scaling without original_max_position_embeddings or max_position_embeddings"
+        )
     factor = rope.get("factor") or raw["max_position_embeddings"] / original
     return Yarn(
         factor=float(factor),

@@ -64,7 +64,13 @@ def mistral_window_dir(tmp_path_factory):
     return make_tiny(d, seed=3, num_files=2, model_type="mistral", sliding_window=6, **OTHER_SIZES)
 
 
-FAMILIES = ["qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3", "deepseek_v2"]  # made by transformers (moe.checkpoint.tiny_families)
+FAMILIES = [
+    "qwen3_moe",
+    "qwen2_moe",
+    "olmoe",
+    "deepseek_v3",
+    "deepseek_v2",
+]  # made by transformers (moe.checkpoint.tiny_families)
 
 
 @pytest.fixture(scope="session")

@@ -116,7 +116,11 @@ def mla_shapes(cfg: ModelConfig, a: str) -> dict[str, tuple[int, ...]]:
         a + "o_proj.weight": (h, nh * cfg.v_head_dim),
     }
     if rq:
-        shapes |= {a + "q_a_proj.weight": (rq, h), a + "q_a_layernorm.weight": (rq,), a + "q_b_proj.weight": (nh * qk, rq)}
+        shapes |= {
+            a + "q_a_proj.weight": (rq, h),
+            a + "q_a_layernorm.weight": (rq,),
+            a + "q_b_proj.weight": (nh * qk, rq),
+        }
     else:
         shapes[a + "q_proj.weight"] = (nh * qk, h)
     if cfg.qkv_bias:

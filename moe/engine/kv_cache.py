@@ -109,7 +109,7 @@ class KVCache:
         if cfg.is_mla:
             self.v = self.k[..., :v_dim]  # [L, slots, 1, r]: the latent, a view
         else:
-            self.v = torch.zeros(shape[:-1] + (v_dim,), dtype=dtype, device=device)  # [L, slots, Hkv, Dv]
+            self.v = torch.zeros((*shape[:-1], v_dim), dtype=dtype, device=device)  # [L, slots, Hkv, Dv]
         self.num_blocks = num_blocks
         self.block_size = block_size
 

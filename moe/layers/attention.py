@@ -174,10 +174,14 @@ class RotaryEmbedding:
         self.scale = 1.0  # what cos and sin are multiplied by
         if yarn is not None:
             low, high = yarn.correction_range(dim, theta)
-            ramp = ((torch.arange(dim // 2, dtype=torch.float32, device=device) - low) / (high - low)).clamp(0, 1)
+            ramp = ((torch.arange(dim // 2, dtype=torch.float32, device=device) - low) / (high - low)).clamp(
+                0, 1
+            )
             pos_freqs = theta**exponent  # [D/2]
             extrapolate = 1 - ramp  # 1 for the fast frequencies (kept), 0 for the slow (divided by factor)
-            self.inv_freq = (1 / (yarn.factor * pos_freqs)) * (1 - extrapolate) + (1 / pos_freqs) * extrapolate
+            self.inv_freq = (1 / (yarn.factor * pos_freqs)) * (1 - extrapolate) + (
+                1 / pos_freqs
+            ) * extrapolate
             self.scale = yarn.cos_sin_scale
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
