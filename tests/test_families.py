@@ -21,6 +21,7 @@ from moe.errors import CheckpointError
 from moe.expert_parallel.placement import partition_experts
 from moe.layers.experts import LocalExperts
 from moe.layers.fp8 import Fp8Tensor
+from moe.layers.weights import Linear
 from moe.sampling import SamplingParams
 from tests.conftest import hf_model
 from tests.test_reference import ARRIVALS, GREEDY, PROMPTS, hf_greedy
@@ -117,10 +118,13 @@ def test_generation_stops_on_either_eos_id(family_dirs):
         assert seq.finish_reason == "stop" and seq.output_token_ids == [*free.output_token_ids[:2], stop]
 
 
-def test_block_fp8_qwen3_moe_equals_transformers_on_its_dequantized_weights(family_dirs, tmp_path):
-    """Qwen3's published FP8 checkpoints: AutoFP8's block variant (128x128 `weight_scale_inv`;
-    64x64 here, the tiny model's sizes), gates and LM head unquantized."""
-    q = write_fp8(family_dirs("qwen3_moe"), tmp_path / "fp8", "fp8", "block", "dynamic", block=(32, 32))
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "deepseek_v3"])
+def test_block_fp8_equals_transformers_on_its_dequantized_weights(family_dirs, tmp_path, model_type):
+    """Qwen3's and DeepSeek-V3/R1's published FP8 checkpoints: AutoFP8's block variant (128x128
+    `weight_scale_inv`; 32x32 here, the tiny models' sizes, so that some blocks are partial as
+    DeepSeek-V3's kv_a_proj_with_mqa's 576 rows are), gates and LM head unquantized; MLA's
+    kv_b_proj read dequantized (absorbed), the other projections held as FP8."""
+    q = write_fp8(family_dirs(model_type), tmp_path / "fp8", "fp8", "block", "dynamic", block=(32, 32))
     ref = write_dequantized(q, tmp_path / "ref")
     raw = json.loads((q / "config.json").read_text())
     assert raw["quantization_config"]["weight_block_size"] == [32, 32]
@@ -128,6 +132,8 @@ def test_block_fp8_qwen3_moe_equals_transformers_on_its_dequantized_weights(fami
     for shards in (1, 2):
         eng = engine(q, num_shards=shards)
         assert isinstance(eng.experts.shards[0].gate_up[0], Fp8Tensor)  # held as FP8
+        attn = eng.model.layers[0].self_attn
+        assert isinstance(attn.o_proj, Linear) and isinstance(attn.o_proj.held, Fp8Tensor)
         prompts = prompts_of(eng)[:4]
         for prompt, seq in zip(
             prompts, eng.generate(prompts, GREEDY, arrival_steps=[0, 0, 1, 2]), strict=True
