@@ -70,11 +70,41 @@ QWEN3_235B_A22B = ModelConfig(  # Qwen/Qwen3-235B-A22B's config.json
     qk_norm="head",
     max_position_embeddings=40960,
 )
+DEEPSEEK_V3 = ModelConfig(  # deepseek-ai/DeepSeek-V3's config.json (R1 and V3.1 have its shape)
+    model_type="deepseek_v3",
+    vocab_size=129280,
+    hidden_size=7168,
+    intermediate_size=18432,
+    moe_intermediate_size=2048,
+    num_hidden_layers=61,
+    num_attention_heads=128,
+    num_key_value_heads=128,
+    num_local_experts=256,
+    num_experts_per_tok=8,
+    norm_topk_prob=True,
+    shared_expert_intermediate_size=2048,
+    shared_expert_gate=False,
+    mlp_only_layers=(0, 1, 2),
+    scoring_func="sigmoid",
+    topk_method="noaux_tc",
+    n_group=8,
+    topk_group=4,
+    routed_scaling_factor=2.5,
+    kv_lora_rank=512,
+    q_lora_rank=1536,
+    qk_nope_head_dim=128,
+    qk_rope_head_dim=64,
+    v_head_dim=128,
+    rope_interleave=True,
+    rope_theta=10000.0,
+    max_position_embeddings=163840,
+)
 NAMED = {
     "mixtral-8x7b": MIXTRAL_8X7B,
     "mixtral-8x22b": MIXTRAL_8X22B,
     "qwen3-30b-a3b": QWEN3_30B_A3B,
     "qwen3-235b-a22b": QWEN3_235B_A22B,
+    "deepseek-v3": DEEPSEEK_V3,
 }
 LINKS = {  # effective one-way bandwidth (bytes/s) and per-message latency (s)
     "nvlink": (300e9, 8e-6),
@@ -98,7 +128,7 @@ class Plan:
 
 
 def capacity_plan(cfg: ModelConfig, num_shards: int, dtype_bytes: int = 2, fp8: bool = False) -> Plan:
-    h, L, d = cfg.hidden_size, cfg.num_hidden_layers, cfg.attn_head_dim
+    h, L = cfg.hidden_size, cfg.num_hidden_layers
     i, moe_layers = cfg.expert_intermediate_size, cfg.num_moe_layers
     weight_bytes = 1 if fp8 else dtype_bytes
     scale_bytes = 4 if fp8 else 0  # per output row
@@ -108,18 +138,20 @@ def capacity_plan(cfg: ModelConfig, num_shards: int, dtype_bytes: int = 2, fp8: 
 
     per_expert, expert_bytes = (n * moe_layers for n in mlp(i))  # one expert id across all MoE layers
     groups = partition_experts(cfg.num_local_experts, num_shards) if cfg.is_moe and num_shards else []
-    q, kv_dim = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
-    attn = h * q * 2 + h * kv_dim * 2
-    gates = moe_layers * (cfg.num_local_experts * h + (h if cfg.shared_expert_intermediate_size else 0))
-    other = gates + L * 2 * h + cfg.vocab_size * h * (1 if cfg.tie_word_embeddings else 2) + h
+    attn, rows, attn_norms = attention_params(cfg)
+    gate_width = cfg.num_local_experts * (h + (1 if cfg.topk_method == "noaux_tc" else 0))
+    gates = moe_layers * (
+        gate_width + (h if cfg.shared_expert_intermediate_size and cfg.shared_expert_gate else 0)
+    )
+    other = gates + L * (2 * h + attn_norms) + cfg.vocab_size * h * (1 if cfg.tie_word_embeddings else 2) + h
     dense = L * attn + other
-    dense_bytes = L * (attn * weight_bytes + (2 * q + 2 * kv_dim) * scale_bytes) + other * dtype_bytes
+    dense_bytes = L * (attn * weight_bytes + rows * scale_bytes) + other * dtype_bytes
     local = [cfg.intermediate_size] * (L - moe_layers)  # dense layers' MLPs, on the router
     local += [cfg.shared_expert_intermediate_size] * moe_layers if cfg.shared_expert_intermediate_size else []
     for inter in local:
         n, b = mlp(inter)
         dense, dense_bytes = dense + n, dense_bytes + b
-    kv = 2 * L * cfg.num_key_value_heads * d * dtype_bytes
+    kv = L * cfg.kv_values_per_token * dtype_bytes
     # a token goes to at most top_k shards, and its result comes back: 2 directions
     dispatch = 2 * cfg.num_experts_per_tok * h * dtype_bytes if groups else 0
     return Plan(
@@ -132,6 +164,23 @@ def capacity_plan(cfg: ModelConfig, num_shards: int, dtype_bytes: int = 2, fp8: 
         expert_bytes,
         dense_bytes,
     )
+
+
+def attention_params(cfg: ModelConfig) -> tuple[int, int, int]:
+    """A layer's attention: (projection parameters, their output rows, norm parameters). GQA: q,
+    k, v, o; MLA: the q down- and up-projections (or one q), the KV down-projection to the latent
+    and rotary key, the KV up-projection (absorbed), o, and the two latent norms."""
+    h, nh = cfg.hidden_size, cfg.num_attention_heads
+    if not cfg.is_mla:
+        d = cfg.attn_head_dim
+        q, kv = nh * d, cfg.num_key_value_heads * d
+        norms = (2 * d if cfg.qk_norm == "head" else q + kv) if cfg.qk_norm else 0
+        return 2 * h * q + 2 * h * kv, 2 * q + 2 * kv, norms
+    r, rq, dr = cfg.kv_lora_rank, cfg.q_lora_rank, cfg.qk_rope_head_dim
+    q_out, kv_b_out = nh * (cfg.qk_nope_head_dim + dr), nh * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+    q_params, q_rows = (h * rq + rq * q_out, rq + q_out) if rq else (h * q_out, q_out)
+    params = q_params + h * (r + dr) + r * kv_b_out + nh * cfg.v_head_dim * h
+    return params, q_rows + (r + dr) + kv_b_out + h, r + (rq or 0)
 
 
 def decode_step_seconds(

@@ -210,6 +210,15 @@ def cmd_plan(ns: argparse.Namespace) -> int:
     print(
         f"  Router: {part} {p.dense_bytes / gb:.2f} GB + KV cache {p.kv_bytes_per_token / 1e3:.1f} KB per token"
     )
+    if cfg.is_mla:
+        heads, dk, dv = cfg.num_attention_heads, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim
+        expanded = cfg.num_hidden_layers * heads * (dk + dv) * ns.dtype_bytes
+        print(
+            f"  KV cache: MLA's latent, {cfg.kv_values_per_token} values per token and layer "
+            f"(kv_lora_rank {cfg.kv_lora_rank} + qk_rope_head_dim {cfg.qk_rope_head_dim}), where "
+            f"per-head K and V would take {heads} x ({dk} + {dv}): {expanded / 1e6:.2f} MB per token, "
+            f"{expanded / p.kv_bytes_per_token:.0f}x more"
+        )
     if cfg.is_moe:
         print(
             f"  data plane: {p.dispatch_bytes_per_token_layer / 1e3:.1f} KB per token per MoE layer (out and back)"
@@ -318,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--model",
         default=None,
-        help="checkpoint dir, or mixtral-8x7b, mixtral-8x22b, qwen3-30b-a3b, qwen3-235b-a22b (default: the tiny model)",
+        help="checkpoint dir, or mixtral-8x7b, mixtral-8x22b, qwen3-30b-a3b, qwen3-235b-a22b, deepseek-v3 (default: the tiny model)",
     )
     p.add_argument("--expert-shards", type=int, default=8)
     p.add_argument("--gpu-memory-gb", type=float, default=80.0)

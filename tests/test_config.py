@@ -188,6 +188,24 @@ def test_plan_splits_gpus_into_routers_and_shards(capsys):
     assert f"<- best: --routers {best.routers} --expert-shards {best.shards}" in out and "1:7" in out
 
 
+def test_plan_for_deepseek_v3_counts_its_671b_parameters_and_its_latent_kv_cache(capsys):
+    """DeepSeek-V3's published shape: 671B parameters (the MTP layer aside), 37B active (the
+    dense part and 8 routed experts a token), and a KV cache of 576 values per token and layer
+    (61 x 576 x 2 bytes = 70.3 KB), 71x less than per-head K and V; in FP8, shards that fit 80 GB."""
+    from cluster.capacity import DEEPSEEK_V3, capacity_plan, gpus_needed
+    from launch.cli import main
+
+    p = capacity_plan(DEEPSEEK_V3, 16, dtype_bytes=2, fp8=True)
+    total = p.dense_params + 256 * p.params_per_expert
+    active = p.dense_params + 8 * p.params_per_expert
+    assert abs(total / 671e9 - 1) < 0.01 and abs(active / 37e9 - 1) < 0.03, (total, active)
+    assert p.kv_bytes_per_token == 61 * 576 * 2
+    assert 9 <= gpus_needed(DEEPSEEK_V3, 80e9, fp8=True) <= 17
+    assert main(["plan", "--model", "deepseek-v3", "--quantization", "fp8", "--expert-shards", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "576 values per token and layer" in out and "71x more" in out
+
+
 def test_keys_come_from_files_and_the_environment_and_never_from_a_printed_line(tmp_path, monkeypatch):
     """--api-key-file (a mounted Secret, one key per line) adds to the keys; RAYMIX_API_KEY
     gives them too; the settings' repr and the printed curl example never hold a key; the
