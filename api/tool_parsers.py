@@ -3,6 +3,8 @@
 
     mistral   [TOOL_CALLS] [{"name": .., "arguments": {..}}, ...]        Mixtral 8x22B, Mistral v0.3
     hermes    <tool_call>\n{"name": .., "arguments": {..}}\n</tool_call>  Qwen2.5/Qwen3, Hermes
+    deepseek_v3  <｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME
+              ```json\n{..}\n```<｜tool▁call▁end｜>...<｜tool▁calls▁end｜>    DeepSeek-V3, R1
 
 Each says how a call starts (so `tool_choice: none` can forbid it), the grammar a forced call
 is decoded under (moe.guided: the names restricted to the offered functions, the arguments to
@@ -21,11 +23,11 @@ import re
 import secrets
 import string
 import uuid
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from api.protocol import FunctionCall, ToolCall
 from api.reasoning import partial_tag
-from moe.guided import tool_calls_grammar
+from moe.guided import named_calls_grammar, tool_calls_grammar
 from moe.tokenizer import Tokenizer
 
 log = logging.getLogger("ray.serve")
@@ -97,10 +99,64 @@ class HermesCalls:
         return _calls(calls, _hermes_id)
 
 
+class DeepSeekCalls:
+    """DeepSeek-V3's (vLLM's `deepseek_v3` parser reads the same): the calls between
+    <｜tool▁calls▁begin｜> and <｜tool▁calls▁end｜>, each `<｜tool▁call▁begin｜>function<｜tool▁sep｜>`,
+    the function's name, its arguments' JSON in a ```json block, `<｜tool▁call▁end｜>`."""
+
+    name = "deepseek_v3"
+    MARKERS = (
+        "<｜tool▁calls▁begin｜>",
+        "<｜tool▁calls▁end｜>",
+        "<｜tool▁call▁begin｜>",
+        "<｜tool▁call▁end｜>",
+        "<｜tool▁sep｜>",
+    )
+    OPEN = MARKERS[0]
+    CALL = re.compile(
+        r"<｜tool▁call▁begin｜>(.*?)<｜tool▁sep｜>(.*?)\n```json\n(.*?)\n```<｜tool▁call▁end｜>", re.DOTALL
+    )
+
+    def __init__(self, ids: list[int]):
+        self.start_token = ids[0]
+        self.ids = ids  # calls begin, calls end, call begin, call end, separator
+
+    def grammar(self, tools: list[dict[str, Any]], parallel: bool, prefix: str) -> str:
+        _, end, call_begin, call_end, sep = self.ids
+
+        def call(name: str) -> tuple[str, str]:
+            return (
+                f'<[{call_begin}]> "function" <[{sep}]> {json.dumps(name)} "\\n```json\\n"',
+                f'"\\n```" <[{call_end}]>',
+            )
+
+        return named_calls_grammar(
+            tools, parallel, prefix, call, f"<[{self.start_token}]>", f"<[{end}]>", "\\n"
+        )
+
+    def starts(self, text: str, token_ids: list[int]) -> int | None:
+        at = text.find(self.OPEN)
+        return at if at >= 0 else None
+
+    def parse(self, text: str) -> list[ToolCall] | None:
+        calls = []
+        for kind, name, arguments in self.CALL.findall(text):
+            try:
+                calls.append({"name": name.strip(), "arguments": json.loads(arguments)})
+            except json.JSONDecodeError:
+                return None
+            if kind.strip() != "function":
+                return None
+        return _calls(calls, _hermes_id)
+
+
 def detect(tokenizer: Tokenizer) -> ToolCallFormat | None:
     """The model's tool-call format, from its vocabulary; None if it has none."""
     if (token := tokenizer.tool_calls_token_id) is not None:
         return MistralCalls(token)
+    deepseek = [tokenizer.token_id(m) for m in DeepSeekCalls.MARKERS]
+    if all(t is not None for t in deepseek):
+        return DeepSeekCalls(cast(list[int], deepseek))
     start, end = tokenizer.token_id(HermesCalls.OPEN), tokenizer.token_id(HermesCalls.CLOSE)
     if start is not None and end is not None:
         return HermesCalls(start, end)
@@ -130,8 +186,8 @@ class CallStream:
             self.sent = max(self.sent, self.call_at)
             return out
         end = len(self.text)
-        if isinstance(self.fmt, HermesCalls):
-            end -= partial_tag(self.text, HermesCalls.OPEN)  # a tag may be on its way
+        if isinstance(self.fmt, HermesCalls | DeepSeekCalls):
+            end -= partial_tag(self.text, self.fmt.OPEN)  # a tag may be on its way
             end = self.sent + len(self.text[self.sent : end].rstrip())
         out, self.sent = self.text[self.sent : end], max(self.sent, end)
         return out

@@ -199,6 +199,30 @@ def tool_calls_grammar(
     return _lark(f"start: {prefix} call{more}\ncall: {head} {json.dumps(one)}{tail}\n", "tools")
 
 
+def named_calls_grammar(
+    tools: list[dict[str, Any]],
+    parallel: bool,
+    prefix: str,
+    call: Callable[[str], tuple[str, str]],
+    begin: str,
+    end: str,
+    sep: str,
+) -> str:
+    """The grammar for a forced tool call in a format that writes each call's name outside its
+    arguments' JSON (DeepSeek-V3's): `begin` (lark), 1 call (up to 4 joined by `sep` if
+    parallel), `end`; `call(name)` is the lark before and after one function's arguments, which
+    follow its parameters' schema (bounded)."""
+    rules = []
+    for i, t in enumerate(tools):
+        params = bound_schema(t["function"].get("parameters") or {"type": "object", "properties": {}})
+        head, tail = call(t["function"]["name"])
+        rules.append(f"call{i}: {head} %json {json.dumps({'x-guidance': NO_WHITESPACE, **params})} {tail}")
+    more = f' ("{sep}" call){{0,3}}' if parallel else ""
+    alternatives = " | ".join(f"call{i}" for i in range(len(tools)))
+    body = f"start: {prefix} {begin} call{more} {end}\ncall: {alternatives}\n" + "\n".join(rules) + "\n"
+    return _lark(body, "tools")
+
+
 def _rebase(params: Any, index: int, defs: dict[str, Any]) -> Any:
     """Function `index`'s parameters schema, nested under a new root: its `$defs` /
     `definitions` (what pydantic writes for enums and nested models) move to `defs` as

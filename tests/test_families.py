@@ -149,7 +149,7 @@ def test_an_unknown_family_is_refused_in_one_line(family_dirs, tmp_path):
         ModelConfig.from_pretrained(d)
     assert str(e.value) == (
         f"{d / 'config.json'}: model_type 'gpt_oss' is not supported "
-        "(supported: mistral, mixtral, olmoe, qwen2_moe, qwen3_moe)"
+        "(supported: deepseek_v2, deepseek_v3, mistral, mixtral, olmoe, qwen2_moe, qwen3_moe)"
     )
 
 

@@ -10,7 +10,9 @@ BPE (Qwen's and most new models' kind: any text, Chinese and emoji included, rou
 in milliseconds on a fixed text, deterministically, with ChatML's special tokens and the
 non-special tags of tool calls and reasoning (<tool_call>, <think>, ...), and a chat template in
 Qwen3's format (templates/chatml_tools_think.jinja). `generation_config.json` lists two eos ids
-(<|im_end|> and <|endoftext|>), as Qwen3's does.
+(<|im_end|> and <|endoftext|>), as Qwen3's does. DeepSeek's checkpoints get DeepSeek's tokens
+instead (<｜begin▁of▁sentence｜>, <｜User｜>, <｜Assistant｜>, the tool-call markers) and a
+template in DeepSeek-V3's format (templates/deepseek_v3_tools_think.jinja).
 """
 
 from __future__ import annotations
@@ -27,6 +29,23 @@ log = logging.getLogger(__name__)
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 TAGS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>"]
 TEMPLATE = Path(__file__).parent / "templates" / "chatml_tools_think.jinja"
+# DeepSeek's: full-width bars and ▁ in its special tokens; the tool-call markers and the think
+# tags are added tokens but not special (they stay in the decoded text, where parsers read them)
+DEEPSEEK_SPECIAL = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"]
+DEEPSEEK_TAGS = [
+    "<｜tool▁calls▁begin｜>",
+    "<｜tool▁calls▁end｜>",
+    "<｜tool▁call▁begin｜>",
+    "<｜tool▁call▁end｜>",
+    "<｜tool▁sep｜>",
+    "<｜tool▁outputs▁begin｜>",
+    "<｜tool▁outputs▁end｜>",
+    "<｜tool▁output▁begin｜>",
+    "<｜tool▁output▁end｜>",
+    "<think>",
+    "</think>",
+]
+DEEPSEEK_TEMPLATE = Path(__file__).parent / "templates" / "deepseek_v3_tools_think.jinja"
 
 # Each family at a tiny size with the shape of its published checkpoints where it matters:
 # Qwen3-MoE 128 experts top-8 (renormalised), head_dim apart from hidden / heads, a dense layer;
@@ -154,21 +173,37 @@ Emoji: 😀 🎉 👍 🚀 ❤️ 🤖 — and symbols: © ® ™ € £ ¥ § �
 """
 
 
-def train_tokenizer(vocab_size: int = 1024):
-    """A byte-level BPE trained on CORPUS (the same merges every time), wrapped for transformers."""
+def train_tokenizer(vocab_size: int = 1024, style: str = "chatml"):
+    """A byte-level BPE trained on CORPUS (the same merges every time), wrapped for transformers:
+    with ChatML's special tokens and Qwen3's template, or (style "deepseek") DeepSeek-V3's."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
+    deepseek = style == "deepseek"
+    special = DEEPSEEK_SPECIAL if deepseek else SPECIAL
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL,
+        special_tokens=special,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator([CORPUS] * 4, trainer)
+    if deepseek:
+        fast = PreTrainedTokenizerFast(
+            tokenizer_object=tok,
+            bos_token=special[0],
+            eos_token=special[1],
+            pad_token=special[1],
+            additional_special_tokens=special[2:],
+            clean_up_tokenization_spaces=False,
+            model_max_length=1_000_000,
+        )
+        fast.add_tokens(DEEPSEEK_TAGS)
+        fast.chat_template = DEEPSEEK_TEMPLATE.read_text()
+        return fast
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|im_end|>",
@@ -226,25 +261,30 @@ def make_tiny_family(out_dir: str | Path, model_type: str, seed: int = 0, **over
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     log.info("writing a tiny %s checkpoint (seed %d) to %s", model_type, seed, out)
-    tokenizer = train_tokenizer()
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL}
+    deepseek = model_type.startswith("deepseek")
+    tokenizer = train_tokenizer(style="deepseek" if deepseek else "chatml")
+    bos, eos, pad = (
+        [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.eos_token_id]
+        if deepseek
+        else [tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_end|>", "<|endoftext|>")]
+    )
     fields = dict(SIZES[model_type]) | overrides
     fields |= dict(
         vocab_size=len(tokenizer),
         max_position_embeddings=fields.get("max_position_embeddings", 4096),
         **({} if "rope_parameters" in fields else {"rope_theta": 1e6}),
-        bos_token_id=ids["<|endoftext|>"],
-        eos_token_id=ids["<|im_end|>"],
-        pad_token_id=ids["<|endoftext|>"],
+        bos_token_id=bos,
+        eos_token_id=eos,
+        pad_token_id=pad,
     )
     config = config_class(model_type)(**fields)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     fill_weights(model, seed)
     model.generation_config = GenerationConfig(
-        bos_token_id=ids["<|endoftext|>"],
-        eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
-        pad_token_id=ids["<|endoftext|>"],
+        bos_token_id=bos,
+        eos_token_id=eos if deepseek else [eos, bos],  # Qwen3's lists <|im_end|> and <|endoftext|>
+        pad_token_id=pad,
     )
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
