@@ -1,6 +1,6 @@
 """The families beyond Mixtral served by the cluster: a real local Ray cluster, real HTTP, the
 official openai client. One Ray cluster for the module; each family is deployed with its experts
-over shards (Qwen3-MoE over 3, OLMoE over 2) or in the router's process (Qwen2-MoE,
+over shards (Qwen3-MoE over 3, OLMoE and DeepSeek-V3 over 2) or in the router's process (Qwen2-MoE,
 --expert-shards 0), and its greedy chat, stream and completions answers (with logprobs) are
 transformers' own class's, token for token. The expert view's heatmap shows Qwen3-MoE's 128
 experts a column each, in a browser."""
@@ -38,7 +38,7 @@ def chat_prompt(tok, question: str) -> list[int]:
 
 
 @pytest.mark.parametrize(
-    ("model_type", "shards"), [("qwen2_moe", 0), ("olmoe", 2), ("qwen3_moe", 3)]
+    ("model_type", "shards"), [("qwen2_moe", 0), ("olmoe", 2), ("deepseek_v3", 2), ("qwen3_moe", 3)]
 )  # the view reuses the last
 def test_greedy_http_equals_the_familys_transformers_class(raymix, family_dirs, model_type, shards):
     d = family_dirs(model_type)
@@ -75,7 +75,8 @@ def test_greedy_http_equals_the_familys_transformers_class(raymix, family_dirs, 
     want = [ref[len(ids) - 1 + k, t].item() for k, t in enumerate(out)]
     assert all(math.isclose(g, w, abs_tol=1e-4) for g, w in zip(got, want, strict=True))
     status = httpx.get(f"{url}/experts", timeout=30).json()
-    assert status["num_experts"] == hf.config.num_experts and len(status["shards"]) == shards
+    experts = getattr(hf.config, "num_experts", None) or hf.config.n_routed_experts
+    assert status["num_experts"] == experts and len(status["shards"]) == shards
 
 
 def test_the_expert_view_shows_128_experts(raymix, family_dirs, browser):  # noqa: F811
