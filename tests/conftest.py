@@ -71,6 +71,13 @@ FAMILIES = [
     "deepseek_v3",
     "deepseek_v2",
 ]  # made by transformers (moe.checkpoint.tiny_families)
+# variants: a family at another shape (DeepSeek-V3's 256 experts top-8 in 8 groups)
+VARIANTS = {
+    "deepseek_v3_256": (
+        "deepseek_v3",
+        dict(n_routed_experts=256, num_experts_per_tok=8, n_group=8, topk_group=4),
+    )
+}
 
 
 @pytest.fixture(scope="session")
@@ -78,10 +85,11 @@ def family_dirs(tmp_path_factory):
     """A tiny checkpoint of each family beyond Mixtral, written once per session."""
     cache = {}
 
-    def get(model_type: str):
-        if model_type not in cache:
-            cache[model_type] = make_tiny_family(tmp_path_factory.mktemp(model_type), model_type, seed=5)
-        return cache[model_type]
+    def get(name: str):
+        if name not in cache:
+            model_type, overrides = VARIANTS.get(name, (name, {}))
+            cache[name] = make_tiny_family(tmp_path_factory.mktemp(name), model_type, seed=5, **overrides)
+        return cache[name]
 
     return get
 

@@ -1,9 +1,10 @@
 """The families beyond Mixtral served by the cluster: a real local Ray cluster, real HTTP, the
 official openai client. One Ray cluster for the module; each family is deployed with its experts
-over shards (Qwen3-MoE over 3, OLMoE and DeepSeek-V3 over 2) or in the router's process (Qwen2-MoE,
+over shards (Qwen3-MoE and DeepSeek-V3 over 3, OLMoE over 2) or in the router's process (Qwen2-MoE,
 --expert-shards 0), and its greedy chat, stream and completions answers (with logprobs) are
-transformers' own class's, token for token. The expert view's heatmap shows Qwen3-MoE's 128
-experts a column each, in a browser."""
+transformers' own class's, token for token (DeepSeek-V3 at its published 256 experts top-8 in
+8 groups, over 3 shards). The expert view's heatmap shows those 256 experts a column each, in a
+browser."""
 
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def chat_prompt(tok, question: str) -> list[int]:
 
 
 @pytest.mark.parametrize(
-    ("model_type", "shards"), [("qwen2_moe", 0), ("olmoe", 2), ("deepseek_v3", 2), ("qwen3_moe", 3)]
+    ("model_type", "shards"), [("qwen2_moe", 0), ("olmoe", 2), ("qwen3_moe", 3), ("deepseek_v3_256", 3)]
 )  # the view reuses the last
 def test_greedy_http_equals_the_familys_transformers_class(raymix, family_dirs, model_type, shards):
     d = family_dirs(model_type)
@@ -79,10 +80,11 @@ def test_greedy_http_equals_the_familys_transformers_class(raymix, family_dirs, 
     assert status["num_experts"] == experts and len(status["shards"]) == shards
 
 
-def test_the_expert_view_shows_128_experts(raymix, family_dirs, browser):  # noqa: F811
-    """Qwen3-MoE's 128 experts over 3 shards: one narrow column each, every 8th named, each
-    shard's 43 experts as ranges; the heatmap fills with traffic."""
-    d = family_dirs("qwen3_moe")
+def test_the_expert_view_shows_256_experts(raymix, family_dirs, browser):  # noqa: F811
+    """DeepSeek-V3's 256 experts (top-8 in 8 groups) over 3 shards: one narrow column each, all
+    on screen at once, every 16th named, each shard's experts as ranges (86, 85, 85); the heatmap fills with
+    traffic."""
+    d = family_dirs("deepseek_v3_256")
     url = raymix.deploy(model=str(d), expert_shards=3, max_model_len=256, kv_cache_memory_mb=32)
     p = Page(browser, url, None)
     page = p.open("experts")
@@ -93,9 +95,13 @@ def test_the_expert_view_shows_128_experts(raymix, family_dirs, browser):  # noq
         client.chat.completions.create(model=d.name, messages=[{"role": "user", "content": q}], max_tokens=8)
     page.wait_for_function(f"() => {HEAT} > {before}")
     assert page.locator("#heatmap.dense").count() == 1
-    assert page.locator("#heatmap .cell").count() == 2 * 128  # its two MoE layers
+    assert page.locator("#heatmap .cell").count() == 2 * 256  # its two MoE layers (the first is dense)
+    # every expert on screen at once: the grid does not scroll sideways at a laptop's width
+    assert page.evaluate(
+        "() => { const g = document.getElementById('heatmap'); return g.scrollWidth <= g.clientWidth; }"
+    )
     assert page.locator(".shard:not(.router)").count() == 3
-    assert page.locator('.shard[data-shard="0"] .chip').all_inner_texts() == ["E0–42"]
-    p.screenshot("experts-128")
+    assert page.locator('.shard[data-shard="0"] .chip').all_inner_texts() == ["E0–85"]
+    p.screenshot("experts-256")
     assert p.errors == []
     p.close()

@@ -15,8 +15,11 @@ function compact(n) {
 // tokens [layer][expert] → a grid: a row per MoE layer, a column per expert, darker = more tokens
 // (scaled to the busiest cell); a column's header names the shards computing that expert. With
 // many experts (Qwen3's 128, OLMoE's 64) the columns narrow to colour alone: every 8th is named,
-// the numbers are in each cell's tooltip, and the grid scrolls sideways on a narrow screen.
+// the numbers are in each cell's tooltip, and the grid scrolls sideways on a narrow screen; with
+// more than 128 (DeepSeek-V3's 256, Kimi-K2's 384) they narrow to a few pixels, every 16th named,
+// so that a whole layer fits a laptop's screen.
 const DENSE_FROM = 33; // experts: above 32, cells show colour only
+const VERY_DENSE_FROM = 129;
 function renderHeatmap(status, which) {
   const tokens = which === "total" ? status.expert_tokens : status.recent_expert_tokens;
   const holders = Array.from({ length: status.num_experts }, () => []);
@@ -24,11 +27,14 @@ function renderHeatmap(status, which) {
   const max = Math.max(1, ...tokens.flat());
   const grid = $("heatmap");
   const dense = status.num_experts >= DENSE_FROM;
+  const veryDense = status.num_experts >= VERY_DENSE_FROM;
   grid.classList.toggle("dense", dense);
-  grid.style.gridTemplateColumns = `auto repeat(${status.num_experts}, minmax(${dense ? "0.7em" : "2.2em"}, 1fr))`;
+  const width = veryDense ? "2px" : dense ? "0.7em" : "2.2em";
+  grid.style.gridTemplateColumns = `auto repeat(${status.num_experts}, minmax(${width}, 1fr))`;
+  const step = veryDense ? 16 : 8;
   const cells = [element("div", "corner", "layer \\ expert")];
   for (let e = 0; e < status.num_experts; e++) {
-    const head = element("div", "col-head", dense ? (e % 8 === 0 ? String(e) : "") : `E${e}`);
+    const head = element("div", "col-head", dense ? (e % step === 0 ? String(e) : "") : `E${e}`);
     if (holders[e].length && !dense) head.append(element("small", "", ` s${holders[e].join(",")}`));
     head.title = holders[e].length ? `expert ${e}: computed by shard ${holders[e].join(" and ")}` : `expert ${e}`;
     cells.push(head);
