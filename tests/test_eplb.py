@@ -3,6 +3,7 @@ within its slots; a shard's regrouped experts compute what freshly loaded ones d
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from moe.checkpoint.reader import CheckpointReader
@@ -49,29 +50,34 @@ def test_regrouped_experts_compute_what_fresh_ones_do(tiny_dir):
     assert shrunk.expert_ids == [5] and shrunk.num_parameters() * 3 == fresh.num_parameters()
 
 
-def test_replicas_over_128_experts_top8_balance_and_change_no_output(family_dirs):
-    """Qwen3-MoE's shape: 128 experts, 8 a token, over 4 shards with 16 replica slots, under a
-    skewed load (a few hot experts, as real traffic has): the busiest shard gets less work, and
-    the replicated placement computes what one shard holding every expert does."""
+@pytest.mark.parametrize(("name", "shards", "redundant"), [("qwen3_moe", 4, 16), ("deepseek_v3_256", 8, 32)])
+def test_replicas_over_many_experts_top8_balance_and_change_no_output(family_dirs, name, shards, redundant):
+    """Qwen3-MoE's shape (128 experts, 8 a token, over 4 shards with 16 replica slots) and
+    DeepSeek-V3's (256 experts, 8 a token in 8 groups, over 8 shards with 32), under a skewed
+    load (a few hot experts, as real traffic has): the busiest shard gets less work, and the
+    replicated placement computes what one shard holding every expert does, for tokens routed
+    as the family routes them."""
     from moe.checkpoint.reader import open_checkpoint
     from moe.expert_parallel.backend import InProcessExperts
     from moe.expert_parallel.placement import partition_experts
+    from moe.layers.experts import Routing
 
-    cfg, _, reader = open_checkpoint(family_dirs("qwen3_moe"))
-    groups = partition_experts(cfg.num_local_experts, 4)
+    cfg, _, reader = open_checkpoint(family_dirs(name))
+    groups = partition_experts(cfg.num_local_experts, shards)
     load = [1000.0 / (1 + e) for e in range(cfg.num_local_experts)]  # the hot ones on shard 0
-    plan = plan_replicas(load, groups, num_redundant=16)
+    plan = plan_replicas(load, groups, num_redundant=redundant)
     primaries = [[s] for s, g in enumerate(groups) for _ in g]
-    assert balancedness(load, plan, 4) > balancedness(load, primaries, 4)
-    assert sum(len(p) - 1 for p in plan) <= 16 and all(len(set(p)) == len(p) for p in plan)
-    held = [[e for e, p in enumerate(plan) if s in p] for s in range(4)]
+    assert balancedness(load, plan, shards) > balancedness(load, primaries, shards)
+    assert sum(len(p) - 1 for p in plan) <= redundant and all(len(set(p)) == len(p) for p in plan)
+    held = [[e for e, p in enumerate(plan) if s in p] for s in range(shards)]
     replicated = InProcessExperts(
         [LocalExperts.from_checkpoint(reader, cfg, g, torch.float32) for g in held], cfg.num_local_experts
     )
     whole = InProcessExperts.from_checkpoint(reader, cfg, torch.float32)
     torch.manual_seed(0)
     x = torch.randn(40, cfg.hidden_size)
-    weights, ids = select_experts(torch.randn(40, cfg.num_local_experts), cfg.num_experts_per_tok, True)
+    bias = torch.randn(cfg.num_local_experts) if cfg.topk_method == "noaux_tc" else None
+    weights, ids = Routing.of(cfg).select(torch.randn(40, cfg.num_local_experts), bias)
     for layer in range(cfg.num_moe_layers):
         torch.testing.assert_close(
             replicated.forward(layer, x, ids, weights), whole.forward(layer, x, ids, weights)
