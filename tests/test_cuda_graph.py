@@ -78,10 +78,13 @@ def decode_logits_both_ways(eng: LLMEngine) -> tuple[torch.Tensor, torch.Tensor,
     return eager, first.clone(), again
 
 
+@pytest.mark.parametrize("model", ["tiny", "deepseek_v3"])
 @pytest.mark.parametrize("attention", ["sdpa", "flex"])
-def test_padded_decode_step_logits_equal_eager(tiny_dir, attention):
+def test_padded_decode_step_logits_equal_eager(tiny_dir, family_dirs, attention, model):
+    """Also for multi-head latent attention (DeepSeek-V3): the decode step reads the latent
+    cache, keys of kv_lora_rank + qk_rope_head_dim and values its first kv_lora_rank."""
     config = EngineConfig(max_model_len=256, cuda_graphs=True, device="cpu", attention_backend=attention)
-    eng = LLMEngine.from_pretrained(tiny_dir, config)
+    eng = LLMEngine.from_pretrained(tiny_dir if model == "tiny" else family_dirs(model), config)
     eager, first, again = decode_logits_both_ways(eng)
     torch.testing.assert_close(first, eager)
     torch.testing.assert_close(again, eager)
