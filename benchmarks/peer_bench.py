@@ -10,7 +10,10 @@ per server (median of --runs), against vLLM and against transformers. Not run in
 The default checkpoint is the issue's medium one (hidden 512, intermediate 1792, 8 layers, 8
 experts top-2, 8 query / 4 KV heads, vocab 32000, fp32), written once under --cache; with
 --model-type qwen3_moe a Qwen3-MoE-shaped one (hidden 512, 8 layers, 64 experts top-8,
-moe_intermediate 256, 8 query / 4 KV heads of 64, byte-level BPE), made by transformers.
+moe_intermediate 256, 8 query / 4 KV heads of 64, byte-level BPE), made by transformers; with
+--model-type deepseek_v3 a DeepSeek-V3-shaped one (hidden 512, 8 layers the first dense, MLA with
+q_lora 192, kv_lora 128, 64 + 32 rotary q/k dims, 64 experts top-8 in 4 of 8 groups, a shared
+expert, YaRN).
 
 vLLM's CPU build in a venv of its own (it pins torch 2.13.0 CPU, the same as raymix's):
 
@@ -61,6 +64,27 @@ MEDIUM_QWEN3 = dict(
     num_experts_per_tok=8,
     mlp_only_layers=[],
 )
+MEDIUM_DEEPSEEK_V3 = dict(  # DeepSeek-V3's structure at the medium size
+    hidden_size=512,
+    intermediate_size=1536,
+    moe_intermediate_size=256,
+    num_hidden_layers=8,
+    num_attention_heads=8,
+    num_key_value_heads=8,
+    q_lora_rank=192,
+    kv_lora_rank=128,
+    qk_nope_head_dim=64,
+    qk_rope_head_dim=32,
+    v_head_dim=64,
+    n_routed_experts=64,
+    num_experts_per_tok=8,
+    n_group=8,
+    topk_group=4,
+    n_shared_experts=1,
+    routed_scaling_factor=2.5,
+    first_k_dense_replace=1,
+)
+MEDIUMS = {"qwen3_moe": MEDIUM_QWEN3, "deepseek_v3": MEDIUM_DEEPSEEK_V3}
 
 
 def free_port() -> int:
@@ -164,7 +188,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="checkpoint directory (default: the issue's medium one)")
     ap.add_argument(
-        "--model-type", choices=["mixtral", "qwen3_moe"], default="mixtral", help="the medium one's"
+        "--model-type",
+        choices=["mixtral", "qwen3_moe", "deepseek_v3"],
+        default="mixtral",
+        help="the medium one's",
     )
     ap.add_argument("--cache", default="/tmp/raymix-peer-bench")
     ap.add_argument("--shards", type=int, nargs="+", default=[0, 1, 4], help="raymix runs, by expert shards")
@@ -186,7 +213,7 @@ def main() -> None:
         if args.model_type == "mixtral":
             make_tiny(model, tokenizer="v1", mistral_tokenizer_file=False, **MEDIUM)
         else:
-            make_tiny_family(model, args.model_type, **MEDIUM_QWEN3)
+            make_tiny_family(model, args.model_type, **MEDIUMS[args.model_type])
     words = WORDS  # serve_bench's
     prompts = [" ".join(words[: 4 + (i * 7) % len(words)]) for i in range(16)]
     logs = Path(args.cache) / "logs"

@@ -302,9 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-layers", type=int, default=None, help="default 4")
     p.add_argument(
         "--model-type",
-        choices=["mixtral", "mistral", "qwen3_moe", "qwen2_moe", "olmoe"],
+        choices=["mixtral", "mistral", "qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3", "deepseek_v2"],
         default="mixtral",
-        help="mistral: dense; qwen3_moe, qwen2_moe, olmoe: made by transformers, byte-level BPE tokenizer",
+        help="mistral: dense; the others: made by transformers, byte-level BPE tokenizer",
     )
     p.add_argument("--sliding-window", type=int, default=None, help="default none")
     p.add_argument("--num-heads", type=int, default=None)
