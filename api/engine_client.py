@@ -118,7 +118,7 @@ class LocalEngineClient:
         outputs = Outputs([r.request_id for r in requests], self._abort)
         sink = _OutputsSink(outputs)
         for r in requests:
-            self.engine.add(r.request_id, r.prompt_token_ids, r.params, sink)
+            self.engine.add(r.request_id, r.prompt_token_ids, r.params, sink, r.resumed_token_ids)
         return outputs
 
     def _abort(self, request_ids: list[str]) -> None:

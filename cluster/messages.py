@@ -52,11 +52,16 @@ def extra_shard_app(k: int) -> str:
 
 @dataclass(frozen=True)
 class GenerateRequest:
-    """One choice of an API request: the engine runs it as one sequence."""
+    """One choice of an API request: the engine runs it as one sequence. A request resumed on
+    another router after its router died carries the output tokens already sent to the client
+    (`resumed_token_ids`: the new router continues after them) and how many routers it has
+    lost (`attempt`)."""
 
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
+    resumed_token_ids: list[int] = field(default_factory=list)
+    attempt: int = 0
 
 
 @dataclass(frozen=True)

@@ -233,12 +233,13 @@ class Router:
         for r in requests:
             self.owned[subscriber].add(r.request_id)
             log.info(
-                "request %s: %d prompt tokens, max_tokens %d",
+                "request %s: %d prompt tokens, max_tokens %d%s",
                 r.request_id,
                 len(r.prompt_token_ids),
                 r.params.max_tokens,
+                f", resumed after {len(r.resumed_token_ids)} output tokens" if r.attempt else "",
             )
-            self.engine.add(r.request_id, r.prompt_token_ids, r.params, sink)
+            self.engine.add(r.request_id, r.prompt_token_ids, r.params, sink, r.resumed_token_ids)
 
     async def stream(self, subscriber: str) -> AsyncIterator[list[Output]]:
         """Every output of one ingress replica's requests: one list per engine step (steps that

@@ -7,15 +7,18 @@ requests, and submits new requests in batches (whatever arrived while the previo
 in flight goes in the next). Each step's outputs go to the `Outputs` of the HTTP request they
 belong to.
 
-If the stream breaks (the router died or restarted), the requests that got no output yet are
-handed to `lost` (deployments.routers sends them to another router, if one is up; the
-client has seen nothing of them), the others get `EngineUnavailable`, and the next request
-opens a new stream.
+Every request keeps, until it finishes, what it needs to continue elsewhere: the output tokens
+already delivered. If the stream breaks (the router died or restarted), every unfinished request
+is handed to `lost` with those tokens (`GenerateRequest.resumed_token_ids`) and one more router
+lost (`attempt`): deployments.routers sends it to another router, which prefills the prompt and
+them and continues, so the client's stream goes on with no token repeated or missing. The next
+request opens a new stream.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import uuid
 from collections.abc import Callable
@@ -33,6 +36,7 @@ from cluster.messages import (
     Refusal,
     RouterStats,
 )
+from moe.engine.sequence import RequestOutput
 
 log = logging.getLogger("ray.serve")
 SUBMIT_TIMEOUT_S = 30.0  # handing requests to a router: a queue put there, normally milliseconds
@@ -53,7 +57,8 @@ class RouterClient:
         self.broken = broken  # told when the stream breaks or a submit fails
         self.subscriber = ""
         self.routes: dict[str, Outputs] = {}  # request id -> the Outputs it feeds
-        self.requests: dict[str, GenerateRequest] = {}  # those with no output yet
+        self.requests: dict[str, GenerateRequest] = {}  # the unfinished ones, as submitted
+        self.sent: dict[str, list[int]] = {}  # their output tokens delivered from this router
         self.pending: list[GenerateRequest] = []
         self.reader: asyncio.Task | None = None
         self.flusher: asyncio.Task | None = None
@@ -64,6 +69,7 @@ class RouterClient:
         for r in requests:
             self.routes[r.request_id] = outputs
             self.requests[r.request_id] = r
+            self.sent[r.request_id] = []
         self.pending += requests
         if self.flusher is None or self.flusher.done():
             self.flusher = asyncio.get_running_loop().create_task(self._flush())
@@ -94,8 +100,7 @@ class RouterClient:
 
     def abort(self, request_ids: list[str]) -> None:
         for rid in request_ids:
-            self.routes.pop(rid, None)
-            self.requests.pop(rid, None)
+            self._forget(rid)
         self.router.abort.remote(request_ids)  # fire and forget: the caller may be cancelled
 
     def _ensure_reader(self) -> None:
@@ -125,9 +130,10 @@ class RouterClient:
             if outputs is None:
                 continue  # aborted meanwhile
             groups.setdefault(id(outputs), (outputs, []))[1].append(item)
-            self.requests.pop(item.request_id, None)  # started: it can no longer move
+            if isinstance(item, RequestOutput):
+                self.sent[item.request_id] += item.new_token_ids
             if isinstance(item, Refusal) or item.finished:
-                self.routes.pop(item.request_id, None)
+                self._forget(item.request_id)
         for outputs, items in groups.values():
             outputs.put(items)
 
@@ -143,20 +149,27 @@ class RouterClient:
                     [r.request_id for r in batch], EngineUnavailable(f"could not submit to the router: {e}")
                 )
 
+    def _forget(self, request_id: str) -> None:
+        self.routes.pop(request_id, None)
+        self.requests.pop(request_id, None)
+        self.sent.pop(request_id, None)
+
     def _fail(self, request_ids: list[str], error: EngineUnavailable) -> None:
-        """These requests are lost here. A group none of whose requests got an output goes to
-        `lost` (another router may run it); every other HTTP request waiting on them gets
-        `error` once."""
+        """These requests are lost here. Each HTTP request's unfinished ones go to `lost`
+        together, each with the output tokens it delivered (another router continues after
+        them) and one more router lost."""
         gone = set(request_ids)
         self.pending = [r for r in self.pending if r.request_id not in gone]  # never sent here now
         self.broken(error)
-        groups: dict[int, tuple[Outputs, list[str]]] = {}
+        groups: dict[int, tuple[Outputs, list[GenerateRequest]]] = {}
         for rid in request_ids:
-            if (o := self.routes.pop(rid, None)) is not None:
-                groups.setdefault(id(o), (o, []))[1].append(rid)
-        for outputs, rids in groups.values():
-            unstarted = [self.requests.pop(rid) for rid in rids if rid in self.requests]
-            if len(unstarted) == len(rids) == len(outputs.unfinished):
-                self.lost(unstarted, outputs, error)
-            else:
-                outputs.fail(error)
+            outputs, request, sent = self.routes.get(rid), self.requests.get(rid), self.sent.get(rid, [])
+            self._forget(rid)
+            if outputs is None or request is None:
+                continue
+            resumed = dataclasses.replace(
+                request, resumed_token_ids=request.resumed_token_ids + sent, attempt=request.attempt + 1
+            )
+            groups.setdefault(id(outputs), (outputs, []))[1].append(resumed)
+        for outputs, requests in groups.values():
+            self.lost(requests, outputs, error)

@@ -3,8 +3,10 @@
 One RouterClient per router deployment. Each request (all its choices together) goes to the
 router RouterChoice picks: the one holding its prompt's prefix, else the least loaded. When a
 router is lost (its stream breaks, or a submit fails), it is passed over until it answers
-again, and its requests that had no output yet go to another router: a request that starts
-after a router died does not fail. The control plane: readiness and the context length from
+again, and its unfinished requests go on on another router from the tokens they had sent
+(deployments.router_client): a stream does not fail with its router. With no router up, they
+wait for one (RESUME_WAIT_S); a request that has lost MAX_ROUTER_LOSSES routers is failed, so
+that one request that crashes routers cannot take them down one after another. The control plane: readiness and the context length from
 any router that is up; stats from each (the metrics' `router` label); the expert view and
 placement changes from router 0, the placement's owner.
 """
@@ -35,6 +37,8 @@ log = logging.getLogger("ray.serve")
 
 PROBE_INTERVAL_S = 1.0  # how often a lost router is asked whether it is back
 PROBE_TIMEOUT_S = 2.0
+RESUME_WAIT_S = 120.0  # how long lost requests wait for a router to be up again (Serve replaces it)
+MAX_ROUTER_LOSSES = 2  # a request that was running on this many routers that died is failed
 
 
 class Routers:
@@ -46,6 +50,7 @@ class Routers:
         self.choice = RouterChoice(len(routers), block_size)
         self.up = [True] * len(routers)
         self.probes: dict[int, asyncio.Task] = {}
+        self.waiting: set[asyncio.Task] = set()  # lost requests waiting for a router to be up
 
     def __len__(self) -> int:
         return len(self.clients)
@@ -63,14 +68,36 @@ class Routers:
 
     def _lost_on(self, i: int):
         def lost(requests: list[GenerateRequest], outputs: Outputs, error: EngineUnavailable) -> None:
-            """Router i lost these requests before any output: run them on another router."""
-            if not any(self.up):
-                outputs.fail(error)
+            """Router i lost these (one HTTP request's unfinished choices): go on elsewhere."""
+            if (n := max(r.attempt for r in requests)) >= MAX_ROUTER_LOSSES:
+                names = ", ".join(r.request_id for r in requests)
+                log.error("request %s lost %d routers: not retried", names, n)
+                outputs.fail(
+                    EngineUnavailable(f"request {names} was running on {n} routers that died; not retried")
+                )
                 return
-            log.info("router %d lost %d requests before their first output: resubmitting", i, len(requests))
-            self._send(requests, outputs)
+            sent = sum(len(r.resumed_token_ids) for r in requests)
+            log.info("router %d lost %d requests (%d tokens sent): resuming them", i, len(requests), sent)
+            if any(self.up):
+                self._send(requests, outputs)
+            else:
+                self.waiting.add(
+                    asyncio.get_running_loop().create_task(self._send_when_up(requests, outputs, error))
+                )
 
         return lost
+
+    async def _send_when_up(
+        self, requests: list[GenerateRequest], outputs: Outputs, error: EngineUnavailable
+    ) -> None:
+        """No router is up: wait (bounded) for one to answer again, then go on there."""
+        deadline = asyncio.get_running_loop().time() + RESUME_WAIT_S
+        while not any(self.up):
+            if asyncio.get_running_loop().time() > deadline or not outputs.unfinished:
+                outputs.fail(error)
+                return
+            await asyncio.sleep(PROBE_INTERVAL_S / 4)
+        self._send(requests, outputs)
 
     def _abort(self, request_ids: list[str]) -> None:
         """Abort them on the router running them (a client's routes say which)."""
@@ -165,7 +192,7 @@ class Routers:
     def close(self) -> None:
         for c in self.clients:
             c.close()
-        for task in self.probes.values():
+        for task in [*self.probes.values(), *self.waiting]:
             task.cancel()
 
 

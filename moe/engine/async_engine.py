@@ -88,6 +88,7 @@ class AddRequest:
     params: SamplingParams
     sink: Sink
     matcher: GrammarMatcher | None = None  # its grammar, compiled beside the engine thread
+    resumed: list[int] | None = None  # output tokens another engine already sent (LLMEngine.add_request)
 
 
 @dataclass
@@ -138,15 +139,23 @@ class AsyncEngine:
 
     # ---- the caller's side (any event loop) ----
 
-    def add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, sink: Sink) -> None:
+    def add(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        sink: Sink,
+        resumed: list[int] | None = None,
+    ) -> None:
         if not self.alive:
             raise EngineDeadError(f"the engine is not running ({self.error})")
+        cmd = AddRequest(request_id, prompt_token_ids, params, sink, resumed=resumed)
         if params.grammar is None:
-            self._inbox.put(AddRequest(request_id, prompt_token_ids, params, sink))
+            self._inbox.put(cmd)
             return
         with self._compiling_lock:
             self._compiling[request_id] = False
-        self._compiler.submit(self._compile_and_add, AddRequest(request_id, prompt_token_ids, params, sink))
+        self._compiler.submit(self._compile_and_add, cmd)
 
     def _compile_and_add(self, cmd: AddRequest) -> None:
         """On a compiler thread: the request's grammar, then the request to the engine (or its
@@ -253,7 +262,9 @@ class AsyncEngine:
                     return
                 if isinstance(cmd, AddRequest):
                     try:
-                        engine.add_request(cmd.request_id, cmd.prompt_token_ids, cmd.params, cmd.matcher)
+                        engine.add_request(
+                            cmd.request_id, cmd.prompt_token_ids, cmd.params, cmd.matcher, cmd.resumed
+                        )
                         self._sinks[cmd.request_id] = cmd.sink
                     except RequestError as e:
                         cmd.sink.put([(cmd.request_id, e)])

@@ -211,9 +211,12 @@ class LLMEngine:
         prompt_token_ids: list[int],
         params: SamplingParams,
         matcher: GrammarMatcher | None = None,
+        resumed: list[int] | None = None,
     ) -> None:
         """matcher: the request's grammar already compiled (`compile_grammar`, on another thread:
-        AsyncEngine does so); without it a grammar is compiled here."""
+        AsyncEngine does so); without it a grammar is compiled here. resumed: the output tokens
+        another engine already produced and sent (its router died): this one continues after
+        them (Sequence.resume), a seeded generator moved past their draws."""
         if len(self.scheduler.waiting) >= self.config.max_queued_requests:
             raise OverloadedError(
                 f"The server is at capacity ({len(self.scheduler.running)} running, "
@@ -225,6 +228,11 @@ class LLMEngine:
             raise RequestError("the prompt is empty", param="prompt")
         if any(not 0 <= t < self.vocab_size for t in prompt_token_ids):
             raise RequestError(f"prompt token ids must be in [0, {self.vocab_size})", param="prompt")
+        resumed = resumed or []
+        if len(resumed) >= params.max_tokens or any(not 0 <= t < self.vocab_size for t in resumed):
+            raise RequestError(
+                "a resumed request's output must be shorter than max_tokens, in the vocabulary"
+            )
         params.validate(self.vocab_size)
         n = len(prompt_token_ids)
         if n + params.max_tokens > self.max_model_len:
@@ -246,6 +254,11 @@ class LLMEngine:
         seq = Sequence(request_id, list(prompt_token_ids), params, gen, detok)
         if params.grammar is not None:
             seq.matcher = matcher or self.compile_grammar(params.grammar, params.max_tokens)
+        if resumed:
+            seq.resume(resumed)
+            if gen is not None and not params.greedy:  # one uniform a token (moe.sampling.draw_ids)
+                for _ in resumed:
+                    torch.rand((), dtype=torch.float64, generator=gen, device=self.device)
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
 

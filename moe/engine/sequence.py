@@ -42,7 +42,8 @@ class Sequence:
     sent_text_len: int = 0  # how much of `text` has been handed out
     sent_tokens: int = 0
     sent_prompt: bool = False  # the first output (with the prompt logprobs) went out
-    logprobs: list[Logprobs] = field(default_factory=list)
+    resumed: int = 0  # output tokens another engine produced and sent before this one took over
+    logprobs: list[Logprobs] = field(default_factory=list)  # of the outputs after `resumed`
     # prompt token i's logprobs given tokens < i (None for the first), when asked (echo)
     prompt_logprobs: list[Logprobs | None] | None = None
     arrival_time: float = field(default_factory=time.monotonic)
@@ -119,6 +120,20 @@ class Sequence:
     def finished(self) -> bool:
         return self.status is Status.FINISHED
 
+    def resume(self, tokens: list[int]) -> None:
+        """Continue a request another engine started and lost (its router died): its first
+        output tokens, already sent to the client, are taken as if sampled here (detokenized,
+        the grammar advanced past them) and never sent again; the next step prefills the prompt
+        and them, and what it samples follows them."""
+        for t in tokens:
+            self.output_token_ids.append(t)
+            if self.matcher is not None:
+                self.matcher.advance(t)
+            if self.detokenizer is not None:
+                self.text += self.detokenizer.add(t)
+        self.resumed = self.sent_tokens = len(tokens)
+        self.sent_text_len, self.sent_prompt = len(self.text), True
+
     # ---- output processing: after each sampled token ----
 
     def append_token(
@@ -176,7 +191,7 @@ class Sequence:
             request_id=self.request_id,
             new_token_ids=self.output_token_ids[self.sent_tokens :],
             new_text=self.text[self.sent_text_len : end],
-            new_logprobs=self.logprobs[self.sent_tokens :],
+            new_logprobs=self.logprobs[self.sent_tokens - self.resumed :],
             finished=self.finished,
             finish_reason=self.finish_reason,
             stop_reason=self.stop_reason,
