@@ -249,6 +249,9 @@ def main() -> None:
         try:
             wait_ready(f"http://127.0.0.1:{port}", proc, 900)
             results["vLLM-cpu"] = measure("vLLM-cpu", f"http://127.0.0.1:{port}", model.name, args, prompts)
+        except RuntimeError as e:  # a peer that cannot serve the checkpoint is a row of its own
+            why = next((ln for ln in (logs / "vllm.log").read_text().splitlines() if "Error:" in ln), str(e))
+            print(f"vLLM-cpu did not start: {why.strip()[-160:]}", flush=True)
         finally:
             stop(proc)
     hf = transformers_one_at_a_time(model, prompts, args.tokens)
