@@ -250,7 +250,8 @@ def main() -> None:
             wait_ready(f"http://127.0.0.1:{port}", proc, 900)
             results["vLLM-cpu"] = measure("vLLM-cpu", f"http://127.0.0.1:{port}", model.name, args, prompts)
         except RuntimeError as e:  # a peer that cannot serve the checkpoint is a row of its own
-            why = next((ln for ln in (logs / "vllm.log").read_text().splitlines() if "Error:" in ln), str(e))
+            lines = (logs / "vllm.log").read_text().splitlines()
+            why = next((ln for ln in lines if " ERROR " in ln and "Error:" in ln), str(e))
             print(f"vLLM-cpu did not start: {why.strip()[-160:]}", flush=True)
         finally:
             stop(proc)
