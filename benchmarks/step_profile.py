@@ -26,6 +26,7 @@ from report import save  # benchmarks/report.py
 
 import moe.layers.attention
 from moe.engine.llm_engine import EngineConfig, LLMEngine
+from moe.layers.weights import Linear
 from moe.models.transformer import MoE
 from moe.sampling import SamplingParams
 
@@ -54,6 +55,17 @@ class Timer:
         )
 
 
+class TimedSampler:
+    """The engine's sampler, both ways of sampling timed (async scheduling's sample_ids too)."""
+
+    def __init__(self, sampler: Any, timer: Timer):
+        self.call = timer.wrap("sampler", sampler.__call__)
+        self.sample_ids = timer.wrap("sampler", sampler.sample_ids)
+
+    def __call__(self, *args: Any, **kw: Any) -> Any:
+        return self.call(*args, **kw)
+
+
 def profile(model: Path, streams: int, tokens: int, threads: int) -> dict[str, float]:
     torch.set_num_threads(threads)
     eng = LLMEngine.from_pretrained(model, EngineConfig(max_num_seqs=streams, max_model_len=512))
@@ -62,14 +74,16 @@ def profile(model: Path, streams: int, tokens: int, threads: int) -> dict[str, f
     eng.model.compute_logits = timer.wrap("LM head", eng.model.compute_logits)  # type: ignore[method-assign]
     for layer in eng.model.layers:
         mlp = layer.mlp  # MoE: its gate and shared expert are the router's; MLP: a dense layer's
-        mods = [layer.self_attn.qkv_proj, layer.self_attn.o_proj]
+        # the attention's projections: q/k/v and o, or MLA's down- and up-projections (its
+        # absorbed kv_b_proj is read by einsums, counted in the rest)
+        mods = [m for m in layer.self_attn.children() if isinstance(m, torch.nn.Linear | Linear)]
         local = mlp.shared_expert if isinstance(mlp, MoE) else mlp
         mods += [mlp.gate] if isinstance(mlp, MoE) else []
         mods += [local.gate_up_proj, local.down_proj] if local is not None else []
         for m in mods:
             timer.hook("projections", m)
     moe.layers.attention.paged_attention = timer.wrap("attention", moe.layers.attention.paged_attention)
-    eng.sampler = timer.wrap("sampler", eng.sampler)  # type: ignore[assignment]
+    eng.sampler = TimedSampler(eng.sampler, timer)  # type: ignore[assignment]
     words = ["the", "cat", "sat", "on", "a", "mat", "while", "experts", "routed", "every", "token", "to"]
     prompts = [eng.tokenizer.encode(" ".join(words[: 4 + i % 8])) for i in range(streams)]
     for i, p in enumerate(prompts):
