@@ -118,7 +118,9 @@ class LocalEngineClient:
         outputs = Outputs([r.request_id for r in requests], self._abort)
         sink = _OutputsSink(outputs)
         for r in requests:
-            self.engine.add(r.request_id, r.prompt_token_ids, r.params, sink, r.resumed_token_ids)
+            self.engine.add(
+                r.request_id, r.prompt_token_ids, r.params, sink, r.resumed_token_ids, r.resumed_text_len
+            )
         return outputs
 
     def _abort(self, request_ids: list[str]) -> None:

@@ -54,13 +54,14 @@ def extra_shard_app(k: int) -> str:
 class GenerateRequest:
     """One choice of an API request: the engine runs it as one sequence. A request resumed on
     another router after its router died carries the output tokens already sent to the client
-    (`resumed_token_ids`: the new router continues after them) and how many routers it has
-    lost (`attempt`)."""
+    (`resumed_token_ids`: the new router continues after them), the characters of their text
+    sent (`resumed_text_len`) and how many routers it has lost (`attempt`)."""
 
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
     resumed_token_ids: list[int] = field(default_factory=list)
+    resumed_text_len: int = 0
     attempt: int = 0
 
 

@@ -239,7 +239,9 @@ class Router:
                 r.params.max_tokens,
                 f", resumed after {len(r.resumed_token_ids)} output tokens" if r.attempt else "",
             )
-            self.engine.add(r.request_id, r.prompt_token_ids, r.params, sink, r.resumed_token_ids)
+            self.engine.add(
+                r.request_id, r.prompt_token_ids, r.params, sink, r.resumed_token_ids, r.resumed_text_len
+            )
 
     async def stream(self, subscriber: str) -> AsyncIterator[list[Output]]:
         """Every output of one ingress replica's requests: one list per engine step (steps that

@@ -59,6 +59,8 @@ class RouterClient:
         self.routes: dict[str, Outputs] = {}  # request id -> the Outputs it feeds
         self.requests: dict[str, GenerateRequest] = {}  # the unfinished ones, as submitted
         self.sent: dict[str, list[int]] = {}  # their output tokens delivered from this router
+        self.sent_text: dict[str, int] = {}  # and the characters of text
+        self.accepted: set[str] = set()  # those the router took (a submit returned, or an output came)
         self.pending: list[GenerateRequest] = []
         self.reader: asyncio.Task | None = None
         self.flusher: asyncio.Task | None = None
@@ -69,7 +71,7 @@ class RouterClient:
         for r in requests:
             self.routes[r.request_id] = outputs
             self.requests[r.request_id] = r
-            self.sent[r.request_id] = []
+            self.sent[r.request_id], self.sent_text[r.request_id] = [], 0
         self.pending += requests
         if self.flusher is None or self.flusher.done():
             self.flusher = asyncio.get_running_loop().create_task(self._flush())
@@ -132,6 +134,8 @@ class RouterClient:
             groups.setdefault(id(outputs), (outputs, []))[1].append(item)
             if isinstance(item, RequestOutput):
                 self.sent[item.request_id] += item.new_token_ids
+                self.sent_text[item.request_id] += len(item.new_text)
+                self.accepted.add(item.request_id)
             if isinstance(item, Refusal) or item.finished:
                 self._forget(item.request_id)
         for outputs, items in groups.values():
@@ -142,33 +146,41 @@ class RouterClient:
             batch, self.pending = [r for r in self.pending if r.request_id in self.routes], []
             if not batch:  # aborted, or failed over to another router meanwhile
                 return
+            ids = [r.request_id for r in batch]
             try:  # bounded: a router that hangs fails these requests over, as one that died
                 await asyncio.wait_for(self.router.submit.remote(self.subscriber, batch), SUBMIT_TIMEOUT_S)
             except Exception as e:
-                self._fail(
-                    [r.request_id for r in batch], EngineUnavailable(f"could not submit to the router: {e}")
-                )
+                self.router.abort.remote(ids)  # in case it took them after all: not run twice
+                self._fail(ids, EngineUnavailable(f"could not submit to the router: {e}"))
+            else:
+                self.accepted.update(r for r in ids if r in self.routes)
 
     def _forget(self, request_id: str) -> None:
         self.routes.pop(request_id, None)
         self.requests.pop(request_id, None)
         self.sent.pop(request_id, None)
+        self.sent_text.pop(request_id, None)
+        self.accepted.discard(request_id)
 
     def _fail(self, request_ids: list[str], error: EngineUnavailable) -> None:
         """These requests are lost here. Each HTTP request's unfinished ones go to `lost`
-        together, each with the output tokens it delivered (another router continues after
-        them) and one more router lost."""
+        together, each with the output tokens and text it delivered (another router continues
+        after them) and, if this router had taken it, one more router lost."""
         gone = set(request_ids)
         self.pending = [r for r in self.pending if r.request_id not in gone]  # never sent here now
         self.broken(error)
         groups: dict[int, tuple[Outputs, list[GenerateRequest]]] = {}
         for rid in request_ids:
             outputs, request, sent = self.routes.get(rid), self.requests.get(rid), self.sent.get(rid, [])
+            text, lost = self.sent_text.get(rid, 0), rid in self.accepted
             self._forget(rid)
             if outputs is None or request is None:
                 continue
             resumed = dataclasses.replace(
-                request, resumed_token_ids=request.resumed_token_ids + sent, attempt=request.attempt + 1
+                request,
+                resumed_token_ids=request.resumed_token_ids + sent,
+                resumed_text_len=request.resumed_text_len + text,
+                attempt=request.attempt + lost,
             )
             groups.setdefault(id(outputs), (outputs, []))[1].append(resumed)
         for outputs, requests in groups.values():

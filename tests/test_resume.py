@@ -25,6 +25,8 @@ CASES = {
     "seeded": SamplingParams(max_tokens=24, temperature=1.0, top_p=0.9, seed=7, ignore_eos=True),
     "logprobs": SamplingParams(max_tokens=16, temperature=0.8, seed=3, logprobs=2, ignore_eos=True),
     "json": SamplingParams(max_tokens=40, temperature=1.0, seed=5, grammar=json_grammar(SCHEMA)),
+    # text that might begin a stop string is held back: what was sent is less than the tokens' text
+    "stop": SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, stop=["never said at all"]),
 }
 
 
@@ -34,8 +36,10 @@ def engines(tiny_dir):
     return LLMEngine.from_pretrained(tiny_dir, cfg), LLMEngine.from_pretrained(tiny_dir, cfg)
 
 
-def outputs(eng: LLMEngine, rid: str, prompt: list[int], params: SamplingParams, resumed=None) -> list:
-    eng.add_request(rid, prompt, params, resumed=resumed)
+def outputs(
+    eng: LLMEngine, rid: str, prompt: list[int], params: SamplingParams, resumed=None, text_len=None
+) -> list:
+    eng.add_request(rid, prompt, params, resumed=resumed, resumed_text_len=text_len)
     outs = []
     while eng.has_unfinished():
         outs += [o for o in eng.step() if o.request_id == rid]
@@ -52,10 +56,16 @@ def test_a_resumed_request_continues_exactly_where_the_lost_one_was(engines, cas
     tokens = [t for o in whole for t in o.new_token_ids]
     text = "".join(o.new_text for o in whole)
     assert len(tokens) > cut
-    rest = outputs(second, f"{case}-{cut}", prompt, params, resumed=tokens[:cut])
+    delivered = []  # the outputs the client got before the router died: `cut` tokens
+    while sum(len(o.new_token_ids) for o in delivered) < cut:
+        delivered.append(whole[len(delivered)])
+    assert sum(len(o.new_token_ids) for o in delivered) == cut
+    sent = "".join(o.new_text for o in delivered)
+    rest = outputs(second, f"{case}-{cut}", prompt, params, resumed=tokens[:cut], text_len=len(sent))
     assert [t for o in rest for t in o.new_token_ids] == tokens[cut:]
-    sent = first.tokenizer.decode(tokens[:cut])
     assert sent + "".join(o.new_text for o in rest) == text  # no character repeated or missing
+    if case == "stop":
+        assert len(sent) < len(first.tokenizer.decode(tokens[:cut]))  # some was held back
     assert rest[-1].finished and rest[-1].finish_reason == whole[-1].finish_reason
     assert rest[-1].num_output_tokens == len(tokens) and rest[-1].num_prompt_tokens == len(prompt)
     if params.logprobs is not None:
@@ -66,8 +76,10 @@ def test_a_resumed_request_continues_exactly_where_the_lost_one_was(engines, cas
         assert set(json.loads(text)) == {"city", "n"}
 
 
-def test_a_resumed_request_with_no_room_left_is_refused(engines):
+def test_a_resumed_request_with_no_room_left_is_refused_and_prompt_scoring_is_not(engines):
     first, _ = engines
-    params = SamplingParams(max_tokens=3)
     with pytest.raises(RequestError):
-        first.add_request("full", [1, 2, 3], params, resumed=[5, 6, 7])
+        first.add_request("full", [1, 2, 3], SamplingParams(max_tokens=3), resumed=[5, 6, 7])
+    # max_tokens 0 with prompt logprobs (lm-eval's scoring) is no resumed request
+    (scored,) = first.generate([[1, 2, 3]], SamplingParams(max_tokens=0, prompt_logprobs=1))
+    assert scored.prompt_logprobs is not None and scored.num_output_tokens == 0

@@ -89,6 +89,7 @@ class AddRequest:
     sink: Sink
     matcher: GrammarMatcher | None = None  # its grammar, compiled beside the engine thread
     resumed: list[int] | None = None  # output tokens another engine already sent (LLMEngine.add_request)
+    resumed_text_len: int | None = None  # the characters of their text sent
 
 
 @dataclass
@@ -146,10 +147,11 @@ class AsyncEngine:
         params: SamplingParams,
         sink: Sink,
         resumed: list[int] | None = None,
+        resumed_text_len: int | None = None,
     ) -> None:
         if not self.alive:
             raise EngineDeadError(f"the engine is not running ({self.error})")
-        cmd = AddRequest(request_id, prompt_token_ids, params, sink, resumed=resumed)
+        cmd = AddRequest(request_id, prompt_token_ids, params, sink, None, resumed, resumed_text_len)
         if params.grammar is None:
             self._inbox.put(cmd)
             return
@@ -263,7 +265,12 @@ class AsyncEngine:
                 if isinstance(cmd, AddRequest):
                     try:
                         engine.add_request(
-                            cmd.request_id, cmd.prompt_token_ids, cmd.params, cmd.matcher, cmd.resumed
+                            cmd.request_id,
+                            cmd.prompt_token_ids,
+                            cmd.params,
+                            cmd.matcher,
+                            cmd.resumed,
+                            cmd.resumed_text_len,
                         )
                         self._sinks[cmd.request_id] = cmd.sink
                     except RequestError as e:

@@ -212,12 +212,14 @@ class LLMEngine:
         params: SamplingParams,
         matcher: GrammarMatcher | None = None,
         resumed: list[int] | None = None,
+        resumed_text_len: int | None = None,
     ) -> None:
         """matcher: the request's grammar already compiled (`compile_grammar`, on another thread:
         AsyncEngine does so); without it a grammar is compiled here. resumed: the output tokens
-        another engine already produced and sent (its router died): this one continues after
-        them (Sequence.resume), a seeded generator moved past their draws."""
-        if len(self.scheduler.waiting) >= self.config.max_queued_requests:
+        another engine already produced and sent (its router died; `resumed_text_len`: the
+        characters of their text sent): this one continues after them (Sequence.resume), a
+        seeded generator moved past their draws. Not refused for a full queue: it was admitted."""
+        if not resumed and len(self.scheduler.waiting) >= self.config.max_queued_requests:
             raise OverloadedError(
                 f"The server is at capacity ({len(self.scheduler.running)} running, "
                 f"{len(self.scheduler.waiting)} waiting). Please retry shortly."
@@ -229,7 +231,9 @@ class LLMEngine:
         if any(not 0 <= t < self.vocab_size for t in prompt_token_ids):
             raise RequestError(f"prompt token ids must be in [0, {self.vocab_size})", param="prompt")
         resumed = resumed or []
-        if len(resumed) >= params.max_tokens or any(not 0 <= t < self.vocab_size for t in resumed):
+        if resumed and (
+            len(resumed) >= params.max_tokens or any(not 0 <= t < self.vocab_size for t in resumed)
+        ):
             raise RequestError(
                 "a resumed request's output must be shorter than max_tokens, in the vocabulary"
             )
@@ -255,7 +259,7 @@ class LLMEngine:
         if params.grammar is not None:
             seq.matcher = matcher or self.compile_grammar(params.grammar, params.max_tokens)
         if resumed:
-            seq.resume(resumed)
+            seq.resume(resumed, resumed_text_len)
             if gen is not None and not params.greedy:  # one uniform a token (moe.sampling.draw_ids)
                 for _ in resumed:
                     torch.rand((), dtype=torch.float64, generator=gen, device=self.device)

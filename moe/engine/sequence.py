@@ -120,11 +120,13 @@ class Sequence:
     def finished(self) -> bool:
         return self.status is Status.FINISHED
 
-    def resume(self, tokens: list[int]) -> None:
+    def resume(self, tokens: list[int], text_len: int | None = None) -> None:
         """Continue a request another engine started and lost (its router died): its first
         output tokens, already sent to the client, are taken as if sampled here (detokenized,
         the grammar advanced past them) and never sent again; the next step prefills the prompt
-        and them, and what it samples follows them."""
+        and them, and what it samples follows them. `text_len`: the characters of their text
+        the client got (less than all of it where a stop string might have been forming: the
+        rest is sent from here). Their prompt logprobs went out with the first output."""
         for t in tokens:
             self.output_token_ids.append(t)
             if self.matcher is not None:
@@ -132,7 +134,8 @@ class Sequence:
             if self.detokenizer is not None:
                 self.text += self.detokenizer.add(t)
         self.resumed = self.sent_tokens = len(tokens)
-        self.sent_text_len, self.sent_prompt = len(self.text), True
+        self.sent_text_len = len(self.text) if text_len is None else min(text_len, len(self.text))
+        self.sent_prompt, self.prompt_logprobs = True, None
 
     # ---- output processing: after each sampled token ----
 
