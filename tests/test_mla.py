@@ -95,3 +95,19 @@ def test_absorbed_attention_equals_the_expanded_computation(model):
         last = attn(x[12:], rotary.cos_sin(step.positions, torch.float32), cache.k[0], cache.v[0], step)
     torch.testing.assert_close(prefill, want[:12], rtol=0, atol=1e-5)
     torch.testing.assert_close(last, want[12:], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["deepseek_v3", "deepseek_v2"])
+def test_deepseeks_router_stays_float32_in_a_bfloat16_model(family_dirs, model_type):
+    """As transformers keeps it: the gate's weight and V3's correction bias in float32, the
+    router logits computed in float32 (a bfloat16 bias would round the scores that choose 8 of
+    256 experts)."""
+    d = family_dirs(model_type)
+    cfg = ModelConfig.from_pretrained(d)
+    dense = DenseModel.from_checkpoint(CheckpointReader(d), cfg, torch.bfloat16)
+    moe = dense.layers[1].mlp
+    assert dense.layers[1].self_attn.o_proj.weight.dtype == torch.bfloat16
+    assert moe.gate.weight.dtype == torch.float32
+    if model_type == "deepseek_v3":
+        assert moe.e_score_correction_bias.dtype == torch.float32
+        assert moe.e_score_correction_bias.abs().sum() > 0  # read from the checkpoint, not zeros

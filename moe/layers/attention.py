@@ -100,11 +100,13 @@ class DecodeMetadata:
         k_cache[self.slot_mapping] = k
         v_cache[self.slot_mapping] = v
         kb = gather_slots(k_cache, self.kv_slots).transpose(1, 2)  # [B, Hkv, L, D]
-        vb = gather_slots(v_cache, self.kv_slots).transpose(1, 2)  # [B, Hkv, L, D]
-        gqa = kb.shape[1] != q.shape[1]
+        vb = gather_slots(v_cache, self.kv_slots).transpose(1, 2)  # [B, Hkv, L, Dv]
         mask = self.mask[:, None, None, :]  # [B, 1, 1, L]
+        if kb.shape[1] == 1 < q.shape[1]:  # one KV head (MLA): the heads are the queries of it
+            return F.scaled_dot_product_attention(q[:, None], kb, vb, attn_mask=mask)[:, 0]  # [B, Hq, Dv]
+        gqa = kb.shape[1] != q.shape[1]
         out = F.scaled_dot_product_attention(q[:, :, None], kb, vb, attn_mask=mask, enable_gqa=gqa)
-        return out[:, :, 0]  # [B, Hq, D]
+        return out[:, :, 0]  # [B, Hq, Dv]
 
 
 class DenseDecode:
@@ -224,9 +226,18 @@ def paged_attention(
     qb = q[meta.q_index].transpose(1, 2)  # [B, Hq, Lq, D]
     kb = gather_slots(k_cache, meta.kv_slots).transpose(1, 2)  # [B, Hkv, Lk, D]
     vb = gather_slots(v_cache, meta.kv_slots).transpose(1, 2)  # [B, Hkv, Lk, D]
-    # GQA: each KV head serves Hq / Hkv query heads; enable_gqa spares copying K/V that many times
-    # (at 32 decode streams of the hidden-512 model: 4.5 -> 1.4 ms per layer on one CPU thread)
-    gqa = kb.shape[1] != qb.shape[1]
-    out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=meta.mask, enable_gqa=gqa)  # [B, Hq, Lq, D]
-    b, hq, lq, d = out.shape
+    b, hq, lq, _ = qb.shape
+    if kb.shape[1] == 1 < hq:  # one KV head (MLA): every head's queries as queries of that one,
+        # [B, 1, Hq·Lq, D], so no kernel copies K and V per head (SDPA's GQA support would)
+        mask = meta.mask.expand(b, hq, lq, -1).reshape(b, 1, hq * lq, -1)  # [B, 1, Hq·Lq, Lk]
+        out = F.scaled_dot_product_attention(qb.reshape(b, 1, hq * lq, -1), kb, vb, attn_mask=mask)
+        out = out.view(b, hq, lq, -1)  # [B, Hq, Lq, Dv]
+    else:
+        # GQA: each KV head serves Hq / Hkv query heads; enable_gqa spares copying K/V that many
+        # times (at 32 decode streams of the hidden-512 model: 4.5 -> 1.4 ms per layer on one CPU thread)
+        gqa = kb.shape[1] != hq
+        out = F.scaled_dot_product_attention(
+            qb, kb, vb, attn_mask=meta.mask, enable_gqa=gqa
+        )  # [B, Hq, Lq, Dv]
+    d = out.shape[-1]
     return out.transpose(1, 2).reshape(b * lq, hq, d).index_select(0, meta.q_rows)  # [T, Hq, D]

@@ -12,11 +12,23 @@ from moe.config import ModelConfig
 from moe.models.deepseek_v3 import mla_fields
 from moe.models.family import Family
 
+# transformers' DeepseekV2Config defaults, for what a config.json leaves out
+DEFAULTS = dict(
+    n_routed_experts=64,
+    n_shared_experts=2,
+    moe_intermediate_size=1407,
+    first_k_dense_replace=0,
+    n_group=None,
+    topk_group=None,
+    routed_scaling_factor=1.0,
+    q_lora_rank=1536,
+)
+
 
 def config(raw: dict[str, Any]) -> ModelConfig:
     return ModelConfig(
         model_type="deepseek_v2",
-        **mla_fields(raw),
+        **mla_fields(raw, DEFAULTS),
         num_experts_per_tok=raw.get("num_experts_per_tok") or 6,
         norm_topk_prob=False,
         scoring_func="softmax",

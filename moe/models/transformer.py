@@ -115,6 +115,7 @@ class MoE(nn.Module):
         self.moe_index = moe_index
         self.gate = nn.Linear(cfg.hidden_size, cfg.num_local_experts, bias=False)
         self.routing = Routing.of(cfg)
+        self.router_float32 = cfg.router_float32  # the gate's weight and its input in float32
         # DeepSeek-V3's correction of each expert's score, for the choice only (noaux_tc)
         biased = cfg.topk_method == "noaux_tc"
         self.e_score_correction_bias = nn.Parameter(torch.zeros(cfg.num_local_experts)) if biased else None
@@ -126,7 +127,8 @@ class MoE(nn.Module):
     def submit(self, residual: torch.Tensor, x: torch.Tensor, experts: ExpertBackend) -> PendingMLP:
         """x [T, H] (normalised) → the layer's pending output: gate, top-k experts per token, the
         experts wherever they live; the shared expert computed here while they run."""
-        weights, ids = self.routing.select(self.gate(x), self.e_score_correction_bias)  # [T, K], [T, K]
+        logits = self.gate(x.float() if self.router_float32 else x)  # [T, E]
+        weights, ids = self.routing.select(logits, self.e_score_correction_bias)  # [T, K], [T, K]
         handle = experts.submit(self.moe_index, x, ids, weights)
         shared = None
         if self.shared_expert is not None:
@@ -195,11 +197,19 @@ class DenseModel(nn.Module):
         # MLA's kv_b_proj is absorbed (moe.layers.mla): read in `dtype`, never a GEMM's weight
         projections = {m: shape for m, shape in matrices.items() if m.endswith(PROJ) and "kv_b_proj" not in m}
         rest = {m: shape for m, shape in matrices.items() if m not in projections}
+        # DeepSeek's router (its gates and correction biases) in float32, as transformers keeps it
+        fp32 = {m for m in rest if cfg.router_float32 and m.endswith(".gate")}
         held = reader.load_linears(projections, dtype, device, quant, quantize=True)
-        for m, w in reader.load_linears(rest, dtype, device, quant).items():
-            held[m] = w.dequantize(dtype) if isinstance(w, Fp8Tensor) else w
+        for part, part_dtype in (
+            ({m: rest[m] for m in rest if m not in fp32}, dtype),
+            ({m: rest[m] for m in fp32}, torch.float32),
+        ):
+            for m, w in reader.load_linears(part, part_dtype, device, quant).items():
+                held[m] = w.dequantize(part_dtype) if isinstance(w, Fp8Tensor) else w
         plain = {n: shape for n, shape in shapes.items() if n.removesuffix(".weight") not in linears}
+        biases = {n: plain.pop(n) for n in list(plain) if n.endswith("e_score_correction_bias")}
         loaded = reader.load(plain, dtype=dtype, device=device)
+        loaded |= reader.load(biases, dtype=torch.float32, device=device) if biases else {}
         for fused, parts in FUSED.items():  # one GEMM's weight (and bias) from the checkpoint's parts
             for m in [m for m in list(held) if m.endswith("." + parts[0])]:
                 base = m.removesuffix(parts[0])
@@ -214,7 +224,7 @@ class DenseModel(nn.Module):
         state = {rename(n): t for n, t in loaded.items()}
         w8a8 = w8a8_supported(torch.device(device), dtype)
         for m, w in held.items():
-            w = weights.prepare(w, gemm) if "kv_b_proj" not in m else w
+            w = weights.prepare(w, gemm) if "kv_b_proj" not in m and m not in fp32 else w
             if isinstance(w, torch.Tensor):
                 state[rename(m) + ".weight"] = w
             else:  # FP8 or packed: its module becomes a moe.layers.weights.Linear holding it
