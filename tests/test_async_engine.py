@@ -302,8 +302,8 @@ def test_a_request_failing_mid_stream_fails_alone(tiny_dir):
         eng = LLMEngine.from_pretrained(tiny_dir, EngineConfig(max_model_len=256))
         add = eng.add_request
 
-        def add_request(rid, prompt, params, matcher=None):
-            add(rid, prompt, params, matcher)
+        def add_request(rid, prompt, params, matcher=None, *resumed):
+            add(rid, prompt, params, matcher, *resumed)
             if rid == "bad":
                 seq = eng.seqs[rid]
                 seq.detokenizer = Failing(seq.detokenizer)

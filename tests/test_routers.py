@@ -285,7 +285,7 @@ def test_a_subscriber_that_never_opens_its_stream_is_dropped_with_its_requests()
         def __init__(self):
             self.added, self.aborted = [], []
 
-        def add(self, rid, prompt, params, sink):
+        def add(self, rid, prompt, params, sink, *resumed):
             self.added.append(rid)
 
         def abort(self, rid):
