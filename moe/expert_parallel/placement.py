@@ -65,6 +65,15 @@ class Placement:
     def experts_on(self, shard: int) -> list[int]:
         return [e for e, shards in enumerate(self.expert_shards) if shard in shards]
 
+    def without(self, shards: set[int]) -> Placement | None:
+        """The same placement with `shards` holding nothing (they died): every expert on its
+        other holders, or None when an expert would have none (only a replacement can then
+        compute it)."""
+        kept = [[s for s in holders if s not in shards] for holders in self.expert_shards]
+        if any(not h for h in kept):
+            return None
+        return Placement(kept, self.num_shards)
+
     def to(self, device: torch.device | str) -> Placement:
         """The same placement with its tensors on `device` (this one is left as it is)."""
         moved = copy.copy(self)

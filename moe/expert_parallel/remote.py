@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -96,6 +97,11 @@ class RemoteExperts:
     answering within the timeout), `reconnect(k)` is called to get a link to its replacement
     (Ray restarts the replica; the router hands it a fresh rendezvous) and that shard's part
     of the layer is sent again. The step waits meanwhile; its outputs do not change.
+
+    Where every expert of the dead shard has another holder (EPLB's replicas), nothing waits:
+    its part of the layer goes to those holders at once, the layers after it are routed
+    without it, and its replacement is connected on a thread of its own; the next layer after
+    that routes to it again. Only experts with no other holder make a step wait.
     """
 
     def __init__(
@@ -118,6 +124,10 @@ class RemoteExperts:
         self.recoveries = 0
         self.load = ExpertLoad(len(links), self.placement.primary)
         self.load.holders = self.placement.holders  # replicas too (a router restarted)
+        self.down: set[int] = set()  # dead shards routed around while their replacements connect
+        self.replaced: dict[int, ShardLink] = {}  # replacements connected, taken at the next submit
+        self.replacing = threading.Lock()
+        self.failovers = 0  # a dead shard's part sent to the other holders, no wait
 
     def keepalive(self, idle_s: float) -> None:
         """Ping every link with nothing sent for idle_s (the engine thread calls this between
@@ -158,10 +168,72 @@ class RemoteExperts:
         except RuntimeError:  # the pair group is already broken: wait() recovers
             return link, None
 
+    def _route(self) -> tuple[Placement, list[ShardLink]]:
+        """The placement and links a layer uses: replacements connected meanwhile taken back,
+        dead shards left out while their replacements connect."""
+        if self.replaced:
+            with self.replacing:
+                for k, link in self.replaced.items():
+                    if k < len(self.links):
+                        self.links[k] = link
+                    self.down.discard(k)
+                self.replaced.clear()
+        placement, links = self.routing
+        if self.down:
+            around = placement.without(self.down)
+            if around is not None:
+                return around.to(self.device), links
+        return placement, links
+
+    def _replace(self, k: int) -> None:
+        """On a thread of its own: connect shard k's replacement; the next layer takes it."""
+        assert self.reconnect is not None
+        try:
+            link = self.reconnect(k)
+        except Exception as e:
+            log.error("expert shard %d could not be replaced: %s", k, e)
+            return
+        with self.replacing:
+            self.replaced[k] = link
+        log.info("expert shard %d replaced; routing to it again", k)
+
+    def _fail_over(self, k: int, layer: int, x: torch.Tensor, b: ShardBatch, y: torch.Tensor) -> bool:
+        """Shard k died with its part b of a layer in flight: when every expert of it has another
+        holder, compute b there (now, no wait for a replacement), leave k out of the routing
+        until its replacement is connected on a thread, and write the result into y."""
+        if self.reconnect is None:
+            return False
+        around = self.placement.without(self.down | {k})
+        if around is None:
+            return False
+        self.failovers += 1
+        if k not in self.down:  # (another micro-batch's part may have found it dead first)
+            self.down.add(k)
+            log.warning("expert shard %d failed at layer %d: its experts' other holders take its part", k, layer)
+            threading.Thread(target=self._replace, args=(k,), name=f"replace-shard-{k}", daemon=True).start()
+        ids = b.expert_ids  # [n, K], -1 where another shard computes the assignment
+        shard_of = assign(ids.clamp(min=0), around.to(ids.device))
+        shard_of = torch.where(ids < 0, -1, shard_of)
+        parts = []
+        for s, sub in enumerate(dispatch(ids, b.weights, around, shard_of)):
+            n = sub.token_index.numel()
+            if n == 0:
+                continue
+            mine = ShardBatch(b.token_index[sub.token_index], sub.expert_ids, sub.weights)
+            out = torch.empty(n, self.hidden_size, dtype=torch.float32, device=self.links[s].device)
+            link, works = self._exchange(self.links[s], layer, x, mine, out)
+            if works is None:
+                raise RuntimeError(f"expert shard {s} failed too, while taking shard {k}'s part")
+            for w in works:
+                link.wait(w)
+            parts.append((sub.token_index, out.to(y.device)))
+        y.copy_(combine(y.shape, torch.float32, parts))
+        return True
+
     def submit(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> Any:
         """Post the sends to, and the receives from, every shard that has tokens; don't wait."""
         start = time.perf_counter()
-        placement, links = self.routing
+        placement, links = self._route()
         shard_of = assign(expert_ids, placement)  # [T, K]
         split = dispatch_whole if self.whole_batch else dispatch
         batches = split(expert_ids, weights, placement, shard_of)
@@ -189,6 +261,8 @@ class RemoteExperts:
                         link.wait(w)
                     break
                 except RuntimeError as e:  # gloo/NCCL: peer gone, or no answer within the timeout
+                    if attempt == 0 and self._fail_over(k, layer, x, b, y):
+                        break
                     if self.reconnect is None or attempt == self.max_retries:
                         raise
                     links = self.links
