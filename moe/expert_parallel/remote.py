@@ -121,7 +121,7 @@ class RemoteExperts:
         self.reconnect = reconnect
         self.max_retries = max_retries
         self.seconds = 0.0  # time in submit + wait: dispatch, waiting for the shards, combine
-        self.recoveries = 0
+        self.recoveries = 0  # shards replaced (the step waiting for it, or not: `failovers`)
         self.load = ExpertLoad(len(links), self.placement.primary)
         self.load.holders = self.placement.holders  # replicas too (a router restarted)
         self.down: set[int] = set()  # dead shards routed around while their replacements connect
@@ -195,6 +195,7 @@ class RemoteExperts:
             return
         with self.replacing:
             self.replaced[k] = link
+            self.recoveries += 1
         log.info("expert shard %d replaced; routing to it again", k)
 
     def _fail_over(self, k: int, layer: int, x: torch.Tensor, b: ShardBatch, y: torch.Tensor) -> bool:
