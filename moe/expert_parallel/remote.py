@@ -210,7 +210,9 @@ class RemoteExperts:
         self.failovers += 1
         if k not in self.down:  # (another micro-batch's part may have found it dead first)
             self.down.add(k)
-            log.warning("expert shard %d failed at layer %d: its experts' other holders take its part", k, layer)
+            log.warning(
+                "expert shard %d failed at layer %d: its experts' other holders take its part", k, layer
+            )
             threading.Thread(target=self._replace, args=(k,), name=f"replace-shard-{k}", daemon=True).start()
         ids = b.expert_ids  # [n, K], -1 where another shard computes the assignment
         shard_of = assign(ids.clamp(min=0), around.to(ids.device))
