@@ -173,6 +173,14 @@ class RaymixSettings(BaseSettings):
         le=1024,
         description="Replica slots for hot experts over all shards (EPLB): each holds one more whole expert",
     )
+    expert_replicas: int = Field(
+        default=1,
+        ge=1,
+        le=4,
+        description="Shards holding each expert (2: a shard's death costs no pause, its experts' other holders "
+        "take its tokens while it is replaced; at that many times the experts' memory). Not with EPLB's "
+        "num_redundant_experts, which re-plans the replicas",
+    )
     eplb_interval_s: float | None = Field(
         default=None,
         gt=0,
@@ -241,6 +249,20 @@ class RaymixSettings(BaseSettings):
         default=False,
         description="Write each request's prompt (messages or prompt) into its access-log line; off: never logged",
     )
+
+    @model_validator(mode="after")
+    def _replicas(self) -> RaymixSettings:
+        if self.expert_replicas > 1:
+            if self.num_redundant_experts:
+                raise ValueError(
+                    "--expert-replicas and --num-redundant-experts do not go together: choose one"
+                )
+            if self.expert_shards is not None and 0 < self.expert_shards < self.expert_replicas:
+                raise ValueError(
+                    f"--expert-replicas {self.expert_replicas} needs at least that many expert shards, "
+                    f"not {self.expert_shards}"
+                )
+        return self
 
     @model_validator(mode="after")
     def _keys_from_files(self) -> RaymixSettings:

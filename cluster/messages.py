@@ -157,6 +157,8 @@ class RouterStats:
     expert_shards: int = 0  # shards it routes to now
     base_shards: int = 0  # of those, the app's own (more come from `raymix scale`)
     shard_recoveries: int = 0  # shards replaced while serving
+    shard_failovers: int = 0  # a dead shard's part of a layer taken by its experts' other holders, no wait
+    shard_waits: int = 0  # steps that waited for a dead shard's replacement
     gpu_ids: list[str] = field(default_factory=list)  # the router's GPUs
     data_plane_transports: list[str | None] = field(default_factory=list)  # [shard] "gloo" | "nccl"
     gpu_memory: dict[str, dict[str, int]] = field(default_factory=dict)  # deployment -> {used, total}

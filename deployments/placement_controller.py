@@ -54,6 +54,7 @@ class PlacementController:
         between_steps: Callable[[Callable[[Any], Any]], Awaitable[Any]],  # run on the engine thread
         followers: list[Any] | None = None,  # the other routers' handles (this one owns the placement)
         owner: bool = True,  # False: another router's controller owns the placement
+        expert_replicas: int = 1,  # shards holding each expert (--expert-replicas)
     ):
         self.next_links: list[ShardLink] | None = None  # a resize's links, between connect and the switch
         self.old_links: list[ShardLink] = []  # the links before it, until disconnect
@@ -63,6 +64,7 @@ class PlacementController:
         self.primaries = primaries
         self.num_experts = num_experts
         self.num_redundant_experts = num_redundant_experts
+        self.expert_replicas = expert_replicas
         self.placement = Placement.from_groups(primaries)  # what the data plane routes by
         self.held = [list(g) for g in primaries]  # what each shard holds (primaries + replicas)
         self.data_plane = data_plane
@@ -93,6 +95,20 @@ class PlacementController:
         self.held = [list(h) for h in snap.held][: len(self.pool)]
         self.held += [[] for _ in range(len(self.pool) - len(self.held))]
 
+    async def replicate(self) -> None:
+        """--expert-replicas r: every expert also on the r - 1 shards after its primary, moved to
+        as a rebalance is (grow, switch, shrink) once the data plane is up."""
+        num_shards = len(self.pool)
+        r = min(self.expert_replicas, num_shards)
+        if r < 2 or not self.owner:
+            return
+        primary = {e: s for s, g in enumerate(self.primaries) for e in g}
+        plan = [[(primary[e] + j) % num_shards for j in range(r)] for e in range(self.num_experts)]
+        async with self._changing:
+            if plan != self.placement.expert_shards:
+                await self._move(plan, num_shards)
+                log.info("every expert on %d shards (--expert-replicas)", r)
+
     async def rebalance(self) -> RebalanceResult:
         """Re-plan the expert replicas from the load measured over the recent window and move
         to the plan while serving. → the plan, with the predicted balancedness (mean / max per
@@ -101,6 +117,10 @@ class PlacementController:
         n = self.num_redundant_experts
         if not self.owner:
             return RebalanceResult(changed=False, reason="router 0 owns the placement: ask it")
+        if self.expert_replicas > 1:
+            return RebalanceResult(
+                changed=False, reason=f"every expert is on {self.expert_replicas} shards (--expert-replicas)"
+            )
         if experts is None or n == 0:
             return RebalanceResult(
                 changed=False,

@@ -119,6 +119,7 @@ class Router:
                 between_steps=lambda fn: self.engine.between_steps(fn),
                 followers=followers,
                 owner=router_id == 0,
+                expert_replicas=s.expert_replicas,
             )
         self.engine = AsyncEngine(self._build_engine, name="router-engine")
         self.draining = False  # set by drain(): new requests are refused
@@ -127,6 +128,17 @@ class Router:
         self._tasks = [loop.create_task(self._export_gauges())]
         if s.eplb_interval_s and self.placement is not None and router_id == 0:  # the placement's owner
             self._tasks.append(loop.create_task(self.placement.run_eplb(s.eplb_interval_s)))
+        if s.expert_replicas > 1 and self.placement is not None and router_id == 0:
+            self._tasks.append(loop.create_task(self._replicate()))
+
+    async def _replicate(self) -> None:
+        """--expert-replicas: once the engine has connected the shards, every expert on more."""
+        await asyncio.to_thread(self.engine.ready.wait)
+        if self.engine.error is None:
+            try:
+                await self.controller.replicate()
+            except Exception:
+                log.exception("could not place every expert on %d shards", self.settings.expert_replicas)
 
     @property
     def controller(self) -> PlacementController:
@@ -312,6 +324,8 @@ class Router:
             expert_shards=len(experts.links) if experts else len(self.pool),
             base_shards=self.pool.base,
             shard_recoveries=experts.recoveries if experts else 0,
+            shard_failovers=experts.failovers if experts else 0,
+            shard_waits=experts.waits if experts else 0,
             gpu_ids=list(self.pool.gpu[1]),
             data_plane_transports=[self.pool.backends.get(k) for k in range(len(self.pool))],
             gpu_memory={self.name: m} if (m := gpu_memory(self.device)) else {},

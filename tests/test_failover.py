@@ -113,7 +113,7 @@ def test_a_dead_shard_with_every_expert_replicated_costs_no_wait(model):
     x, ids, w = batch(cfg, 1)
     torch.testing.assert_close(remote.forward(1, x, ids, w), whole.forward(1, x, ids, w))
     assert remote.down == set() and remote.links[1] is not links[1] and remote.links[1].sends > 0
-    assert remote.recoveries == 1 and remote.failovers == 1  # replaced once, no step waiting for it
+    assert remote.recoveries == remote.failovers == 1 and remote.waits == 0  # replaced, nothing waited
 
 
 def test_a_dead_shard_holding_an_expert_alone_is_waited_for(model):
@@ -124,5 +124,5 @@ def test_a_dead_shard_holding_an_expert_alone_is_waited_for(model):
     links[1].dead = True
     x, ids, w = batch(cfg, 2)
     torch.testing.assert_close(remote.forward(0, x, ids, w), whole.forward(0, x, ids, w))
-    assert remote.failovers == 0 and remote.recoveries == 1
+    assert remote.failovers == 0 and remote.recoveries == remote.waits == 1
     assert calls == [threading.current_thread().name]  # the step itself waited for it

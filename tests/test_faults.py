@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from tests.cluster_harness import Raymix, free_port, ray_cluster, stream_all
+from tests.cluster_harness import Raymix, free_port, ray_cluster, stream_all, wait_until
 
 QUESTIONS = [f"Question number {i}: tell me about expert {i % 8}." for i in range(16)]
 
@@ -102,6 +102,34 @@ def test_router_killed_the_stream_waits_for_its_replacement_and_ends_whole(rm):
     r = httpx.post(f"{rm.url}/v1/completions", json={"prompt": "back", "max_tokens": 4}, timeout=120)
     assert r.status_code == 200, r.text
     assert httpx.get(f"{rm.url}/health", timeout=10).status_code == 200
+
+
+def test_a_dead_shard_with_every_expert_on_two_shards_costs_no_wait(rm):
+    """--expert-replicas 2 over 3 shards: SIGKILL a shard under 16 streams. Every stream ends as
+    the undisturbed run; the router took the dead shard's part to its experts' other holders
+    (`shard_failovers`) and no step waited for the replacement (`shard_waits` unchanged: the
+    router's own records, not wall time); the replacement is connected meanwhile."""
+    from ray import serve
+
+    rm.deploy(expert_shards=3, expert_replicas=2, max_model_len=256, kv_cache_memory_mb=32)
+    shard = serve.get_deployment_handle("ExpertShard1", app_name="raymix")
+    assert wait_until(
+        lambda: len(shard.info.remote().result().expert_ids) > 3, timeout=120
+    )  # replicas placed
+    undisturbed = stream_all(rm.url, QUESTIONS)
+    pid = shard.info.remote().result().pid
+    before = rm.router_stats()
+
+    def kill_midway() -> None:
+        wait_until(lambda: rm.router_stats().engine.num_requests_running >= 8)
+        time.sleep(0.3)  # generation under way
+        os.kill(pid, signal.SIGKILL)
+
+    assert stream_all(rm.url, QUESTIONS, during=kill_midway) == undisturbed
+    after = rm.router_stats()
+    assert after.shard_failovers > before.shard_failovers and after.shard_waits == before.shard_waits
+    assert wait_until(lambda: rm.router_stats().shard_recoveries > before.shard_recoveries, timeout=120)
+    assert shard.info.remote().result().pid != pid
 
 
 def test_graceful_drain_finishes_in_flight_requests(rm):

@@ -128,6 +128,7 @@ class RemoteExperts:
         self.replaced: dict[int, ShardLink] = {}  # replacements connected, taken at the next submit
         self.replacing = threading.Lock()
         self.failovers = 0  # a dead shard's part sent to the other holders, no wait
+        self.waits = 0  # a step waited for a dead shard's replacement
 
     def keepalive(self, idle_s: float) -> None:
         """Ping every link with nothing sent for idle_s (the engine thread calls this between
@@ -273,6 +274,7 @@ class RemoteExperts:
                         log.warning("expert shard %d failed at layer %d (%s); reconnecting", k, layer, e)
                         links[k] = self.reconnect(k)
                         self.recoveries += 1
+                        self.waits += 1
                     link, works = self._exchange(links[k] if k < len(links) else link, layer, x, b, y)
             self.load.latency(k, layer, time.perf_counter() - posted)
             parts.append((b.token_index, y.to(x.device, non_blocking=True)))
