@@ -22,6 +22,7 @@ import dataclasses
 import logging
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from api.engine_client import Outputs
@@ -45,6 +46,28 @@ SUBMIT_TIMEOUT_S = 30.0  # handing requests to a router: a queue put there, norm
 Lost = Callable[[list[GenerateRequest], Outputs, EngineUnavailable], None]
 
 
+@dataclass
+class Flight:
+    """One unfinished request sent to this router: what it feeds, and what it delivered."""
+
+    request: GenerateRequest  # as submitted
+    outputs: Outputs  # the HTTP request's outputs it feeds
+    tokens: list[int] = field(default_factory=list)  # output tokens delivered from this router
+    text_len: int = 0  # and the characters of their text
+    accepted: bool = False  # the router took it (a submit returned, or an output came)
+
+    def resumed(self) -> GenerateRequest:
+        """The request to go on elsewhere: after what it delivered, one more router lost if
+        this one had taken it."""
+        r = self.request
+        return dataclasses.replace(
+            r,
+            resumed_token_ids=r.resumed_token_ids + self.tokens,
+            resumed_text_len=r.resumed_text_len + self.text_len,
+            attempt=r.attempt + self.accepted,
+        )
+
+
 class RouterClient:
     def __init__(
         self,
@@ -53,14 +76,10 @@ class RouterClient:
         broken: Callable[[EngineUnavailable], None],
     ):
         self.router = router  # the Router deployment's handle
-        self.lost = lost  # takes the requests of a group that got no output when the router is lost
+        self.lost = lost  # takes each group's unfinished requests, ready to resume, when the router is lost
         self.broken = broken  # told when the stream breaks or a submit fails
         self.subscriber = ""
-        self.routes: dict[str, Outputs] = {}  # request id -> the Outputs it feeds
-        self.requests: dict[str, GenerateRequest] = {}  # the unfinished ones, as submitted
-        self.sent: dict[str, list[int]] = {}  # their output tokens delivered from this router
-        self.sent_text: dict[str, int] = {}  # and the characters of text
-        self.accepted: set[str] = set()  # those the router took (a submit returned, or an output came)
+        self.routes: dict[str, Flight] = {}  # request id -> the unfinished request
         self.pending: list[GenerateRequest] = []
         self.reader: asyncio.Task | None = None
         self.flusher: asyncio.Task | None = None
@@ -69,9 +88,7 @@ class RouterClient:
         """Start one group of requests (an HTTP request's choices) here; their outputs feed `outputs`."""
         self._ensure_reader()
         for r in requests:
-            self.routes[r.request_id] = outputs
-            self.requests[r.request_id] = r
-            self.sent[r.request_id], self.sent_text[r.request_id] = [], 0
+            self.routes[r.request_id] = Flight(r, outputs)
         self.pending += requests
         if self.flusher is None or self.flusher.done():
             self.flusher = asyncio.get_running_loop().create_task(self._flush())
@@ -102,7 +119,7 @@ class RouterClient:
 
     def abort(self, request_ids: list[str]) -> None:
         for rid in request_ids:
-            self._forget(rid)
+            self.routes.pop(rid, None)
         self.router.abort.remote(request_ids)  # fire and forget: the caller may be cancelled
 
     def _ensure_reader(self) -> None:
@@ -128,16 +145,16 @@ class RouterClient:
         """One engine step's outputs, one put per HTTP request."""
         groups: dict[int, tuple[Outputs, list[Output]]] = {}
         for item in batch:
-            outputs = self.routes.get(item.request_id)
-            if outputs is None:
+            flight = self.routes.get(item.request_id)
+            if flight is None:
                 continue  # aborted meanwhile
-            groups.setdefault(id(outputs), (outputs, []))[1].append(item)
+            groups.setdefault(id(flight.outputs), (flight.outputs, []))[1].append(item)
             if isinstance(item, RequestOutput):
-                self.sent[item.request_id] += item.new_token_ids
-                self.sent_text[item.request_id] += len(item.new_text)
-                self.accepted.add(item.request_id)
+                flight.tokens += item.new_token_ids
+                flight.text_len += len(item.new_text)
+                flight.accepted = True
             if isinstance(item, Refusal) or item.finished:
-                self._forget(item.request_id)
+                del self.routes[item.request_id]
         for outputs, items in groups.values():
             outputs.put(items)
 
@@ -153,14 +170,9 @@ class RouterClient:
                 self.router.abort.remote(ids)  # in case it took them after all: not run twice
                 self._fail(ids, EngineUnavailable(f"could not submit to the router: {e}"))
             else:
-                self.accepted.update(r for r in ids if r in self.routes)
-
-    def _forget(self, request_id: str) -> None:
-        self.routes.pop(request_id, None)
-        self.requests.pop(request_id, None)
-        self.sent.pop(request_id, None)
-        self.sent_text.pop(request_id, None)
-        self.accepted.discard(request_id)
+                for rid in ids:
+                    if (flight := self.routes.get(rid)) is not None:
+                        flight.accepted = True
 
     def _fail(self, request_ids: list[str], error: EngineUnavailable) -> None:
         """These requests are lost here. Each HTTP request's unfinished ones go to `lost`
@@ -171,17 +183,7 @@ class RouterClient:
         self.broken(error)
         groups: dict[int, tuple[Outputs, list[GenerateRequest]]] = {}
         for rid in request_ids:
-            outputs, request, sent = self.routes.get(rid), self.requests.get(rid), self.sent.get(rid, [])
-            text, lost = self.sent_text.get(rid, 0), rid in self.accepted
-            self._forget(rid)
-            if outputs is None or request is None:
-                continue
-            resumed = dataclasses.replace(
-                request,
-                resumed_token_ids=request.resumed_token_ids + sent,
-                resumed_text_len=request.resumed_text_len + text,
-                attempt=request.attempt + lost,
-            )
-            groups.setdefault(id(outputs), (outputs, []))[1].append(resumed)
+            if (flight := self.routes.pop(rid, None)) is not None:
+                groups.setdefault(id(flight.outputs), (flight.outputs, []))[1].append(flight.resumed())
         for outputs, requests in groups.values():
             self.lost(requests, outputs, error)
