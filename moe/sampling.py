@@ -155,6 +155,13 @@ def draw_ids(probs: torch.Tensor, generators: list[torch.Generator | None]) -> t
     return idx.clamp(max=probs.shape[1] - 1)  # [R], where probs are: no host sync
 
 
+def skip_draws(generator: torch.Generator, n: int, device: torch.device | str) -> None:
+    """Move a row's generator past n tokens' draws, as `draw_ids` takes them (one float64
+    uniform a token): a request resumed after n tokens draws what the lost one would have."""
+    for _ in range(n):
+        torch.rand((), dtype=torch.float64, generator=generator, device=device)
+
+
 def logprobs_of_rows(logits: torch.Tensor, token_ids: list[int], k: int) -> list[Logprobs]:
     """logits [n, V], token_ids [n] → each row's logprobs of its token and its k most likely."""
     lp = torch.log_softmax(logits.float(), dim=-1)  # [n, V]

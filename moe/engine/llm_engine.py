@@ -33,7 +33,7 @@ from moe.expert_parallel.backend import ExpertBackend, InProcessExperts
 from moe.guided import GrammarMatcher, GrammarTokenizer
 from moe.layers.cpu_gemm import kernel_for
 from moe.models.transformer import DenseModel
-from moe.sampling import SamplingParams
+from moe.sampling import SamplingParams, skip_draws
 from moe.tokenizer import IncrementalDetokenizer, Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -260,9 +260,8 @@ class LLMEngine:
             seq.matcher = matcher or self.compile_grammar(params.grammar, params.max_tokens)
         if resumed:
             seq.resume(resumed, resumed_text_len)
-            if gen is not None and not params.greedy:  # one uniform a token (moe.sampling.draw_ids)
-                for _ in resumed:
-                    torch.rand((), dtype=torch.float64, generator=gen, device=self.device)
+            if gen is not None and not params.greedy:
+                skip_draws(gen, len(resumed), self.device)
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
 

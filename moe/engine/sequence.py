@@ -128,16 +128,20 @@ class Sequence:
         the client got (less than all of it where a stop string might have been forming: the
         rest is sent from here). Their prompt logprobs went out with the first output."""
         for t in tokens:
-            self.output_token_ids.append(t)
-            if self.matcher is not None:
-                self.matcher.advance(t)
-            if self.detokenizer is not None:
-                self.text += self.detokenizer.add(t)
+            self._take(t)
         self.resumed = self.sent_tokens = len(tokens)
         self.sent_text_len = len(self.text) if text_len is None else min(text_len, len(self.text))
         self.sent_prompt, self.prompt_logprobs = True, None
 
     # ---- output processing: after each sampled token ----
+
+    def _take(self, token: int) -> None:
+        """An output token into the sequence: its grammar advanced, its text detokenized."""
+        self.output_token_ids.append(token)
+        if self.matcher is not None:
+            self.matcher.advance(token)
+        if self.detokenizer is not None:
+            self.text += self.detokenizer.add(token)
 
     def append_token(
         self, token: int, logits: torch.Tensor | None, eos_token_ids: list[int], max_model_len: int
@@ -146,15 +150,11 @@ class Sequence:
         detokenize it, and finish the sequence if it stopped: EOS, a stop token or string, a
         complete grammar, or length."""
         p = self.params
-        self.output_token_ids.append(token)
-        if self.matcher is not None:
-            self.matcher.advance(token)
         if p.logprobs is not None:
             assert logits is not None
             self.logprobs.append(logprobs_of(logits, token, p.logprobs))
         prev_len = len(self.text)
-        if self.detokenizer is not None:
-            self.text += self.detokenizer.add(token)
+        self._take(token)
         n_out = self.num_output_tokens
         if n_out >= p.min_tokens:
             if token in eos_token_ids and not p.ignore_eos:
