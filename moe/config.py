@@ -100,9 +100,7 @@ class ModelConfig:
     n_group: int = 1  # expert groups (group-limited routing)
     topk_group: int = 1  # groups a token's experts may come from
     routed_scaling_factor: float = 1.0  # the routed experts' weights are multiplied by this
-    router_float32: bool = (
-        False  # the gate (and its correction bias) in float32 whatever the dtype (DeepSeek)
-    )
+    router_float32: bool = False  # the gate and its correction bias in float32 (DeepSeek)
     kv_lora_rank: int = 0  # multi-head latent attention's latent width (0: GQA attention)
     q_lora_rank: int | None = None  # MLA's q down-projection width (None: one q projection)
     qk_nope_head_dim: int = 0  # MLA: a head's q/k width without rotary

@@ -160,12 +160,17 @@ def reasoning_prefix(start: int, end: int, inside: bool, special: list[int]) -> 
     return block if inside else f"(<[{start}]> {block})?"
 
 
+def parameters_schema(tool: dict[str, Any]) -> dict[str, Any]:
+    """A tool's parameters schema, bounded (an object with no properties where it has none)."""
+    return bound_schema(tool["function"].get("parameters") or {"type": "object", "properties": {}})
+
+
 def call_schema(tools: list[dict[str, Any]]) -> dict[str, Any]:
     """One call of one of `tools`: {"name": its name, "arguments": its parameters (bounded)}."""
     defs: dict[str, Any] = {}
     calls = []
     for i, t in enumerate(tools):
-        params = bound_schema(t["function"].get("parameters") or {"type": "object", "properties": {}})
+        params = parameters_schema(t)
         calls.append(
             {
                 "type": "object",
@@ -214,7 +219,7 @@ def named_calls_grammar(
     follow its parameters' schema (bounded)."""
     rules = []
     for i, t in enumerate(tools):
-        params = bound_schema(t["function"].get("parameters") or {"type": "object", "properties": {}})
+        params = parameters_schema(t)
         head, tail = call(t["function"]["name"])
         rules.append(f"call{i}: {head} %json {json.dumps({'x-guidance': NO_WHITESPACE, **params})} {tail}")
     more = f' ("{sep}" call){{0,3}}' if parallel else ""

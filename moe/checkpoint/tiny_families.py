@@ -47,6 +47,29 @@ DEEPSEEK_TAGS = [
 ]
 DEEPSEEK_TEMPLATE = Path(__file__).parent / "templates" / "deepseek_v3_tools_think.jinja"
 
+# DeepSeek-V3 and V2 alike: MLA, 16 experts top-4 in 4 groups, a dense first layer, YaRN
+MLA: dict[str, Any] = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    moe_intermediate_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    kv_lora_rank=16,
+    qk_nope_head_dim=16,
+    qk_rope_head_dim=8,
+    v_head_dim=16,
+    n_routed_experts=16,
+    num_experts_per_tok=4,
+    n_group=4,
+    topk_group=2,
+    first_k_dense_replace=1,
+    max_position_embeddings=4096,  # YaRN's factor 4 over 1024
+)
+YARN: dict[str, Any] = dict(
+    rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=1024
+)
+
 # Each family at a tiny size with the shape of its published checkpoints where it matters:
 # Qwen3-MoE 128 experts top-8 (renormalised), head_dim apart from hidden / heads, a dense layer;
 # Qwen2-MoE a shared expert and q/k/v biases; OLMoE 64 experts top-8, its q/k norms and a clamp.
@@ -80,69 +103,23 @@ SIZES: dict[str, dict[str, Any]] = {
     # scale is not 1 (mscale != mscale_all_dim), sigmoid routing with a correction bias within 2 of
     # 4 groups, a shared expert, a dense first layer
     "deepseek_v3": dict(
-        hidden_size=64,
-        intermediate_size=96,
-        moe_intermediate_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=4,
+        **MLA,
         q_lora_rank=32,
-        kv_lora_rank=16,
-        qk_nope_head_dim=16,
-        qk_rope_head_dim=8,
-        v_head_dim=16,
-        n_routed_experts=16,
-        num_experts_per_tok=4,
-        n_group=4,
-        topk_group=2,
         n_shared_experts=1,
         routed_scaling_factor=2.5,
         norm_topk_prob=True,
-        first_k_dense_replace=1,
-        max_position_embeddings=4096,  # YaRN's factor 4 over 1024
         rope_interleave=True,
-        rope_parameters=dict(
-            rope_type="yarn",
-            rope_theta=10000.0,
-            factor=4.0,
-            original_max_position_embeddings=1024,
-            beta_fast=32,
-            beta_slow=1,
-            mscale=1.0,
-            mscale_all_dim=0.8,
-        ),
+        rope_parameters=dict(YARN, beta_fast=32, beta_slow=1, mscale=1.0, mscale_all_dim=0.8),
     ),
     # DeepSeek-V2(-Lite): MLA without a q down-projection, softmax routing within 2 of 4 groups
     "deepseek_v2": dict(
-        hidden_size=64,
-        intermediate_size=96,
-        moe_intermediate_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=4,
+        **MLA,
         q_lora_rank=None,
-        kv_lora_rank=16,
-        qk_nope_head_dim=16,
-        qk_rope_head_dim=8,
-        v_head_dim=16,
-        n_routed_experts=16,
-        num_experts_per_tok=4,
-        n_group=4,
-        topk_group=2,
         topk_method="group_limited_greedy",
         n_shared_experts=2,
         routed_scaling_factor=2.0,
         norm_topk_prob=False,
-        first_k_dense_replace=1,
-        max_position_embeddings=4096,
-        rope_parameters=dict(
-            rope_type="yarn",
-            rope_theta=10000.0,
-            factor=4.0,
-            original_max_position_embeddings=1024,
-            mscale=0.707,
-            mscale_all_dim=0.707,
-        ),
+        rope_parameters=dict(YARN, mscale=0.707, mscale_all_dim=0.707),
     ),
     "olmoe": dict(
         hidden_size=64,
@@ -192,28 +169,20 @@ def train_tokenizer(vocab_size: int = 1024, style: str = "chatml"):
     )
     tok.train_from_iterator([CORPUS] * 4, trainer)
     if deepseek:
-        fast = PreTrainedTokenizerFast(
-            tokenizer_object=tok,
-            bos_token=special[0],
-            eos_token=special[1],
-            pad_token=special[1],
-            additional_special_tokens=special[2:],
-            clean_up_tokenization_spaces=False,
-            model_max_length=1_000_000,
-        )
-        fast.add_tokens(DEEPSEEK_TAGS)
-        fast.chat_template = DEEPSEEK_TEMPLATE.read_text()
-        return fast
+        roles = dict(bos_token=special[0], eos_token=special[1], pad_token=special[1])
+        tags, template = DEEPSEEK_TAGS, DEEPSEEK_TEMPLATE
+    else:
+        roles = dict(eos_token="<|im_end|>", pad_token="<|endoftext|>")
+        tags, template = TAGS, TEMPLATE
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        additional_special_tokens=["<|im_start|>"],
+        **roles,
+        additional_special_tokens=[t for t in special if t not in roles.values()],
         clean_up_tokenization_spaces=False,
         model_max_length=1_000_000,
     )
-    fast.add_tokens(TAGS)  # added, not special: they survive skip_special_tokens, as Qwen3's do
-    fast.chat_template = TEMPLATE.read_text()
+    fast.add_tokens(tags)  # added, not special: they survive skip_special_tokens, as Qwen3's do
+    fast.chat_template = template.read_text()
     return fast
 
 

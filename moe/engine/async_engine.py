@@ -242,9 +242,7 @@ class AsyncEngine:
             return
         self.stats = engine.stats()
         self.ready.set()
-        if (
-            engine.model_dir is not None
-        ):  # the grammar vocabulary (~1.5 s), built before a request waits on it
+        if engine.model_dir is not None:  # the grammar vocabulary, before a request waits on it
             self._compiler.submit(self._build_grammar_vocabulary, engine)
         while True:
             cmds = self._drain(block=not engine.has_unfinished())
