@@ -201,18 +201,42 @@ def clients_asking(client: Any, workers: int = 4):
 def stream_chat(url: str, question: str, max_tokens: int = 48) -> str:
     """One greedy streamed chat answer (ignore_eos: always `max_tokens`); a non-200 or an error
     event in the stream fails the caller."""
-    body = {"messages": [{"role": "user", "content": question}], "max_tokens": max_tokens, "temperature": 0}
-    text = ""
-    with httpx.stream(
-        "POST", f"{url}/v1/chat/completions", json={**body, "ignore_eos": True, "stream": True}, timeout=300
-    ) as r:
-        assert r.status_code == 200
-        for line in r.iter_lines():
-            if line.startswith("data: {"):
-                chunk = json.loads(line[6:])
-                assert "error" not in chunk, chunk
-                text += "".join(c["delta"].get("content") or "" for c in chunk["choices"])
+    text, end = stream_chat_ending(url, question, max_tokens)
+    assert end == "length", end
     return text
+
+
+def stream_chat_ending(
+    url: str, question: str, max_tokens: int = 48, seen: list[dict[str, Any]] | None = None
+) -> tuple[str, str]:
+    """One greedy streamed chat answer (ignore_eos) and how it ended: its finish_reason, "error"
+    for an error event, "status N" for a non-200, "cut" when the connection broke or it ended
+    with none; `seen` gets each chunk as it comes (a caller can watch the stream progress)."""
+    body = {"messages": [{"role": "user", "content": question}], "max_tokens": max_tokens, "temperature": 0}
+    text, end = "", "cut"
+    try:
+        with httpx.stream(
+            "POST",
+            f"{url}/v1/chat/completions",
+            json={**body, "ignore_eos": True, "stream": True},
+            timeout=300,
+        ) as r:
+            if r.status_code != 200:
+                return text, f"status {r.status_code}"
+            for line in r.iter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                chunk = json.loads(line[6:])
+                if seen is not None:
+                    seen.append(chunk)
+                if "error" in chunk:
+                    return text, "error"
+                for c in chunk["choices"]:
+                    text += c["delta"].get("content") or ""
+                    end = c.get("finish_reason") or end
+    except httpx.HTTPError:
+        return text, "cut"
+    return text, end
 
 
 def stream_all(url: str, questions: list[str], during: Any = None) -> list[str]:

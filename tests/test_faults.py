@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from tests.cluster_harness import Raymix, free_port, ray_cluster, stream_all, wait_until
+from tests.cluster_harness import Raymix, free_port, ray_cluster, stream_all, stream_chat_ending, wait_until
 
 QUESTIONS = [f"Question number {i}: tell me about expert {i % 8}." for i in range(16)]
 
@@ -59,37 +59,15 @@ def test_router_killed_the_stream_waits_for_its_replacement_and_ends_whole(rm):
     """The one router SIGKILLed mid-stream: the stream waits for Serve's replacement and goes
     on there from the tokens it had sent, ending as an undisturbed run does (no error, no token
     repeated or missing); meanwhile /health says 503; then service resumes with no operator."""
-    import json
-
     from ray import serve
 
     router_pid = serve.get_deployment_handle("Router", app_name="raymix").model_info.remote().result().pid
-    body = {
-        "messages": [{"role": "user", "content": "long"}],
-        "max_tokens": 200,
-        "ignore_eos": True,
-        "temperature": 0,
-        "stream": True,
-    }
-    chunks: list[dict] = []
-
-    def consume() -> tuple[str, str | None]:
-        chunks.clear()
-        with httpx.stream("POST", f"{rm.url}/v1/chat/completions", json=body, timeout=300) as r:
-            for line in r.iter_lines():
-                if line.startswith("data: {"):
-                    chunks.append(json.loads(line[6:]))
-        assert not any("error" in c for c in chunks), chunks[-1]
-        text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c.get("choices"))
-        return text, next(
-            (c["choices"][0]["finish_reason"] for c in reversed(chunks) if c.get("choices")), None
-        )
-
-    undisturbed = consume()
+    undisturbed = stream_chat_ending(rm.url, "long", 200)
     assert undisturbed[1] == "length"
     saw_unhealthy = False
+    chunks: list[dict] = []  # the stream's, as they come: the kill lands mid-stream
     with cf.ThreadPoolExecutor(1) as pool:
-        f = pool.submit(consume)
+        f = pool.submit(stream_chat_ending, rm.url, "long", 200, chunks)
         while len(chunks) < 5:
             time.sleep(0.05)
         os.kill(router_pid, signal.SIGKILL)

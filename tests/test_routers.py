@@ -9,12 +9,10 @@ stream (its requests resume on the other router) and its replacement rejoins the
 from __future__ import annotations
 
 import concurrent.futures as cf
-import json
 import os
 import signal
 import time
 
-import httpx
 import openai
 import pytest
 
@@ -28,6 +26,7 @@ from tests.cluster_harness import (
     ray_cluster,
     reference_answers,
     stream_all,
+    stream_chat_ending,
     wait_until,
 )
 
@@ -209,26 +208,10 @@ def test_a_router_killed_under_load_fails_no_stream(raymix):
     assert max(holders) > 1
     expected = greedy_answers(client, QUESTIONS, 16)
     old_pid = handle("Router1").model_info.remote().result().pid
-    body = {
-        "messages": [{"role": "user", "content": "go on"}],
-        "max_tokens": 200,
-        "ignore_eos": True,
-        "temperature": 0,
-        "stream": True,
-    }
     started = cf.ThreadPoolExecutor(6)
 
     def stream() -> tuple[str, str]:
-        text, finish = "", None
-        try:
-            with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=180) as r:
-                for line in r.iter_lines():
-                    if line.startswith("data: {") and (c := json.loads(line[6:]).get("choices")):
-                        text += c[0]["delta"].get("content") or ""
-                        finish = c[0]["finish_reason"] or finish
-            return text, finish or "cut"
-        except httpx.HTTPError:
-            return text, "cut"
+        return stream_chat_ending(url, "go on", 200)
 
     undisturbed = stream()
     assert undisturbed[1] == "length"
